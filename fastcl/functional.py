@@ -1,0 +1,551 @@
+"""The public loss functions of fastcl.
+
+Every function validates its inputs, picks a backend through :mod:`fastcl.dispatch`, and either
+composes the fused statistics of :func:`fastcl.ops.contrastive.contrastive_stats` (no N x M
+matrix in memory, forward or backward) or, with ``backend="reference"``, calls the oracle in
+:mod:`fastcl.reference`. The math of each loss is in the docstrings and in ``LOSSES.md``.
+
+Conventions shared by all functions:
+
+- ``temperature`` / ``logit_scale``: exactly one of them where both exist; the logit scale is
+  ``a = 1 / temperature``. A tensor ``logit_scale`` (already exponentiated, as open_clip and
+  Hugging Face pass it) receives a gradient.
+- ``normalize=True`` L2-normalizes the features first (cosine similarity); otherwise the
+  features are used as given.
+- ``reduction``: ``"mean"`` over the anchors that have at least one positive, ``"sum"``, or
+  ``"none"`` (a per-anchor vector).
+- The loss is returned in fp32 (fp64 for fp64 inputs), whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _validate as V
+from . import dispatch
+from . import reference as ref
+from .ops.contrastive import contrastive_stats
+
+__all__ = [
+    "info_nce",
+    "clip_loss",
+    "nt_xent",
+    "supcon",
+    "multiview_loss",
+    "hard_negative_nce",
+    "dcl",
+    "siglip_loss",
+    "alignment",
+    "uniformity",
+    "topk_similarity",
+]
+
+Scalar = Union[float, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _norm(x: Optional[Tensor], normalize: bool) -> Optional[Tensor]:
+    return F.normalize(x, dim=-1) if (normalize and x is not None) else x
+
+
+def _reduce(per_anchor: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    """Reduce a per-anchor loss; ``weight`` marks anchors that count (have a positive)."""
+    if reduction == "none":
+        return per_anchor
+    if reduction == "sum":
+        return per_anchor.sum()
+    if weight is None:
+        return per_anchor.mean()
+    return per_anchor.sum() / weight.sum().clamp_min(1)
+
+
+def _two_view_targets(n: int, device: torch.device) -> Tensor:
+    """Positive of row ``i`` in ``[z1; z2]``: ``i + n`` for the first view, ``i - n`` for the second."""
+    idx = torch.arange(2 * n, device=device)
+    return (idx + n) % (2 * n)
+
+
+def _pair_scale(scale: Tensor, x: Tensor) -> Tensor:
+    return scale.to(_stat_dtype(x))
+
+
+# --------------------------------------------------------------------------------------------
+# InfoNCE family
+# --------------------------------------------------------------------------------------------
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    *,
+    temperature: Optional[Scalar] = None,
+    logit_scale: Optional[Scalar] = None,
+    logit_bias: Optional[Scalar] = None,
+    targets: Optional[Tensor] = None,
+    negatives: Optional[Tensor] = None,
+    symmetric: bool = False,
+    symmetric_weight: float = 0.5,
+    label_smoothing: float = 0.0,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """InfoNCE (CPC, MoCo, SimCSE, MNRL) and, with ``symmetric=True``, the CLIP/ALIGN loss.
+
+    ``l_i = LSE_j s_ij - (1 - e) s_{i,t_i} - e mean_j s_ij`` with ``s_ij = a <q_i, k_j> + b``
+    over the columns ``[key; negatives]`` and ``e = label_smoothing``.
+
+    Args:
+        query: ``[N, D]`` queries.
+        key: ``[M, D]`` keys; the positive of query ``i`` is key ``targets[i]`` (default ``i``,
+            which needs ``N <= M``). A target of ``-1`` means "no positive": that query gets
+            weight 0.
+        temperature, logit_scale: exactly one; ``a = 1 / temperature`` or ``a = logit_scale``.
+        logit_bias: optional additive bias ``b`` (no effect on softmax losses; accepted for
+            models that carry one).
+        negatives: ``[Q, D]`` extra negative columns (a MoCo queue, hard negatives); they get
+            a gradient only if they require grad.
+        symmetric: also the key->query direction over the ``N`` queries (needs ``N == M`` and
+            default targets): ``L = w mean_i l^{q->k}_i + (1 - w) mean_j l^{k->q}_j``.
+        symmetric_weight: ``w`` (0.5 for CLIP, 0.75 for ConVIRT).
+        label_smoothing: ``e`` in ``[0, 1)``.
+        normalize: L2-normalize query, key and negatives first.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (for symmetric: ``w l_row + (1-w) l_col``
+            per index).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        The loss (0-dim, or ``[N]`` for ``reduction="none"``).
+    """
+    V.features("query", query)
+    V.features("key", key)
+    V.same_dim("query", query, "key", key)
+    if negatives is not None:
+        V.features("negatives", negatives)
+        V.same_dim("query", query, "negatives", negatives)
+    V.same_device_dtype(query=query, key=key, negatives=negatives)
+    V.reduction(reduction)
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not 0.0 <= float(symmetric_weight) <= 1.0:
+        raise ValueError(f"symmetric_weight must be in [0, 1], got {symmetric_weight}")
+    n, m = query.shape[0], key.shape[0]
+    device = query.device
+    if targets is not None:
+        targets = V.labels("targets", targets, n, device)
+        if symmetric:
+            raise ValueError("symmetric=True uses the diagonal as positives; targets must be None")
+    elif n > m:
+        raise ValueError(f"without targets, query i is paired with key i, so key needs at least "
+                         f"as many rows as query; got query {tuple(query.shape)} and key "
+                         f"{tuple(key.shape)}")
+    if symmetric and n != m:
+        raise ValueError(f"symmetric=True needs as many queries as keys, got {n} and {m}")
+    scale = V.logit_scale(temperature, logit_scale, device)
+    bias = V.scalar("logit_bias", 0.0 if logit_bias is None else logit_bias, device)
+    query, key, negatives = _norm(query, normalize), _norm(key, normalize), _norm(negatives, normalize)
+
+    be = dispatch.select("info_nce", device, query.dtype, backend)
+    if be == "reference":
+        return ref.info_nce_ref(query, key, scale=scale, bias=bias, targets=targets,
+                                negatives=negatives, symmetric=symmetric,
+                                symmetric_weight=symmetric_weight,
+                                label_smoothing=label_smoothing, reduction=reduction)
+
+    columns = key if negatives is None else torch.cat([key, negatives], dim=0)
+    if targets is None:
+        targets = torch.arange(n, device=device)
+    e = float(label_smoothing)
+    lse, pos, npos, mean, col_lse, col_mean = contrastive_stats(
+        query, columns, _pair_scale(scale, query), _pair_scale(bias, query), targets,
+        col_stats=symmetric, backend=be)
+    has_pos = npos > 0
+    row = lse - (1.0 - e) * pos
+    if e:
+        row = row - e * mean
+    row = torch.where(has_pos, row, torch.zeros_like(row))
+    if not symmetric:
+        return _reduce(row, has_pos, reduction)
+    col = col_lse[:m] - (1.0 - e) * pos
+    if e:
+        col = col - e * col_mean[:m]
+    w = float(symmetric_weight)
+    if reduction == "none":
+        return w * row + (1.0 - w) * col
+    if reduction == "sum":
+        return w * row.sum() + (1.0 - w) * col.sum()
+    return w * row.mean() + (1.0 - w) * col.mean()
+
+
+def clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Scalar,
+    logit_bias: Optional[Scalar] = None,
+    *,
+    symmetric_weight: float = 0.5,
+    label_smoothing: float = 0.0,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """The symmetric CLIP / ALIGN loss: ``(CE(logits) + CE(logits.T)) / 2`` without the logits.
+
+    ``logits = logit_scale * image_features @ text_features.T`` (``logit_scale`` already
+    exponentiated, as open_clip and Hugging Face models return it); image ``i`` and text ``i``
+    are the positive pair. Equivalent to :func:`info_nce` with ``symmetric=True``.
+    """
+    return info_nce(image_features, text_features, logit_scale=logit_scale, logit_bias=logit_bias,
+                    symmetric=True, symmetric_weight=symmetric_weight,
+                    label_smoothing=label_smoothing, normalize=normalize,
+                    reduction=reduction, backend=backend)
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    *,
+    temperature: Optional[Scalar] = 0.5,
+    logit_scale: Optional[Scalar] = None,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """NT-Xent (SimCLR): two views ``z1``, ``z2`` of ``N`` samples, ``2N`` anchors.
+
+    ``Z = [z1; z2]``, ``s_ij = <z_i, z_j> / tau``, the positive of row ``i`` is ``i +- N``:
+    ``l_i = -s_{i,p(i)} + LSE_{j != i} s_ij``, mean over the ``2N`` rows. SimCLR uses cosine
+    similarity: pass ``normalize=True`` for it. ``reduction="none"`` returns the ``2N`` vector.
+    """
+    V.features("z1", z1)
+    V.features("z2", z2)
+    V.same_dim("z1", z1, "z2", z2)
+    V.same_rows("z1", z1, "z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.reduction(reduction)
+    if logit_scale is not None and temperature == 0.5:
+        temperature = None
+    scale = V.logit_scale(temperature, logit_scale, z1.device)
+    z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
+    be = dispatch.select("nt_xent", z1.device, z1.dtype, backend)
+    if be == "reference":
+        return ref.nt_xent_ref(z1, z2, scale=scale, reduction=reduction)
+    z = torch.cat([z1, z2], dim=0)
+    zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
+    lse, pos, _npos, _mean, _cl, _cm = contrastive_stats(
+        z, z, _pair_scale(scale, z), zero, _two_view_targets(z1.shape[0], z.device),
+        exclude_diag=True, backend=be)
+    return _reduce(lse - pos, None, reduction)
+
+
+def supcon(
+    features: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    temperature: Optional[Scalar] = 0.1,
+    logit_scale: Optional[Scalar] = None,
+    variant: str = "out",
+    base_temperature: Optional[float] = None,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020), any number of views.
+
+    ``features`` is ``[N, V, D]`` (or ``[N, D]`` for one view), flattened view-major to
+    ``A = N V`` anchors; ``labels`` ``[N]`` (default: the sample index, which gives the
+    self-supervised multi-view loss). Positives of an anchor: the other anchors with its label;
+    the denominator: every anchor but itself.
+
+    - ``variant="out"``: ``l_r = LSE_{a != r} s_ra - mean_{p in P(r)} s_rp`` (the default),
+    - ``variant="in"``: ``l_r = LSE_{a != r} s_ra - LSE_{p in P(r)} s_rp + log |P(r)|``.
+
+    Anchors without positives count for nothing (weight 0, never NaN). ``base_temperature``
+    multiplies the loss by ``temperature / base_temperature`` as the SupContrast code does
+    (0.07 there; off by default). ``reduction="none"`` returns the ``A`` vector.
+    """
+    V.features("features", features, ndims=(2, 3))
+    V.reduction(reduction)
+    V.choice("variant", variant, ("out", "in"))
+    if features.dim() == 2:
+        features = features.unsqueeze(1)
+    n, views = features.shape[0], features.shape[1]
+    if labels is not None:
+        labels = V.labels("labels", labels, n, features.device)
+    if base_temperature is not None:
+        V.positive_number("base_temperature", base_temperature)
+    if logit_scale is not None and temperature == 0.1:
+        temperature = None
+    scale = V.logit_scale(temperature, logit_scale, features.device)
+    features = _norm(features, normalize)
+    be = dispatch.select("supcon", features.device, features.dtype, backend)
+    if be == "reference":
+        return ref.supcon_ref(features, labels, scale=scale, variant=variant,
+                              base_temperature=base_temperature, reduction=reduction)
+    anchors = torch.cat(torch.unbind(features, dim=1), dim=0)
+    if labels is None:
+        labels = torch.arange(n, device=features.device)
+    anchor_labels = labels.repeat(views)
+    zero = torch.zeros((), dtype=_stat_dtype(anchors), device=anchors.device)
+    lse, pos, npos, _mean, _cl, _cm = contrastive_stats(
+        anchors, anchors, _pair_scale(scale, anchors), zero, None, anchor_labels, anchor_labels,
+        exclude_diag=True, pos_lse=(variant == "in"), backend=be)
+    has_pos = npos > 0
+    per = lse - pos
+    if variant == "in":
+        per = per + torch.log(npos.clamp_min(1))
+    per = torch.where(has_pos, per, torch.zeros_like(per))
+    if base_temperature is not None:
+        per = per * (1.0 / (_pair_scale(scale, per) * base_temperature))
+    return _reduce(per, has_pos, reduction)
+
+
+def dcl(
+    z1: Tensor,
+    z2: Tensor,
+    *,
+    temperature: Optional[Scalar] = 0.1,
+    logit_scale: Optional[Scalar] = None,
+    weighted: bool = False,
+    sigma: float = 0.5,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Decoupled contrastive loss (Yeh et al. 2022), lightly's ``DCLLoss`` / ``DCLWLoss``.
+
+    The positive is removed from the denominator: ``l_i = -w_i s_{i,p} + LSE_{n in Neg(i)} s_in``
+    over the ``2N`` anchors of ``[z1; z2]``, where the negatives of an anchor are both views of
+    every other sample. ``weighted=True`` (DCLW) uses ``w_i = 2 - N softmax_i(<z1_i, z2_i> /
+    sigma)`` (detached), else ``w_i = 1``. lightly normalizes the features: pass
+    ``normalize=True`` to match it. ``reduction="none"`` returns the ``2N`` vector.
+    """
+    V.features("z1", z1)
+    V.features("z2", z2)
+    V.same_dim("z1", z1, "z2", z2)
+    V.same_rows("z1", z1, "z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.reduction(reduction)
+    V.positive_number("sigma", sigma)
+    if z1.shape[0] < 2:
+        raise ValueError(f"dcl needs at least 2 samples (the denominator holds only other samples), "
+                         f"got z1 of shape {tuple(z1.shape)}")
+    if logit_scale is not None and temperature == 0.1:
+        temperature = None
+    scale = V.logit_scale(temperature, logit_scale, z1.device)
+    z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
+    be = dispatch.select("dcl", z1.device, z1.dtype, backend)
+    if be == "reference":
+        return ref.dcl_ref(z1, z2, scale=scale, weighted=weighted, sigma=sigma, reduction=reduction)
+    n = z1.shape[0]
+    z = torch.cat([z1, z2], dim=0)
+    zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
+    lse, pos, _npos, _mean, _cl, _cm = contrastive_stats(
+        z, z, _pair_scale(scale, z), zero, _two_view_targets(n, z.device),
+        exclude_diag=True, decoupled=True, backend=be)
+    if weighted:
+        with torch.no_grad():
+            sim = (z1.to(_stat_dtype(z)) * z2.to(_stat_dtype(z))).sum(-1) / sigma
+            w = 2.0 - n * torch.softmax(sim, dim=0)
+        pos = pos * w.repeat(2)
+    return _reduce(lse - pos, None, reduction)
+
+
+def multiview_loss(
+    views: Tensor,
+    *,
+    temperature: Optional[Scalar] = None,
+    logit_scale: Optional[Scalar] = None,
+    method: str = "mv_infonce",
+    cmc_mode: str = "full",
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-view contrastive losses over ``views`` of shape ``[V, N, D]`` (``V >= 2``).
+
+    - ``"mv_infonce"`` (Koromilas et al.): ``-(1/N) sum_i [log sum_{l != m} exp s(il,im) -
+      log sum_l sum_{(j,m) != (i,l)} exp s(il,jm)]``; positives stay in the denominator.
+    - ``"mv_dhel"``: ``(1/N) sum_i [sum_l LSE_{j != i} s(il,jl) - LSE_{l<m} s(il,im)]``:
+      uniformity within each view only (``V N^2`` cost).
+    - ``"cmc"``: ``sum_{l<m} (L^{l->m} + L^{m->l})`` of one-direction InfoNCE losses over the
+      full graph of view pairs (``cmc_mode="full"``) or the pairs with view 0 (``"core"``).
+
+    ``reduction="none"`` returns the ``[N]`` per-sample terms.
+    """
+    V.features("views", views, ndims=(3,))
+    V.reduction(reduction)
+    V.choice("method", method, ("mv_infonce", "mv_dhel", "cmc"))
+    V.choice("cmc_mode", cmc_mode, ("full", "core"))
+    nv, n = views.shape[0], views.shape[1]
+    if nv < 2:
+        raise ValueError(f"views must hold at least 2 views along dim 0, got shape {tuple(views.shape)}")
+    scale = V.logit_scale(temperature, logit_scale, views.device)
+    views = _norm(views, normalize)
+    be = dispatch.select("multiview_loss", views.device, views.dtype, backend)
+    if be == "reference":
+        return ref.multiview_ref(views, scale=scale, method=method, cmc_mode=cmc_mode,
+                                 reduction=reduction)
+    sdt = _stat_dtype(views)
+    a = _pair_scale(scale, views)
+    zero = torch.zeros((), dtype=sdt, device=views.device)
+    if method == "mv_infonce":
+        anchors = views.reshape(nv * n, -1)
+        sample = torch.arange(n, device=views.device).repeat(nv)
+        lse, pos, _np, _m, _cl, _cm = contrastive_stats(
+            anchors, anchors, a, zero, None, sample, sample, exclude_diag=True, pos_lse=True,
+            backend=be)
+        per = torch.logsumexp(lse.view(nv, n), 0) - torch.logsumexp(pos.view(nv, n), 0)
+    elif method == "mv_dhel":
+        uniform = 0
+        for v in range(nv):
+            lse, *_ = contrastive_stats(views[v], views[v], a, zero, exclude_diag=True, backend=be)
+            uniform = uniform + lse
+        pairs = [(l, m) for l in range(nv) for m in range(l + 1, nv)]
+        pair_logits = torch.stack(
+            [a * (views[l].to(sdt) * views[m].to(sdt)).sum(-1) for l, m in pairs], dim=1)
+        per = uniform - torch.logsumexp(pair_logits, dim=1)
+    else:
+        pairs = [(l, m) for l in range(nv) for m in range(l + 1, nv)
+                 if cmc_mode == "full" or l == 0]
+        diag = torch.arange(n, device=views.device)
+        per = 0
+        for l, m in pairs:
+            lse, pos, _np, _m, col_lse, _cm = contrastive_stats(
+                views[l], views[m], a, zero, diag, col_stats=True, backend=be)
+            per = per + (lse - pos) + (col_lse - pos)
+    return _reduce(per, None, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses served by the reference implementation in this release
+# --------------------------------------------------------------------------------------------
+
+def hard_negative_nce(
+    z1: Tensor,
+    z2: Tensor,
+    *,
+    temperature: Scalar,
+    beta: float = 1.0,
+    tau_plus: float = 0.0,
+    layout: str = "two_view",
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Hard-negative weighting (Robinson et al. 2021) and debiasing (Chuang et al. 2020).
+
+    With ``s`` the scaled logits of an anchor, ``imp_n = exp(beta s_n)``,
+    ``R = sum_n imp_n exp(s_n) / mean_n imp_n``,
+    ``Ng = max((R - tau_plus Nn exp(s_p)) / (1 - tau_plus), Nn exp(-1/tau))`` and
+    ``l = -log(exp(s_p) / (exp(s_p) + Ng))``. ``beta = 0, tau_plus = 0`` is plain InfoNCE.
+    ``layout="two_view"``: ``2N`` anchors of ``[z1; z2]``, ``Nn = 2N - 2``; ``"paired"``: queries
+    ``z1`` against keys ``z2`` with ``Nn = N - 1``. Served by the reference implementation.
+    """
+    V.features("z1", z1)
+    V.features("z2", z2)
+    V.same_dim("z1", z1, "z2", z2)
+    V.same_rows("z1", z1, "z2", z2)
+    V.same_device_dtype(z1=z1, z2=z2)
+    V.reduction(reduction)
+    V.choice("layout", layout, ("two_view", "paired"))
+    if not 0.0 <= float(tau_plus) < 1.0:
+        raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
+    scale = V.logit_scale(temperature, None, z1.device)
+    z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
+    dispatch.select("hard_negative_nce", z1.device, z1.dtype, backend)
+    return ref.hard_negative_nce_ref(z1, z2, scale=scale, beta=beta, tau_plus=tau_plus,
+                                     layout=layout, reduction=reduction)
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Scalar,
+    logit_bias: Scalar,
+    *,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """The sigmoid loss of SigLIP: ``-(1/N) sum_ij log sigmoid(z_ij (a <x_i, y_j> + b))``.
+
+    ``z_ij = 1`` on the diagonal, ``-1`` elsewhere; ``a = logit_scale`` (exponentiated, init
+    10) and ``b = logit_bias`` (init -10) may be tensors that receive gradients.
+    ``reduction="none"`` returns the per-image row sums. Served by the reference implementation.
+    """
+    V.features("image_features", image_features)
+    V.features("text_features", text_features)
+    V.same_dim("image_features", image_features, "text_features", text_features)
+    V.same_rows("image_features", image_features, "text_features", text_features)
+    V.same_device_dtype(image_features=image_features, text_features=text_features)
+    V.reduction(reduction)
+    device = image_features.device
+    scale = V.scalar("logit_scale", logit_scale, device, positive=True)
+    bias = V.scalar("logit_bias", logit_bias, device)
+    x, y = _norm(image_features, normalize), _norm(text_features, normalize)
+    dispatch.select("siglip_loss", device, x.dtype, backend)
+    return ref.siglip_ref(x, y, scale=scale, bias=bias, reduction=reduction)
+
+
+def alignment(x: Tensor, y: Tensor, alpha: float = 2) -> Tensor:
+    """Alignment (Wang & Isola 2020): ``mean_i ||x_i - y_i||^alpha`` (linear cost, no kernel)."""
+    V.features("x", x)
+    V.features("y", y)
+    V.same_dim("x", x, "y", y)
+    V.same_rows("x", x, "y", y)
+    V.same_device_dtype(x=x, y=y)
+    V.positive_number("alpha", alpha)
+    dt = _stat_dtype(x)
+    return (x.to(dt) - y.to(dt)).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto") -> Tensor:
+    """Uniformity (Wang & Isola 2020): ``log mean_{i != j} exp(-t ||x_i - x_j||^2)``.
+
+    Served by the reference implementation.
+    """
+    V.features("x", x)
+    V.positive_number("t", t)
+    if x.shape[0] < 2:
+        raise ValueError(f"uniformity needs at least 2 rows, got x of shape {tuple(x.shape)}")
+    dispatch.select("uniformity", x.device, x.dtype, backend)
+    return ref.uniformity_ref(x, t=t)
+
+
+def topk_similarity(
+    query: Tensor,
+    key: Tensor,
+    k: int,
+    *,
+    exclude_self: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest ``<q_i, k_j>`` of every query and their key indices.
+
+    ``exclude_self`` drops column ``j == i`` (a query's own entry when query and key are the
+    same set). Returns ``(values, indices)`` of shape ``[N, k]``, values in descending order.
+    Served by the reference implementation.
+    """
+    V.features("query", query)
+    V.features("key", key)
+    V.same_dim("query", query, "key", key)
+    V.same_device_dtype(query=query, key=key)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    available = key.shape[0] - (1 if exclude_self else 0)
+    if k > available:
+        raise ValueError(f"k={k} exceeds the {available} candidate keys per query")
+    dispatch.select("topk_similarity", query.device, query.dtype, backend)
+    return ref.topk_similarity_ref(query, key, k, exclude_self=exclude_self)

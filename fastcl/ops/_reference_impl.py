@@ -1,0 +1,53 @@
+"""The fused ops implemented by materializing the logits (the op backend named "torch").
+
+Forward: :func:`fastcl.reference.contrastive_stats_ref`; backward: the gradient tile ``G`` of
+the formula in :mod:`fastcl.reference.contrastive`, built for the whole matrix at once. It
+holds N x M tensors, so ``backend="auto"`` never picks it: it checks the op plumbing in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference.contrastive import contrastive_masks_ref, contrastive_stats_ref
+
+
+def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
+                    exclude_diag, decoupled, pos_lse, col_stats):
+    out = contrastive_stats_ref(q.detach(), k.detach(), scale.detach(), bias.detach(), targets,
+                                row_labels, col_labels, exclude_diag=exclude_diag,
+                                decoupled=decoupled, pos_lse=pos_lse, col_stats=col_stats)
+    return tuple(t.contiguous() for t in out)
+
+
+def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, targets,
+                    row_labels, col_labels, lse, pos, npos, col_lse,
+                    exclude_diag, decoupled, pos_lse, col_stats):
+    dt = lse.dtype
+    R, C = q.shape[0], k.shape[0]
+    dots = q.to(dt) @ k.to(dt).T
+    s = scale.to(dt) * dots + bias.to(dt)
+    allowed, posm, den = contrastive_masks_ref(R, C, targets, row_labels, col_labels,
+                                               exclude_diag, decoupled, q.device)
+    zero = torch.zeros((), dtype=dt, device=q.device)
+    G = torch.zeros_like(s)
+    if g_lse is not None:
+        G += torch.where(den, g_lse[:, None] * torch.exp(s - lse[:, None]), zero)
+    if g_pos is not None:
+        if pos_lse:
+            coef = torch.exp(s - pos[:, None])
+        else:
+            coef = (1.0 / npos.clamp_min(1))[:, None].expand(R, C)
+        G += torch.where(posm, g_pos[:, None] * coef, zero)
+    if g_mean is not None:
+        G += torch.where(den, (g_mean / den.sum(1).clamp_min(1).to(dt))[:, None], zero)
+    if g_col_lse is not None:
+        G += torch.where(allowed, g_col_lse[None, :] * torch.exp(s - col_lse[None, :]), zero)
+    if g_col_mean is not None:
+        G += torch.where(allowed, (g_col_mean / allowed.sum(0).clamp_min(1).to(dt))[None, :], zero)
+    a = scale.to(dt)
+    dq = (a * (G @ k.to(dt))).to(q.dtype)
+    dk = (a * (G.T @ q.to(dt))).to(k.dtype)
+    dscale = (G * dots).sum().to(scale.dtype)
+    dbias = G.sum().to(bias.dtype)
+    return dq, dk, dscale, dbias

@@ -1,0 +1,1 @@
+"""Triton kernels of fastcl (installed as ``fastcl.kernels``); launch wrappers only."""

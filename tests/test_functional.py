@@ -1,0 +1,171 @@
+"""The public functions: every fused path against fastcl.reference, loss and gradients.
+
+The fused path is exercised through each kernel backend that this machine can run ("cpu" with
+the compiled extension, "triton" under Triton's interpreter on CPU) and through "torch", the
+materializing implementation of the same custom ops, which checks the composition of the
+statistics into each loss independently of any kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcl
+from fastcl import dispatch
+
+TORCH_OP = "torch"
+
+
+def kernel_backends():
+    out = [TORCH_OP]
+    for name in ("cpu", "triton"):
+        if dispatch.why_not(name, "info_nce", torch.device("cpu"), torch.float32) is None:
+            out.append(name)
+    return out
+
+
+@pytest.fixture(params=kernel_backends())
+def backend(request, monkeypatch):
+    """Run fastcl's functions through one kernel backend ("torch" bypasses the dispatch table)."""
+    name = request.param
+    if name == TORCH_OP:
+        real = dispatch.select
+
+        def select(op, device, dtype, backend="auto"):
+            if backend == TORCH_OP:
+                return TORCH_OP if dispatch.OPS[op] else "reference"
+            return real(op, device, dtype, backend)
+
+        monkeypatch.setattr(dispatch, "select", select)
+    return name
+
+
+def _dtype_for(backend):
+    # fp64 where the backend takes it (tight comparison); the interpreter runs fp32.
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+
+
+def _leaf(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_(True)
+
+
+def _compare(fn, inputs, backend, dtype):
+    """Loss and gradients of ``fn(..., backend=backend)`` against ``backend='reference'``."""
+    got = fn(*inputs, backend=backend)
+    clones = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    want = fn(*clones, backend="reference")
+    torch.testing.assert_close(got, want.to(got.dtype), **_tol(dtype))
+    weights = torch.randn_like(got) if got.dim() else torch.ones_like(got)
+    gs = torch.autograd.grad((got * weights).sum(), [x for x in inputs if x.requires_grad])
+    ws = torch.autograd.grad((want * weights).sum(), [x for x in clones if x.requires_grad])
+    for g, w in zip(gs, ws):
+        torch.testing.assert_close(g, w.to(g.dtype), **_tol(dtype))
+
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", ["plain", "smooth", "negatives", "targets", "symmetric", "sym_smooth"])
+def test_info_nce(backend, case, reduction):
+    dt = _dtype_for(backend)
+    n, m, d = 7, 9 if case in ("plain", "targets", "negatives", "smooth") else 7, 5
+    q, k = _leaf(n, d, dtype=dt), _leaf(m, d, dtype=dt)
+    scale = torch.tensor(3.0, dtype=dt, requires_grad=True)
+    negs = _leaf(4, d, dtype=dt) if case == "negatives" else None
+    targets = torch.tensor([2, 0, -1, 4, 4, 8, 1]) if case == "targets" else None
+    kwargs = dict(label_smoothing=0.1 if "smooth" in case else 0.0,
+                  symmetric=case.startswith("sym"), reduction=reduction)
+
+    def fn(q, k, scale, *rest, backend):
+        return fastcl.info_nce(q, k, logit_scale=scale, negatives=rest[0] if rest else None,
+                               targets=targets, backend=backend, **kwargs)
+
+    _compare(fn, [q, k, scale] + ([negs] if negs is not None else []), backend, dt)
+
+
+def test_clip_loss_bias_and_weight(backend):
+    dt = _dtype_for(backend)
+    x, y = _leaf(6, 4, dtype=dt), _leaf(6, 4, dtype=dt)
+    scale = torch.tensor(10.0, dtype=dt, requires_grad=True)
+
+    def fn(x, y, scale, *, backend):
+        return fastcl.clip_loss(x, y, scale, logit_bias=-2.0, symmetric_weight=0.75,
+                                normalize=True, backend=backend)
+
+    _compare(fn, [x, y, scale], backend, dt)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nt_xent(backend, reduction):
+    dt = _dtype_for(backend)
+    z1, z2 = _leaf(5, 6, dtype=dt), _leaf(5, 6, dtype=dt)
+    _compare(lambda a, b, *, backend: fastcl.nt_xent(a, b, temperature=0.3, normalize=True,
+                                                     reduction=reduction, backend=backend),
+             [z1, z2], backend, dt)
+
+
+@pytest.mark.parametrize("variant", ["out", "in"])
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_supcon(backend, variant, labelled, reduction):
+    dt = _dtype_for(backend)
+    feats = _leaf(6, 3, 4, dtype=dt)
+    labels = torch.tensor([0, 1, 0, 2, 1, 3]) if labelled else None
+
+    def fn(f, *, backend):
+        return fastcl.supcon(f, labels, temperature=0.2, variant=variant, base_temperature=0.07,
+                             reduction=reduction, backend=backend)
+
+    _compare(fn, [feats], backend, dt)
+
+
+def test_supcon_single_view_without_positives(backend):
+    dt = _dtype_for(backend)
+    feats = _leaf(5, 4, dtype=dt)
+    labels = torch.tensor([0, 1, 0, 2, 3])  # three anchors have no positive
+    loss = fastcl.supcon(feats, labels, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(feats.grad).all()
+    _compare(lambda f, *, backend: fastcl.supcon(f, labels, backend=backend), [feats], backend, dt)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_dcl(backend, weighted, reduction):
+    dt = _dtype_for(backend)
+    z1, z2 = _leaf(5, 4, dtype=dt), _leaf(5, 4, dtype=dt)
+    _compare(lambda a, b, *, backend: fastcl.dcl(a, b, temperature=0.5, weighted=weighted,
+                                                 normalize=True, reduction=reduction,
+                                                 backend=backend),
+             [z1, z2], backend, dt)
+
+
+@pytest.mark.parametrize("method,mode", [("mv_infonce", "full"), ("mv_dhel", "full"),
+                                         ("cmc", "full"), ("cmc", "core")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_multiview(backend, method, mode, reduction):
+    dt = _dtype_for(backend)
+    views = _leaf(3, 5, 4, dtype=dt)
+    _compare(lambda v, *, backend: fastcl.multiview_loss(v, temperature=0.5, method=method,
+                                                         cmc_mode=mode, normalize=True,
+                                                         reduction=reduction, backend=backend),
+             [views], backend, dt)
+
+
+def test_reference_only_losses_run():
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    assert torch.isfinite(fastcl.hard_negative_nce(x, y, temperature=0.5, beta=1.0, tau_plus=0.1))
+    assert torch.isfinite(fastcl.siglip_loss(x, y, 10.0, -10.0))
+    assert torch.isfinite(fastcl.uniformity(x))
+    torch.testing.assert_close(fastcl.alignment(x, y), (x - y).norm(dim=1).pow(2).mean())
+    vals, idx = fastcl.topk_similarity(x, y, 3)
+    full = x @ y.T
+    torch.testing.assert_close(vals, full.topk(3, dim=1).values)
+    with pytest.raises(fastcl.BackendUnavailableError, match="no fused triton kernel"):
+        fastcl.siglip_loss(x, y, 10.0, -10.0, backend="triton")

@@ -1,0 +1,87 @@
+"""The custom ops: torch.library.opcheck and torch.compile(fullgraph=True) of loss + backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcl
+from fastcl import dispatch
+from fastcl.ops.contrastive import contrastive_bwd, contrastive_fwd
+
+
+def op_backends():
+    out = ["torch"]
+    for name in ("cpu", "triton"):
+        if dispatch.why_not(name, "info_nce", torch.device("cpu"), torch.float32) is None:
+            out.append(name)
+    return out
+
+
+def _fwd_args(backend, *, labels=False, col=False, dtype=torch.float32):
+    q = torch.randn(6, 5, dtype=dtype, requires_grad=True)
+    k = torch.randn(6, 5, dtype=dtype, requires_grad=True)
+    scale = torch.tensor(2.0, requires_grad=True)
+    bias = torch.tensor(0.5, requires_grad=True)
+    targets = None if labels else torch.tensor([1, 0, 3, -1, 5, 4])
+    lab = torch.tensor([0, 1, 0, 1, 2, 2]) if labels else None
+    return (q, k, scale, bias, targets, lab, lab, labels, False, labels, col, backend)
+
+
+@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("labels,col", [(False, True), (True, False)])
+def test_opcheck_contrastive(backend, labels, col):
+    args = _fwd_args(backend, labels=labels, col=col)
+    torch.library.opcheck(contrastive_fwd, args)
+    with torch.no_grad():
+        lse, pos, npos, mean, col_lse, col_mean = contrastive_fwd(*args)
+    q, k, scale, bias, targets, rl, cl, ex, dec, plse, colf, be = args
+    g = [torch.randn_like(lse), torch.randn_like(pos), None,
+         torch.randn_like(col_lse) if col else None, None]
+    bwd_args = (*g, q.detach(), k.detach(), scale.detach(), bias.detach(), targets, rl, cl,
+                lse, pos, npos, col_lse, ex, dec, plse, colf, be)
+    torch.library.opcheck(contrastive_bwd, bwd_args)
+
+
+def _clip(x, y, scale):
+    return fastcl.clip_loss(x, y, scale, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_loss_and_backward(compile_backend):
+    be = dispatch.select("info_nce", torch.device("cpu"), torch.float32)
+    if be == "reference":
+        pytest.skip("no fused CPU backend built")
+    x = torch.randn(16, 8, requires_grad=True)
+    y = torch.randn(16, 8, requires_grad=True)
+    scale = torch.tensor(5.0, requires_grad=True)
+
+    def step(x, y, scale):
+        loss = _clip(x, y, scale)
+        gx, gy, gs = torch.autograd.grad(loss, (x, y, scale))
+        return loss, gx, gy, gs
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    got = compiled(x, y, scale)
+    want = step(x, y, scale)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph_supcon():
+    be = dispatch.select("supcon", torch.device("cpu"), torch.float32)
+    if be == "reference":
+        pytest.skip("no fused CPU backend built")
+    f = torch.randn(8, 2, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 3, 4])
+    torch._dynamo.reset()
+    fn = torch.compile(lambda f: fastcl.supcon(f, labels, variant="in"), fullgraph=True,
+                       backend="aot_eager")
+    loss = fn(f)
+    loss.backward()
+    f2 = f.detach().clone().requires_grad_(True)
+    ref = fastcl.supcon(f2, labels, variant="in", backend="reference")
+    ref.backward()
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f.grad, f2.grad, rtol=1e-4, atol=1e-6)
