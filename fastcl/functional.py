@@ -327,8 +327,8 @@ def dcl(
 
     The positive is removed from the denominator: ``l_i = -w_i s_{i,p} + LSE_{n in Neg(i)} s_in``
     over the ``2N`` anchors of ``[z1; z2]``, where the negatives of an anchor are both views of
-    every other sample. ``weighted=True`` (DCLW) uses ``w_i = 2 - N softmax_i(<z1_i, z2_i> /
-    sigma)`` (detached), else ``w_i = 1``. lightly normalizes the features: pass
+    every other sample. ``weighted=True`` (DCLW) uses ``w_i = 2 - N softmax_i(cos(z1_i, z2_i) /
+    sigma)`` (detached, cosine similarity as in lightly), else ``w_i = 1``. lightly normalizes the features: pass
     ``normalize=True`` to match it. ``reduction="none"`` returns the ``2N`` vector.
     """
     V.features("z1", z1)
@@ -355,8 +355,9 @@ def dcl(
         z, z, _pair_scale(scale, z), zero, _two_view_targets(n, z.device),
         exclude_diag=True, decoupled=True, backend=be)
     if weighted:
-        with torch.no_grad():
-            sim = (z1.to(_stat_dtype(z)) * z2.to(_stat_dtype(z))).sum(-1) / sigma
+        with torch.no_grad():  # lightly weighs with cosine similarity, whatever `normalize`
+            u1, u2 = (F.normalize(t.to(_stat_dtype(z)), dim=1) for t in (z1, z2))
+            sim = (u1 * u2).sum(-1) / sigma
             w = 2.0 - n * torch.softmax(sim, dim=0)
         pos = pos * w.repeat(2)
     return _reduce(lse - pos, None, reduction)
