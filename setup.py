@@ -13,15 +13,10 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = [
-    "fastcl",
-    "fastcl.reference",
-    "fastcl.ops",
-    "fastcl.kernels",
-]
+PACKAGES = find_packages(include=["fastcl", "fastcl.*"]) + ["fastcl.kernels"]
 
 
 def _sources(pattern):
