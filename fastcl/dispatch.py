@@ -35,9 +35,9 @@ OPS = {
     "supcon": "contrastive",
     "dcl": "contrastive",
     "multiview_loss": "contrastive",
-    "hard_negative_nce": None,
+    "hard_negative_nce": "contrastive",
     "siglip_loss": None,
-    "uniformity": None,
+    "uniformity": "contrastive",
     "topk_similarity": None,
 }
 

@@ -430,7 +430,7 @@ def multiview_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# Losses served by the reference implementation in this release
+# Hard negatives, SigLIP, alignment / uniformity, top-k
 # --------------------------------------------------------------------------------------------
 
 def hard_negative_nce(
@@ -447,12 +447,17 @@ def hard_negative_nce(
 ) -> Tensor:
     """Hard-negative weighting (Robinson et al. 2021) and debiasing (Chuang et al. 2020).
 
-    With ``s`` the scaled logits of an anchor, ``imp_n = exp(beta s_n)``,
+    With ``s`` the scaled logits of an anchor (``tau = temperature``), ``imp_n = exp(beta s_n)``,
     ``R = sum_n imp_n exp(s_n) / mean_n imp_n``,
     ``Ng = max((R - tau_plus Nn exp(s_p)) / (1 - tau_plus), Nn exp(-1/tau))`` and
     ``l = -log(exp(s_p) / (exp(s_p) + Ng))``. ``beta = 0, tau_plus = 0`` is plain InfoNCE.
+    The importance weights are not detached (as in the authors' code).
     ``layout="two_view"``: ``2N`` anchors of ``[z1; z2]``, ``Nn = 2N - 2``; ``"paired"``: queries
-    ``z1`` against keys ``z2`` with ``Nn = N - 1``. Served by the reference implementation.
+    ``z1`` against keys ``z2`` with ``Nn = N - 1``.
+
+    Fused as two streaming log-sum-exps over the negatives, ``LSE_n (1+beta) s_n`` and
+    ``LSE_n beta s_n`` (one when ``beta = 0``), evaluated in log space so that large scales
+    do not overflow.
     """
     V.features("z1", z1)
     V.features("z2", z2)
@@ -463,11 +468,54 @@ def hard_negative_nce(
     V.choice("layout", layout, ("two_view", "paired"))
     if not 0.0 <= float(tau_plus) < 1.0:
         raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+    n = z1.shape[0]
+    n_neg = 2 * n - 2 if layout == "two_view" else n - 1
+    if n_neg < 1:
+        raise ValueError(f"hard_negative_nce needs at least one negative per anchor, got z1 of "
+                         f"shape {tuple(z1.shape)} with layout={layout!r}")
     scale = V.logit_scale(temperature, None, z1.device)
     z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
-    dispatch.select("hard_negative_nce", z1.device, z1.dtype, backend)
-    return ref.hard_negative_nce_ref(z1, z2, scale=scale, beta=beta, tau_plus=tau_plus,
-                                     layout=layout, reduction=reduction)
+    be = dispatch.select("hard_negative_nce", z1.device, z1.dtype, backend)
+    if be == "reference":
+        return ref.hard_negative_nce_ref(z1, z2, scale=scale, beta=beta, tau_plus=tau_plus,
+                                         layout=layout, reduction=reduction)
+    if layout == "two_view":
+        q = k = torch.cat([z1, z2], dim=0)
+        targets = _two_view_targets(n, q.device)
+    else:
+        q, k = z1, z2
+        targets = torch.arange(n, device=q.device)
+    a = _pair_scale(scale, q)
+    zero = torch.zeros((), dtype=a.dtype, device=q.device)
+    beta = float(beta)
+
+    def negatives_lse(mult: float):
+        lse, pos, *_ = contrastive_stats(q, k, a * mult, zero, targets,
+                                         exclude_diag=(layout == "two_view"), decoupled=True,
+                                         backend=be)
+        return lse, pos / mult
+
+    lse_hard, s_p = negatives_lse(1.0 + beta)
+    log_r = lse_hard + math.log(n_neg)
+    if beta:
+        log_r = log_r - negatives_lse(beta)[0]
+    else:
+        log_r = log_r - math.log(n_neg)
+    if tau_plus:
+        # Ng_est = R (1 - u) / (1 - tau_plus), u = tau_plus Nn exp(s_p) / R, defined while u < 1
+        log_u = math.log(tau_plus * n_neg) + s_p - log_r
+        valid = log_u < 0
+        safe = torch.where(valid, log_u, torch.full_like(log_u, -1.0))
+        log_ng = log_r + torch.log(-torch.expm1(safe)) - math.log(1.0 - tau_plus)
+        log_ng = torch.where(valid, log_ng, torch.full_like(log_ng, float("-inf")))
+    else:
+        log_ng = log_r
+    log_floor = math.log(n_neg) - a  # log(Nn exp(-1/tau))
+    log_ng = torch.maximum(log_ng, log_floor.expand_as(log_ng))
+    per = torch.logaddexp(torch.zeros_like(log_ng), log_ng - s_p)
+    return _reduce(per, None, reduction)
 
 
 def siglip_loss(
@@ -484,7 +532,8 @@ def siglip_loss(
 
     ``z_ij = 1`` on the diagonal, ``-1`` elsewhere; ``a = logit_scale`` (exponentiated, init
     10) and ``b = logit_bias`` (init -10) may be tensors that receive gradients.
-    ``reduction="none"`` returns the per-image row sums. Served by the reference implementation.
+    ``reduction="none"`` returns the per-image row sums. Served by the reference implementation
+    in this release (it holds the N x N logits).
     """
     V.features("image_features", image_features)
     V.features("text_features", text_features)
@@ -515,14 +564,28 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2) -> Tensor:
 def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto") -> Tensor:
     """Uniformity (Wang & Isola 2020): ``log mean_{i != j} exp(-t ||x_i - x_j||^2)``.
 
-    Served by the reference implementation.
+    One global log-sum-exp over the ``N (N - 1)`` ordered pairs, fused: with
+    ``u_i = [x_i, |x_i|^2, 1]`` and ``v_j = [x_j, -1/2, -|x_j|^2 / 2]`` (fp32),
+    ``-t ||x_i - x_j||^2 = 2t <u_i, v_j>``, so the per-row log-sum-exps of the fused op give
+    the loss without the ``N x N`` distances. Exact squared distances: no unit norm assumed.
     """
     V.features("x", x)
     V.positive_number("t", t)
-    if x.shape[0] < 2:
+    n = x.shape[0]
+    if n < 2:
         raise ValueError(f"uniformity needs at least 2 rows, got x of shape {tuple(x.shape)}")
-    dispatch.select("uniformity", x.device, x.dtype, backend)
-    return ref.uniformity_ref(x, t=t)
+    be = dispatch.select("uniformity", x.device, x.dtype, backend)
+    if be == "reference":
+        return ref.uniformity_ref(x, t=t)
+    xf = x.to(_stat_dtype(x))
+    sq = (xf * xf).sum(-1, keepdim=True)
+    one = torch.ones_like(sq)
+    u = torch.cat([xf, sq, one], dim=1)
+    v = torch.cat([xf, -0.5 * one, -0.5 * sq], dim=1)
+    scale = torch.tensor(2.0 * float(t), dtype=xf.dtype, device=x.device)
+    zero = torch.zeros((), dtype=xf.dtype, device=x.device)
+    lse, *_ = contrastive_stats(u, v, scale, zero, exclude_diag=True, backend=be)
+    return torch.logsumexp(lse, 0) - math.log(n * (n - 1))
 
 
 def topk_similarity(
@@ -537,7 +600,7 @@ def topk_similarity(
 
     ``exclude_self`` drops column ``j == i`` (a query's own entry when query and key are the
     same set). Returns ``(values, indices)`` of shape ``[N, k]``, values in descending order.
-    Served by the reference implementation.
+    Served by the reference implementation in this release (it holds the N x M similarities).
     """
     V.features("query", query)
     V.features("key", key)
