@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import warnings
 
 
 def info() -> str:
@@ -33,11 +34,11 @@ def info() -> str:
     for name, reason in dispatch.available().items():
         lines.append(f"  {name:<10}{'available' if reason is None else 'unavailable: ' + reason}")
     lines.append(f"  {'reference':<10}available (plain PyTorch oracle, N x M memory)")
-    for dev in ("cpu", "cuda"):
-        chosen = dispatch.select("info_nce", torch.device(dev), torch.float32) if (
-            dev == "cpu" or torch.cuda.is_available()) else None
-        if chosen is not None:
-            lines.append(f"auto        {dev} float32 -> {chosen}")
+    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chosen = dispatch.select("info_nce", torch.device(dev), torch.float32)
+        lines.append(f"auto        info_nce on {dev} float32 -> {chosen}")
     return "\n".join(lines)
 
 

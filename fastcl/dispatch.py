@@ -129,4 +129,13 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "au
 
 def available() -> dict:
     """``{backend: None or reason}`` for each kernel backend on this machine (for ``fastcl info``)."""
-    return {b: _backends.load_error(b) for b in ("triton", "cuda", "cpu")}
+    out = {}
+    for backend in ("triton", "cuda", "cpu"):
+        reason = _backends.load_error(backend)
+        if reason is None:
+            missing = [f for f in sorted(set(FAMILIES)) if backend in FAMILIES[f]
+                       and not _backends.implements(backend, f)]
+            if missing:
+                reason = f"loaded, but this build has no {', '.join(missing)} kernels"
+        out[backend] = reason
+    return out

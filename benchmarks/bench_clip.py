@@ -1,0 +1,196 @@
+"""Symmetric CLIP loss, forward + backward: fastcl against its baselines, in one process.
+
+Implementations (each skipped with a note where it cannot run):
+
+- ``eager``: materialized logits and ``F.cross_entropy`` in both directions (what open_clip does);
+- ``compile``: the same function under ``torch.compile``;
+- ``infcl``: Inf-CL's Triton loss (``pip install inf-cl``), both directions;
+- ``fastcl-<backend>``: :func:`fastcl.clip_loss` on each available backend.
+
+For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
+effective TFLOP/s (``8 N^2 D / s``: four GEMMs) and ratios to eager and to Inf-CL, as a
+Markdown table and as JSON (``--json``). GPU: CUDA events around ``triton.testing.do_bench``-like
+repeats, memory from ``torch.cuda.max_memory_allocated``. CPU: wall time only.
+
+    python -m benchmarks.bench_clip --n 4096 8192 16384 32768 65536 --d 1024 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from fastcl import dispatch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def eager_clip(x, y, scale):
+    logits = scale * x @ y.T
+    labels = torch.arange(x.shape[0], device=x.device)
+    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
+
+
+def _infcl() -> Optional[Callable]:
+    try:
+        from inf_cl import cal_inf_loss
+    except Exception:
+        return None
+
+    def loss(x, y, scale):
+        return (cal_inf_loss(x, y, scale=scale) + cal_inf_loss(y, x, scale=scale)) / 2
+
+    return loss
+
+
+def implementations(device: torch.device, dtype: torch.dtype, which):
+    impls = {"eager": eager_clip}
+    if device.type == "cuda":
+        impls["compile"] = torch.compile(eager_clip)
+        infcl = _infcl()
+        if infcl is not None:
+            impls["infcl"] = infcl
+    for backend in ("triton", "cuda", "cpu"):
+        if dispatch.why_not(backend, "info_nce", device, dtype) is None:
+            impls[f"fastcl-{backend}"] = (
+                lambda x, y, s, _b=backend: fastcl.clip_loss(x, y, s, backend=_b))
+    return {k: v for k, v in impls.items() if not which or k in which}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0) -> dict:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
+    y = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
+    x = x.to(dtype).requires_grad_(True)
+    y = y.to(dtype).requires_grad_(True)
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+
+    def step():
+        x.grad = y.grad = scale.grad = None
+        loss = fn(x, y, scale)
+        loss.backward()
+        return loss
+
+    try:
+        step()  # warm-up (compilation, autotuning)
+        step()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                loss = step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                loss = step()
+                times.append(time.perf_counter() - t0)
+        extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
+        seconds = statistics.median(times)
+        return {"seconds": seconds, "extra_bytes": extra, "loss": float(loss),
+                "tflops": 8 * n * n * d / seconds / 1e12}
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
+        return {"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
+    finally:
+        del x, y, scale
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def environment(device: torch.device) -> dict:
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "fastcl": fastcl.__version__, "device": str(device)}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| N | D | dtype | impl | ms | extra GB | TFLOP/s | vs eager | vs infcl |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_key = {}
+    for r in records:
+        by_key.setdefault((r["n"], r["d"], r["dtype"]), {})[r["impl"]] = r
+    for (n, d, dt), group in by_key.items():
+        for impl, r in group.items():
+            if "error" in r:
+                lines.append(f"| {n} | {d} | {dt} | {impl} | {r['error']} | | | | |")
+                continue
+            gb = "" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 1e9:.3f}"
+            ratios = []
+            for base in ("eager", "infcl"):
+                b = group.get(base)
+                ratios.append(f"{b['seconds'] / r['seconds']:.2f}x" if b and "seconds" in b else "")
+            lines.append(f"| {n} | {d} | {dt} | {impl} | {r['seconds'] * 1e3:.2f} | {gb} | "
+                         f"{r['tflops']:.1f} | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--d", type=int, nargs="+", default=[512])
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impl", nargs="*", default=None, help="subset of implementations to run")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-eager-n", type=int, default=None,
+                   help="skip eager/compile above this N (they need N^2 memory)")
+    p.add_argument("--json", default=None, help="write the records and environment here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    impls = implementations(device, dtype, args.impl)
+    records = []
+    for d in args.d:
+        for n in args.n:
+            for name, fn in impls.items():
+                if (args.max_eager_n and name in ("eager", "compile") and n > args.max_eager_n):
+                    rec = {"error": "skipped (N^2 memory)"}
+                else:
+                    rec = measure(fn, n, d, dtype, device, args.reps)
+                rec.update(n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=name)
+                records.append(rec)
+                shown = (f"{rec['seconds'] * 1e3:9.2f} ms" if "seconds" in rec else rec["error"])
+                print(f"N={n:<8d} D={d:<5d} {name:<14s} {shown}", flush=True)
+    print()
+    print(table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(device), "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
