@@ -29,6 +29,7 @@ from torch import Tensor
 from . import _validate as V
 from . import dispatch
 from . import reference as ref
+from .distributed import Shard, shard
 from .ops.contrastive import contrastive_stats
 
 __all__ = [
@@ -60,8 +61,11 @@ def _norm(x: Optional[Tensor], normalize: bool) -> Optional[Tensor]:
     return F.normalize(x, dim=-1) if (normalize and x is not None) else x
 
 
-def _reduce(per_anchor: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+def _reduce(per_anchor: Tensor, weight: Optional[Tensor], reduction: str,
+            sh: Optional[Shard] = None) -> Tensor:
     """Reduce a per-anchor loss; ``weight`` marks anchors that count (have a positive)."""
+    if sh is not None:
+        return sh.reduce(per_anchor, weight, reduction)
     if reduction == "none":
         return per_anchor
     if reduction == "sum":
@@ -79,6 +83,17 @@ def _two_view_targets(n: int, device: torch.device) -> Tensor:
 
 def _pair_scale(scale: Tensor, x: Tensor) -> Tensor:
     return scale.to(_stat_dtype(x))
+
+
+def _columns(x: Tensor, sh: Optional[Shard], dim: int = 0) -> Tensor:
+    """The columns a rank's anchors are contrasted with: its own, or every rank's (own first)."""
+    return x if sh is None else sh.columns(x, dim)
+
+
+def _select(op: str, x: Tensor, backend: str, sh: Optional[Shard]) -> str:
+    """The backend of a call; with a shard, the reference is served by the "torch" op backend."""
+    be = dispatch.select(op, x.device, x.dtype, backend)
+    return "torch" if (be == "reference" and sh is not None) else be
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +115,8 @@ def info_nce(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """InfoNCE (CPC, MoCo, SimCSE, MNRL) and, with ``symmetric=True``, the CLIP/ALIGN loss.
 
@@ -124,6 +141,9 @@ def info_nce(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (for symmetric: ``w l_row + (1-w) l_col``
             per index).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+        gather: ``"all_gather"`` contrasts this rank's queries (and, if symmetric, keys) with the
+            keys (queries) of every rank of ``group``; see :mod:`fastcl.distributed` for the
+            gradient convention. ``negatives`` stay local extra columns; ``targets`` must be None.
 
     Returns:
         The loss (0-dim, or ``[N]`` for ``reduction="none"``).
@@ -152,35 +172,59 @@ def info_nce(
                          f"{tuple(key.shape)}")
     if symmetric and n != m:
         raise ValueError(f"symmetric=True needs as many queries as keys, got {n} and {m}")
+    sh = shard(gather, group)
+    if sh is not None:
+        if targets is not None:
+            raise ValueError("gather='all_gather' pairs query i with key i of the same rank; "
+                             "targets must be None")
+        if n != m:
+            raise ValueError(f"gather='all_gather' needs as many queries as keys per rank, got "
+                             f"{n} and {m}")
+        sh.check_equal("query", query)
     scale = V.logit_scale(temperature, logit_scale, device)
     bias = V.scalar("logit_bias", 0.0 if logit_bias is None else logit_bias, device)
     query, key, negatives = _norm(query, normalize), _norm(key, normalize), _norm(negatives, normalize)
 
-    be = dispatch.select("info_nce", device, query.dtype, backend)
+    be = _select("info_nce", query, backend, sh)
     if be == "reference":
         return ref.info_nce_ref(query, key, scale=scale, bias=bias, targets=targets,
                                 negatives=negatives, symmetric=symmetric,
                                 symmetric_weight=symmetric_weight,
                                 label_smoothing=label_smoothing, reduction=reduction)
 
-    columns = key if negatives is None else torch.cat([key, negatives], dim=0)
     if targets is None:
         targets = torch.arange(n, device=device)
     e = float(label_smoothing)
-    lse, pos, npos, mean, col_lse, col_mean = contrastive_stats(
-        query, columns, _pair_scale(scale, query), _pair_scale(bias, query), targets,
-        col_stats=symmetric, backend=be)
-    has_pos = npos > 0
-    row = lse - (1.0 - e) * pos
-    if e:
-        row = row - e * mean
-    row = torch.where(has_pos, row, torch.zeros_like(row))
+    a, b = _pair_scale(scale, query), _pair_scale(bias, query)
+
+    def one_direction(rows, cols, extra, col_stats=False):
+        if sh is not None:
+            cols = sh.columns(cols)
+        if extra is not None:
+            cols = torch.cat([cols, extra], dim=0)
+        lse, pos, npos, mean, col_lse, col_mean = contrastive_stats(
+            rows, cols, a, b, targets, col_stats=col_stats, backend=be)
+        has_pos = npos > 0
+        row = lse - (1.0 - e) * pos
+        if e:
+            row = row - e * mean
+        return torch.where(has_pos, row, torch.zeros_like(row)), has_pos, pos, col_lse, col_mean
+
+    w = float(symmetric_weight)
+    if sh is not None:
+        row, has_pos, *_ = one_direction(query, key, negatives)
+        if not symmetric:
+            return _reduce(row, has_pos, reduction, sh)
+        col, *_ = one_direction(key, query, None)
+        if reduction == "none":
+            return w * row + (1.0 - w) * col
+        return w * _reduce(row, None, reduction, sh) + (1.0 - w) * _reduce(col, None, reduction, sh)
+    row, has_pos, pos, col_lse, col_mean = one_direction(query, key, negatives, symmetric)
     if not symmetric:
         return _reduce(row, has_pos, reduction)
     col = col_lse[:m] - (1.0 - e) * pos
     if e:
         col = col - e * col_mean[:m]
-    w = float(symmetric_weight)
     if reduction == "none":
         return w * row + (1.0 - w) * col
     if reduction == "sum":
@@ -199,6 +243,8 @@ def clip_loss(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """The symmetric CLIP / ALIGN loss: ``(CE(logits) + CE(logits.T)) / 2`` without the logits.
 
@@ -209,7 +255,7 @@ def clip_loss(
     return info_nce(image_features, text_features, logit_scale=logit_scale, logit_bias=logit_bias,
                     symmetric=True, symmetric_weight=symmetric_weight,
                     label_smoothing=label_smoothing, normalize=normalize,
-                    reduction=reduction, backend=backend)
+                    reduction=reduction, backend=backend, gather=gather, group=group)
 
 
 def nt_xent(
@@ -221,6 +267,8 @@ def nt_xent(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """NT-Xent (SimCLR): two views ``z1``, ``z2`` of ``N`` samples, ``2N`` anchors.
 
@@ -236,17 +284,20 @@ def nt_xent(
     V.reduction(reduction)
     if logit_scale is not None and temperature == 0.5:
         temperature = None
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal("z1", z1)
     scale = V.logit_scale(temperature, logit_scale, z1.device)
     z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
-    be = dispatch.select("nt_xent", z1.device, z1.dtype, backend)
+    be = _select("nt_xent", z1, backend, sh)
     if be == "reference":
         return ref.nt_xent_ref(z1, z2, scale=scale, reduction=reduction)
     z = torch.cat([z1, z2], dim=0)
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
     lse, pos, _npos, _mean, _cl, _cm = contrastive_stats(
-        z, z, _pair_scale(scale, z), zero, _two_view_targets(z1.shape[0], z.device),
+        z, _columns(z, sh), _pair_scale(scale, z), zero, _two_view_targets(z1.shape[0], z.device),
         exclude_diag=True, backend=be)
-    return _reduce(lse - pos, None, reduction)
+    return _reduce(lse - pos, None, reduction, sh)
 
 
 def supcon(
@@ -260,6 +311,8 @@ def supcon(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020), any number of views.
 
@@ -287,20 +340,25 @@ def supcon(
         V.positive_number("base_temperature", base_temperature)
     if logit_scale is not None and temperature == 0.1:
         temperature = None
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal("features", features)
     scale = V.logit_scale(temperature, logit_scale, features.device)
     features = _norm(features, normalize)
-    be = dispatch.select("supcon", features.device, features.dtype, backend)
+    be = _select("supcon", features, backend, sh)
     if be == "reference":
         return ref.supcon_ref(features, labels, scale=scale, variant=variant,
                               base_temperature=base_temperature, reduction=reduction)
     anchors = torch.cat(torch.unbind(features, dim=1), dim=0)
     if labels is None:
-        labels = torch.arange(n, device=features.device)
+        labels = (torch.arange(n, device=features.device) if sh is None
+                  else sh.block_ids(n, features.device)[:n])
     anchor_labels = labels.repeat(views)
+    col_labels = anchor_labels if sh is None else sh.columns_nograd(anchor_labels)
     zero = torch.zeros((), dtype=_stat_dtype(anchors), device=anchors.device)
     lse, pos, npos, _mean, _cl, _cm = contrastive_stats(
-        anchors, anchors, _pair_scale(scale, anchors), zero, None, anchor_labels, anchor_labels,
-        exclude_diag=True, pos_lse=(variant == "in"), backend=be)
+        anchors, _columns(anchors, sh), _pair_scale(scale, anchors), zero, None, anchor_labels,
+        col_labels, exclude_diag=True, pos_lse=(variant == "in"), backend=be)
     has_pos = npos > 0
     per = lse - pos
     if variant == "in":
@@ -308,7 +366,7 @@ def supcon(
     per = torch.where(has_pos, per, torch.zeros_like(per))
     if base_temperature is not None:
         per = per * (1.0 / (_pair_scale(scale, per) * base_temperature))
-    return _reduce(per, has_pos, reduction)
+    return _reduce(per, has_pos, reduction, sh)
 
 
 def dcl(
@@ -322,6 +380,8 @@ def dcl(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """Decoupled contrastive loss (Yeh et al. 2022), lightly's ``DCLLoss`` / ``DCLWLoss``.
 
@@ -343,24 +403,30 @@ def dcl(
                          f"got z1 of shape {tuple(z1.shape)}")
     if logit_scale is not None and temperature == 0.1:
         temperature = None
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal("z1", z1)
     scale = V.logit_scale(temperature, logit_scale, z1.device)
     z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
-    be = dispatch.select("dcl", z1.device, z1.dtype, backend)
+    be = _select("dcl", z1, backend, sh)
     if be == "reference":
         return ref.dcl_ref(z1, z2, scale=scale, weighted=weighted, sigma=sigma, reduction=reduction)
     n = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
     lse, pos, _npos, _mean, _cl, _cm = contrastive_stats(
-        z, z, _pair_scale(scale, z), zero, _two_view_targets(n, z.device),
+        z, _columns(z, sh), _pair_scale(scale, z), zero, _two_view_targets(n, z.device),
         exclude_diag=True, decoupled=True, backend=be)
     if weighted:
         with torch.no_grad():  # lightly weighs with cosine similarity, whatever `normalize`
             u1, u2 = (F.normalize(t.to(_stat_dtype(z)), dim=1) for t in (z1, z2))
             sim = (u1 * u2).sum(-1) / sigma
-            w = 2.0 - n * torch.softmax(sim, dim=0)
+            if sh is None:
+                w = 2.0 - n * torch.softmax(sim, dim=0)
+            else:  # the softmax runs over the global batch
+                w = 2.0 - sh.world * n * torch.softmax(sh.columns_nograd(sim), dim=0)[:n]
         pos = pos * w.repeat(2)
-    return _reduce(lse - pos, None, reduction)
+    return _reduce(lse - pos, None, reduction, sh)
 
 
 def multiview_loss(
@@ -373,6 +439,8 @@ def multiview_loss(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """Multi-view contrastive losses over ``views`` of shape ``[V, N, D]`` (``V >= 2``).
 
@@ -392,9 +460,12 @@ def multiview_loss(
     nv, n = views.shape[0], views.shape[1]
     if nv < 2:
         raise ValueError(f"views must hold at least 2 views along dim 0, got shape {tuple(views.shape)}")
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal("views[0]", views[0])
     scale = V.logit_scale(temperature, logit_scale, views.device)
     views = _norm(views, normalize)
-    be = dispatch.select("multiview_loss", views.device, views.dtype, backend)
+    be = _select("multiview_loss", views, backend, sh)
     if be == "reference":
         return ref.multiview_ref(views, scale=scale, method=method, cmc_mode=cmc_mode,
                                  reduction=reduction)
@@ -403,15 +474,23 @@ def multiview_loss(
     zero = torch.zeros((), dtype=sdt, device=views.device)
     if method == "mv_infonce":
         anchors = views.reshape(nv * n, -1)
-        sample = torch.arange(n, device=views.device).repeat(nv)
+        if sh is None:
+            sample = torch.arange(n, device=views.device).repeat(nv)
+            columns, col_sample = anchors, sample
+        else:  # every rank's block of [V * n] anchors, own block first, samples numbered globally
+            blocks = sh.block_ids(n, views.device).view(sh.world, n)
+            sample = blocks[0].repeat(nv)
+            columns = sh.columns(anchors)
+            col_sample = blocks.repeat_interleave(nv, dim=0).reshape(-1)
         lse, pos, _np, _m, _cl, _cm = contrastive_stats(
-            anchors, anchors, a, zero, None, sample, sample, exclude_diag=True, pos_lse=True,
+            anchors, columns, a, zero, None, sample, col_sample, exclude_diag=True, pos_lse=True,
             backend=be)
         per = torch.logsumexp(lse.view(nv, n), 0) - torch.logsumexp(pos.view(nv, n), 0)
     elif method == "mv_dhel":
         uniform = 0
         for v in range(nv):
-            lse, *_ = contrastive_stats(views[v], views[v], a, zero, exclude_diag=True, backend=be)
+            lse, *_ = contrastive_stats(views[v], _columns(views[v], sh), a, zero,
+                                        exclude_diag=True, backend=be)
             uniform = uniform + lse
         pairs = [(l, m) for l in range(nv) for m in range(l + 1, nv)]
         pair_logits = torch.stack(
@@ -423,10 +502,15 @@ def multiview_loss(
         diag = torch.arange(n, device=views.device)
         per = 0
         for l, m in pairs:
-            lse, pos, _np, _m, col_lse, _cm = contrastive_stats(
-                views[l], views[m], a, zero, diag, col_stats=True, backend=be)
-            per = per + (lse - pos) + (col_lse - pos)
-    return _reduce(per, None, reduction)
+            if sh is None:
+                lse, pos, _np, _m, col_lse, _cm = contrastive_stats(
+                    views[l], views[m], a, zero, diag, col_stats=True, backend=be)
+                per = per + (lse - pos) + (col_lse - pos)
+                continue
+            for x, y in ((views[l], views[m]), (views[m], views[l])):
+                lse, pos, *_ = contrastive_stats(x, sh.columns(y), a, zero, diag, backend=be)
+                per = per + (lse - pos)
+    return _reduce(per, None, reduction, sh)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,6 +528,8 @@ def hard_negative_nce(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """Hard-negative weighting (Robinson et al. 2021) and debiasing (Chuang et al. 2020).
 
@@ -471,13 +557,17 @@ def hard_negative_nce(
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"beta must be a number >= 0, got {beta!r}")
     n = z1.shape[0]
-    n_neg = 2 * n - 2 if layout == "two_view" else n - 1
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal("z1", z1)
+    n_global = n if sh is None else n * sh.world
+    n_neg = 2 * n_global - 2 if layout == "two_view" else n_global - 1
     if n_neg < 1:
         raise ValueError(f"hard_negative_nce needs at least one negative per anchor, got z1 of "
                          f"shape {tuple(z1.shape)} with layout={layout!r}")
     scale = V.logit_scale(temperature, None, z1.device)
     z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
-    be = dispatch.select("hard_negative_nce", z1.device, z1.dtype, backend)
+    be = _select("hard_negative_nce", z1, backend, sh)
     if be == "reference":
         return ref.hard_negative_nce_ref(z1, z2, scale=scale, beta=beta, tau_plus=tau_plus,
                                          layout=layout, reduction=reduction)
@@ -490,6 +580,8 @@ def hard_negative_nce(
     a = _pair_scale(scale, q)
     zero = torch.zeros((), dtype=a.dtype, device=q.device)
     beta = float(beta)
+
+    k = _columns(k, sh)
 
     def negatives_lse(mult: float):
         lse, pos, *_ = contrastive_stats(q, k, a * mult, zero, targets,
@@ -515,7 +607,7 @@ def hard_negative_nce(
     log_floor = math.log(n_neg) - a  # log(Nn exp(-1/tau))
     log_ng = torch.maximum(log_ng, log_floor.expand_as(log_ng))
     per = torch.logaddexp(torch.zeros_like(log_ng), log_ng - s_p)
-    return _reduce(per, None, reduction)
+    return _reduce(per, None, reduction, sh)
 
 
 def siglip_loss(
@@ -561,7 +653,8 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2) -> Tensor:
     return (x.to(dt) - y.to(dt)).norm(dim=1).pow(alpha).mean()
 
 
-def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto") -> Tensor:
+def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto",
+               gather: Optional[str] = None, group=None) -> Tensor:
     """Uniformity (Wang & Isola 2020): ``log mean_{i != j} exp(-t ||x_i - x_j||^2)``.
 
     One global log-sum-exp over the ``N (N - 1)`` ordered pairs, fused: with
@@ -572,9 +665,15 @@ def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto") -> Tensor:
     V.features("x", x)
     V.positive_number("t", t)
     n = x.shape[0]
-    if n < 2:
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal("x", x)
+        n_global = n * sh.world
+    else:
+        n_global = n
+    if n_global < 2:
         raise ValueError(f"uniformity needs at least 2 rows, got x of shape {tuple(x.shape)}")
-    be = dispatch.select("uniformity", x.device, x.dtype, backend)
+    be = _select("uniformity", x, backend, sh)
     if be == "reference":
         return ref.uniformity_ref(x, t=t)
     xf = x.to(_stat_dtype(x))
@@ -584,8 +683,10 @@ def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto") -> Tensor:
     v = torch.cat([xf, -0.5 * one, -0.5 * sq], dim=1)
     scale = torch.tensor(2.0 * float(t), dtype=xf.dtype, device=x.device)
     zero = torch.zeros((), dtype=xf.dtype, device=x.device)
-    lse, *_ = contrastive_stats(u, v, scale, zero, exclude_diag=True, backend=be)
-    return torch.logsumexp(lse, 0) - math.log(n * (n - 1))
+    lse, *_ = contrastive_stats(u, _columns(v, sh), scale, zero, exclude_diag=True, backend=be)
+    if sh is not None:  # every rank returns the global value
+        lse = sh.columns(lse)
+    return torch.logsumexp(lse, 0) - math.log(n_global * (n_global - 1))
 
 
 def topk_similarity(

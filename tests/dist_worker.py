@@ -1,0 +1,103 @@
+"""Worker of tests/test_distributed.py: one rank computing every loss on its shard (gloo, CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import fastcl
+
+N_PER_RANK, D, V = 3, 5, 3
+
+
+def global_inputs(world: int) -> dict:
+    """The global batch, identical on every rank (same seed)."""
+    g = torch.Generator().manual_seed(1234)
+    n = N_PER_RANK * world
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return {
+        "x": r(n, D), "y": r(n, D), "views": r(V, n, D),
+        "labels": torch.randint(0, max(2, n // 2), (n,), generator=g),
+    }
+
+
+# name -> (function of (inputs, shard slice or None, gather), names of the differentiated inputs)
+def cases():
+    def sl(t, s, dim=0):
+        return t if s is None else t.narrow(dim, s.start, s.stop - s.start)
+
+    return {
+        "info_nce": (lambda I, s, g: fastcl.info_nce(sl(I["x"], s), sl(I["y"], s), temperature=0.5,
+                                                      label_smoothing=0.1, gather=g), ("x", "y")),
+        "clip": (lambda I, s, g: fastcl.clip_loss(sl(I["x"], s), sl(I["y"], s), I["scale"],
+                                                   symmetric_weight=0.75, gather=g),
+                 ("x", "y", "scale")),
+        "nt_xent": (lambda I, s, g: fastcl.nt_xent(sl(I["x"], s), sl(I["y"], s), temperature=0.5,
+                                                    normalize=True, gather=g), ("x", "y")),
+        "supcon": (lambda I, s, g: fastcl.supcon(torch.stack([sl(I["x"], s), sl(I["y"], s)], 1),
+                                                  sl(I["labels"], s), temperature=0.5, gather=g),
+                   ("x", "y")),
+        "supcon_in_selfsup": (lambda I, s, g: fastcl.supcon(
+            torch.stack([sl(I["x"], s), sl(I["y"], s)], 1), temperature=0.5, variant="in",
+            gather=g), ("x", "y")),
+        "dcl_w": (lambda I, s, g: fastcl.dcl(sl(I["x"], s), sl(I["y"], s), temperature=0.5,
+                                              weighted=True, gather=g), ("x", "y")),
+        "hcl_two_view": (lambda I, s, g: fastcl.hard_negative_nce(
+            sl(I["x"], s), sl(I["y"], s), temperature=0.5, beta=0.5, tau_plus=0.1,
+            normalize=True, gather=g), ("x", "y")),
+        "hcl_paired": (lambda I, s, g: fastcl.hard_negative_nce(
+            sl(I["x"], s), sl(I["y"], s), temperature=0.5, beta=1.0, tau_plus=0.0,
+            layout="paired", normalize=True, gather=g), ("x", "y")),
+        "mv_infonce": (lambda I, s, g: fastcl.multiview_loss(sl(I["views"], s, 1), temperature=0.5,
+                                                             gather=g), ("views",)),
+        "mv_dhel": (lambda I, s, g: fastcl.multiview_loss(sl(I["views"], s, 1), temperature=0.5,
+                                                          method="mv_dhel", gather=g), ("views",)),
+        "cmc": (lambda I, s, g: fastcl.multiview_loss(sl(I["views"], s, 1), temperature=0.5,
+                                                      method="cmc", gather=g), ("views",)),
+        "uniformity": (lambda I, s, g: fastcl.uniformity(sl(I["x"], s), gather=g), ("x",)),
+    }
+
+
+def run_case(name, world, shard=None, gather=None):
+    fn, wrt = cases()[name]
+    inputs = global_inputs(world)
+    inputs["scale"] = torch.tensor(3.0, dtype=torch.float64)
+    for k in wrt:
+        inputs[k].requires_grad_(True)
+    loss = fn(inputs, shard, gather)
+    grads = torch.autograd.grad(loss, [inputs[k] for k in wrt])
+    return loss.detach(), {k: g for k, g in zip(wrt, grads)}
+
+
+def ddp_train(world, rank=None):
+    """Two SGD steps of a linear two-tower model with the CLIP loss; returns the parameters."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, 4).double()
+    inputs = global_inputs(world)
+    if rank is not None:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        s = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    else:
+        s = slice(None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        x, y = inputs["x"][s], inputs["y"][s]
+        loss = fastcl.clip_loss(model(x), model(y), 3.0, gather="all_gather" if rank is not None else None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module = model.module if rank is not None else model
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        shard = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        results = {name: run_case(name, world, shard, "all_gather") for name in cases()}
+        results["ddp"] = ddp_train(world, rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
