@@ -1,0 +1,799 @@
+"""Triton kernels of the fused contrastive primitive and their launch wrappers.
+
+The statistics and the gradient are defined in :mod:`fastcl.reference.contrastive`; the logits
+``s = scale * q @ k.T + bias`` are never materialized.
+
+Forward (``_contrastive_fwd_kernel``): one program per ``BLOCK_M`` rows of ``s`` walks over the
+columns in tiles of ``BLOCK_N``. Each tile is a ``tl.dot`` over ``D`` in ``BLOCK_D`` chunks (input
+dtype on the tensor cores, fp32 accumulator), followed by the masks (tails, ``exclude_diag``,
+targets or labels, ``decoupled``), an online log-sum-exp in base 2 (running max, ``log2(e)``
+folded into the scale and bias), running positive sums / counts (or a second online log-sum-exp
+for ``pos_lse``) and running sums over the denominator set for the mean. Column statistics are the
+same kernel launched a second time with the roles of ``q`` and ``k`` swapped (positives play no
+role there, ``allowed`` is symmetric in ``r`` and ``c``): no atomics, no ``R x C`` buffer.
+
+Backward (``_contrastive_bwd_kernel``): one kernel, two launches. Row-parallel
+(``TRANSPOSED=False``): a program owns ``BLOCK_M`` rows and a ``BLOCK_DV`` slice of ``dq``,
+recomputes each logit tile, builds ``G`` from the saved statistics and accumulates
+``G @ k`` in fp32 registers; the programs of the first slice also write per-row partial sums of
+``G * (q . k)`` and ``G`` (``[R]`` buffers reduced with ``torch.sum`` afterwards, giving
+``dscale`` and ``dbias``). Column-parallel (``TRANSPOSED=True``): a program owns ``BLOCK_M``
+columns and accumulates ``G.T @ q`` into ``dk``. Each output tile is written once; extra memory
+is ``O(R + C)``. When ``D`` is wider than one ``BLOCK_DV`` slice, the logit tiles are recomputed
+once per slice (``ceil(D / BLOCK_DV)`` times).
+
+Precision of fp32 inputs: ``tl.dot`` of fp32 tiles uses exact fp32 (``input_precision="ieee"``,
+CUDA cores) by default. Set the environment variable ``FASTCL_TF32=1`` before import, or assign
+``fastcl.kernels.contrastive.ALLOW_TF32 = True`` at run time, to run fp32 inputs on TF32 tensor
+cores (10 mantissa bits per product, fp32 accumulation). fp16 / bf16 inputs always use the
+tensor cores in their own dtype (``G`` is rounded to that dtype for ``G @ k`` and ``G.T @ q``, as
+FlashAttention rounds ``P``; for fp16 after a power-of-two rescaling that keeps it in range);
+statistics and accumulators are fp32 whatever the input dtype.
+
+Block sizes: under the Triton interpreter (``TRITON_INTERPRET=1`` when triton is imported) one
+small fixed configuration keeps CPU runs fast. On a GPU the launch goes through
+``triton.autotune`` keyed on ``D``, the flags and the dtypes (``FASTCL_AUTOTUNE=0``, or
+``AUTOTUNE = False``, launches the first configuration of each list instead).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["contrastive_fwd", "contrastive_bwd", "ALLOW_TF32", "AUTOTUNE"]
+
+#: fp32 inputs run ``tl.dot`` on TF32 tensor cores when True (exact fp32 "ieee" when False).
+ALLOW_TF32: bool = os.environ.get("FASTCL_TF32", "0") == "1"
+
+#: GPU launches pick their block sizes with ``triton.autotune`` when True, else they use the
+#: first configuration of each list (no benchmarking; ``FASTCL_AUTOTUNE=0``).
+AUTOTUNE: bool = os.environ.get("FASTCL_AUTOTUNE", "1") != "0"
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+_LN2 = tl.constexpr(0.6931471805599453)     # log(x) = log2(x) * ln(2)
+
+# triton >= 3.0 spells the fp32 dot precision ``input_precision``; older releases ``allow_tf32``.
+_HAS_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _interpret_probe(x):
+    pass
+
+
+# True when triton.jit builds interpreted functions (TRITON_INTERPRET=1 at import time): the
+# kernels then run on CPU tensors, one program after another.
+_INTERPRET = type(_interpret_probe).__name__ == "InterpretedFunction"
+
+if _INTERPRET:
+
+    @triton.jit
+    def _mma(a, b, acc, TF32: tl.constexpr):
+        """``acc + a @ b``: every element of the product rounded once to fp32.
+
+        Like a tensor core (exact products, wide accumulation) or a chain of fp32 FMAs, and
+        unlike a BLAS sgemm, the result of an element does not depend on the orientation of the
+        tile, so logits recomputed as ``k @ q.T`` match the forward's ``q @ k.T``. (The
+        interpreter would also multiply bf16 tiles as raw integers.)
+        """
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
+
+elif _HAS_INPUT_PRECISION:
+
+    @triton.jit
+    def _mma(a, b, acc, TF32: tl.constexpr):
+        """``acc + a @ b`` with an fp32 accumulator; fp32 operands exact unless ``TF32``."""
+        if a.dtype == tl.float32:
+            if TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+else:  # pragma: no cover - triton < 3.0
+
+    @triton.jit
+    def _mma(a, b, acc, TF32: tl.constexpr):
+        """``acc + a @ b`` with an fp32 accumulator; fp32 operands exact unless ``TF32``."""
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, allow_tf32=TF32)
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+
+@triton.jit
+def _qk_chunked(A, B, a_rows, a_in, b_rows, b_in, D, stride_ad, stride_bd,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                TF32: tl.constexpr):
+    """``A[a_rows] . B[b_rows]`` as a ``[BLOCK_M, BLOCK_N]`` fp32 tile, looping over ``D``.
+
+    ``a_rows`` / ``b_rows`` are the int64 row offsets already multiplied by the row strides.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        d_in = dd < D
+        dd = dd.to(tl.int64)
+        a = tl.load(A + a_rows[:, None] + dd[None, :] * stride_ad,
+                    mask=a_in[:, None] & d_in[None, :], other=0.0)
+        b = tl.load(B + b_rows[:, None] + dd[None, :] * stride_bd,
+                    mask=b_in[:, None] & d_in[None, :], other=0.0)
+        acc = _mma(a, tl.trans(b), acc, TF32)
+    return acc
+
+
+@triton.jit
+def _row_coefs(r, r_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
+               tgt_ptr, rlab_ptr,
+               HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+               DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, HAS_G_LSE: tl.constexpr,
+               HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr):
+    """Per-row coefficients of ``G`` for the rows ``r`` (1-D), zeros for disabled terms.
+
+    Returns ``(g_lse, lse2, g_pos, pos2, g_mean / |den|, target, label)`` where ``lse2`` and
+    ``pos2`` are in base-2 units, and ``g_pos`` is already divided by ``npos`` unless
+    ``POS_LSE``.
+    """
+    zero = tl.zeros(r.shape, dtype=tl.float32)
+    g_l = zero
+    lse2 = zero
+    if HAS_G_LSE:
+        g_l = tl.load(g_lse_ptr + r, mask=r_in, other=0.0).to(tl.float32)
+        lse2 = tl.load(lse_ptr + r, mask=r_in, other=0.0).to(tl.float32) * _LOG2E
+    npos = zero
+    if HAS_TARGETS or HAS_LABELS:
+        if HAS_G_POS or (HAS_G_MEAN and DECOUPLED):
+            npos = tl.load(npos_ptr + r, mask=r_in, other=0.0).to(tl.float32)
+    g_p = zero
+    pos2 = zero
+    if HAS_G_POS and (HAS_TARGETS or HAS_LABELS):
+        g_p = tl.load(g_pos_ptr + r, mask=r_in, other=0.0).to(tl.float32)
+        if POS_LSE:
+            pos2 = tl.load(pos_ptr + r, mask=r_in, other=0.0).to(tl.float32) * _LOG2E
+        else:
+            g_p = g_p / tl.maximum(npos, 1.0)
+    g_m = zero
+    if HAS_G_MEAN:
+        cnt = zero + C
+        if EXCLUDE_DIAG:
+            cnt = cnt - (r < C).to(tl.float32)
+        if DECOUPLED:
+            cnt = cnt - npos
+        g_m = tl.load(g_mean_ptr + r, mask=r_in, other=0.0).to(tl.float32)
+        g_m = g_m / tl.maximum(cnt, 1.0)
+    tgt = tl.full(r.shape, -1, tl.int64)
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + r, mask=r_in, other=-1).to(tl.int64)
+    lab = tl.zeros(r.shape, dtype=tl.int64)
+    if HAS_LABELS:
+        lab = tl.load(rlab_ptr + r, mask=r_in, other=0).to(tl.int64)
+    return g_l, lse2, g_p, pos2, g_m, tgt, lab
+
+
+@triton.jit
+def _col_coefs(c, c_in, R, col_lse_ptr, g_col_lse_ptr, g_col_mean_ptr, clab_ptr,
+               HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+               HAS_G_COL_LSE: tl.constexpr, HAS_G_COL_MEAN: tl.constexpr):
+    """Per-column coefficients ``(g_col_lse, col_lse2, g_col_mean / |allowed|, label)``."""
+    zero = tl.zeros(c.shape, dtype=tl.float32)
+    g_cl = zero
+    cl2 = zero
+    if HAS_G_COL_LSE:
+        g_cl = tl.load(g_col_lse_ptr + c, mask=c_in, other=0.0).to(tl.float32)
+        cl2 = tl.load(col_lse_ptr + c, mask=c_in, other=0.0).to(tl.float32) * _LOG2E
+    g_cm = zero
+    if HAS_G_COL_MEAN:
+        cnt = zero + R
+        if EXCLUDE_DIAG:
+            cnt = cnt - (c < R).to(tl.float32)
+        g_cm = tl.load(g_col_mean_ptr + c, mask=c_in, other=0.0).to(tl.float32)
+        g_cm = g_cm / tl.maximum(cnt, 1.0)
+    lab = tl.zeros(c.shape, dtype=tl.int64)
+    if HAS_LABELS:
+        lab = tl.load(clab_ptr + c, mask=c_in, other=0).to(tl.int64)
+    return g_cl, cl2, g_cm, lab
+
+
+@triton.jit
+def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_cl, cl2, g_cm, clab,
+               HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+               DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, HAS_G_LSE: tl.constexpr,
+               HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr, HAS_G_COL_LSE: tl.constexpr,
+               HAS_G_COL_MEAN: tl.constexpr):
+    """``G`` on one tile. Row quantities broadcast along rows, column quantities along columns.
+
+    The tile may be oriented either way (rows of ``s`` on the first or the second axis); every
+    argument is already shaped to broadcast against ``s2``.
+    """
+    allowed = r_in & c_in
+    if EXCLUDE_DIAG:
+        allowed = allowed & (r != c)
+    HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
+    if HAS_LABELS:
+        pos = allowed & (rlab == clab)
+    elif HAS_TARGETS:
+        pos = allowed & (c == tgt)
+    else:
+        pos = allowed & (r < 0)
+    if DECOUPLED and HAS_POS:
+        den = allowed & (~pos)
+    else:
+        den = allowed
+    g = tl.zeros(s2.shape, dtype=tl.float32)
+    if HAS_G_LSE:
+        g = tl.where(den, g_l * tl.exp2(s2 - lse2) + g_m, 0.0)
+    elif HAS_G_MEAN:
+        g = tl.where(den, g_m, 0.0)
+    if HAS_G_POS and HAS_POS:
+        if POS_LSE:
+            g += tl.where(pos, g_p * tl.exp2(s2 - pos2), 0.0)
+        else:
+            g += tl.where(pos, g_p, 0.0)
+    if HAS_G_COL_LSE:
+        g += tl.where(allowed, g_cl * tl.exp2(s2 - cl2) + g_cm, 0.0)
+    elif HAS_G_COL_MEAN:
+        g += tl.where(allowed, g_cm, 0.0)
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    A, B, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
+    lse_ptr, pos_ptr, npos_ptr, mean_ptr,
+    NA, NB, D,
+    stride_am, stride_ad, stride_bn, stride_bd,
+    HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
+    TF32: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Row statistics of ``s = scale * A @ B.T + bias`` for ``BLOCK_M`` rows of ``A``."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_in = offs_m < NA
+    a_rows = offs_m.to(tl.int64) * stride_am
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    offs_d64 = offs_d.to(tl.int64)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    scale2 = scale * _LOG2E
+    bias2 = bias * _LOG2E
+
+    if SINGLE_D:
+        a_tile = tl.load(A + a_rows[:, None] + offs_d64[None, :] * stride_ad,
+                         mask=m_in[:, None] & d_in[None, :], other=0.0)
+    HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + offs_m, mask=m_in, other=-1).to(tl.int64)
+    if HAS_LABELS:
+        rlab = tl.load(rlab_ptr + offs_m, mask=m_in, other=0).to(tl.int64)
+
+    neg_inf = float("-inf")
+    m_i = tl.full([BLOCK_M], neg_inf, tl.float32)      # running max over den (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)        # running sum of exp2(s2 - m_i)
+    sum_den = tl.zeros([BLOCK_M], dtype=tl.float32)    # sum of q.k over den
+    mp_i = tl.full([BLOCK_M], neg_inf, tl.float32)     # positives: running max (pos_lse)
+    lp_i = tl.zeros([BLOCK_M], dtype=tl.float32)       # positives: running exp-sum (pos_lse)
+    sum_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: sum of q.k
+    cnt_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: count (label mode)
+
+    for start_n in range(0, NB, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_in = offs_n < NB
+        b_rows = offs_n.to(tl.int64) * stride_bn
+        if SINGLE_D:
+            b_tile = tl.load(B + b_rows[:, None] + offs_d64[None, :] * stride_bd,
+                             mask=n_in[:, None] & d_in[None, :], other=0.0)
+            qk = _mma(a_tile, tl.trans(b_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                      TF32)
+        else:
+            qk = _qk_chunked(A, B, a_rows, m_in, b_rows, n_in, D, stride_ad, stride_bd,
+                             BLOCK_M, BLOCK_N, BLOCK_D, TF32)
+        s2 = qk * scale2 + bias2
+
+        allowed = m_in[:, None] & n_in[None, :]
+        if EXCLUDE_DIAG:
+            allowed = allowed & (offs_m[:, None] != offs_n[None, :])
+        if HAS_LABELS:
+            clab = tl.load(clab_ptr + offs_n, mask=n_in, other=0).to(tl.int64)
+            pos = allowed & (rlab[:, None] == clab[None, :])
+        elif HAS_TARGETS:
+            pos = allowed & (offs_n[None, :] == tgt[:, None])
+        if DECOUPLED and HAS_POS:
+            den = allowed & (~pos)
+        else:
+            den = allowed
+
+        s_den = tl.where(den, s2, neg_inf)
+        m_new = tl.maximum(m_i, tl.max(s_den, 1))
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        p = tl.exp2(s_den - m_safe[:, None])
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
+        m_i = m_new
+        sum_den += tl.sum(tl.where(den, qk, 0.0), 1)
+
+        if HAS_POS and WRITE_POS:
+            if POS_LSE:
+                s_pos = tl.where(pos, s2, neg_inf)
+                mp_new = tl.maximum(mp_i, tl.max(s_pos, 1))
+                mp_safe = tl.where(mp_new == neg_inf, 0.0, mp_new)
+                lp_i = lp_i * tl.exp2(mp_i - mp_safe) + tl.sum(tl.exp2(s_pos - mp_safe[:, None]), 1)
+                mp_i = mp_new
+            else:
+                sum_pos += tl.sum(tl.where(pos, qk, 0.0), 1)
+            if HAS_LABELS:
+                cnt_pos += tl.sum(pos.to(tl.float32), 1)
+
+    # |pos(r)| and |den(r)|
+    if HAS_LABELS:
+        npos = cnt_pos
+    elif HAS_TARGETS:
+        hit = (tgt >= 0) & (tgt < NB)
+        if EXCLUDE_DIAG:
+            hit = hit & (tgt != offs_m)
+        npos = hit.to(tl.float32)
+    else:
+        npos = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_den = tl.zeros([BLOCK_M], dtype=tl.float32) + NB
+    if EXCLUDE_DIAG:
+        n_den = n_den - (offs_m < NB).to(tl.float32)
+    if DECOUPLED and HAS_POS:
+        n_den = n_den - npos
+
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * _LN2,
+                   neg_inf)
+    mean = tl.where(n_den > 0.0, scale * (sum_den / tl.maximum(n_den, 1.0)) + bias, 0.0)
+    tl.store(lse_ptr + offs_m, lse, mask=m_in)
+    tl.store(mean_ptr + offs_m, mean, mask=m_in)
+    if WRITE_POS:
+        if HAS_POS:
+            if POS_LSE:
+                lp_safe = tl.where(lp_i > 0.0, lp_i, 1.0)
+                pos_stat = tl.where(lp_i > 0.0, (mp_i + tl.log2(lp_safe)) * _LN2, 0.0)
+            else:
+                pos_stat = tl.where(npos > 0.0,
+                                    scale * (sum_pos / tl.maximum(npos, 1.0)) + bias, 0.0)
+        else:
+            pos_stat = tl.zeros([BLOCK_M], dtype=tl.float32)
+        tl.store(pos_ptr + offs_m, pos_stat, mask=m_in)
+        tl.store(npos_ptr + offs_m, npos, mask=m_in)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _contrastive_bwd_kernel(
+    A, B, OUT, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
+    lse_ptr, pos_ptr, npos_ptr, col_lse_ptr,
+    g_lse_ptr, g_pos_ptr, g_mean_ptr, g_col_lse_ptr, g_col_mean_ptr, g_bound_ptr,
+    ds_ptr, db_ptr,
+    NA, NB, D,
+    stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
+    TRANSPOSED: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr,
+    HAS_G_LSE: tl.constexpr, HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr,
+    HAS_G_COL_LSE: tl.constexpr, HAS_G_COL_MEAN: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr, RESCALE_G: tl.constexpr, TF32: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """``OUT[outer, slice] = scale * sum_inner G(outer, inner) B[inner, slice]``.
+
+    ``TRANSPOSED=False``: ``A = q`` (outer = rows of ``s``), ``B = k``, ``OUT = dq``.
+    ``TRANSPOSED=True``: ``A = k`` (outer = columns of ``s``), ``B = q``, ``OUT = dk``.
+    Program ``(i, j)`` owns outer rows ``[i*BLOCK_M, (i+1)*BLOCK_M)`` and output columns
+    ``[j*BLOCK_DV, (j+1)*BLOCK_DV)``. With ``SINGLE_D`` the whole of ``D`` fits one
+    ``BLOCK_D == BLOCK_DV`` tile and the ``B`` tile of the logits is reused for the update.
+    ``RESCALE_G`` (fp16 inputs): ``G`` is multiplied by a power of two that maps the bound
+    ``|G| <= *g_bound`` near 2**14 before its cast to fp16, and divided out of the fp32
+    accumulator, so small upstream gradients neither underflow nor overflow fp16.
+    """
+    pid = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    if TRANSPOSED:
+        R = NB
+        C = NA
+    else:
+        R = NA
+        C = NB
+    offs_o = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_in = offs_o < NA
+    a_rows = offs_o.to(tl.int64) * stride_am
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    offs_d64 = offs_d.to(tl.int64)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_in = offs_v < D
+    offs_v64 = offs_v.to(tl.int64)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    scale2 = scale * _LOG2E
+    bias2 = bias * _LOG2E
+
+    if SINGLE_D:
+        a_tile = tl.load(A + a_rows[:, None] + offs_d64[None, :] * stride_ad,
+                         mask=o_in[:, None] & d_in[None, :], other=0.0)
+
+    # statistics of the outer index, loaded once
+    if TRANSPOSED:
+        g_cl_o, cl2_o, g_cm_o, clab_o = _col_coefs(
+            offs_o, o_in, R, col_lse_ptr, g_col_lse_ptr, g_col_mean_ptr, clab_ptr,
+            HAS_LABELS, EXCLUDE_DIAG, HAS_G_COL_LSE, HAS_G_COL_MEAN)
+    else:
+        g_l_o, lse2_o, g_p_o, pos2_o, g_m_o, tgt_o, rlab_o = _row_coefs(
+            offs_o, o_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
+            tgt_ptr, rlab_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE,
+            HAS_G_LSE, HAS_G_POS, HAS_G_MEAN)
+
+    if RESCALE_G:
+        g_bound = tl.load(g_bound_ptr).to(tl.float32)
+        g_exp = 14.0 - tl.ceil(tl.log2(tl.maximum(g_bound, 1e-30)))
+        g_mul = tl.exp2(tl.minimum(tl.maximum(g_exp, -100.0), 100.0))
+    else:
+        g_mul = 1.0
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for start_n in range(0, NB, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_in = offs_n < NB
+        b_rows = offs_n.to(tl.int64) * stride_bn
+        if SINGLE_D:
+            b_tile = tl.load(B + b_rows[:, None] + offs_d64[None, :] * stride_bd,
+                             mask=n_in[:, None] & d_in[None, :], other=0.0)
+            qk = _mma(a_tile, tl.trans(b_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                      TF32)
+        else:
+            qk = _qk_chunked(A, B, a_rows, o_in, b_rows, n_in, D, stride_ad, stride_bd,
+                             BLOCK_M, BLOCK_N, BLOCK_D, TF32)
+        s2 = qk * scale2 + bias2
+
+        if TRANSPOSED:
+            g_l, lse2, g_p, pos2, g_m, tgt, rlab = _row_coefs(
+                offs_n, n_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
+                tgt_ptr, rlab_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE,
+                HAS_G_LSE, HAS_G_POS, HAS_G_MEAN)
+            g = _grad_tile(
+                s2, offs_n[None, :], offs_o[:, None], n_in[None, :], o_in[:, None],
+                g_l[None, :], lse2[None, :], g_p[None, :], pos2[None, :], g_m[None, :],
+                tgt[None, :], rlab[None, :],
+                g_cl_o[:, None], cl2_o[:, None], g_cm_o[:, None], clab_o[:, None],
+                HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE, HAS_G_LSE,
+                HAS_G_POS, HAS_G_MEAN, HAS_G_COL_LSE, HAS_G_COL_MEAN)
+        else:
+            g_cl, cl2, g_cm, clab = _col_coefs(
+                offs_n, n_in, R, col_lse_ptr, g_col_lse_ptr, g_col_mean_ptr, clab_ptr,
+                HAS_LABELS, EXCLUDE_DIAG, HAS_G_COL_LSE, HAS_G_COL_MEAN)
+            g = _grad_tile(
+                s2, offs_o[:, None], offs_n[None, :], o_in[:, None], n_in[None, :],
+                g_l_o[:, None], lse2_o[:, None], g_p_o[:, None], pos2_o[:, None],
+                g_m_o[:, None], tgt_o[:, None], rlab_o[:, None],
+                g_cl[None, :], cl2[None, :], g_cm[None, :], clab[None, :],
+                HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE, HAS_G_LSE,
+                HAS_G_POS, HAS_G_MEAN, HAS_G_COL_LSE, HAS_G_COL_MEAN)
+
+        if WRITE_PARTIALS:
+            ds_acc += tl.sum(g * qk, 1)
+            db_acc += tl.sum(g, 1)
+
+        if SINGLE_D:
+            tl.static_assert(BLOCK_DV == BLOCK_D)
+            v_tile = b_tile
+        else:
+            v_tile = tl.load(B + b_rows[:, None] + offs_v64[None, :] * stride_bd,
+                             mask=n_in[:, None] & v_in[None, :], other=0.0)
+        if RESCALE_G:
+            acc = _mma((g * g_mul).to(v_tile.dtype), v_tile, acc, TF32)
+        else:
+            acc = _mma(g.to(v_tile.dtype), v_tile, acc, TF32)
+
+    out = acc * (scale / g_mul)
+    o_rows = offs_o.to(tl.int64) * stride_om
+    tl.store(OUT + o_rows[:, None] + offs_v64[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=o_in[:, None] & v_in[None, :])
+    if WRITE_PARTIALS:
+        first = o_in & (pid_v == 0)
+        tl.store(ds_ptr + offs_o, ds_acc, mask=first)
+        tl.store(db_ptr + offs_o, db_acc, mask=first)
+
+
+# --------------------------------------------------------------------------------------------
+# block sizes and autotuning
+# --------------------------------------------------------------------------------------------
+
+# Under the interpreter: one small configuration. D <= _INTERP_RESIDENT_D keeps the whole
+# feature dimension in one tile; wider D exercises the chunked paths (D loop, BLOCK_DV slices).
+_INTERP_BLOCK = 16
+_INTERP_RESIDENT_D = 32
+_INTERP_BLOCK_DV = 32
+
+# On a GPU there are two families of tiles. "mma": fp16 / bf16 inputs, and fp32 inputs with
+# ALLOW_TF32 (tensor cores). "fma": fp32 inputs in exact fp32 (CUDA cores; smaller tiles, or the
+# fp32 tl.dot spills). Per family: D up to RESIDENT_D is one tile of A held for the whole loop
+# (BLOCK_D = next power of two of D); wider D loops over BLOCK_D chunks (the GEMM k-loop,
+# software pipelined by num_stages) and the backward splits the output over BLOCK_DV slices.
+_FAMILY = {
+    # family: (RESIDENT_D, BLOCK_D for 2-byte inputs, BLOCK_D for 4-byte inputs)
+    "mma": (128, 64, 32),
+    "fma": (32, 16, 16),
+}
+
+
+def _cfg(bm, bn, w, s, dv=None):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if dv is not None:
+        kw["BLOCK_DV"] = dv
+    return triton.Config(kw, num_warps=w, num_stages=s)
+
+
+_CONFIGS = {
+    ("fwd", "mma"): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
+                     _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 4), _cfg(128, 128, 8, 2),
+                     _cfg(64, 64, 4, 2)],
+    ("fwd", "fma"): [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(128, 64, 8, 2),
+                     _cfg(64, 64, 8, 2)],
+    ("bwd_single", "mma"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 32, 8, 3),
+                            _cfg(64, 128, 8, 2), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    ("bwd_single", "fma"): [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2)],
+    ("bwd_chunked", "mma"): [_cfg(64, 64, 8, 2, 256), _cfg(128, 64, 8, 2, 128),
+                             _cfg(64, 64, 4, 3, 128), _cfg(128, 64, 8, 2, 256),
+                             _cfg(64, 128, 8, 2, 256), _cfg(64, 64, 8, 2, 512),
+                             _cfg(64, 32, 8, 2, 512), _cfg(64, 64, 4, 3, 64)],
+    ("bwd_chunked", "fma"): [_cfg(64, 32, 4, 2, 64), _cfg(64, 32, 8, 2, 128),
+                             _cfg(32, 64, 4, 2, 128), _cfg(64, 64, 8, 2, 64)],
+}
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(x), 1)))
+
+
+def _prune_chunked(configs, named_args, **kwargs):
+    """Drop output slices wider than D needs (the grid has ceil(D / BLOCK_DV) of them)."""
+    limit = _pow2(named_args["D"], 64)
+    keep = [c for c in configs if c.kwargs["BLOCK_DV"] <= limit]
+    return keep or configs[-1:]
+
+
+_FWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
+             "WRITE_POS", "TF32", "SINGLE_D", "BLOCK_D"]
+_BWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
+             "TRANSPOSED", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN", "HAS_G_COL_LSE",
+             "HAS_G_COL_MEAN", "TF32", "SINGLE_D", "BLOCK_D"]
+
+# autotuned launchers, one per (kernel, tiling family); the autotuner also keys on dtypes
+_TUNED = {}
+for (_kind, _family), _configs in _CONFIGS.items():
+    if _kind == "fwd":
+        _TUNED[_kind, _family] = triton.autotune(_configs, key=_FWD_KEYS)(
+            _contrastive_fwd_kernel)
+    elif _kind == "bwd_single":
+        _TUNED[_kind, _family] = triton.autotune(_configs, key=_BWD_KEYS)(
+            _contrastive_bwd_kernel)
+    else:
+        _TUNED[_kind, _family] = triton.autotune(
+            _configs, key=_BWD_KEYS, prune_configs_by={"early_config_prune": _prune_chunked})(
+            _contrastive_bwd_kernel)
+
+
+# position of D among the kernels' arguments
+_D_ARG = {"fwd": _contrastive_fwd_kernel.arg_names.index("D"),
+          "bwd_single": _contrastive_bwd_kernel.arg_names.index("D"),
+          "bwd_chunked": _contrastive_bwd_kernel.arg_names.index("D")}
+
+
+def _tiling(D: int, dtype: torch.dtype, tf32: bool):
+    """``(family, SINGLE_D, BLOCK_D)``; the forward and the backward's logits share them."""
+    if _INTERPRET:
+        if D <= _INTERP_RESIDENT_D:
+            return "interp", True, _pow2(D)
+        return "interp", False, _INTERP_BLOCK
+    family = "fma" if dtype == torch.float32 and not tf32 else "mma"
+    resident_d, bd2, bd4 = _FAMILY[family]
+    if D <= resident_d:
+        return family, True, _pow2(D)
+    return family, False, (bd2 if dtype.itemsize <= 2 else bd4)
+
+
+# --------------------------------------------------------------------------------------------
+# launch wrappers
+# --------------------------------------------------------------------------------------------
+
+def _vec(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    """A per-row / per-column vector as a dense tensor, or ``dummy`` (never read) when absent."""
+    return dummy if t is None else t.contiguous()
+
+
+def _launch(kind, family, kernel, grid, args, flags):
+    """Launch on a GPU: autotuned, or the first configuration that suits ``D``."""
+    with torch.cuda.device(args[0].device):
+        if AUTOTUNE:
+            _TUNED[kind, family][grid](*args, **flags)
+            return
+        configs = _CONFIGS[kind, family]
+        if kind == "bwd_chunked":
+            configs = _prune_chunked(configs, {"D": args[_D_ARG[kind]]})
+        cfg = configs[0]
+        kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
+
+
+def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
+    NA, D = a.shape
+    NB = b.shape[0]
+    if NA == 0:
+        return
+    tf32 = bool(ALLOW_TF32)
+    family, single, block_d = _tiling(D, a.dtype, tf32)
+    args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, NA, NB, D,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    flags = dict(flags, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
+    if _INTERPRET:
+        grid = (triton.cdiv(NA, _INTERP_BLOCK),)
+        _contrastive_fwd_kernel[grid](*args, **flags, BLOCK_M=_INTERP_BLOCK,
+                                      BLOCK_N=_INTERP_BLOCK)
+        return
+    _launch("fwd", family, _contrastive_fwd_kernel,
+            lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]),), args, flags)
+
+
+def _launch_bwd(a, b, out, rest, flags):
+    NA, D = a.shape
+    NB = b.shape[0]
+    if NA == 0:
+        return
+    tf32 = bool(ALLOW_TF32)
+    family, single, block_d = _tiling(D, a.dtype, tf32)
+    args = (a, b, out, *rest, NA, NB, D,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    flags = dict(flags, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
+    if _INTERPRET:
+        block_dv = block_d if single else _INTERP_BLOCK_DV
+        grid = (triton.cdiv(NA, _INTERP_BLOCK), max(1, triton.cdiv(D, block_dv)))
+        _contrastive_bwd_kernel[grid](*args, **flags, BLOCK_M=_INTERP_BLOCK,
+                                      BLOCK_N=_INTERP_BLOCK, BLOCK_DV=block_dv)
+    elif single:
+        _launch("bwd_single", family, _contrastive_bwd_kernel,
+                lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]), 1),
+                args, dict(flags, BLOCK_DV=block_d))
+    else:
+        _launch("bwd_chunked", family, _contrastive_bwd_kernel,
+                lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]),
+                              max(1, triton.cdiv(D, meta["BLOCK_DV"]))),
+                args, flags)
+
+
+def _check_inputs(q, k, scale, bias, targets, row_labels, col_labels):
+    assert q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1]
+    assert q.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    assert scale.numel() == 1 and bias.numel() == 1
+    assert (row_labels is None) == (col_labels is None)
+
+
+def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
+                    exclude_diag, decoupled, pos_lse, col_stats):
+    """Statistics ``(lse, pos, npos, mean, col_lse, col_mean)`` of ``scale * q @ k.T + bias``.
+
+    Same signature and return conventions as :func:`fastcl.ops._reference_impl.contrastive_fwd`:
+    four fp32 ``[R]`` tensors, then two fp32 ``[C]`` tensors (empty unless ``col_stats``).
+    Labels take precedence over targets when both are given.
+    """
+    _check_inputs(q, k, scale, bias, targets, row_labels, col_labels)
+    R, C = q.shape[0], k.shape[0]
+    dev = q.device
+    has_labels = row_labels is not None
+    has_targets = targets is not None and not has_labels
+    f32 = torch.float32
+    lse = torch.empty(R, dtype=f32, device=dev)
+    pos = torch.empty(R, dtype=f32, device=dev)
+    npos = torch.empty(R, dtype=f32, device=dev)
+    mean = torch.empty(R, dtype=f32, device=dev)
+    tgt = _vec(targets if has_targets else None, lse)
+    rlab = _vec(row_labels if has_labels else None, lse)
+    clab = _vec(col_labels if has_labels else None, lse)
+    _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean,
+                dict(HAS_TARGETS=has_targets, HAS_LABELS=has_labels,
+                     EXCLUDE_DIAG=bool(exclude_diag), DECOUPLED=bool(decoupled),
+                     POS_LSE=bool(pos_lse), WRITE_POS=True))
+    if col_stats:
+        col_lse = torch.empty(C, dtype=f32, device=dev)
+        col_mean = torch.empty(C, dtype=f32, device=dev)
+        # the columns as rows of k @ q.T: the set is `allowed` (symmetric in r and c)
+        _launch_fwd(k, q, scale, bias, lse, lse, lse, col_lse, lse, lse, col_mean,
+                    dict(HAS_TARGETS=False, HAS_LABELS=False, EXCLUDE_DIAG=bool(exclude_diag),
+                         DECOUPLED=False, POS_LSE=False, WRITE_POS=False))
+    else:
+        col_lse = torch.empty(0, dtype=f32, device=dev)
+        col_mean = torch.empty(0, dtype=f32, device=dev)
+    return lse, pos, npos, mean, col_lse, col_mean
+
+
+def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, targets,
+                    row_labels, col_labels, lse, pos, npos, col_lse,
+                    exclude_diag, decoupled, pos_lse, col_stats):
+    """Gradients ``(dq, dk, dscale, dbias)`` from the gradients of the statistics.
+
+    Same signature and return conventions as :func:`fastcl.ops._reference_impl.contrastive_bwd`:
+    ``dq`` / ``dk`` in the input dtype shaped like ``q`` / ``k``, ``dscale`` / ``dbias`` 0-dim
+    fp32. Any ``g_*`` may be ``None`` (a zero gradient; its term of ``G`` is compiled out).
+    """
+    _check_inputs(q, k, scale, bias, targets, row_labels, col_labels)
+    R, C = q.shape[0], k.shape[0]
+    dev = q.device
+    has_labels = row_labels is not None
+    has_targets = targets is not None and not has_labels
+    if not col_stats or (g_col_lse is not None and g_col_lse.numel() == 0):
+        g_col_lse = None
+    if not col_stats or (g_col_mean is not None and g_col_mean.numel() == 0):
+        g_col_mean = None
+    if not (has_labels or has_targets):
+        g_pos = None  # no positives: the term is zero
+    f32 = torch.float32
+    if g_lse is None and g_pos is None and g_mean is None and g_col_lse is None \
+            and g_col_mean is None:
+        return (torch.zeros(q.shape, dtype=q.dtype, device=dev),
+                torch.zeros(k.shape, dtype=k.dtype, device=dev),
+                torch.zeros((), dtype=f32, device=dev), torch.zeros((), dtype=f32, device=dev))
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    ds_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G * (q . k)
+    db_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G
+
+    def v(t):
+        return _vec(t, ds_part)
+
+    present = [t for t in (g_lse, g_pos, g_mean, g_col_lse, g_col_mean) if t is not None]
+    rescale = q.dtype == torch.float16
+    if rescale:
+        # |G| <= sum of max |g_*| (every factor multiplying a g_* in G is at most 1)
+        parts = [torch.linalg.vector_norm(t.detach().float(), float("inf"))
+                 for t in present if t.numel() > 0]
+        g_bound = torch.stack(parts).sum() if parts else torch.ones((), dtype=f32, device=dev)
+    else:
+        g_bound = ds_part
+
+    rest = (scale, bias, v(targets if has_targets else None),
+            v(row_labels if has_labels else None), v(col_labels if has_labels else None),
+            v(lse if g_lse is not None else None), v(pos if g_pos is not None else None),
+            v(npos if (has_labels or has_targets) else None),
+            v(col_lse if g_col_lse is not None else None),
+            v(g_lse), v(g_pos), v(g_mean), v(g_col_lse), v(g_col_mean), g_bound,
+            ds_part, db_part)
+    flags = dict(
+        HAS_TARGETS=has_targets, HAS_LABELS=has_labels, EXCLUDE_DIAG=bool(exclude_diag),
+        DECOUPLED=bool(decoupled), POS_LSE=bool(pos_lse),
+        HAS_G_LSE=g_lse is not None, HAS_G_POS=g_pos is not None,
+        HAS_G_MEAN=g_mean is not None, HAS_G_COL_LSE=g_col_lse is not None,
+        HAS_G_COL_MEAN=g_col_mean is not None, RESCALE_G=rescale,
+    )
+    _launch_bwd(q, k, dq, rest, dict(flags, TRANSPOSED=False, WRITE_PARTIALS=True))
+    _launch_bwd(k, q, dk, rest, dict(flags, TRANSPOSED=True, WRITE_PARTIALS=False))
+    return dq, dk, ds_part.sum(), db_part.sum()

@@ -1,0 +1,471 @@
+"""The Triton kernels of the fused contrastive primitive against the oracle.
+
+Forward statistics are compared with :func:`fastcl.reference.contrastive.contrastive_stats_ref`
+evaluated in fp64 on the same (already rounded) inputs; the backward with the autograd of that
+oracle. Without CUDA the kernels run on CPU tensors through Triton's interpreter (small shapes:
+the interpreter runs one program after another). Low-precision results also obey the rule
+FlashAttention tests by: the kernel's error against the fp64 oracle is at most about twice the
+error of plain PyTorch computing the same thing in the input dtype.
+"""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from fastcl.kernels import contrastive as tk  # noqa: E402
+from fastcl.reference.contrastive import (  # noqa: E402
+    contrastive_masks_ref,
+    contrastive_stats_ref,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+if not CUDA and not tk._INTERPRET:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set and there is no GPU",
+                allow_module_level=True)
+
+# Tolerances relative to the magnitude of the reference (max |ref|), per dtype.
+FWD_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+BWD_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+STAT_NAMES = ("lse", "pos", "npos", "mean", "col_lse", "col_mean")
+GRAD_NAMES = ("dq", "dk", "dscale", "dbias")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_config(monkeypatch):
+    """Small tests launch one configuration instead of autotuning every flag combination."""
+    monkeypatch.setattr(tk, "AUTOTUNE", False)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def make_inputs(R, C, D, dtype, mode, *, scale=1 / 0.07, bias=-0.5, normalize=True, seed=0,
+                n_labels=4):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(R, D, generator=g)
+    k = torch.randn(C, D, generator=g)
+    m = min(R, C)
+    k[:m] = q[:m] + 0.7 * k[:m]          # matching pairs on the diagonal are similar
+    if normalize:
+        q = torch.nn.functional.normalize(q, dim=1)
+        k = torch.nn.functional.normalize(k, dim=1)
+    q = q.to(dtype).to(DEVICE)
+    k = k.to(dtype).to(DEVICE)
+    scale_t = torch.tensor(float(scale), device=DEVICE)
+    bias_t = torch.tensor(float(bias), device=DEVICE)
+    targets = row_labels = col_labels = None
+    if mode == "targets":
+        targets = torch.randint(-1, C, (R,), generator=g)
+        targets[: min(R, C)] = torch.arange(min(R, C))  # mostly the diagonal, some -1 and others
+        targets[::5] = -1
+        targets[1::7] = torch.randint(0, C, targets[1::7].shape, generator=g)
+        targets = targets.to(DEVICE)
+    elif mode == "labels":
+        row_labels = torch.randint(0, n_labels, (R,), generator=g).to(DEVICE)
+        col_labels = torch.randint(0, n_labels, (C,), generator=g).to(DEVICE)
+    return q, k, scale_t, bias_t, targets, row_labels, col_labels
+
+
+def make_grads(R, C, present, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name, n in zip(("lse", "pos", "mean", "col_lse", "col_mean"), (R, R, R, C, C)):
+        out.append(torch.randn(n, generator=g).to(DEVICE) if name in present else None)
+    return out
+
+
+def oracle(q, k, scale, bias, targets, row_labels, col_labels, flags, grads=None):
+    """fp64 statistics and, with ``grads``, the fp64 gradients ``(dq, dk, dscale, dbias)``."""
+    leaves = [t.detach().double().requires_grad_(grads is not None) for t in (q, k, scale, bias)]
+    with torch.enable_grad():
+        stats = contrastive_stats_ref(*leaves, targets, row_labels, col_labels, **flags)
+    if grads is None:
+        return stats, None
+    return stats, vjp(stats, leaves, grads)
+
+
+def vjp(stats, leaves, grads):
+    outs = (stats[0], stats[1], stats[3], stats[4], stats[5])
+    pairs = [(o, gr) for o, gr in zip(outs, grads) if gr is not None and o.numel() > 0]
+    if not pairs:
+        return [torch.zeros_like(t) for t in leaves]
+    res = torch.autograd.grad([o for o, _ in pairs], leaves,
+                              [gr.to(o.dtype) for o, gr in pairs], allow_unused=True)
+    return [torch.zeros_like(t) if r is None else r for r, t in zip(res, leaves)]
+
+
+def lowp_torch(q, k, scale, bias, targets, row_labels, col_labels, flags, grads):
+    """Plain PyTorch in the input dtype (the logits and every reduction in that dtype)."""
+    dt = q.dtype
+    leaves = [t.detach().to(dt).requires_grad_(True) for t in (q, k, scale, bias)]
+    qq, kk, sc, bb = leaves
+    R, C = q.shape[0], k.shape[0]
+    s = sc * (qq @ kk.T) + bb
+    allowed, pos, den = contrastive_masks_ref(R, C, targets, row_labels, col_labels,
+                                              flags["exclude_diag"], flags["decoupled"],
+                                              q.device)
+
+    def mlse(mask, dim):
+        nonempty = mask.any(dim, keepdim=True)
+        filled = torch.where(nonempty, s.masked_fill(~mask, float("-inf")), torch.zeros_like(s))
+        out = torch.logsumexp(filled, dim=dim)
+        return torch.where(nonempty.squeeze(dim), out, torch.full_like(out, float("-inf")))
+
+    def mmean(mask, dim):
+        cnt = mask.sum(dim).clamp_min(1).to(dt)
+        return torch.where(mask, s, torch.zeros_like(s)).sum(dim) / cnt
+
+    npos = pos.sum(1)
+    lse = mlse(den, 1)
+    if flags["pos_lse"]:
+        p = mlse(pos, 1)
+        p = torch.where(npos > 0, p, torch.zeros_like(p))
+    else:
+        p = mmean(pos, 1)
+    mean = mmean(den, 1)
+    if flags["col_stats"]:
+        cl, cm = mlse(allowed, 0), mmean(allowed, 0)
+    else:
+        cl = cm = s.new_empty(0)
+    stats = (lse, p, npos.to(dt), mean, cl, cm)
+    return stats, vjp(stats, leaves, grads)
+
+
+def assert_close(actual, expected, tol, name, floor=1e-6):
+    """``max |actual - expected| <= tol * max |expected| + floor`` with identical infinities."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    assert not torch.isnan(actual).any(), f"{name}: NaN"
+    inf_a, inf_e = torch.isinf(actual), torch.isinf(expected)
+    assert torch.equal(inf_a, inf_e), f"{name}: infinities differ"
+    assert torch.equal(actual[inf_a], expected[inf_e]), f"{name}: infinities differ in sign"
+    fin = ~inf_e
+    if fin.any():
+        err = (actual[fin] - expected[fin]).abs().max().item()
+        mag = expected[fin].abs().max().item()
+        assert err <= tol * mag + floor, f"{name}: max error {err:.3e}, magnitude {mag:.3e}"
+
+
+def max_err(actual, expected):
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    fin = torch.isfinite(expected)
+    if not fin.any():
+        return 0.0
+    return (actual[fin] - expected[fin]).abs().max().item()
+
+
+def flags_of(exclude_diag=False, decoupled=False, pos_lse=False, col_stats=False):
+    return dict(exclude_diag=exclude_diag, decoupled=decoupled, pos_lse=pos_lse,
+                col_stats=col_stats)
+
+
+def run_kernels(q, k, scale, bias, targets, row_labels, col_labels, flags, grads=None):
+    stats = tk.contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
+                               flags["exclude_diag"], flags["decoupled"], flags["pos_lse"],
+                               flags["col_stats"])
+    if grads is None:
+        return stats, None
+    lse, pos, npos, _, col_lse, _ = stats
+    g = tk.contrastive_bwd(*grads, q, k, scale, bias, targets, row_labels, col_labels,
+                           lse, pos, npos, col_lse, flags["exclude_diag"], flags["decoupled"],
+                           flags["pos_lse"], flags["col_stats"])
+    return stats, g
+
+
+def check_against_oracle(q, k, scale, bias, targets, row_labels, col_labels, flags, grads,
+                         fwd_tol=None, bwd_tol=None, floor=1e-6):
+    dt = q.dtype
+    fwd_tol = FWD_TOL[dt] if fwd_tol is None else fwd_tol
+    bwd_tol = BWD_TOL[dt] if bwd_tol is None else bwd_tol
+    stats, g = run_kernels(q, k, scale, bias, targets, row_labels, col_labels, flags, grads)
+    ref_stats, ref_g = oracle(q, k, scale, bias, targets, row_labels, col_labels, flags, grads)
+    for name, a, e in zip(STAT_NAMES, stats, ref_stats):
+        assert a.dtype == torch.float32 and a.device == q.device, name
+        assert_close(a, e, fwd_tol, name)
+    assert torch.equal(stats[2].cpu(), ref_stats[2].float().cpu()), "npos"
+    if grads is not None:
+        dq, dk, ds, db = g
+        assert dq.dtype == q.dtype and dq.shape == q.shape
+        assert dk.dtype == k.dtype and dk.shape == k.shape
+        assert ds.dim() == 0 and db.dim() == 0 and ds.dtype == torch.float32
+        for name, a, e in zip(GRAD_NAMES, g, ref_g):
+            assert_close(a, e, bwd_tol, name, floor=floor)
+    return stats, g, ref_stats, ref_g
+
+
+# --------------------------------------------------------------------------------------------
+# forward and backward against the oracle
+# --------------------------------------------------------------------------------------------
+
+ALL_G = ("lse", "pos", "mean", "col_lse", "col_mean")
+
+CASES = [
+    # (R, C, D, dtype, mode, flags, grads present)
+    (1, 1, 3, torch.float32, "targets", flags_of(col_stats=True), ALL_G),
+    (37, 29, 3, torch.float32, "targets", flags_of(col_stats=True), ("lse", "pos", "col_lse")),
+    (37, 37, 20, torch.float32, "labels", flags_of(exclude_diag=True, col_stats=True), ALL_G),
+    (29, 37, 100, torch.float32, "targets", flags_of(exclude_diag=True, decoupled=True),
+     ("lse", "pos", "mean")),
+    (20, 33, 20, torch.float32, "none", flags_of(col_stats=True), ("lse", "col_mean")),
+    (97, 61, 20, torch.float32, "labels", flags_of(exclude_diag=True, pos_lse=True),
+     ("lse", "pos")),
+    (37, 29, 20, torch.bfloat16, "targets", flags_of(col_stats=True), ALL_G),
+    (29, 37, 100, torch.float16, "labels",
+     flags_of(exclude_diag=True, decoupled=True, col_stats=True), ("pos", "mean", "col_lse")),
+]
+
+
+@pytest.mark.parametrize("R,C,D,dtype,mode,flags,present", CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}-"
+                              + "".join(k[0] for k, v in c[5].items() if v) for c in CASES])
+def test_matches_oracle(R, C, D, dtype, mode, flags, present):
+    inputs = make_inputs(R, C, D, dtype, mode)
+    grads = make_grads(R, C, present)
+    check_against_oracle(*inputs, flags, grads)
+
+
+FLAG_COMBOS = [
+    (mode, *bits)
+    for mode in ("none", "targets", "labels")
+    for bits in itertools.product((False, True), repeat=4)
+    # decoupled and pos_lse change nothing without positives
+    if mode != "none" or not (bits[1] or bits[2])
+]
+
+
+@pytest.mark.parametrize("mode,exclude_diag,decoupled,pos_lse,col_stats", FLAG_COMBOS)
+def test_flag_combinations(mode, exclude_diag, decoupled, pos_lse, col_stats):
+    # two row blocks and two column tiles of the interpreter's 16 x 16 tiles, R != C
+    R, C, D = 19, 23, 8
+    inputs = make_inputs(R, C, D, torch.float32, mode, scale=5.0, n_labels=3)
+    flags = flags_of(exclude_diag, decoupled, pos_lse, col_stats)
+    check_against_oracle(*inputs, flags, make_grads(R, C, ALL_G))
+
+
+@pytest.mark.parametrize("dtype,R,C,D", [(torch.bfloat16, 37, 45, 20),
+                                         (torch.float16, 37, 45, 20),
+                                         (torch.bfloat16, 24, 19, 100)])
+def test_low_precision_vs_plain_pytorch(dtype, R, C, D):
+    """FlashAttention's rule: error vs the fp64 oracle at most ~2x plain PyTorch's at dtype."""
+    inputs = make_inputs(R, C, D, dtype, "labels", n_labels=5)
+    flags = flags_of(exclude_diag=True, col_stats=True)
+    grads = make_grads(R, C, ALL_G)
+    stats, g, ref_stats, ref_g = check_against_oracle(*inputs, flags, grads)
+    low_stats, low_g = lowp_torch(*inputs, flags, grads)
+    for name, a, lo, e in zip(STAT_NAMES + GRAD_NAMES, stats + tuple(g),
+                              low_stats + tuple(low_g), ref_stats + tuple(ref_g)):
+        mag = e.detach().abs().max().item() if e.numel() else 0.0
+        err_kernel, err_torch = max_err(a, e), max_err(lo, e)
+        assert err_kernel <= 2 * err_torch + 1e-5 * mag + 1e-6, (
+            f"{name}: kernel error {err_kernel:.3e} vs plain {dtype} PyTorch {err_torch:.3e}")
+
+
+def test_noncontiguous_inputs():
+    R, C, D = 33, 26, 20
+    q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.float32, "targets")
+    q_t = q.T.contiguous().T                        # column-major [R, D]
+    k_big = torch.zeros(2 * C, D + 7, device=DEVICE)
+    k_big[::2, 3:3 + D] = k
+    k_s = k_big[::2, 3:3 + D]                       # row stride 2 * (D + 7), offset storage
+    assert not q_t.is_contiguous() and not k_s.is_contiguous()
+    flags = flags_of(exclude_diag=True, col_stats=True)
+    grads = make_grads(R, C, ALL_G)
+    stats_c, g_c = run_kernels(q, k, scale, bias, targets, None, None, flags, grads)
+    stats_n, g_n, _, _ = check_against_oracle(q_t, k_s, scale, bias, targets, None, None,
+                                              flags, grads)
+    for name, a, b in zip(STAT_NAMES + GRAD_NAMES, stats_n + tuple(g_n), stats_c + tuple(g_c)):
+        assert_close(a, b, 1e-6, name)
+    # a strided feature axis (every other column)
+    k_odd = torch.zeros(C, 2 * D, device=DEVICE)
+    k_odd[:, ::2] = k
+    check_against_oracle(q, k_odd[:, ::2], scale, bias, targets, None, None, flags, grads)
+
+
+# lanes outside a mask may evaluate exp2 of a large argument before tl.where discards them
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 100.0), (torch.float16, 100.0)])
+def test_extreme_scale_no_overflow(dtype, scale):
+    """Logit scale 100 (temperature 0.01): no inf / NaN, matches the oracle."""
+    R, C, D = 40, 40, 32
+    inputs = make_inputs(R, C, D, dtype, "targets", scale=scale, bias=-10.0)
+    flags = flags_of(exclude_diag=False, col_stats=True, pos_lse=True)
+    grads = make_grads(R, C, ALL_G)
+    stats, g, _, _ = check_against_oracle(*inputs, flags, grads)
+    for t in stats[:4] + tuple(g):
+        assert torch.isfinite(t).all()
+    # far below 1 / tau: a fixed-max LSE would underflow to -inf here
+    q, k, s, b, t, _, _ = inputs
+    far = check_against_oracle(q, k, s, torch.tensor(-200.0, device=DEVICE), t, None, None,
+                               flags, grads)
+    assert torch.isfinite(far[0][0]).all()
+
+
+def test_fp16_small_upstream_gradients():
+    """Upstream gradients as small as a mean over a huge batch give G far below fp16's range."""
+    R, C, D = 37, 45, 20
+    inputs = make_inputs(R, C, D, torch.float16, "targets")
+    grads = [g * 1e-5 if g is not None else None for g in make_grads(R, C, ALL_G)]
+    check_against_oracle(*inputs, flags_of(col_stats=True), grads, floor=0.0)
+
+
+def test_empty_sets_are_not_nan():
+    """Rows with an empty denominator (lse = -inf) or no positive give zeros, never NaN."""
+    flags = flags_of(exclude_diag=True, decoupled=True, col_stats=True)
+    # one row, one column, the diagonal excluded: every set is empty
+    inputs = make_inputs(1, 1, 5, torch.float32, "targets")
+    stats, g, _, _ = check_against_oracle(*inputs, flags, make_grads(1, 1, ALL_G))
+    assert torch.isinf(stats[0]).all() and torch.isinf(stats[4]).all()
+    assert all(torch.count_nonzero(x) == 0 for x in g)
+    # every column a positive and decoupled: empty denominators in every row
+    R, C = 18, 17
+    q, k, scale, bias, _, _, _ = make_inputs(R, C, 6, torch.float32, "none")
+    rl = torch.zeros(R, dtype=torch.long, device=DEVICE)
+    cl = torch.zeros(C, dtype=torch.long, device=DEVICE)
+    for pos_lse in (False, True):
+        stats, g, _, _ = check_against_oracle(
+            q, k, scale, bias, None, rl, cl, flags_of(False, True, pos_lse, True),
+            make_grads(R, C, ALL_G))
+        assert torch.isinf(stats[0]).all() and (stats[3] == 0).all()
+    # labels that match nothing: no positives anywhere
+    stats, _, _, _ = check_against_oracle(q, k, scale, bias, None, rl + 1, cl,
+                                          flags_of(False, True, True, False),
+                                          make_grads(R, C, ALL_G))
+    assert (stats[1] == 0).all() and (stats[2] == 0).all()
+
+
+def test_no_grads_gives_zeros():
+    R, C, D = 9, 7, 4
+    q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.float32, "targets")
+    stats, g = run_kernels(q, k, scale, bias, targets, None, None, flags_of(),
+                           [None] * 5)
+    assert all(torch.count_nonzero(x) == 0 for x in g)
+    assert g[0].shape == q.shape and g[1].shape == k.shape and g[2].dim() == 0
+
+
+def test_tf32_switch_runs():
+    """The fp32 precision switch is a module attribute read at launch (exact by default)."""
+    assert tk.ALLOW_TF32 == (os.environ.get("FASTCL_TF32", "0") == "1")
+    old = tk.ALLOW_TF32
+    try:
+        tk.ALLOW_TF32 = True
+        inputs = make_inputs(20, 18, 24, torch.float32, "targets")
+        # TF32 keeps 10 mantissa bits of each input: logits off by ~1e-3 * scale
+        check_against_oracle(*inputs, flags_of(col_stats=True), make_grads(20, 18, ALL_G),
+                             fwd_tol=5e-3, bwd_tol=3e-2)
+    finally:
+        tk.ALLOW_TF32 = old
+
+
+class _NumelRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
+                self.largest = (t.numel(), str(func))
+        return out
+
+
+def test_no_quadratic_allocation():
+    """No tensor of R*C elements or more is created during the forward or the backward."""
+    R, C, D = 70, 60, 3                       # R*C = 4200 > R*D, C*D
+    inputs = make_inputs(R, C, D, torch.float32, "labels")
+    flags = flags_of(exclude_diag=True, pos_lse=True, col_stats=True)
+    grads = make_grads(R, C, ALL_G)
+    with _NumelRecorder() as rec:
+        run_kernels(*inputs, flags, grads)
+    assert rec.largest[0] < R * C, rec.largest
+
+
+def test_custom_op_backend():
+    """Through the ``fastcl::contrastive_fwd`` op with autograd, backend ``"triton"``."""
+    ops = pytest.importorskip("fastcl.ops.contrastive")
+    R, C, D = 21, 18, 10
+    q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.float32, "targets")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, scale, bias)]
+    out = ops.contrastive_stats(*leaves, targets, exclude_diag=True, col_stats=True,
+                                backend="triton")
+    loss = (out[0] - out[1]).mean() + 0.5 * out[4].mean() + 0.1 * out[3].sum()
+    loss.backward()
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, scale, bias)]
+    ref = contrastive_stats_ref(*ref_leaves, targets, exclude_diag=True, col_stats=True)
+    ((ref[0] - ref[1]).mean() + 0.5 * ref[4].mean() + 0.1 * ref[3].sum()).backward()
+    for name, a, b in zip(GRAD_NAMES, leaves, ref_leaves):
+        assert_close(a.grad, b.grad, 1e-4, name)
+
+
+# --------------------------------------------------------------------------------------------
+# real sizes on a GPU
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+class TestGPU:
+    @pytest.fixture(autouse=True)
+    def _autotune(self, monkeypatch):
+        monkeypatch.setattr(tk, "AUTOTUNE", True)
+
+    @pytest.mark.parametrize("R,C,D,dtype,mode,flags", [
+        (16384, 16384, 1024, torch.bfloat16, "targets", flags_of(col_stats=True)),
+        (16384, 16384, 512, torch.float16, "targets", flags_of(col_stats=True)),
+        (8192, 4096, 768, torch.bfloat16, "labels",
+         flags_of(exclude_diag=True, decoupled=True, pos_lse=True)),
+        (4096, 4096, 256, torch.float32, "labels", flags_of(exclude_diag=True, col_stats=True)),
+        (2048, 3000, 4096, torch.bfloat16, "targets", flags_of(col_stats=True)),
+        (12345, 6789, 100, torch.bfloat16, "targets", flags_of(exclude_diag=True)),
+    ])
+    def test_real_sizes(self, R, C, D, dtype, mode, flags):
+        inputs = make_inputs(R, C, D, dtype, mode, n_labels=100)
+        grads = [g / R if g is not None else None for g in make_grads(R, C, ALL_G)]
+        if not flags["col_stats"]:
+            grads[3] = grads[4] = None
+        stats, g = run_kernels(*inputs, flags, grads)
+        torch.cuda.synchronize()
+        ref_stats, ref_g = oracle(*inputs, flags, grads)
+        low_stats, low_g = lowp_torch(*inputs, flags, grads) if dtype != torch.float32 \
+            else (ref_stats, ref_g)
+        for name, a, lo, e in zip(STAT_NAMES + GRAD_NAMES, stats + tuple(g),
+                                  low_stats + tuple(low_g), ref_stats + tuple(ref_g)):
+            assert not torch.isnan(a).any(), name
+            mag = e.detach().abs().max().item() if e.numel() else 0.0
+            tol = (FWD_TOL if name in STAT_NAMES else BWD_TOL)[dtype]
+            err = max_err(a, e)
+            if dtype == torch.float32:
+                assert err <= tol * mag + 1e-6, (name, err, mag)
+            else:
+                assert err <= max(2 * max_err(lo, e), tol * mag) + 1e-6, (name, err, mag)
+
+    def test_memory_is_linear(self):
+        R = C = 32768
+        D = 512
+        q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.bfloat16, "targets")
+        flags = flags_of(col_stats=True)
+        grads = make_grads(R, C, ("lse", "pos", "col_lse"))
+        run_kernels(q, k, scale, bias, targets, None, None, flags, grads)  # autotune
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = run_kernels(q, k, scale, bias, targets, None, None, flags, grads)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        grads_bytes = (R + C) * D * 2
+        assert extra <= grads_bytes + 64 * (R + C) + (1 << 20), extra
+        del out
