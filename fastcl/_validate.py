@@ -107,7 +107,10 @@ def positive_number(name: str, value) -> None:
 
 
 def scalar(name: str, value, device: torch.device, *, positive: bool = False) -> Tensor:
-    """A number or a 0-dim / 1-element tensor, as a 0-dim fp32 (or fp64) tensor keeping its grad."""
+    """A number or a 0-dim / 1-element tensor, as a 0-dim tensor keeping its grad.
+
+    Numbers become fp64 tensors (exact); tensors keep fp64 or become fp32.
+    """
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape "
@@ -124,7 +127,8 @@ def scalar(name: str, value, device: torch.device, *, positive: bool = False) ->
         positive_number(name, value)
     elif value != value or abs(value) == float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
-    return torch.tensor(float(value), dtype=torch.float32, device=device)
+    # fp64 keeps a Python number exact; the loss casts it to its statistics dtype.
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 def logit_scale(temperature, logit_scale_, device: torch.device, default=None) -> Tensor:
@@ -137,5 +141,7 @@ def logit_scale(temperature, logit_scale_, device: torch.device, default=None) -
         raise ValueError("pass exactly one of temperature and logit_scale, got both")
     if logit_scale_ is not None:
         return scalar("logit_scale", logit_scale_, device, positive=True)
-    t = scalar("temperature", temperature, device, positive=True)
-    return 1.0 / t
+    if not isinstance(temperature, Tensor):
+        positive_number("temperature", temperature)
+        return scalar("temperature", 1.0 / temperature, device)
+    return 1.0 / scalar("temperature", temperature, device, positive=True)
