@@ -1,0 +1,144 @@
+"""CLIP / SigLIP training with Hugging Face ``transformers`` on the fused losses.
+
+A ``CLIPModel``'s (or ``SiglipModel``'s) own ``forward(..., return_loss=True)`` builds the
+``N x N`` logits. Here the loss is computed from the two towers only:
+``model.get_image_features`` and ``model.get_text_features`` give the embeddings, which are
+L2-normalized, and
+
+- a model without ``logit_bias`` (CLIP and the like) gets :func:`fastcl.clip_loss` with
+  ``logit_scale = model.logit_scale.exp()``: the loss of ``CLIPModel.forward``;
+- a model with ``logit_bias`` (SigLIP) gets :func:`fastcl.siglip_loss` with
+  ``model.logit_scale.exp()`` and ``model.logit_bias``: the loss of ``SiglipModel.forward``.
+
+Use it with the Trainer by changing the trainer class (or mixing it in)::
+
+    # from transformers import Trainer
+    from fastcl.compat.huggingface import ClipTrainer as Trainer
+
+    class MyTrainer(ClipTrainerMixin, Trainer): ...
+
+or call ``clip_loss_func(model, inputs)`` in a custom loop. ``Trainer(compute_loss_func=...)``
+is not a way in: the Trainer calls it with the outputs of ``model(**inputs)``, the full forward
+that has already built the logits; ``clip_loss_func`` therefore takes the model and the inputs,
+as ``Trainer.compute_loss`` does.
+
+Single process only: a ``DistributedDataParallel``-wrapped model raises ``NotImplementedError``
+(multi-process support is planned as a separate distributed layer); an ``nn.DataParallel``
+wrapper is unwrapped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as _F
+
+__all__ = ["clip_loss_func", "ClipTrainerMixin", "ClipTrainer"]
+
+# keys of a batch that go to get_text_features; the keys in _IGNORED are dropped, the rest go to
+# get_image_features (pixel_values, interpolate_pos_encoding, pixel_attention_mask, ...)
+_TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+_IGNORED = ("return_loss", "labels", "return_dict", "output_attentions", "output_hidden_states",
+            "num_items_in_batch")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise NotImplementedError(
+            "fastcl.compat.huggingface runs in a single process; multi-process (DDP) training is "
+            "not supported in this release (multi-process support is planned as a separate "
+            "distributed layer).")
+    if isinstance(model, nn.DataParallel):
+        model = model.module
+    for name in ("get_image_features", "get_text_features", "logit_scale"):
+        if not hasattr(model, name):
+            raise TypeError(
+                f"clip_loss_func needs a CLIP-style model with get_image_features, "
+                f"get_text_features and logit_scale (CLIPModel, SiglipModel, ...); "
+                f"{type(model).__name__} has no {name}")
+    return model
+
+
+def _embeddings(out: Any, what: str) -> Tensor:
+    """The embedding tensor of ``get_*_features`` (a tensor, or an output with pooler_output)."""
+    if isinstance(out, Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if isinstance(pooled, Tensor):
+        return pooled
+    raise TypeError(f"get_{what}_features returned {type(out).__name__}, expected a tensor or an "
+                    f"output with pooler_output")
+
+
+def clip_loss_func(model: nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
+                   num_items_in_batch=None):
+    """The contrastive loss of a CLIP-style model on a batch, without its logits matrix.
+
+    Same signature as ``Trainer.compute_loss`` (less ``self``): ``inputs`` holds the text inputs
+    (``input_ids``, ``attention_mask``, ...) and the image inputs (``pixel_values``, ...).
+    Returns the loss, or ``(loss, {"loss", "image_embeds", "text_embeds"})`` with
+    ``return_outputs=True`` (normalized embeddings). ``num_items_in_batch`` is accepted and not
+    used: the loss is a per-batch mean, as the model's own.
+    """
+    m = _unwrap(model)
+    text_kwargs = {k: v for k, v in inputs.items() if k in _TEXT_KEYS}
+    image_kwargs = {k: v for k, v in inputs.items()
+                    if k not in _TEXT_KEYS and k not in _IGNORED}
+    image = _embeddings(m.get_image_features(**image_kwargs), "image")
+    text = _embeddings(m.get_text_features(**text_kwargs), "text")
+    text = text.to(image.device)
+    scale = m.logit_scale.exp()
+    bias = getattr(m, "logit_bias", None)
+    if bias is not None:
+        loss = _F.siglip_loss(image, text, scale, bias, normalize=True)
+    else:
+        loss = _F.clip_loss(image, text, scale, normalize=True)
+    if not return_outputs:
+        return loss
+    outputs = {"loss": loss,
+               "image_embeds": nn.functional.normalize(image.detach(), dim=-1),
+               "text_embeds": nn.functional.normalize(text.detach(), dim=-1)}
+    return loss, outputs
+
+
+class ClipTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass to compute the CLIP / SigLIP loss with
+    :func:`clip_loss_func`: ``class MyTrainer(ClipTrainerMixin, Trainer)``."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return clip_loss_func(model, inputs, return_outputs=return_outputs,
+                              num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation through :func:`clip_loss_func` as well (the Trainer's default would call
+        the full forward): returns ``(loss, (image_embeds, text_embeds), None)``."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = clip_loss_func(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, (outputs["image_embeds"], outputs["text_embeds"]), None
+
+
+_CLIP_TRAINER = None
+
+
+def __getattr__(name: str):
+    # ClipTrainer subclasses transformers.Trainer: built on first access, so that importing this
+    # module does not import transformers
+    global _CLIP_TRAINER
+    if name == "ClipTrainer":
+        if _CLIP_TRAINER is None:
+            from transformers import Trainer
+
+            class ClipTrainer(ClipTrainerMixin, Trainer):
+                """``transformers.Trainer`` whose loss is :func:`clip_loss_func`."""
+
+            ClipTrainer.__module__ = __name__
+            _CLIP_TRAINER = ClipTrainer
+        return _CLIP_TRAINER
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,137 @@
+"""Drop-in replacements for sentence-transformers' ``MultipleNegativesRankingLoss`` and
+``CachedMultipleNegativesRankingLoss``.
+
+Swap the import and keep the trainer as it is::
+
+    # from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from fastcl.compat.sentence_transformers import MultipleNegativesRankingLoss
+
+    loss = MultipleNegativesRankingLoss(model)            # scale=20.0, similarity_fct=cos_sim
+    trainer = SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss)
+
+Both classes subclass the sentence-transformers ones (same constructor, attributes, config dict
+and ``forward(sentence_features, labels)``) and replace only the loss computation from the
+embeddings: with columns ``(anchor, positive, negative_1, ..., negative_k)`` the loss is
+:func:`fastcl.info_nce` of the anchors against the ``N (1 + k)`` positive and hard-negative
+rows, ``logit_scale=scale``, cosine similarity (``similarity_fct=cos_sim``, normalized) or the
+dot product (``dot_score``). ``directions=("query_to_doc", "doc_to_query")`` with
+``partition_mode="per_direction"`` (the symmetric variant) adds the document-to-query InfoNCE,
+``0.5 (info_nce(q, [d; negatives]) + info_nce(d, q))``.
+
+The cached variant keeps sentence-transformers' GradCache mechanism (``CachedLossMixin``:
+mini-batches embedded without gradient, RNG states recorded, each mini-batch re-embedded with
+the same RNG state in the backward pass and back-propagated with the cached gradient) and
+replaces its chunked loss by one fused loss and its gradient with respect to the embeddings.
+
+What is not fused runs the original sentence-transformers code, with a one-time
+:class:`CompatFallbackWarning` per loss object and reason: other similarity functions, the
+``query_to_query`` / ``doc_to_doc`` directions, ``doc_to_query`` in the joint partition,
+hardness weighting, and ``gather_across_devices=True`` with more than one process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import functional as _F
+from ._util import CompatFallbackWarning, warn_once, world_size
+
+try:
+    from sentence_transformers.util import cos_sim, dot_score
+    try:
+        from sentence_transformers.sentence_transformer import losses as _st_losses
+    except ImportError:  # pragma: no cover - older layout
+        from sentence_transformers import losses as _st_losses
+except ImportError as exc:  # pragma: no cover - exercised only without the library
+    raise ImportError("fastcl.compat.sentence_transformers needs sentence-transformers "
+                      "(pip install sentence-transformers)") from exc
+
+_STMNRL = _st_losses.MultipleNegativesRankingLoss
+_STCachedMNRL = _st_losses.CachedMultipleNegativesRankingLoss
+
+if not hasattr(_STMNRL, "compute_loss_from_embeddings") or not hasattr(_STCachedMNRL,
+                                                                        "calculate_loss"):
+    raise ImportError(  # pragma: no cover
+        "fastcl.compat.sentence_transformers needs a sentence-transformers version whose "
+        "MultipleNegativesRankingLoss has compute_loss_from_embeddings and whose "
+        "CachedMultipleNegativesRankingLoss has calculate_loss (6.x)")
+
+__all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss",
+           "CompatFallbackWarning"]
+
+_SYMMETRIC = {"query_to_doc", "doc_to_query"}
+
+
+def _unfused_reason(loss) -> Optional[str]:
+    """Why this configuration has no fused equivalent (None if it has one)."""
+    fct = loss.similarity_fct
+    if fct is not cos_sim and fct is not dot_score:
+        name = getattr(fct, "__name__", type(fct).__name__)
+        return f"similarity_fct={name} (only cos_sim and dot_score are fused)"
+    directions = set(loss.directions)
+    if directions != {"query_to_doc"} and not (
+            directions == _SYMMETRIC and loss.partition_mode == "per_direction"):
+        return (f"directions={tuple(loss.directions)} with partition_mode="
+                f"{loss.partition_mode!r}")
+    if loss.hardness_mode is not None and loss.hardness_strength > 0.0:
+        return f"hardness_mode={loss.hardness_mode!r}"
+    if loss.gather_across_devices and world_size() > 1:
+        return "gather_across_devices=True with several processes"
+    return None
+
+
+def _fused_loss(loss, queries: Tensor, docs: list) -> Tensor:
+    normalize = loss.similarity_fct is cos_sim
+    positives = docs[0]
+    negatives = torch.cat(docs[1:], dim=0) if len(docs) > 1 else None
+    forward = _F.info_nce(queries, positives, logit_scale=loss.scale, negatives=negatives,
+                          normalize=normalize)
+    if set(loss.directions) == {"query_to_doc"}:
+        return forward
+    backward = _F.info_nce(positives, queries, logit_scale=loss.scale,
+                           normalize=normalize)
+    return 0.5 * (forward + backward)
+
+
+def _warn(loss, reason: str) -> None:
+    warn_once(loss, reason,
+              f"fastcl.compat.sentence_transformers.{type(loss).__name__}: {reason} has no fused "
+              f"fastcl equivalent; running sentence-transformers' own loss computation.",
+              stacklevel=4)
+
+
+class MultipleNegativesRankingLoss(_STMNRL):
+    """sentence-transformers' ``MultipleNegativesRankingLoss`` (``scale=20.0``,
+    ``similarity_fct=cos_sim``) on :func:`fastcl.info_nce`; see the module docstring."""
+
+    def compute_loss_from_embeddings(self, embeddings: list, labels: Tensor) -> Tensor:
+        if len(embeddings) < 2:
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        reason = _unfused_reason(self)
+        if reason is not None:
+            _warn(self, reason)
+            return super().compute_loss_from_embeddings(embeddings, labels)
+        return _fused_loss(self, embeddings[0], list(embeddings[1:]))
+
+
+class CachedMultipleNegativesRankingLoss(_STCachedMNRL):
+    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (``scale=20.0``,
+    ``similarity_fct=cos_sim``, ``mini_batch_size=32``): GradCache with the fused loss; see the
+    module docstring."""
+
+    def calculate_loss(self, reps: list, labels: Optional[Tensor] = None, *,
+                       with_backward: bool = False) -> Tensor:
+        reason = _unfused_reason(self)
+        if reason is not None:
+            _warn(self, reason)
+            return super().calculate_loss(reps, labels, with_backward=with_backward)
+        queries = torch.cat(reps[0])
+        docs = [torch.cat(r) for r in reps[1:]]
+        loss = _fused_loss(self, queries, docs)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
