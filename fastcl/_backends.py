@@ -20,15 +20,23 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 
 @functools.lru_cache(maxsize=None)
-def _load(backend: str):
-    """Return ``(module, None)`` or ``(None, reason)`` for a kernel backend."""
+def _load(backend: str, family: str = "contrastive"):
+    """Return ``(module, None)`` or ``(None, reason)``: where ``backend`` keeps ``family``'s kernels.
+
+    Triton keeps each family in its own module ``fastcl.kernels.<family>``; the compiled
+    extension holds every family (functions suffixed ``_cpu`` / ``_cuda``).
+    """
     if backend == "triton":
         try:
             import triton  # noqa: F401
         except Exception as exc:  # pragma: no cover - depends on the install
             return None, f"triton is not importable ({exc.__class__.__name__}: {exc})"
         try:
-            return importlib.import_module("fastcl.kernels.contrastive"), None
+            return importlib.import_module(f"fastcl.kernels.{family}"), None
+        except ModuleNotFoundError as exc:
+            if exc.name == f"fastcl.kernels.{family}":
+                return None, f"fastcl.kernels has no {family} kernels"
+            return None, f"fastcl.kernels failed to import ({exc.__class__.__name__}: {exc})"
         except Exception as exc:
             return None, f"fastcl.kernels failed to import ({exc.__class__.__name__}: {exc})"
     if backend in ("cpu", "cuda"):
@@ -48,9 +56,40 @@ def _load(backend: str):
     return None, f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
-def load_error(backend: str) -> Optional[str]:
+def _scan_installed() -> dict:
+    """What is installed, found without importing it (safe to consult while tracing)."""
+    from importlib.util import find_spec
+
+    def spec(name):
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    ext = spec("fastcl._C")
+    triton = spec("triton")
+    families = {}
+    for family in ("contrastive",):
+        families[("triton", family)] = triton and spec(f"fastcl.kernels.{family}")
+        families[("cpu", family)] = ext
+        families[("cuda", family)] = ext
+    families[("torch", "contrastive")] = True
+    return families
+
+
+_INSTALLED = _scan_installed()
+
+
+def installed_error(backend: str, family: str) -> Optional[str]:
+    """Like :func:`load_error` from what is installed, without importing (for traced code)."""
+    if _INSTALLED.get((backend, family), False):
+        return None
+    return f"the {backend} backend has no installed {family} kernels"
+
+
+def load_error(backend: str, family: str = "contrastive") -> Optional[str]:
     """``None`` if ``backend`` loads, else a sentence saying why it does not."""
-    return _load(backend)[1]
+    return _load(backend, family)[1]
 
 
 def _attr(backend: str, name: str) -> str:
@@ -58,15 +97,14 @@ def _attr(backend: str, name: str) -> str:
 
 
 def implements(backend: str, family: str) -> bool:
-    """Whether a loadable ``backend`` has the forward and backward kernels of ``family``."""
-    module = _load(backend)[0]
-    return module is not None and all(
-        hasattr(module, _attr(backend, f"{family}_{part}")) for part in ("fwd", "bwd"))
+    """Whether a loadable ``backend`` has the kernels of ``family`` (its ``<family>_fwd``)."""
+    module = _load(backend, family)[0]
+    return module is not None and hasattr(module, _attr(backend, f"{family}_fwd"))
 
 
 def kernel(backend: str, name: str) -> Callable:
-    """The implementation of op ``name`` (e.g. ``"contrastive_fwd"``) in ``backend``."""
-    module, reason = _load(backend)
+    """The implementation of op ``name`` (``"<family>_<part>"``, e.g. ``"contrastive_fwd"``)."""
+    module, reason = _load(backend, name.rsplit("_", 1)[0])
     if module is None:
         raise RuntimeError(f"fastcl backend {backend!r} is unavailable: {reason}")
     fn = getattr(module, _attr(backend, name), None)

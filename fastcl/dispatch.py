@@ -79,7 +79,9 @@ def why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> 
         return f"the cuda backend needs CUDA tensors, got tensors on {device}"
     elif backend == "cpu" and device.type != "cpu":
         return f"the cpu backend needs CPU tensors, got tensors on {device}"
-    reason = _backends.load_error(backend)
+    if torch.compiler.is_compiling():
+        return _backends.installed_error(backend, family)
+    reason = _backends.load_error(backend, family)
     if reason is None and not _backends.implements(backend, family):
         reason = f"this build of the {backend} backend has no {family} kernels"
     return reason
@@ -91,7 +93,9 @@ _warned: set = set()
 def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> str:
     """The backend that will run ``op`` for inputs on ``device`` of ``dtype``.
 
-    Returns ``"reference"`` or the name of a kernel backend.
+    Returns ``"reference"`` or the name of a kernel backend. Under ``torch.compile`` the choice
+    is made at trace time from what is installed (nothing is imported while tracing) and baked
+    into the graph.
     """
     if op not in OPS:
         raise KeyError(f"unknown op {op!r}")
@@ -115,7 +119,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "au
             return candidate
         reasons.append(f"{candidate}: {reason}")
     key = (op, device.type, dtype)
-    if key not in _warned:
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         detail = "; ".join(reasons) if reasons else f"no fused kernel for {device.type} tensors"
         warnings.warn(
@@ -136,6 +140,7 @@ def available() -> dict:
             missing = [f for f in sorted(set(FAMILIES)) if backend in FAMILIES[f]
                        and not _backends.implements(backend, f)]
             if missing:
-                reason = f"loaded, but this build has no {', '.join(missing)} kernels"
+                reason = (reason + "; " if reason else "loaded, but ") + \
+                    f"this build has no {', '.join(missing)} kernels"
         out[backend] = reason
     return out
