@@ -28,7 +28,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m fastcl info
-	$(VPY) -m fastcl.demo
+	$(VPY) -m fastcl.train
 
 test: $(STAMP)
 	$(VPY) -m fastcl info
