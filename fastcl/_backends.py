@@ -69,11 +69,11 @@ def _scan_installed() -> dict:
     ext = spec("fastcl._C")
     triton = spec("triton")
     families = {}
-    for family in ("contrastive",):
+    for family in ("contrastive", "siglip", "topk"):
         families[("triton", family)] = triton and spec(f"fastcl.kernels.{family}")
         families[("cpu", family)] = ext
         families[("cuda", family)] = ext
-    families[("torch", "contrastive")] = True
+        families[("torch", family)] = True
     return families
 
 

@@ -36,9 +36,9 @@ OPS = {
     "dcl": "contrastive",
     "multiview_loss": "contrastive",
     "hard_negative_nce": "contrastive",
-    "siglip_loss": None,
+    "siglip_loss": "siglip",
     "uniformity": "contrastive",
-    "topk_similarity": None,
+    "topk_similarity": "topk",
 }
 
 # Preference order of "auto" per device type.
@@ -52,7 +52,7 @@ DTYPES = {
 }
 
 # Kernel backends implemented per family (the table grows as kernels land).
-FAMILIES = {"contrastive": ("triton", "cuda", "cpu")}
+FAMILIES = {"contrastive": ("triton", "cuda", "cpu"), "siglip": ("triton",), "topk": ("triton",)}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -30,6 +30,8 @@ from . import _validate as V
 from . import dispatch
 from . import reference as ref
 from .distributed import Shard, shard
+from .ops import siglip as siglip_ops
+from .ops import topk as topk_ops
 from .ops.contrastive import contrastive_stats
 
 __all__ = [
@@ -624,8 +626,11 @@ def siglip_loss(
 
     ``z_ij = 1`` on the diagonal, ``-1`` elsewhere; ``a = logit_scale`` (exponentiated, init
     10) and ``b = logit_bias`` (init -10) may be tensors that receive gradients.
-    ``reduction="none"`` returns the per-image row sums. Served by the reference implementation
-    in this release (it holds the N x N logits).
+    ``reduction="none"`` returns the per-image row sums. The fused backends never hold the
+    N x N logits: a pass over tiles of ``x @ y.T`` gives the row sums, and the backward
+    recomputes the tiles; with ``reduction="mean"`` or ``"sum"`` and gradients wanted, one pass
+    yields the loss and its gradients together (the gradient of every pair is known in the
+    forward). ``backend="reference"`` materializes the logits.
     """
     V.features("image_features", image_features)
     V.features("text_features", text_features)
@@ -637,8 +642,19 @@ def siglip_loss(
     scale = V.scalar("logit_scale", logit_scale, device, positive=True)
     bias = V.scalar("logit_bias", logit_bias, device)
     x, y = _norm(image_features, normalize), _norm(text_features, normalize)
-    dispatch.select("siglip_loss", device, x.dtype, backend)
-    return ref.siglip_ref(x, y, scale=scale, bias=bias, reduction=reduction)
+    be = _select("siglip_loss", x, backend, None)
+    if be == "reference":
+        return ref.siglip_ref(x, y, scale=scale, bias=bias, reduction=reduction)
+    a, b = _pair_scale(scale, x), _pair_scale(bias, x)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, a, b))
+    if reduction != "none" and wants_grad and be in siglip_ops.FUSED_BACKENDS:
+        return siglip_ops.siglip_fused(x, y, a, b, reduction == "mean", be)[0]
+    rows = siglip_ops.siglip_fwd(x, y, a, b, be)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / x.shape[0]
 
 
 def alignment(x: Tensor, y: Tensor, alpha: float = 2) -> Tensor:
@@ -701,7 +717,10 @@ def topk_similarity(
 
     ``exclude_self`` drops column ``j == i`` (a query's own entry when query and key are the
     same set). Returns ``(values, indices)`` of shape ``[N, k]``, values in descending order.
-    Served by the reference implementation in this release (it holds the N x M similarities).
+    The fused backends stream tiles of ``query @ key.T`` through a running per-query top-k and
+    never hold the N x M similarities; there the values are fp32 and carry no gradient, and
+    among equal values the smaller key index comes first. ``backend="reference"``
+    materializes the similarities (values in the compute dtype, differentiable).
     """
     V.features("query", query)
     V.features("key", key)
@@ -712,5 +731,7 @@ def topk_similarity(
     available = key.shape[0] - (1 if exclude_self else 0)
     if k > available:
         raise ValueError(f"k={k} exceeds the {available} candidate keys per query")
-    dispatch.select("topk_similarity", query.device, query.dtype, backend)
-    return ref.topk_similarity_ref(query, key, k, exclude_self=exclude_self)
+    be = _select("topk_similarity", query, backend, None)
+    if be == "reference":
+        return ref.topk_similarity_ref(query, key, k, exclude_self=exclude_self)
+    return topk_ops.topk_fwd(query.detach(), key.detach(), k, exclude_self, be)

@@ -192,12 +192,63 @@ def test_uniformity(backend, t):
     _compare(lambda x, *, backend: fastcl.uniformity(x, t=t, backend=backend), [x], backend, dt)
 
 
-def test_reference_only_losses_run():
+def test_siglip_topk_alignment_run():
     x, y = torch.randn(6, 4), torch.randn(6, 4)
     assert torch.isfinite(fastcl.siglip_loss(x, y, 10.0, -10.0))
     torch.testing.assert_close(fastcl.alignment(x, y), (x - y).norm(dim=1).pow(2).mean())
     vals, idx = fastcl.topk_similarity(x, y, 3)
     full = x @ y.T
     torch.testing.assert_close(vals, full.topk(3, dim=1).values)
-    with pytest.raises(fastcl.BackendUnavailableError, match="no fused triton kernel"):
-        fastcl.siglip_loss(x, y, 10.0, -10.0, backend="triton")
+    with pytest.raises(fastcl.BackendUnavailableError, match="no fused cuda kernel"):
+        fastcl.siglip_loss(x, y, 10.0, -10.0, backend="cuda")
+
+
+def _skip_without_family(backend, op):
+    if backend != TORCH_OP and dispatch.why_not(backend, op, torch.device("cpu"),
+                                                _dtype_for(backend)) is not None:
+        pytest.skip(f"the {backend} backend has no fused {op} kernels")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_siglip_loss(backend, reduction, normalize):
+    _skip_without_family(backend, "siglip_loss")
+    dt = _dtype_for(backend)
+    x, y = _leaf(7, 5, dtype=dt), _leaf(7, 5, dtype=dt)
+    scale = torch.tensor(4.0, dtype=dt, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=dt, requires_grad=True)
+
+    def fn(x, y, scale, bias, *, backend):
+        return fastcl.siglip_loss(x, y, scale, bias, normalize=normalize, reduction=reduction,
+                                  backend=backend)
+
+    _compare(fn, [x, y, scale, bias], backend, dt)
+
+
+def test_siglip_loss_without_gradients(backend):
+    _skip_without_family(backend, "siglip_loss")
+    dt = _dtype_for(backend)
+    x, y = torch.randn(6, 4, dtype=dt), torch.randn(6, 4, dtype=dt)
+    want = fastcl.siglip_loss(x.double(), y.double(), 10.0, -10.0, backend="reference")
+    with torch.no_grad():
+        got = fastcl.siglip_loss(x, y, 10.0, -10.0, backend=backend)
+    _assert_close(got, want, dt)
+    got = fastcl.siglip_loss(x, y, 10.0, -10.0, reduction="sum", backend=backend)
+    _assert_close(got, want * 6, dt)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_topk_similarity(backend, exclude_self):
+    _skip_without_family(backend, "topk_similarity")
+    dt = _dtype_for(backend)
+    # small integers: exact similarities, with ties
+    q = torch.randint(-3, 4, (9, 5)).to(dt)
+    k = torch.randint(-3, 4, (13, 5)).to(dt)
+    v, i = fastcl.topk_similarity(q, k, 4, exclude_self=exclude_self, backend=backend)
+    rv, _ = fastcl.topk_similarity(q, k, 4, exclude_self=exclude_self, backend="reference")
+    assert v.dtype == rv.dtype and i.dtype == torch.int64 and v.shape == i.shape == (9, 4)
+    assert torch.equal(v, rv)
+    sim = q.to(rv.dtype) @ k.to(rv.dtype).T
+    assert torch.equal(sim.gather(1, i), v)
+    if exclude_self:
+        assert (i != torch.arange(9)[:, None]).all()

@@ -51,3 +51,51 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     dscale = (G * dots).sum().to(scale.dtype)
     dbias = G.sum().to(bias.dtype)
     return dq, dk, dscale, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid loss (SigLIP) and top-k similarity
+# --------------------------------------------------------------------------------------------
+
+def _siglip_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def siglip_fwd(x, y, scale, bias):
+    from ..reference.losses import siglip_ref
+
+    dt = _siglip_dtype(x)
+    rows = siglip_ref(x.detach(), y.detach(), scale=scale.detach(), bias=bias.detach(),
+                      reduction="none")
+    return rows.to(dt).contiguous()
+
+
+def siglip_bwd(g_row, x, y, scale, bias):
+    dt = _siglip_dtype(x)
+    N = x.shape[0]
+    xs, ys = x.detach().to(dt), y.detach().to(dt)
+    dots = xs @ ys.T
+    a = scale.detach().to(dt)
+    s = a * dots + bias.detach().to(dt)
+    z = 2.0 * torch.eye(N, dtype=dt, device=x.device) - 1.0
+    G = -g_row.detach().to(dt)[:, None] * z * torch.sigmoid(-z * s)
+    dx = (a * (G @ ys)).to(x.dtype)
+    dy = (a * (G.T @ xs)).to(y.dtype)
+    return dx, dy, (G * dots).sum().to(scale.dtype), G.sum().to(bias.dtype)
+
+
+def siglip_fused(x, y, scale, bias, mean):
+    N = x.shape[0]
+    rows = siglip_fwd(x, y, scale, bias)
+    g = torch.full((N,), 1.0 / N if mean else 1.0, dtype=rows.dtype, device=x.device)
+    dx, dy, dscale, dbias = siglip_bwd(g, x, y, scale, bias)
+    loss = rows.sum() / N if mean else rows.sum()
+    return loss, dx, dy, dscale, dbias
+
+
+def topk_fwd(query, key, k, exclude_self):
+    from ..reference.losses import topk_similarity_ref
+
+    values, indices = topk_similarity_ref(query.detach(), key.detach(), k,
+                                          exclude_self=exclude_self)
+    return values.contiguous(), indices.contiguous()

@@ -1,0 +1,1 @@
+"""Benchmark scripts: run as modules from the repository root, e.g. ``python -m benchmarks.bench_cpu_contrastive``."""

@@ -1,0 +1,312 @@
+"""Triton kernels of the sigmoid loss (SigLIP) and their launch wrappers.
+
+``s_ij = scale * <x_i, y_j> + bias``, ``z_ij = +1`` on the diagonal and ``-1`` elsewhere, and
+the loss of a pair is ``softplus(-z_ij s_ij) = -log sigmoid(z_ij s_ij)``. Its gradient is
+``dL/ds_ij = -g_i z_ij sigmoid(-z_ij s_ij)`` for an upstream gradient ``g_i`` of row ``i``'s
+sum; nothing else of the loss enters it, so no statistic has to be saved between passes.
+
+One kernel, ``_siglip_kernel``, serves every pass through constexpr switches. It shares the tile
+machinery of :mod:`fastcl.kernels.contrastive` (``_mma``, ``_qk_chunked``, the tilings, the
+configuration lists and the interpreter workaround) and differs from the contrastive kernels
+only in what it does with a logit tile:
+
+- forward (``WRITE_LOSS``, no ``HAS_GRAD``): one program per ``BLOCK_M`` rows of ``s`` walks the
+  columns in ``BLOCK_N`` tiles and accumulates the per-row sums of the softplus;
+- backward (``HAS_GRAD``): row-parallel (``TRANSPOSED=False``: ``OUT = dx = scale * G @ y``, the
+  programs of the first ``BLOCK_DV`` slice also write per-row partial sums of ``G * <x, y>``
+  and ``G`` for ``dscale`` / ``dbias``) and column-parallel (``TRANSPOSED=True``:
+  ``OUT = dy = scale * G.T @ x``); every output tile is written once, without atomics;
+- fused forward + backward (``WRITE_LOSS`` and ``HAS_GRAD`` with ``UNIFORM_G``): when the
+  upstream gradient of every row is the same number (the loss is reduced by ``mean`` or
+  ``sum``), the row-parallel backward launch also writes the row losses, so loss and gradients
+  cost two launches (four GEMMs) instead of three (five GEMMs).
+
+Softplus and sigmoid share one ``exp2`` and one reciprocal: with ``t = -z s``,
+``e = exp(-|t|)``, ``u = 1 + e``, ``softplus(t) = max(t, 0) + log(u) + (e - (u - 1)) / u``
+(the last term restores the bits of ``e`` that ``1 + e`` rounds away, so terms far below one,
+as the off-diagonal pairs are with ``bias = -10``, keep full relative precision) and
+``sigmoid(t) = 1 / u`` for ``t >= 0``, ``e / u`` otherwise. No step overflows for any logit.
+
+Precision and block sizes follow :mod:`fastcl.kernels.contrastive` (``ALLOW_TF32`` and
+``AUTOTUNE`` are read from that module at launch): fp32 accumulators, ``G`` rounded to the input
+dtype for the ``G @ y`` products (fp16 after a power-of-two rescaling from a bound on ``|g|``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import contrastive as _c
+from .contrastive import _LN2, _LOG2E, _mma, _qk_chunked
+
+__all__ = ["siglip_fwd", "siglip_bwd", "siglip_fused"]
+
+_INTERPRET = _c._INTERPRET
+
+
+if _INTERPRET:
+
+    @triton.jit
+    def _lowp(x, dtype: tl.constexpr):
+        """``x.to(dtype)`` rounded to nearest even (the interpreter truncates fp32 to bf16)."""
+        if dtype == tl.bfloat16:
+            b = x.to(tl.int32, bitcast=True)
+            b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+            x = b.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+else:
+
+    @triton.jit
+    def _lowp(x, dtype: tl.constexpr):
+        """``x.to(dtype)`` (round to nearest even)."""
+        return x.to(dtype)
+
+
+@triton.jit
+def _siglip_kernel(
+    A, B, OUT, scale_ptr, bias_ptr, g_ptr, g_bound_ptr, loss_ptr, ds_ptr, db_ptr,
+    NA, NB, D,
+    stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
+    TRANSPOSED: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_GRAD: tl.constexpr,
+    UNIFORM_G: tl.constexpr, RESCALE_G: tl.constexpr, TF32: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Row losses and / or ``OUT[outer, slice] = scale * sum_inner G(outer, inner) B[inner, :]``.
+
+    ``TRANSPOSED=False``: ``A = x`` (outer = rows of ``s``), ``B = y``, ``OUT = dx``.
+    ``TRANSPOSED=True``: ``A = y`` (outer = columns of ``s``), ``B = x``, ``OUT = dy``.
+    ``g_ptr``: the upstream gradient of each row's sum (``[N]``), or with ``UNIFORM_G`` one
+    number for every row. ``loss_ptr`` (``WRITE_LOSS``), ``ds_ptr`` and ``db_ptr`` (``HAS_GRAD``
+    and not ``TRANSPOSED``) are ``[N]`` fp32 outputs written by the programs of slice 0.
+    """
+    pid = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_o = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_in = offs_o < NA
+    a_rows = offs_o.to(tl.int64) * stride_am
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    offs_d64 = offs_d.to(tl.int64)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_in = offs_v < D
+    offs_v64 = offs_v.to(tl.int64)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+
+    if SINGLE_D:
+        a_tile = tl.load(A + a_rows[:, None] + offs_d64[None, :] * stride_ad,
+                         mask=o_in[:, None] & d_in[None, :], other=0.0)
+
+    if HAS_GRAD:
+        if UNIFORM_G:
+            g_o = tl.load(g_ptr).to(tl.float32)
+        elif not TRANSPOSED:
+            g_o = tl.load(g_ptr + offs_o, mask=o_in, other=0.0).to(tl.float32)
+        if RESCALE_G:
+            g_bound = tl.load(g_bound_ptr).to(tl.float32)
+            g_exp = 14.0 - tl.ceil(tl.log2(tl.maximum(g_bound, 1e-30)))
+            g_mul = tl.exp2(tl.minimum(tl.maximum(g_exp, -100.0), 100.0))
+        else:
+            g_mul = 1.0
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    loss_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for start_n in range(0, NB, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_in = offs_n < NB
+        b_rows = offs_n.to(tl.int64) * stride_bn
+        if SINGLE_D:
+            b_tile = tl.load(B + b_rows[:, None] + offs_d64[None, :] * stride_bd,
+                             mask=n_in[:, None] & d_in[None, :], other=0.0)
+            qk = _mma(a_tile, tl.trans(b_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                      TF32)
+        else:
+            qk = _qk_chunked(A, B, a_rows, o_in, b_rows, n_in, D, stride_ad, stride_bd,
+                             BLOCK_M, BLOCK_N, BLOCK_D, TF32)
+        s = qk * scale + bias
+        valid = o_in[:, None] & n_in[None, :]
+        diag = offs_o[:, None] == offs_n[None, :]
+        t = tl.where(diag, -s, s)                 # softplus argument -z * s
+        e = tl.exp2(-tl.abs(t) * _LOG2E)
+        u = 1.0 + e
+        r = 1.0 / u
+        if WRITE_LOSS:
+            sp = tl.maximum(t, 0.0) + tl.log2(u) * _LN2 + (e - (u - 1.0)) * r
+            loss_acc += tl.sum(tl.where(valid, sp, 0.0), 1)
+        if HAS_GRAD:
+            sig = tl.where(t >= 0.0, r, e * r)    # sigmoid(t)
+            if UNIFORM_G:
+                g_row = g_o
+            elif TRANSPOSED:
+                g_row = tl.load(g_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+            else:
+                g_row = g_o[:, None]
+            g = tl.where(valid, g_row * tl.where(diag, -sig, sig), 0.0)   # -g z sigmoid(t)
+            if not TRANSPOSED:
+                ds_acc += tl.sum(g * qk, 1)
+                db_acc += tl.sum(g, 1)
+            if SINGLE_D:
+                tl.static_assert(BLOCK_DV == BLOCK_D)
+                v_tile = b_tile
+            else:
+                v_tile = tl.load(B + b_rows[:, None] + offs_v64[None, :] * stride_bd,
+                                 mask=n_in[:, None] & v_in[None, :], other=0.0)
+            if RESCALE_G:
+                acc = _mma(_lowp(g * g_mul, v_tile.dtype), v_tile, acc, TF32)
+            else:
+                acc = _mma(_lowp(g, v_tile.dtype), v_tile, acc, TF32)
+
+    first = o_in & (pid_v == 0)
+    if WRITE_LOSS:
+        tl.store(loss_ptr + offs_o, loss_acc, mask=first)
+    if HAS_GRAD:
+        out = acc * (scale / g_mul)
+        o_rows = offs_o.to(tl.int64) * stride_om
+        tl.store(OUT + o_rows[:, None] + offs_v64[None, :] * stride_od,
+                 _lowp(out, OUT.dtype.element_ty), mask=o_in[:, None] & v_in[None, :])
+        if not TRANSPOSED:
+            tl.store(ds_ptr + offs_o, ds_acc, mask=first)
+            tl.store(db_ptr + offs_o, db_acc, mask=first)
+
+
+# --------------------------------------------------------------------------------------------
+# autotuning: the configuration lists of the contrastive kernels (same tiles, same pressure)
+# --------------------------------------------------------------------------------------------
+
+_KEYS = ["D", "TRANSPOSED", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "RESCALE_G", "TF32",
+         "SINGLE_D", "BLOCK_D"]
+
+_TUNED = {}
+for (_kind, _family), _configs in _c._CONFIGS.items():
+    if _kind == "bwd_chunked":
+        _TUNED[_kind, _family] = triton.autotune(
+            _configs, key=_KEYS, prune_configs_by={"early_config_prune": _c._prune_chunked})(
+            _siglip_kernel)
+    else:
+        _TUNED[_kind, _family] = triton.autotune(_configs, key=_KEYS)(_siglip_kernel)
+
+
+def _launch(a, b, out, rest, flags):
+    """One launch over the rows of ``a``: interpreter, autotuned, or first configuration."""
+    NA, D = a.shape
+    NB = b.shape[0]
+    if NA == 0:
+        return
+    tf32 = bool(_c.ALLOW_TF32)
+    family, single, block_d = _c._tiling(D, a.dtype, tf32)
+    args = (a, b, out, *rest, NA, NB, D,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    flags = dict(flags, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
+    has_grad = flags["HAS_GRAD"]
+    if _INTERPRET:
+        block_dv = block_d if (single or not has_grad) else _c._INTERP_BLOCK_DV
+        n_v = max(1, triton.cdiv(D, block_dv)) if has_grad else 1
+        _siglip_kernel[(triton.cdiv(NA, _c._INTERP_BLOCK), n_v)](
+            *args, **flags, BLOCK_M=_c._INTERP_BLOCK, BLOCK_N=_c._INTERP_BLOCK, BLOCK_DV=block_dv)
+        return
+    if not has_grad:
+        kind = "fwd"
+        flags["BLOCK_DV"] = block_d
+
+        def grid(meta):
+            return (triton.cdiv(NA, meta["BLOCK_M"]), 1)
+    elif single:
+        kind = "bwd_single"
+        flags["BLOCK_DV"] = block_d
+
+        def grid(meta):
+            return (triton.cdiv(NA, meta["BLOCK_M"]), 1)
+    else:
+        kind = "bwd_chunked"
+
+        def grid(meta):
+            return (triton.cdiv(NA, meta["BLOCK_M"]), max(1, triton.cdiv(D, meta["BLOCK_DV"])))
+    with torch.cuda.device(a.device):
+        if _c.AUTOTUNE:
+            _TUNED[kind, family][grid](*args, **flags)
+            return
+        configs = _c._CONFIGS[kind, family]
+        if kind == "bwd_chunked":
+            configs = _c._prune_chunked(configs, {"D": D})
+        cfg = configs[0]
+        _siglip_kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs,
+                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# launch wrappers
+# --------------------------------------------------------------------------------------------
+
+def _check_inputs(x, y, scale, bias):
+    assert x.dim() == 2 and y.dim() == 2 and x.shape == y.shape
+    assert x.dtype == y.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    assert scale.numel() == 1 and bias.numel() == 1
+
+
+def _grad_launches(x, y, scale, bias, g, uniform, loss):
+    """``(dx, dy, dscale, dbias)``; with ``loss`` the row-parallel launch also writes it."""
+    N = x.shape[0]
+    f32 = torch.float32
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    ds_part = torch.empty(N, dtype=f32, device=x.device)
+    db_part = torch.empty(N, dtype=f32, device=x.device)
+    rescale = x.dtype == torch.float16
+    if rescale:
+        # |G| <= max |g| (a sigmoid is at most 1)
+        g_bound = torch.linalg.vector_norm(g.detach().float(), float("inf"))
+    else:
+        g_bound = ds_part
+    flags = dict(HAS_GRAD=True, UNIFORM_G=uniform, RESCALE_G=rescale)
+    _launch(x, y, dx, (scale, bias, g, g_bound, ds_part if loss is None else loss,
+                       ds_part, db_part),
+            dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None))
+    _launch(y, x, dy, (scale, bias, g, g_bound, ds_part, ds_part, db_part),
+            dict(flags, TRANSPOSED=True, WRITE_LOSS=False))
+    return dx, dy, ds_part.sum().to(scale.dtype), db_part.sum().to(bias.dtype)
+
+
+def siglip_fwd(x, y, scale, bias):
+    """Per-row sums ``[N]`` (fp32) of ``softplus(-z_ij s_ij)`` over every column ``j``."""
+    _check_inputs(x, y, scale, bias)
+    loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _launch(x, y, loss.view(-1, 1), (scale, bias, loss, loss, loss, loss, loss),
+            dict(TRANSPOSED=False, WRITE_LOSS=True, HAS_GRAD=False, UNIFORM_G=False,
+                 RESCALE_G=False))
+    return loss
+
+
+def siglip_bwd(g_row, x, y, scale, bias):
+    """Gradients ``(dx, dy, dscale, dbias)`` of ``sum_i g_row[i] * row_loss[i]``.
+
+    ``dx`` / ``dy`` in the input dtype, ``dscale`` / ``dbias`` 0-dim in the dtypes of
+    ``scale`` / ``bias``. The logit tiles are recomputed; extra memory is ``O(N)``.
+    """
+    _check_inputs(x, y, scale, bias)
+    g = g_row.detach().to(torch.float32).contiguous()
+    return _grad_launches(x, y, scale, bias, g, False, None)
+
+
+def siglip_fused(x, y, scale, bias, mean: bool):
+    """Loss and gradients in one pass: ``(loss, dx, dy, dscale, dbias)``.
+
+    ``loss`` is the 0-dim fp32 sum of every pair's term, divided by ``N`` when ``mean``; the
+    gradients are those of ``loss`` (a uniform upstream gradient ``1/N`` or ``1`` per row).
+    """
+    _check_inputs(x, y, scale, bias)
+    N = x.shape[0]
+    g = torch.full((), 1.0 / N if mean else 1.0, dtype=torch.float32, device=x.device)
+    rows = torch.empty(N, dtype=torch.float32, device=x.device)
+    dx, dy, dscale, dbias = _grad_launches(x, y, scale, bias, g, True, rows)
+    loss = rows.sum()
+    if mean:
+        loss = loss / N
+    return loss, dx, dy, dscale, dbias
