@@ -35,7 +35,8 @@ test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VPY) -m benchmarks.bench_cpu_contrastive
+	$(VPY) -m pytest -q benchmarks/test_bench_losses.py --benchmark-enable --benchmark-columns=min,median,rounds
+	$(VPY) -m benchmarks.report --quick
 
 info: $(STAMP)
 	$(VPY) -m fastcl info
