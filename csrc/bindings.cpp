@@ -2,6 +2,129 @@
 // fused ops. Argument checks with user-facing messages live here, at the boundary.
 #include <torch/extension.h>
 
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "cpu/contrastive.h"
+
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+std::string dtype_str(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
+
+void check_cpu(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), fn, " expects CPU tensors, got ", t.device().str(), " for ",
+              name);
+}
+
+void check_features(const char* fn, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.defined() && k.defined(), fn, ": q and k must be tensors");
+  check_cpu(fn, "q", q);
+  check_cpu(fn, "k", k);
+  TORCH_CHECK(q.dim() == 2, fn, ": q must be a 2-D tensor [R, D], got shape ", shape_str(q));
+  TORCH_CHECK(k.dim() == 2, fn, ": k must be a 2-D tensor [C, D], got shape ", shape_str(k));
+  TORCH_CHECK(q.size(1) == k.size(1), fn,
+              ": q and k must have the same feature size D, got q of shape ", shape_str(q),
+              " and k of shape ", shape_str(k));
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              fn, ": q and k must be float32, float64, bfloat16 or float16, got ", dtype_str(q));
+  TORCH_CHECK(k.scalar_type() == st, fn, ": q and k must have the same dtype, got q ",
+              dtype_str(q), " and k ", dtype_str(k));
+  TORCH_CHECK(q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31), fn,
+              ": R and C must be below 2^31, got R = ", q.size(0), " and C = ", k.size(0));
+}
+
+void check_scalar(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor");
+  check_cpu(fn, name, t);
+  TORCH_CHECK(t.numel() == 1 && t.dim() <= 1, fn, ": ", name,
+              " must be a scalar (0-dim) tensor, got shape ", shape_str(t));
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
+              " must be a floating-point tensor, got ", dtype_str(t));
+}
+
+void check_index(const char* fn, const char* name, const OptT& t, int64_t n, const char* what) {
+  if (!t.has_value()) return;
+  check_cpu(fn, name, *t);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
+              what, " = ", n, ", got shape ", shape_str(*t));
+  TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), fn, ": ", name,
+              " must be an integer tensor (int64), got ", dtype_str(*t));
+}
+
+void check_masks(const char* fn, const at::Tensor& q, const at::Tensor& k, const OptT& targets,
+                 const OptT& row_labels, const OptT& col_labels) {
+  TORCH_CHECK(row_labels.has_value() == col_labels.has_value(), fn,
+              ": row_labels and col_labels must be given together (label mode) or both be None");
+  check_index(fn, "targets", targets, q.size(0), "R (rows of q)");
+  check_index(fn, "row_labels", row_labels, q.size(0), "R (rows of q)");
+  check_index(fn, "col_labels", col_labels, k.size(0), "C (rows of k)");
+}
+
+void check_vec(const char* fn, const char* name, const OptT& t, int64_t n, const char* what) {
+  if (!t.has_value()) return;
+  check_cpu(fn, name, *t);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
+              what, " = ", n, ", got shape ", shape_str(*t));
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), fn, ": ", name,
+              " must be a floating-point tensor, got ", dtype_str(*t));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+    const OptT& targets, const OptT& row_labels, const OptT& col_labels, bool exclude_diag,
+    bool decoupled, bool pos_lse, bool col_stats) {
+  const char* fn = "contrastive_fwd_cpu";
+  check_features(fn, q, k);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  check_masks(fn, q, k, targets, row_labels, col_labels);
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::contrastive_fwd_cpu(q, k, scale, bias, targets, row_labels, col_labels,
+                                          exclude_diag, decoupled, pos_lse, col_stats);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const OptT& g_lse, const OptT& g_pos, const OptT& g_mean, const OptT& g_col_lse,
+    const OptT& g_col_mean, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+    const at::Tensor& bias, const OptT& targets, const OptT& row_labels, const OptT& col_labels,
+    const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
+    const at::Tensor& col_lse, bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
+  const char* fn = "contrastive_bwd_cpu";
+  check_features(fn, q, k);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  check_masks(fn, q, k, targets, row_labels, col_labels);
+  const int64_t R = q.size(0), C = k.size(0);
+  check_vec(fn, "g_lse", g_lse, R, "R");
+  check_vec(fn, "g_pos", g_pos, R, "R");
+  check_vec(fn, "g_mean", g_mean, R, "R");
+  check_vec(fn, "g_col_lse", g_col_lse, C, "C");
+  check_vec(fn, "g_col_mean", g_col_mean, C, "C");
+  TORCH_CHECK(col_stats || (!g_col_lse.has_value() && !g_col_mean.has_value()), fn,
+              ": g_col_lse / g_col_mean were given but col_stats is False");
+  check_vec(fn, "lse", lse, R, "R");
+  check_vec(fn, "pos", pos, R, "R");
+  check_vec(fn, "npos", npos, R, "R");
+  if (col_stats && g_col_lse.has_value()) check_vec(fn, "col_lse", col_lse, C, "C");
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::contrastive_bwd_cpu(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k,
+                                          scale, bias, targets, row_labels, col_labels, lse, pos,
+                                          npos, col_lse, exclude_diag, decoupled, pos_lse,
+                                          col_stats);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcl compiled kernels";
 #ifdef FASTCL_WITH_CUDA
@@ -9,4 +132,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
+  m.def("contrastive_fwd_cpu", &fwd_cpu,
+        "Statistics (lse, pos, npos, mean, col_lse, col_mean) of scale * q @ k.T + bias on CPU; "
+        "see fastcl.reference.contrastive for the definitions.",
+        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
+        py::arg("row_labels"), py::arg("col_labels"), py::arg("exclude_diag"),
+        py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
+  m.def("contrastive_bwd_cpu", &bwd_cpu,
+        "Gradients (dq, dk, dscale, dbias) of the contrastive statistics on CPU, recomputing the "
+        "logits slab by slab.",
+        py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("g_col_lse"),
+        py::arg("g_col_mean"), py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"),
+        py::arg("targets"), py::arg("row_labels"), py::arg("col_labels"), py::arg("lse"),
+        py::arg("pos"), py::arg("npos"), py::arg("col_lse"), py::arg("exclude_diag"),
+        py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
+  m.def("cpu_slab_bytes", &fastcl::cpu::slab_bytes,
+        "Bytes of logits per slab of the CPU kernels (env FASTCL_CPU_SLAB_BYTES, read per call).");
+  m.def("cpu_kernel_isa", &fastcl::cpu::kernel_isa,
+        "Instruction-set variant of the CPU row kernels: 'avx2' or 'generic' "
+        "(FASTCL_CPU_ISA=generic forces the portable one).");
 }

@@ -1,0 +1,254 @@
+"""Symmetric CLIP loss on CPU, forward + backward: the fused C++ kernels against eager PyTorch.
+
+Implementations:
+
+- ``eager``: materialized logits, ``F.cross_entropy`` in both directions (what open_clip does);
+- ``fused``: :func:`fastcl.ops.contrastive.contrastive_stats` with ``backend="cpu"`` composed into
+  the loss ``0.5 * mean(lse - pos) + 0.5 * mean(col_lse - pos)`` (targets ``arange``,
+  ``col_stats=True``): the compiled kernels of ``fastcl._C``;
+- ``slabs`` (opt-in): what a careful user writes without custom kernels: row slabs of plain
+  PyTorch ops (1024 rows), logits recomputed in the backward.
+
+Each implementation runs in a fresh subprocess (so its peak RSS is its own): one warm-up at a
+small size, then ``--reps`` timed forward + backward passes on unit-norm fp32 inputs with logit
+scale 1/0.07 (a leaf that requires grad, as in CLIP). Reported: the median time, the peak RSS
+beyond what the process held before the pass (reset through ``/proc/self/clear_refs``), the
+effective GFLOP/s (``8 N^2 D / s``, four GEMMs), and the ratios to eager.
+
+    python -m benchmarks.bench_cpu_contrastive --n 16384 --d 256
+    python -m benchmarks.bench_cpu_contrastive --n 8192 16384 32768 --impl eager fused slabs --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLS = ("eager", "fused", "slabs")
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses
+
+
+def eager_clip(q, k, scale):
+    logits = scale * q @ k.T
+    t = torch.arange(q.shape[0])
+    return (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t)) / 2
+
+
+def fused_clip(q, k, scale):
+    from fastcl.ops.contrastive import contrastive_stats
+
+    t = torch.arange(q.shape[0])
+    bias = torch.zeros((), dtype=scale.dtype)
+    lse, pos, _npos, _mean, col_lse, _col_mean = contrastive_stats(
+        q, k, scale, bias, t, col_stats=True, backend="cpu")
+    return 0.5 * (lse - pos).mean() + 0.5 * (col_lse - pos).mean()
+
+
+class _SlabCLIP(torch.autograd.Function):
+    """Symmetric CLIP loss in row slabs of plain PyTorch ops (no N x N buffer)."""
+
+    ROWS = 1024
+
+    @staticmethod
+    def forward(ctx, q, k, scale):
+        n, rows = q.shape[0], _SlabCLIP.ROWS
+        lse = torch.empty(n)
+        col_m = torch.full((n,), float("-inf"))
+        col_s = torch.zeros(n)
+        diag = (q * k).sum(1) * scale
+        for r0 in range(0, n, rows):
+            s = scale * (q[r0:r0 + rows] @ k.T)
+            lse[r0:r0 + rows] = torch.logsumexp(s, 1)
+            m = torch.maximum(col_m, s.max(0).values)
+            col_s = col_s * torch.exp(col_m - m) + torch.exp(s - m).sum(0)
+            col_m = m
+        col_lse = col_m + torch.log(col_s)
+        ctx.save_for_backward(q, k, scale, lse, col_lse)
+        return 0.5 * (lse - diag).mean() + 0.5 * (col_lse - diag).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, scale, lse, col_lse = ctx.saved_tensors
+        n, rows = q.shape[0], _SlabCLIP.ROWS
+        dq, dk = torch.empty_like(q), torch.zeros_like(k)
+        dscale = torch.zeros(())
+        w = g / (2 * n)
+        for r0 in range(0, n, rows):
+            qs = q[r0:r0 + rows]
+            raw = qs @ k.T
+            s = scale * raw
+            G = torch.exp(s - lse[r0:r0 + rows, None]) + torch.exp(s - col_lse[None, :])
+            idx = torch.arange(r0, min(r0 + rows, n))
+            G[idx - r0, idx] -= 2
+            G *= w
+            dscale += (G * raw).sum()
+            dq[r0:r0 + rows] = scale * (G @ k)
+            dk.addmm_(G.T, qs, alpha=float(scale))
+        return dq, dk, dscale
+
+
+def slab_clip(q, k, scale):
+    return _SlabCLIP.apply(q, k, scale)
+
+
+LOSSES = {"eager": eager_clip, "fused": fused_clip, "slabs": slab_clip}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one implementation in its own process
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _inputs(n: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    k = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    scale = torch.tensor(1 / 0.07, requires_grad=True)
+    return q, k, scale
+
+
+def _step(loss_fn, q, k, scale):
+    for x in (q, k, scale):
+        x.grad = None
+    loss = loss_fn(q, k, scale)
+    loss.backward()
+    return loss
+
+
+def worker(impl: str, n: int, d: int, reps: int, seed: int) -> dict:
+    loss_fn = LOSSES[impl]
+    _step(loss_fn, *_inputs(256, d, seed))  # warm-up: libraries, thread pools, the extension
+    q, k, scale = _inputs(n, d, seed)
+    times, peaks = [], []
+    loss = None
+    for _ in range(reps):
+        for x in (q, k, scale):
+            x.grad = None
+        can_reset = _reset_peak()
+        before = _status("VmRSS")
+        t0 = time.perf_counter()
+        loss = _step(loss_fn, q, k, scale)
+        times.append(time.perf_counter() - t0)
+        peak = _status("VmHWM")  # without a reset: the process peak so far
+        peaks.append(max(0, peak - before))
+    return dict(impl=impl, n=n, d=d, times_s=times, time_s=statistics.median(times),
+                peak_extra_bytes=max(peaks), peak_reset=can_reset, loss=float(loss),
+                grad_norms=[float(x.grad.norm()) for x in (q, k, scale)],
+                threads=torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_one(impl: str, n: int, d: int, reps: int, seed: int, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_cpu_contrastive", "--worker", impl,
+           "--n", str(n), "--d", str(d), "--reps", str(reps), "--seed", str(seed)]
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(impl=impl, n=n, d=d, error=f"timed out after {timeout:.0f} s")
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return dict(impl=impl, n=n, d=d, error=" | ".join(tail) or f"exit {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt_bytes(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def table(results: list) -> str:
+    rows = ["| N x D | impl | fwd+bwd (s) | peak extra RSS | GFLOP/s | time / eager | memory / eager |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = next((x for x in results if x["impl"] == "eager" and x["n"] == r["n"]
+                     and "error" not in x), None)
+        if "error" in r:
+            rows.append(f"| {r['n']} x {r['d']} | {r['impl']} | - | - | - | - | - ({r['error']}) |")
+            continue
+        gflops = 8 * r["n"] ** 2 * r["d"] / r["time_s"] / 1e9
+        tr = f"{r['time_s'] / base['time_s']:.2f}" if base else "-"
+        mr = f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.3f}" if base else "-"
+        rows.append(f"| {r['n']} x {r['d']} | {r['impl']} | {r['time_s']:.2f} | "
+                    f"{_fmt_bytes(r['peak_extra_bytes'])} | {gflops:.0f} | {tr} | {mr} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[16384], help="N = M (rows of q and k)")
+    p.add_argument("--d", type=int, default=256, help="feature dimension D")
+    p.add_argument("--impl", nargs="+", default=["eager", "fused"], choices=IMPLS)
+    p.add_argument("--reps", type=int, default=1, help="timed passes per implementation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per implementation")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.n[0], args.d, args.reps, args.seed)))
+        return 0
+
+    results = []
+    for n in args.n:
+        for impl in args.impl:
+            r = run_one(impl, n, args.d, args.reps, args.seed, args.timeout)
+            results.append(r)
+            if "error" in r:
+                print(f"N={n} {impl}: {r['error']}", flush=True)
+            else:
+                print(f"N={n} {impl}: {r['time_s']:.2f} s, peak extra "
+                      f"{_fmt_bytes(r['peak_extra_bytes'])}, loss {r['loss']:.6f}", flush=True)
+    ok = [r for r in results if "error" not in r]
+    for n in args.n:
+        losses = {r["impl"]: r["loss"] for r in ok if r["n"] == n}
+        if "eager" in losses:
+            for impl, v in losses.items():
+                if abs(v - losses["eager"]) > 1e-4 * max(1.0, abs(losses["eager"])):
+                    print(f"WARNING: N={n} {impl} loss {v} differs from eager {losses['eager']}")
+    print()
+    print(f"Symmetric CLIP loss, fp32, forward + backward, {platform.machine()} "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {ok[0]['threads'] if ok else '?'} "
+          f"threads, median of {args.reps}")
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(results=results, torch=torch.__version__, cpus=os.cpu_count(),
+                           machine=platform.machine()), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,604 @@
+// CPU backend of the fused contrastive primitive.
+//
+// Schedule: the rows of q are processed in slabs of S rows, S chosen so that the S x C slab of
+// raw dot products l = q_r . k_c fits a fixed byte budget (slab_bytes(), 64 MiB by default; it
+// does not grow with R). One GEMM per slab (at::mm_out into a reused buffer, fp32 or fp64), then
+// fused row kernels (contrastive_rows.h) run under at::parallel_for, one chunk of rows per thread:
+//
+// - forward: per tile of rows x columns, a pass for the row maxima (and the tile's column maxima)
+//   and a pass for the sums of exponentials, merged online into running row statistics and into
+//   each chunk's running column statistics; the chunks' column statistics are merged in chunk
+//   order at the end, so one sweep gives row and column LSEs. Means need no pass over the logits:
+//   sum_c s_rc = scale * q_r . sum_c k_c + C * bias (fp64), minus the excluded entries.
+// - backward: the slab's logits are recomputed and turned in place into G (one pass, the formula
+//   of fastcl/reference/contrastive.py, also summing G and G * l for dbias and dscale), then
+//   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm).
+//
+// Logits are handled in log2 units (scale and bias premultiplied by log2 e) so that every
+// exponential is a 2^x; where the maxima of a tile are close enough, one 2^(s - M) per element
+// serves both the row and the column direction.
+//
+// Nothing of size R x C is held: the extra memory is one slab, fp32 copies of k (when k is not
+// fp32) and of one q slab, the gradient accumulator of k, and O(R + C) statistics.
+#include "contrastive.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 32-byte vector types passed between inline helpers of the generic (SSE2) variant.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace fastcl {
+namespace cpu {
+namespace {
+
+constexpr int64_t kDefaultSlabBytes = int64_t(64) << 20;
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+// Forward tiles (rows x columns) sized for the L2 cache: the second pass re-reads the tile.
+constexpr int kRowBlock = 32;
+constexpr int64_t kColBlock = 2048;
+// Backward tiles: one pass; the sizes set how often the per-row / per-column factors are made.
+constexpr int kBwdRowBlock = 64;
+constexpr int64_t kBwdColBlock = 1024;
+
+typedef float VecF __attribute__((vector_size(32)));
+typedef double VecD __attribute__((vector_size(32)));
+
+template <class T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  using V = VecF;
+  using M = decltype(V{} < V{});
+  using I = std::remove_cv_t<std::remove_reference_t<decltype(M{}[0])>>;
+  static constexpr int W = 8;
+};
+
+template <>
+struct Lanes<double> {
+  using V = VecD;
+  using M = decltype(V{} < V{});
+  using I = std::remove_cv_t<std::remove_reference_t<decltype(M{}[0])>>;
+  static constexpr int W = 4;
+};
+
+// Columns of row gr that are special: the excluded diagonal (dcol), the target (tcol, target
+// mode), the row's label class (rid, label mode); -1 when absent.
+struct RowGeom {
+  int64_t dcol, tcol, rid;
+};
+
+template <class T>
+struct FwdArgs {
+  using I = typename Lanes<T>::I;
+  int64_t R, C, r0;
+  T a, b;                  // scale and bias
+  T a2, b2;                // the same times log2(e): the kernels work in log2 units
+  T span;                  // widest spread of maxima (log2 units) for one shared shift per tile
+  bool exclude_diag, decoupled, pos_lse, col_stats, labels;
+  const int64_t* targets;  // [R] or nullptr
+  const I* row_id;         // label mode: class of each row (-1: no column has its label)
+  const I* col_id;         // label mode: class of each column (padded with -1)
+  const T* L;              // slab [rows, C] of raw dot products, row-major, padded
+  T *lse, *pos, *npos, *mean;
+};
+
+template <class T>
+struct BwdArgs {
+  using I = typename Lanes<T>::I;
+  int64_t R, C, r0;
+  T a, b, a2, b2;
+  T span;
+  bool exclude_diag, decoupled, pos_lse, labels;
+  const int64_t* targets;
+  const I* row_id;
+  const I* col_id;
+  T* L;                             // slab: raw dot products in, G out
+  const T *g_lse, *g_pos, *g_mean;  // [R] or nullptr
+  const T *lse, *pos, *npos;        // [R]
+  // Per column, padded by one vector:
+  const T* col_lse;                 // saved column LSE in log2 units (0 where it is -inf)
+  const T* g_col_lse;               // g_col_lse (0 where the column LSE is -inf) or nullptr
+  const T* g_col_mean;              // g_col_mean / |allowed(:, c)| (zeros when absent)
+  // Per backward column block, over columns with g_col_lse != 0: max and min of col_lse.
+  const T* cb_max;
+  const T* cb_min;
+};
+
+template <class A>
+inline RowGeom row_geom(const A& P, int64_t gr) {
+  RowGeom g;
+  g.dcol = (P.exclude_diag && gr < P.C) ? gr : -1;
+  g.tcol = -1;
+  g.rid = -1;
+  if (P.labels) {
+    g.rid = P.row_id[gr];
+  } else if (P.targets != nullptr) {
+    const int64_t t = P.targets[gr];
+    if (t >= 0 && t < P.C && t != g.dcol) g.tcol = t;
+  }
+  return g;
+}
+
+// Running (max, sum of 2^(x - max)) merged with a partial (pm, ps), ps relative to pm; log2 units.
+template <class T>
+inline void lse_merge_scalar(T& m, T& s, T pm, T ps) {
+  if (!(pm > -std::numeric_limits<T>::infinity())) return;
+  if (pm > m) {
+    s = s * std::exp2(m - pm) + ps;
+    m = pm;
+  } else {
+    s += ps * std::exp2(pm - m);
+  }
+}
+
+namespace generic_isa {
+#define FASTCL_TGT
+#include "contrastive_rows.h"
+#undef FASTCL_TGT
+}  // namespace generic_isa
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTCL_CPU_AVX2 1
+namespace avx2_isa {
+#define FASTCL_TGT __attribute__((target("avx2,fma")))
+#include "contrastive_rows.h"
+#undef FASTCL_TGT
+}  // namespace avx2_isa
+#endif
+
+bool use_avx2() {
+#ifdef FASTCL_CPU_AVX2
+  const char* env = std::getenv("FASTCL_CPU_ISA");
+  if (env != nullptr && std::string(env) == "generic") return false;
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+template <class T>
+struct Kernels {
+  void (*fwd)(const FwdArgs<T>&, int64_t, int64_t, T*, T*, T*, T*);
+  void (*bwd)(const BwdArgs<T>&, int64_t, int64_t, double*, double*, T*);
+};
+
+template <class T>
+Kernels<T> kernels() {
+#ifdef FASTCL_CPU_AVX2
+  if (use_avx2()) return {&avx2_isa::fwd_rows<T>, &avx2_isa::bwd_rows<T>};
+#endif
+  return {&generic_isa::fwd_rows<T>, &generic_isa::bwd_rows<T>};
+}
+
+int64_t slab_rows(int64_t R, int64_t C, int64_t elem) {
+  if (C <= 0) return std::max<int64_t>(R, 1);
+  const int64_t rows = slab_bytes() / (C * elem);
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(R, 1)));
+}
+
+// Dense class ids of the labels: columns get 0..n-1, a row gets its label's id or -1.
+template <class I>
+void label_ids(const at::Tensor& row_labels, const at::Tensor& col_labels, std::vector<I>& rid,
+               std::vector<I>& cid) {
+  const at::Tensor rl = row_labels.to(at::kLong).contiguous();
+  const at::Tensor cl = col_labels.to(at::kLong).contiguous();
+  const int64_t R = rl.numel(), C = cl.numel();
+  const int64_t* rp = rl.data_ptr<int64_t>();
+  const int64_t* cp = cl.data_ptr<int64_t>();
+  std::unordered_map<int64_t, I> ids;
+  ids.reserve(static_cast<size_t>(C));
+  cid.resize(static_cast<size_t>(C));
+  rid.resize(static_cast<size_t>(R));
+  for (int64_t c = 0; c < C; ++c)
+    cid[c] = ids.emplace(cp[c], static_cast<I>(ids.size())).first->second;
+  for (int64_t r = 0; r < R; ++r) {
+    const auto it = ids.find(rp[r]);
+    rid[r] = it == ids.end() ? I(-1) : it->second;
+  }
+}
+
+template <class T>
+constexpr at::ScalarType scalar_type_of() {
+  return std::is_same<T, double>::value ? at::kDouble : at::kFloat;
+}
+
+// Largest spread between the maxima of a tile for which one shared shift M serves every exp of
+// the tile: exp(x - M) then stays a normal number for every maximum x (fp32: e^-60 >> 1e-38).
+// FASTCL_CPU_EXP_SPAN overrides it (a negative value always takes separate shifts). Returned in
+// log2 units.
+template <class T>
+T exp_span() {
+  double v = std::is_same<T, double>::value ? 600.0 : 60.0;
+  const char* env = std::getenv("FASTCL_CPU_EXP_SPAN");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const double e = std::strtod(env, &end);
+    if (end != env) v = e;
+  }
+  return static_cast<T>(v * kLog2e);
+}
+
+// Chunks of a slab's rows, one per thread (fixed for the whole call: per-chunk state merges in
+// chunk order, so results do not depend on scheduling).
+int64_t num_chunks(int64_t S) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), S));
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_impl(
+    const at::Tensor& q, const at::Tensor& k, double scale, double bias,
+    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
+    const std::optional<at::Tensor>& col_labels, bool exclude_diag, bool decoupled, bool pos_lse,
+    bool col_stats) {
+  using I = typename Lanes<T>::I;
+  constexpr int W = Lanes<T>::W;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t R = q.size(0), C = k.size(0);
+  const at::ScalarType st = scalar_type_of<T>();
+  const auto opt = q.options().dtype(st);
+  at::Tensor lse = at::empty({R}, opt), pos = at::empty({R}, opt);
+  at::Tensor npos = at::empty({R}, opt), mean = at::empty({R}, opt);
+  at::Tensor col_lse = at::empty({col_stats ? C : 0}, opt);
+  at::Tensor col_mean = at::empty({col_stats ? C : 0}, opt);
+
+  const bool labels = row_labels.has_value() && col_labels.has_value();
+  std::vector<I> rid, cid;
+  if (labels) {
+    label_ids<I>(*row_labels, *col_labels, rid, cid);
+    cid.resize(static_cast<size_t>(C + W), I(-1));
+  }
+  at::Tensor tg;
+  if (!labels && targets.has_value()) tg = targets->to(at::kLong).contiguous();
+
+  const at::Tensor kf = k.to(st).contiguous();
+  // Sum of the keys in fp64: row sums of s (for the means) are q_r . ksum, no pass over s.
+  at::Tensor ksum = at::zeros({k.size(1)}, q.options().dtype(at::kDouble));
+  for (int64_t c0 = 0; c0 < C; c0 += 4096)
+    ksum.add_(kf.narrow(0, c0, std::min<int64_t>(4096, C - c0)).to(at::kDouble).sum(0));
+  at::Tensor qsum = at::zeros({q.size(1)}, q.options().dtype(at::kDouble));
+  std::vector<double> sdiag(static_cast<size_t>(exclude_diag ? std::min(R, C) : 0));
+
+  const int64_t S = slab_rows(R, C, sizeof(T));
+  at::Tensor buf = at::empty({R > 0 ? S * C + W : 0}, opt);
+  if (buf.numel() > 0) buf.narrow(0, S * C, W).zero_();  // padding: read by the last vector, masked
+
+  FwdArgs<T> P;
+  P.R = R;
+  P.C = C;
+  P.r0 = 0;
+  P.a = static_cast<T>(scale);
+  P.b = static_cast<T>(bias);
+  P.a2 = static_cast<T>(scale * kLog2e);
+  P.b2 = static_cast<T>(bias * kLog2e);
+  P.span = exp_span<T>();
+  P.exclude_diag = exclude_diag;
+  P.decoupled = decoupled;
+  P.pos_lse = pos_lse;
+  P.col_stats = col_stats;
+  P.labels = labels;
+  P.targets = tg.defined() ? tg.data_ptr<int64_t>() : nullptr;
+  P.row_id = labels ? rid.data() : nullptr;
+  P.col_id = labels ? cid.data() : nullptr;
+  P.L = nullptr;
+  P.lse = lse.data_ptr<T>();
+  P.pos = pos.data_ptr<T>();
+  P.npos = npos.data_ptr<T>();
+  P.mean = mean.data_ptr<T>();
+
+  // Per chunk: running column max and sum (C + W each), tile scratch (kColBlock + W each).
+  const int64_t nchunks = num_chunks(S);
+  const int64_t per_chunk = 2 * (C + W) + 2 * (kColBlock + W);
+  std::vector<T> cstate(static_cast<size_t>(col_stats ? nchunks * per_chunk : 0));
+  for (int64_t t = 0; t < (col_stats ? nchunks : 0); ++t) {
+    T* base = cstate.data() + t * per_chunk;
+    std::fill(base, base + C + W, ninf);
+    std::fill(base + C + W, base + per_chunk, T(0));
+  }
+  const Kernels<T> K = kernels<T>();
+  const double a = static_cast<double>(P.a), b = static_cast<double>(P.b);
+
+  for (int64_t r0 = 0; r0 < R; r0 += S) {
+    const int64_t s = std::min(S, R - r0);
+    const at::Tensor qs = q.narrow(0, r0, s).to(st).contiguous();
+    at::Tensor Ls = buf.narrow(0, 0, s * C).view({s, C});
+    at::mm_out(Ls, qs, kf.t());
+    P.r0 = r0;
+    P.L = Ls.data_ptr<T>();
+    const int64_t nc = std::min(nchunks, s);
+    T* cs = cstate.data();
+    at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t t = cb; t < ce; ++t) {
+        T* base = col_stats ? cs + t * per_chunk : nullptr;
+        T* cm = base;
+        T* cse = col_stats ? base + (C + W) : nullptr;
+        T* tcm = col_stats ? base + 2 * (C + W) : nullptr;
+        T* tcs = col_stats ? tcm + (kColBlock + W) : nullptr;
+        K.fwd(P, s * t / nc, s * (t + 1) / nc, cm, cse, tcm, tcs);
+      }
+    });
+    // Means: sum over the denominator set = sum over all columns (q_r . ksum, fp64) minus the
+    // excluded diagonal and, decoupled, the positives (the kernel left their sum in mean).
+    const at::Tensor qd = qs.to(at::kDouble);
+    const at::Tensor rs = at::mv(qd, ksum).contiguous();
+    qsum.add_(qd.sum(0));
+    const int64_t nd = exclude_diag ? std::max<int64_t>(0, std::min(s, C - r0)) : 0;
+    at::Tensor dd;
+    if (nd > 0) dd = (qd.narrow(0, 0, nd) * kf.narrow(0, r0, nd).to(at::kDouble)).sum(1).contiguous();
+    const double* rsp = rs.data_ptr<double>();
+    T* mp = P.mean;
+    const T* np = P.npos;
+    for (int64_t i = 0; i < s; ++i) {
+      const int64_t r = r0 + i;
+      double sum = a * rsp[i] + b * static_cast<double>(C);
+      double nden = static_cast<double>(C);
+      if (i < nd) {
+        const double sd = a * dd.data_ptr<double>()[i] + b;
+        sdiag[r] = sd;
+        sum -= sd;
+        nden -= 1.0;
+      }
+      if (decoupled) {
+        sum -= static_cast<double>(mp[r]);
+        nden -= static_cast<double>(np[r]);
+      }
+      mp[r] = nden > 0 ? static_cast<T>(sum / nden) : T(0);
+    }
+  }
+
+  if (col_stats) {
+    T* cl = col_lse.data_ptr<T>();
+    T* cmn = col_mean.data_ptr<T>();
+    const int64_t nc = std::min(nchunks, R);
+    // Column sums of s: k_c . qsum (fp64) in blocks of rows of k.
+    at::Tensor csum = at::empty({C}, q.options().dtype(at::kDouble));
+    for (int64_t c0 = 0; c0 < C; c0 += 4096) {
+      const int64_t n = std::min<int64_t>(4096, C - c0);
+      csum.narrow(0, c0, n).copy_(at::mv(kf.narrow(0, c0, n).to(at::kDouble), qsum));
+    }
+    const double* csp = csum.data_ptr<double>();
+    const T* cs = cstate.data();
+    at::parallel_for(0, C, 2048, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        T m = ninf, e = T(0);
+        for (int64_t t = 0; t < nc; ++t) {
+          const T* base = cs + t * per_chunk;
+          lse_merge_scalar<T>(m, e, base[c], base[C + W + c]);
+        }
+        cl[c] = m > ninf ? static_cast<T>((static_cast<double>(m) + std::log2(static_cast<double>(e))) * kLn2)
+                         : ninf;
+        double sum = a * csp[c] + b * static_cast<double>(R);
+        double cnt = static_cast<double>(R);
+        if (exclude_diag && c < R) {
+          sum -= sdiag[c];
+          cnt -= 1.0;
+        }
+        cmn[c] = cnt > 0 ? static_cast<T>(sum / cnt) : T(0);
+      }
+    });
+  }
+  return {lse, pos, npos, mean, col_lse, col_mean};
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
+    const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
+    const std::optional<at::Tensor>& g_mean, const std::optional<at::Tensor>& g_col_lse,
+    const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& scale_t, const at::Tensor& bias_t, double scale, double bias,
+    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
+    const std::optional<at::Tensor>& col_labels, const at::Tensor& lse, const at::Tensor& pos,
+    const at::Tensor& npos, const at::Tensor& col_lse, bool exclude_diag, bool decoupled,
+    bool pos_lse, bool col_stats) {
+  using I = typename Lanes<T>::I;
+  constexpr int W = Lanes<T>::W;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t R = q.size(0), C = k.size(0), D = q.size(1);
+  const at::ScalarType st = scalar_type_of<T>();
+  const auto opt = q.options().dtype(st);
+  auto acc = [&](const std::optional<at::Tensor>& t) -> at::Tensor {
+    return t.has_value() ? t->to(st).contiguous() : at::Tensor();
+  };
+  const at::Tensor gl = acc(g_lse), gp = acc(g_pos), gm = acc(g_mean);
+  const at::Tensor gcl = col_stats ? acc(g_col_lse) : at::Tensor();
+  const at::Tensor gcm = col_stats ? acc(g_col_mean) : at::Tensor();
+
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
+  at::Tensor dscale = at::empty_like(scale_t), dbias = at::empty_like(bias_t);
+  const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() || gcm.defined();
+  if (!any || R == 0 || C == 0) {
+    dq.zero_();
+    dk.zero_();
+    dscale.zero_();
+    dbias.zero_();
+    return {dq, dk, dscale, dbias};
+  }
+
+  const at::Tensor lse_a = lse.to(st).contiguous(), pos_a = pos.to(st).contiguous();
+  const at::Tensor npos_a = npos.to(st).contiguous();
+  // Per-column terms, padded by one vector; an empty column (LSE -inf) has no gradient.
+  std::vector<T> clse_v(static_cast<size_t>(C + W), T(0)), gcl_v, gcm_v(C + W, T(0));
+  const int64_t nblocks = (C + kBwdColBlock - 1) / kBwdColBlock;
+  std::vector<T> cb_max(static_cast<size_t>(nblocks), ninf), cb_min(nblocks, ninf);
+  if (gcl.defined()) {
+    gcl_v.assign(static_cast<size_t>(C + W), T(0));
+    const at::Tensor cl = col_lse.to(st).contiguous();
+    const T* clp = cl.data_ptr<T>();
+    const T* g = gcl.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      const bool ok = clp[c] > ninf;
+      clse_v[c] = ok ? static_cast<T>(static_cast<double>(clp[c]) * kLog2e) : T(0);
+      gcl_v[c] = ok ? g[c] : T(0);
+      if (gcl_v[c] != T(0)) {
+        T& mx = cb_max[c / kBwdColBlock];
+        T& mn = cb_min[c / kBwdColBlock];
+        if (!(mx > ninf)) {
+          mx = mn = clse_v[c];
+        } else {
+          mx = clse_v[c] > mx ? clse_v[c] : mx;
+          mn = clse_v[c] < mn ? clse_v[c] : mn;
+        }
+      }
+    }
+  }
+  if (gcm.defined()) {
+    const T* g = gcm.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double cnt = static_cast<double>(R) - ((exclude_diag && c < R) ? 1.0 : 0.0);
+      gcm_v[c] = cnt > 0 ? static_cast<T>(g[c] / cnt) : T(0);
+    }
+  }
+
+  const bool labels = row_labels.has_value() && col_labels.has_value();
+  std::vector<I> rid, cid;
+  if (labels) {
+    label_ids<I>(*row_labels, *col_labels, rid, cid);
+    cid.resize(static_cast<size_t>(C + W), I(-1));
+  }
+  at::Tensor tg;
+  if (!labels && targets.has_value()) tg = targets->to(at::kLong).contiguous();
+
+  const at::Tensor kf = k.to(st).contiguous();
+  const int64_t S = slab_rows(R, C, sizeof(T));
+  at::Tensor buf = at::empty({S * C + W}, opt);
+  buf.narrow(0, S * C, W).zero_();
+  at::Tensor dk_acc =
+      (k.scalar_type() == st && dk.is_contiguous()) ? dk : at::empty({C, D}, opt);
+  dk_acc.zero_();
+
+  BwdArgs<T> P;
+  P.R = R;
+  P.C = C;
+  P.r0 = 0;
+  P.a = static_cast<T>(scale);
+  P.b = static_cast<T>(bias);
+  P.a2 = static_cast<T>(scale * kLog2e);
+  P.b2 = static_cast<T>(bias * kLog2e);
+  P.span = exp_span<T>();
+  P.exclude_diag = exclude_diag;
+  P.decoupled = decoupled;
+  P.pos_lse = pos_lse;
+  P.labels = labels;
+  P.targets = tg.defined() ? tg.data_ptr<int64_t>() : nullptr;
+  P.row_id = labels ? rid.data() : nullptr;
+  P.col_id = labels ? cid.data() : nullptr;
+  P.L = nullptr;
+  P.g_lse = gl.defined() ? gl.data_ptr<T>() : nullptr;
+  P.g_pos = gp.defined() ? gp.data_ptr<T>() : nullptr;
+  P.g_mean = gm.defined() ? gm.data_ptr<T>() : nullptr;
+  P.lse = lse_a.data_ptr<T>();
+  P.pos = pos_a.data_ptr<T>();
+  P.npos = npos_a.data_ptr<T>();
+  P.col_lse = clse_v.data();
+  P.g_col_lse = gcl.defined() ? gcl_v.data() : nullptr;
+  P.g_col_mean = gcm_v.data();
+  P.cb_max = cb_max.data();
+  P.cb_min = cb_min.data();
+
+  const int64_t nchunks = num_chunks(S);
+  std::vector<T> scratch(static_cast<size_t>(nchunks * (kBwdColBlock + W)));
+  std::vector<double> db(static_cast<size_t>(S)), ds(static_cast<size_t>(S));
+  double dscale_acc = 0.0, dbias_acc = 0.0;
+  const Kernels<T> K = kernels<T>();
+
+  for (int64_t r0 = 0; r0 < R; r0 += S) {
+    const int64_t s = std::min(S, R - r0);
+    const at::Tensor qs = q.narrow(0, r0, s).to(st).contiguous();
+    at::Tensor Ls = buf.narrow(0, 0, s * C).view({s, C});
+    at::mm_out(Ls, qs, kf.t());
+    P.r0 = r0;
+    P.L = Ls.data_ptr<T>();
+    const int64_t nc = std::min(nchunks, s);
+    T* scr = scratch.data();
+    at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t t = cb; t < ce; ++t)
+        K.bwd(P, s * t / nc, s * (t + 1) / nc, db.data(), ds.data(),
+              scr + t * (kBwdColBlock + W));
+    });
+    for (int64_t i = 0; i < s; ++i) {
+      dbias_acc += db[i];
+      dscale_acc += ds[i];
+    }
+    at::Tensor U = at::mm(Ls, kf);  // G @ k
+    dq.narrow(0, r0, s).copy_(U.mul_(scale));
+    dk_acc.addmm_(Ls.t(), qs, 1.0, scale);
+  }
+  if (!dk_acc.is_same(dk)) dk.copy_(dk_acc);
+  dscale.fill_(dscale_acc);
+  dbias.fill_(dbias_acc);
+  return {dq, dk, dscale, dbias};
+}
+
+double scalar_value(const at::Tensor& t) {
+  return t.to(at::kDouble).reshape({}).item<double>();
+}
+
+}  // namespace
+
+int64_t slab_bytes() {
+  const char* env = std::getenv("FASTCL_CPU_SLAB_BYTES");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    if (end != env && v > 0) return static_cast<int64_t>(v);
+  }
+  return kDefaultSlabBytes;
+}
+
+const char* kernel_isa() { return use_avx2() ? "avx2" : "generic"; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                    const at::Tensor& bias, const std::optional<at::Tensor>& targets,
+                    const std::optional<at::Tensor>& row_labels,
+                    const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                    bool decoupled, bool pos_lse, bool col_stats) {
+  const double a = scalar_value(scale), b = scalar_value(bias);
+  if (q.scalar_type() == at::kDouble)
+    return fwd_impl<double>(q, k, a, b, targets, row_labels, col_labels, exclude_diag, decoupled,
+                            pos_lse, col_stats);
+  return fwd_impl<float>(q, k, a, b, targets, row_labels, col_labels, exclude_diag, decoupled,
+                         pos_lse, col_stats);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
+                    const std::optional<at::Tensor>& g_mean,
+                    const std::optional<at::Tensor>& g_col_lse,
+                    const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
+                    const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                    const std::optional<at::Tensor>& targets,
+                    const std::optional<at::Tensor>& row_labels,
+                    const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,
+                    const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
+                    bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
+  const double a = scalar_value(scale), b = scalar_value(bias);
+  if (q.scalar_type() == at::kDouble)
+    return bwd_impl<double>(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, a, b,
+                            targets, row_labels, col_labels, lse, pos, npos, col_lse,
+                            exclude_diag, decoupled, pos_lse, col_stats);
+  return bwd_impl<float>(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, a, b,
+                         targets, row_labels, col_labels, lse, pos, npos, col_lse, exclude_diag,
+                         decoupled, pos_lse, col_stats);
+}
+
+}  // namespace cpu
+}  // namespace fastcl

@@ -1,0 +1,45 @@
+// CPU kernels of the fused contrastive primitive (see fastcl/reference/contrastive.py for the
+// definitions of every statistic and of the gradient).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace fastcl {
+namespace cpu {
+
+// (lse, pos, npos, mean, col_lse, col_mean) of s = scale * q @ k.T + bias. Statistics are fp32
+// (fp64 for fp64 inputs); col_lse and col_mean are empty unless col_stats.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                    const at::Tensor& bias, const std::optional<at::Tensor>& targets,
+                    const std::optional<at::Tensor>& row_labels,
+                    const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                    bool decoupled, bool pos_lse, bool col_stats);
+
+// (dq, dk, dscale, dbias) from the gradients of the statistics (any of them may be absent).
+// dq/dk have the dtype (and, where dense, the strides) of q/k; dscale/dbias those of scale/bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
+                    const std::optional<at::Tensor>& g_mean,
+                    const std::optional<at::Tensor>& g_col_lse,
+                    const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
+                    const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                    const std::optional<at::Tensor>& targets,
+                    const std::optional<at::Tensor>& row_labels,
+                    const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,
+                    const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
+                    bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats);
+
+// Bytes of logits held per slab: FASTCL_CPU_SLAB_BYTES when set, else the default (64 MiB).
+int64_t slab_bytes();
+
+// Name of the instruction-set variant of the row kernels in use ("avx2" or "generic");
+// FASTCL_CPU_ISA=generic forces the portable one.
+const char* kernel_isa();
+
+}  // namespace cpu
+}  // namespace fastcl

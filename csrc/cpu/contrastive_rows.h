@@ -1,0 +1,608 @@
+// Row kernels of the CPU contrastive primitive: fused elementwise passes over one slab of logits.
+//
+// Compiled once per instruction-set variant: contrastive.cpp includes this file several times,
+// each time inside its own namespace and with FASTCL_TGT defined as that variant's function
+// attribute (e.g. target("avx2,fma")). Hence no include guard. The vector code uses GCC/Clang
+// vector extensions (32-byte vectors: 8 floats or 4 doubles), so one source serves every
+// variant; the types and argument structs come from contrastive.cpp.
+//
+// The slab holds raw dot products l = q_r . k_c; every pass recomputes the logit in log2 units,
+// s2 = log2(e) * (scale * l + bias), so that every exponential is a 2^x. Work is done in tiles
+// (kRowBlock rows x kColBlock columns in the forward) so that the second pass over a tile hits
+// the cache. Per-column arrays are padded by one vector, and the slab by one vector at its end,
+// so a row's last partial vector may be loaded whole (its extra lanes are masked).
+//
+// Exponentials: where all the maxima that matter in a tile (row maxima or LSEs, column maxima or
+// LSEs) lie within P.span of the tile's largest one M, a single 2^(s2 - M) per element serves
+// both the row and the column sums (forward) and both gradient terms (backward, through per-row
+// and per-column factors 2^(M - lse)); otherwise each direction takes its own exponential with
+// its own shift. Statistics leave the kernels in natural units.
+
+#define FASTCL_FN FASTCL_TGT inline __attribute__((always_inline))
+
+template <class V, class S>
+FASTCL_FN V vsplat(S x) {
+  V v = {};
+  return v + x;
+}
+
+template <class M>
+FASTCL_FN M viota() {
+  M m = {};
+  for (int i = 0; i < static_cast<int>(sizeof(M) / sizeof(m[0])); ++i) m[i] = i;
+  return m;
+}
+
+template <class V, class T>
+FASTCL_FN V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <class V, class T>
+FASTCL_FN void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <class V>
+FASTCL_FN V vmax(const V& a, const V& b) {
+  return a > b ? a : b;
+}
+
+// 2^x with a relative error below 3e-7; exactly 0 below -125 (so -inf gives 0) and never a
+// subnormal. The lanes that are used have x <= ~0: the kernels take 2^(s - an upper bound of s),
+// all logits being kept in log2 units (scale and bias premultiplied by log2(e)).
+FASTCL_FN VecF vexp2(const VecF& x) {
+  using M = Lanes<float>::M;
+  const VecF lo = vsplat<VecF>(-125.0f);
+  const VecF shift = vsplat<VecF>(12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
+  const VecF xc = vmax(x, lo);
+  const VecF t = xc + shift;  // round(xc) + 127 in the low mantissa bits
+  const VecF r = xc - (t - shift);  // in [-0.5, 0.5], exact
+  VecF y = vsplat<VecF>(1.327644452e-3f);  // minimax fit of 2^r on [-0.5, 0.5]
+  y = y * r + 9.675537236e-3f;
+  y = y * r + 5.550713465e-2f;
+  y = y * r + 2.402212024e-1f;
+  y = y * r + 6.931469440e-1f;
+  y = y * r + 1.000000119e+0f;
+  const M bits = __builtin_bit_cast(M, t) << 23;
+  const VecF res = y * __builtin_bit_cast(VecF, bits);
+  const M keep = x >= lo;
+  return __builtin_bit_cast(VecF, __builtin_bit_cast(M, res) & keep);
+}
+
+FASTCL_FN VecD vexp2(const VecD& x) {
+  VecD r;
+  for (int i = 0; i < 4; ++i) r[i] = std::exp2(x[i]);
+  return r;
+}
+
+template <class V>
+FASTCL_FN double hsum(const V& v) {
+  double s = 0.0;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(v[0])); ++i) s += static_cast<double>(v[i]);
+  return s;
+}
+
+template <class V>
+FASTCL_FN double hmax(const V& v) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(v[0])); ++i)
+    m = static_cast<double>(v[i]) > m ? static_cast<double>(v[i]) : m;
+  return m;
+}
+
+// Per-row vector constants.
+template <class T>
+struct RowConst {
+  using V = typename Lanes<T>::V;
+  using M = typename Lanes<T>::M;
+  V av, bv, ninf, zero;
+  M iota, dcv, tcv, ridv, decm, all;
+};
+
+template <class T>
+FASTCL_FN RowConst<T> row_const(T a, T b, const RowGeom& g, bool decoupled) {
+  using V = typename Lanes<T>::V;
+  using M = typename Lanes<T>::M;
+  using I = typename Lanes<T>::I;
+  RowConst<T> K;
+  K.av = vsplat<V>(a);
+  K.bv = vsplat<V>(b);
+  K.ninf = vsplat<V>(-std::numeric_limits<T>::infinity());
+  K.zero = vsplat<V>(T(0));
+  K.iota = viota<M>();
+  K.dcv = vsplat<M>(static_cast<I>(g.dcol));
+  K.tcv = vsplat<M>(static_cast<I>(g.tcol));
+  K.ridv = vsplat<M>(static_cast<I>(g.rid));
+  K.decm = vsplat<M>(static_cast<I>(decoupled ? -1 : 0));
+  K.all = vsplat<M>(static_cast<I>(-1));
+  return K;
+}
+
+// Lane masks of the vector of columns starting at c: not the excluded diagonal (notd), positive
+// (pm), in the denominator set (dm).
+template <class T, bool LABELS>
+FASTCL_FN void lane_masks(const RowConst<T>& K, int64_t c, const typename Lanes<T>::M& valid,
+                          const typename Lanes<T>::I* idp, typename Lanes<T>::M& notd,
+                          typename Lanes<T>::M& pm, typename Lanes<T>::M& dm) {
+  using M = typename Lanes<T>::M;
+  using I = typename Lanes<T>::I;
+  const M ci = K.iota + static_cast<I>(c);
+  notd = (ci != K.dcv) & valid;
+  if constexpr (LABELS) {
+    pm = (vload<M>(idp) == K.ridv) & notd;
+  } else {
+    pm = (ci == K.tcv) & valid;
+  }
+  dm = notd & ~(pm & K.decm);
+}
+
+// Start of the vector holding column c (columns are processed in vectors aligned on multiples of
+// W from 0), or -1 for no column.
+template <class T>
+FASTCL_FN int64_t vec_of(int64_t c) {
+  return c < 0 ? -1 : c - c % Lanes<T>::W;
+}
+
+// Runs op.template step<MASKED>(c, valid) over the vectors of columns [c0, c1) of one row: the
+// masked variant on the vectors holding special columns (sp1, sp2) or on all of them
+// (ALL_MASKED); then op.tail(c, valid, n) on the row's last partial vector (n lanes below C).
+template <class T, bool ALL_MASKED, class Op>
+FASTCL_FN void for_vectors(Op& op, const RowConst<T>& K, int64_t c0, int64_t c1, int64_t C,
+                           int64_t sp1, int64_t sp2) {
+  using M = typename Lanes<T>::M;
+  using I = typename Lanes<T>::I;
+  constexpr int W = Lanes<T>::W;
+  int64_t c = c0;
+  for (; c + W <= c1; c += W) {
+    if (ALL_MASKED || c == sp1 || c == sp2)
+      op.template step<true>(c, K.all);
+    else
+      op.template step<false>(c, K.all);
+  }
+  if (c < c1) {
+    const M valid = (K.iota + static_cast<I>(c)) < vsplat<M>(static_cast<I>(C));
+    op.tail(c, valid, static_cast<int>(C - c));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// Pass A over a tile row: the row's max over its denominator set, (label mode) max, sum and count
+// over its positives, and (col_stats) the tile's column max over allowed entries.
+template <class T, bool LABELS, bool COL>
+struct PassA {
+  using V = typename Lanes<T>::V;
+  using M = typename Lanes<T>::M;
+  using I = typename Lanes<T>::I;
+  const RowConst<T>& K;
+  const T* x;       // slab row
+  const I* cid;     // label ids of the columns (label mode)
+  T* tcm;           // tile column max, indexed by column
+  V mx, pmx, psm;
+  M pc;
+
+  template <bool MASKED>
+  FASTCL_FN void step(int64_t c, const M& valid) {
+    const V s = vload<V>(x + c) * K.av + K.bv;
+    if constexpr (!MASKED && !LABELS) {
+      mx = vmax(mx, s);
+      if constexpr (COL) vstore(tcm + c, vmax(vload<V>(tcm + c), s));
+    } else {
+      M notd, pm, dm;
+      lane_masks<T, LABELS>(K, c, valid, LABELS ? cid + c : nullptr, notd, pm, dm);
+      mx = vmax(mx, dm ? s : K.ninf);
+      if constexpr (LABELS) {
+        pmx = vmax(pmx, pm ? s : K.ninf);
+        psm += pm ? s : K.zero;
+        pc -= pm;
+      }
+      if constexpr (COL) vstore(tcm + c, vmax(vload<V>(tcm + c), notd ? s : K.ninf));
+    }
+  }
+
+  // The slab is padded and read-only here: the partial vector is loaded whole, lanes masked.
+  FASTCL_FN void tail(int64_t c, const M& valid, int) { step<true>(c, valid); }
+};
+
+// Pass B over a tile row: sums of 2^(s2 - shift). MODE 0: row sums only, shifted by the row max.
+// MODE 1: one 2^(s2 - M) feeds the row, positive and column sums. MODE 2: separate exponentials,
+// shifted by the row max (positive max) and by the tile column max. PEXP: (label mode, pos_lse)
+// the sum over the positives too.
+template <class T, bool LABELS, int MODE, bool PEXP>
+struct PassB {
+  using V = typename Lanes<T>::V;
+  using M = typename Lanes<T>::M;
+  using I = typename Lanes<T>::I;
+  const RowConst<T>& K;
+  const T* x;
+  const I* cid;
+  const T* tcm;
+  T* tcs;           // tile column sums
+  V mr, mp;         // shifts: row max (MODE 0/2) or M (MODE 1); positive max (MODE 0/2)
+  V se, spe;
+
+  template <bool MASKED>
+  FASTCL_FN void step(int64_t c, const M& valid) {
+    const V s = vload<V>(x + c) * K.av + K.bv;
+    if constexpr (!MASKED && !LABELS) {
+      if constexpr (MODE == 1) {
+        const V e = vexp2(s - mr);
+        se += e;
+        vstore(tcs + c, vload<V>(tcs + c) + e);
+      } else {
+        se += vexp2(s - mr);
+        if constexpr (MODE == 2) vstore(tcs + c, vload<V>(tcs + c) + vexp2(s - vload<V>(tcm + c)));
+      }
+    } else {
+      M notd, pm, dm;
+      lane_masks<T, LABELS>(K, c, valid, LABELS ? cid + c : nullptr, notd, pm, dm);
+      if constexpr (MODE == 1) {
+        const V e = vexp2(s - mr);
+        se += dm ? e : K.zero;
+        if constexpr (PEXP) spe += pm ? e : K.zero;
+        vstore(tcs + c, vload<V>(tcs + c) + (notd ? e : K.zero));
+      } else {
+        se += dm ? vexp2(s - mr) : K.zero;
+        if constexpr (PEXP) spe += pm ? vexp2(s - mp) : K.zero;
+        if constexpr (MODE == 2)
+          vstore(tcs + c, vload<V>(tcs + c) + (notd ? vexp2(s - vload<V>(tcm + c)) : K.zero));
+      }
+    }
+  }
+
+  FASTCL_FN void tail(int64_t c, const M& valid, int) { step<true>(c, valid); }
+};
+
+// Running statistics of the rows of one row block.
+template <class T>
+struct RowRun {
+  T m[kRowBlock], se[kRowBlock];     // denominator set: max and sum of 2^(s2 - max)
+  T pm[kRowBlock], pse[kRowBlock];   // positives (label mode, pos_lse)
+  double psum[kRowBlock];            // positives: sum of s (label mode)
+  double pcnt[kRowBlock];            // positives: count (label mode)
+  T trm[kRowBlock], tpm[kRowBlock];  // tile: row max over the denominator set / the positives
+  RowGeom geom[kRowBlock];
+};
+
+template <class T, bool LABELS, bool COL>
+FASTCL_TGT void fwd_pass_a(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int nr, int64_t c0,
+                           int64_t c1, T* tcm) {
+  using M = typename Lanes<T>::M;
+  for (int j = 0; j < nr; ++j) {
+    const RowGeom& g = RR.geom[j];
+    const RowConst<T> K = row_const<T>(P.a2, P.b2, g, P.decoupled);
+    PassA<T, LABELS, COL> op{K, P.L + (i0 + j) * P.C, P.col_id, tcm, K.ninf, K.ninf, K.zero, M{}};
+    const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
+    for_vectors<T, LABELS>(op, K, c0, c1, P.C, vec_of<T>(g.dcol), sp2);
+    RR.trm[j] = static_cast<T>(hmax(op.mx));
+    if constexpr (LABELS) {
+      RR.tpm[j] = static_cast<T>(hmax(op.pmx));
+      RR.psum[j] += hsum(op.psm) * kLn2;  // log2 units -> natural
+      RR.pcnt[j] += hsum(op.pc);
+    }
+  }
+}
+
+template <class T, bool LABELS, int MODE, bool PEXP>
+FASTCL_TGT void fwd_pass_b(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int nr, int64_t c0,
+                           int64_t c1, const T* tcm, T* tcs, T shared_max) {
+  using V = typename Lanes<T>::V;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int j = 0; j < nr; ++j) {
+    const RowGeom& g = RR.geom[j];
+    const bool row_live = RR.trm[j] > ninf;
+    const bool pos_live = PEXP && RR.tpm[j] > ninf;
+    if (MODE == 0 && !row_live && !pos_live) continue;
+    const RowConst<T> K = row_const<T>(P.a2, P.b2, g, P.decoupled);
+    const T mr = MODE == 1 ? shared_max : (row_live ? RR.trm[j] : T(0));
+    const T mp = MODE == 1 ? shared_max : (pos_live ? RR.tpm[j] : T(0));
+    PassB<T, LABELS, MODE, PEXP> op{K, P.L + (i0 + j) * P.C, P.col_id, tcm, tcs,
+                                    vsplat<V>(mr), vsplat<V>(mp), K.zero, K.zero};
+    const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
+    for_vectors<T, LABELS>(op, K, c0, c1, P.C, vec_of<T>(g.dcol), sp2);
+    if (row_live) lse_merge_scalar<T>(RR.m[j], RR.se[j], mr, static_cast<T>(hsum(op.se)));
+    if (pos_live) lse_merge_scalar<T>(RR.pm[j], RR.pse[j], mp, static_cast<T>(hsum(op.spe)));
+  }
+}
+
+// Forward over rows [i0, i1) of the slab. cm/cse: this chunk's running column statistics over
+// allowed entries (max and sum of 2^(s2 - max), log2 units); tcm/tcs: tile scratch. Writes lse,
+// pos, npos and, in mean, the sum of s over the row's positives (the caller completes the mean).
+template <class T>
+FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* cse, T* tcm,
+                         T* tcs) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t C = P.C;
+  const bool col = P.col_stats, labels = P.labels;
+  const bool pexp = labels && P.pos_lse;
+  RowRun<T> RR;
+  for (int64_t b0 = i0; b0 < i1; b0 += kRowBlock) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, i1 - b0));
+    for (int j = 0; j < nr; ++j) {
+      RR.geom[j] = row_geom(P, P.r0 + b0 + j);
+      RR.m[j] = ninf;
+      RR.se[j] = T(0);
+      RR.pm[j] = ninf;
+      RR.pse[j] = T(0);
+      RR.psum[j] = 0.0;
+      RR.pcnt[j] = 0.0;
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += kColBlock) {
+      const int64_t c1 = std::min<int64_t>(C, c0 + kColBlock);
+      const int64_t c1v = std::min<int64_t>(c1 + Lanes<T>::W, C + Lanes<T>::W);
+      if (col)
+        for (int64_t c = c0; c < c1v; ++c) {
+          tcm[c - c0] = ninf;
+          tcs[c - c0] = T(0);
+        }
+      T* tm = col ? tcm - c0 : nullptr;  // indexed by column
+      T* ts = col ? tcs - c0 : nullptr;
+      if (labels) {
+        if (col) fwd_pass_a<T, true, true>(P, RR, b0, nr, c0, c1, tm);
+        else fwd_pass_a<T, true, false>(P, RR, b0, nr, c0, c1, tm);
+      } else {
+        if (col) fwd_pass_a<T, false, true>(P, RR, b0, nr, c0, c1, tm);
+        else fwd_pass_a<T, false, false>(P, RR, b0, nr, c0, c1, tm);
+      }
+      // MODE 1 when every maximum that matters is within the span of the tile maximum.
+      int mode = 0;
+      T big = ninf;
+      if (col) {
+        T small = std::numeric_limits<T>::infinity();
+        for (int64_t c = c0; c < c1; ++c) {
+          const T v = tm[c];
+          if (v > ninf) {
+            big = v > big ? v : big;
+            small = v < small ? v : small;
+          }
+        }
+        for (int j = 0; j < nr; ++j) {
+          if (RR.trm[j] > ninf) small = RR.trm[j] < small ? RR.trm[j] : small;
+          if (pexp && RR.tpm[j] > ninf) small = RR.tpm[j] < small ? RR.tpm[j] : small;
+        }
+        mode = (big > ninf && big - small <= P.span) ? 1 : 2;
+      }
+#define FASTCL_PB(L_, M_, P_)                                                                  \
+  if (labels == L_ && mode == M_ && pexp == P_)                                               \
+    fwd_pass_b<T, L_, M_, P_>(P, RR, b0, nr, c0, c1, tm, ts, big);
+      FASTCL_PB(false, 0, false)
+      FASTCL_PB(false, 1, false)
+      FASTCL_PB(false, 2, false)
+      FASTCL_PB(true, 0, false)
+      FASTCL_PB(true, 1, false)
+      FASTCL_PB(true, 2, false)
+      FASTCL_PB(true, 0, true)
+      FASTCL_PB(true, 1, true)
+      FASTCL_PB(true, 2, true)
+#undef FASTCL_PB
+      if (col) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const T pm = mode == 1 ? (tm[c] > ninf ? big : ninf) : tm[c];
+          lse_merge_scalar<T>(cm[c], cse[c], pm, ts[c]);
+        }
+      }
+    }
+    for (int j = 0; j < nr; ++j) {
+      const RowGeom& g = RR.geom[j];
+      const int64_t gr = P.r0 + b0 + j;
+      const double npos = labels ? RR.pcnt[j] : (g.tcol >= 0 ? 1.0 : 0.0);
+      const double st = (!labels && g.tcol >= 0)
+                            ? static_cast<double>(P.L[(b0 + j) * C + g.tcol] * P.a + P.b)
+                            : 0.0;
+      P.npos[gr] = static_cast<T>(npos);
+      const double m2 = RR.m[j], se = RR.se[j];
+      P.lse[gr] = RR.m[j] > ninf ? static_cast<T>((m2 + std::log2(se)) * kLn2) : ninf;
+      P.mean[gr] = static_cast<T>(labels ? RR.psum[j] : st);
+      if (npos <= 0) {
+        P.pos[gr] = T(0);
+      } else if (!labels) {
+        P.pos[gr] = static_cast<T>(st);
+      } else if (P.pos_lse) {
+        P.pos[gr] = static_cast<T>(
+            (static_cast<double>(RR.pm[j]) + std::log2(static_cast<double>(RR.pse[j]))) * kLn2);
+      } else {
+        P.pos[gr] = static_cast<T>(RR.psum[j] / npos);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: G of one row from the saved statistics, written in place of the raw dot products l,
+// with the row's partial sums of G (for dbias) and of G * l (for dscale).
+//
+//   G = dm * (e_row + gmd) + pm * pos_term + notd * (e_col + gcm[c])
+// with e_row = gl * 2^(s2 - lse2) and e_col = gcl[c] * 2^(s2 - col_lse2[c]) (log2 units),
+// computed either directly (DUAL) or as e * frg and e * fcg[c] with one e = 2^(s2 - M) (SINGLE),
+// frg = gl * 2^(M - lse2), fcg[c] = gcl[c] * 2^(M - col_lse2[c]).
+template <class T, bool LABELS, bool REXP, bool CEXP, bool SINGLE, bool PEXP>
+struct BwdOp {
+  using V = typename Lanes<T>::V;
+  using M = typename Lanes<T>::M;
+  using I = typename Lanes<T>::I;
+  const RowConst<T>& K;
+  T* x;
+  const I* cid;
+  const T* clse;    // DUAL: column LSE (safe)
+  const T* gclc;    // DUAL: gcl; SINGLE: gcl * 2^(M - col_lse2)
+  const T* gcm;     // g_col_mean / count (zeros when absent)
+  V gl, lse, gmd, gpc, posr;  // SINGLE: gl holds gl * 2^(M - lse), lse holds M
+  V db, ds;                   // sums of G and of G * l
+
+  template <bool MASKED>
+  FASTCL_FN void step_at(int64_t c, const M& valid, T* xp) {
+    const V l = vload<V>(xp);
+    const V s = l * K.av + K.bv;
+    V rowt = gmd, colt = vload<V>(gcm + c);
+    if constexpr (SINGLE) {
+      const V e = vexp2(s - lse);
+      rowt += e * gl;
+      colt += e * vload<V>(gclc + c);
+    } else {
+      if constexpr (REXP) rowt += gl * vexp2(s - lse);
+      if constexpr (CEXP) colt += vload<V>(gclc + c) * vexp2(s - vload<V>(clse + c));
+    }
+    V g;
+    if constexpr (!MASKED && !LABELS) {
+      g = rowt + colt;
+    } else {
+      M notd, pm, dm;
+      lane_masks<T, LABELS>(K, c, valid, LABELS ? cid + c : nullptr, notd, pm, dm);
+      g = (dm ? rowt : K.zero) + (notd ? colt : K.zero);
+      if constexpr (PEXP) {
+        g += pm ? gpc * vexp2(s - posr) : K.zero;
+      } else {
+        g += pm ? gpc : K.zero;
+      }
+    }
+    db += g;
+    ds += g * l;
+    vstore(xp, g);
+  }
+
+  template <bool MASKED>
+  FASTCL_FN void step(int64_t c, const M& valid) {
+    step_at<MASKED>(c, valid, x + c);
+  }
+
+  // G is written in place and other threads write the next rows: the row's last partial vector
+  // goes through a local copy.
+  FASTCL_FN void tail(int64_t c, const M& valid, int n) {
+    T buf[Lanes<T>::W] = {};
+    std::memcpy(buf, x + c, sizeof(T) * n);
+    step_at<true>(c, valid, buf);
+    std::memcpy(x + c, buf, sizeof(T) * n);
+  }
+};
+
+// Row block geometry and per-row gradient coefficients.
+template <class T>
+struct BwdRow {
+  RowGeom geom;
+  T gl, lse, gmd, gpc, posr;
+  bool rexp, pexp;
+};
+
+template <class T, bool LABELS, bool REXP, bool CEXP, bool SINGLE, bool PEXP>
+FASTCL_TGT void bwd_row(const BwdArgs<T>& P, const BwdRow<T>& br, T* x, int64_t c0, int64_t c1,
+                        const T* gclc, T shared_max, double& db, double& ds) {
+  using V = typename Lanes<T>::V;
+  const RowConst<T> K = row_const<T>(P.a2, P.b2, br.geom, P.decoupled);
+  T gl = br.gl, lse = br.lse;
+  if (SINGLE) {
+    gl = br.rexp ? static_cast<T>(br.gl * std::exp2(shared_max - br.lse)) : T(0);
+    lse = shared_max;
+  }
+  BwdOp<T, LABELS, REXP, CEXP, SINGLE, PEXP> op{
+      K, x, P.col_id, P.col_lse, gclc, P.g_col_mean, vsplat<V>(gl), vsplat<V>(lse),
+      vsplat<V>(br.gmd), vsplat<V>(br.gpc), vsplat<V>(br.posr), K.zero, K.zero};
+  for_vectors<T, LABELS>(op, K, c0, c1, P.C, vec_of<T>(br.geom.dcol), vec_of<T>(br.geom.tcol));
+  db += hsum(op.db);  // per tile: float lanes sum at most kBwdColBlock / W terms
+  ds += hsum(op.ds);
+}
+
+// Backward over rows [i0, i1) of the slab, G written in place; db[i] and ds[i] receive row i's
+// sums of G and of G * l. fcg: scratch of kBwdColBlock + W entries.
+template <class T>
+FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db, double* ds,
+                         T* fcg) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t C = P.C;
+  const bool labels = P.labels;
+  const bool cexp = P.g_col_lse != nullptr;
+  BwdRow<T> rows[kBwdRowBlock];
+  for (int64_t b0 = i0; b0 < i1; b0 += kBwdRowBlock) {
+    const int nr = static_cast<int>(std::min<int64_t>(kBwdRowBlock, i1 - b0));
+    T rmax = ninf, rmin = std::numeric_limits<T>::infinity();
+    for (int j = 0; j < nr; ++j) {
+      BwdRow<T>& br = rows[j];
+      const int64_t gr = P.r0 + b0 + j;
+      br.geom = row_geom(P, gr);
+      const double npos =
+          labels ? static_cast<double>(P.npos[gr]) : (br.geom.tcol >= 0 ? 1.0 : 0.0);
+      const double nden = static_cast<double>(C) - (br.geom.dcol >= 0 ? 1.0 : 0.0) -
+                          (P.decoupled ? npos : 0.0);
+      br.lse = static_cast<T>(static_cast<double>(P.lse[gr]) * kLog2e);
+      br.gl = P.g_lse ? P.g_lse[gr] : T(0);
+      br.rexp = br.gl != T(0) && br.lse > ninf;
+      if (!br.rexp) {
+        br.gl = T(0);
+        br.lse = T(0);
+      } else {
+        rmax = br.lse > rmax ? br.lse : rmax;
+        rmin = br.lse < rmin ? br.lse : rmin;
+      }
+      br.gmd = (P.g_mean && nden > 0) ? static_cast<T>(P.g_mean[gr] / nden) : T(0);
+      const T gp = (P.g_pos && npos > 0) ? P.g_pos[gr] : T(0);
+      br.pexp = false;
+      br.gpc = gp;
+      br.posr = T(0);
+      if (labels && gp != T(0)) {
+        if (P.pos_lse) {
+          br.pexp = true;
+          br.posr = static_cast<T>(static_cast<double>(P.pos[gr]) * kLog2e);
+        } else {
+          br.gpc = static_cast<T>(gp / npos);
+        }
+      }
+      db[b0 + j] = 0.0;
+      ds[b0 + j] = 0.0;
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += kBwdColBlock) {
+      const int64_t c1 = std::min<int64_t>(C, c0 + kBwdColBlock);
+      const int64_t cb = c0 / kBwdColBlock;
+      // One exp per element when the row and column LSEs of the tile lie within the span.
+      bool single = false;
+      T big = ninf;
+      if (cexp && rmax > ninf && P.cb_max[cb] > ninf) {
+        big = rmax > P.cb_max[cb] ? rmax : P.cb_max[cb];
+        const T small = rmin < P.cb_min[cb] ? rmin : P.cb_min[cb];
+        single = big - small <= P.span;
+      }
+      const T* gclc = P.g_col_lse;
+      if (single) {
+        const int64_t c1v = std::min<int64_t>(c1 + Lanes<T>::W, C + Lanes<T>::W);
+        for (int64_t c = c0; c < c1v; ++c)
+          fcg[c - c0] = (c < C && P.g_col_lse[c] != T(0))
+                            ? static_cast<T>(P.g_col_lse[c] * std::exp2(big - P.col_lse[c]))
+                            : T(0);
+        gclc = fcg - c0;
+      }
+      for (int j = 0; j < nr; ++j) {
+        const BwdRow<T>& br = rows[j];
+        T* x = P.L + (b0 + j) * C;
+        const bool re = br.rexp;
+        double& dbr = db[b0 + j];
+        double& dsr = ds[b0 + j];
+#define FASTCL_BW(L_, R_, C_, S_, P_)                                                       \
+  if (labels == L_ && re == R_ && cexp == C_ && single == S_ && br.pexp == P_)              \
+    bwd_row<T, L_, R_, C_, S_, P_>(P, br, x, c0, c1, gclc, big, dbr, dsr);
+        FASTCL_BW(false, false, false, false, false)
+        FASTCL_BW(false, true, false, false, false)
+        FASTCL_BW(false, false, true, false, false)
+        FASTCL_BW(false, true, true, false, false)
+        FASTCL_BW(false, false, true, true, false)
+        FASTCL_BW(false, true, true, true, false)
+        FASTCL_BW(true, false, false, false, false)
+        FASTCL_BW(true, true, false, false, false)
+        FASTCL_BW(true, false, true, false, false)
+        FASTCL_BW(true, true, true, false, false)
+        FASTCL_BW(true, false, true, true, false)
+        FASTCL_BW(true, true, true, true, false)
+        FASTCL_BW(true, false, false, false, true)
+        FASTCL_BW(true, true, false, false, true)
+        FASTCL_BW(true, false, true, false, true)
+        FASTCL_BW(true, true, true, false, true)
+        FASTCL_BW(true, false, true, true, true)
+        FASTCL_BW(true, true, true, true, true)
+#undef FASTCL_BW
+      }
+    }
+  }
+}
+
+#undef FASTCL_FN
