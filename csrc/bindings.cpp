@@ -7,6 +7,9 @@
 #include <string>
 
 #include "cpu/contrastive.h"
+#ifdef FASTCL_WITH_CUDA
+#include "cuda/contrastive_cuda.h"
+#endif
 
 namespace {
 
@@ -151,4 +154,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_isa", &fastcl::cpu::kernel_isa,
         "Instruction-set variant of the CPU row kernels: 'avx2' or 'generic' "
         "(FASTCL_CPU_ISA=generic forces the portable one).");
+#ifdef FASTCL_WITH_CUDA
+  // The CUDA functions check their arguments themselves (before any CUDA call).
+  m.def("contrastive_fwd_cuda", &fastcl::cuda::contrastive_fwd_cuda,
+        "Statistics (lse, pos, npos, mean, col_lse, col_mean) of scale * q @ k.T + bias on CUDA "
+        "tensors; see fastcl.reference.contrastive for the definitions.",
+        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
+        py::arg("row_labels"), py::arg("col_labels"), py::arg("exclude_diag"),
+        py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
+  m.def("contrastive_bwd_cuda", &fastcl::cuda::contrastive_bwd_cuda,
+        "Gradients (dq, dk, dscale, dbias) of the contrastive statistics on CUDA tensors, "
+        "recomputing the logits slab by slab.",
+        py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("g_col_lse"),
+        py::arg("g_col_mean"), py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"),
+        py::arg("targets"), py::arg("row_labels"), py::arg("col_labels"), py::arg("lse"),
+        py::arg("pos"), py::arg("npos"), py::arg("col_lse"), py::arg("exclude_diag"),
+        py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
+  m.def("cuda_slab_bytes", &fastcl::cuda::slab_bytes,
+        "Bytes of logits per slab of the CUDA kernels (env FASTCL_CUDA_SLAB_BYTES, read per call).");
+#endif
 }

@@ -1,0 +1,49 @@
+// CUDA backend of the fused contrastive primitive (see fastcl/reference/contrastive.py for the
+// definitions of every statistic and of the gradient). Same signatures as the CPU backend
+// (csrc/cpu/contrastive.h); every argument is checked here, with messages for the user, before
+// any CUDA call: CPU tensors are refused even on a machine without a GPU.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace fastcl {
+namespace cuda {
+
+// (lse, pos, npos, mean, col_lse, col_mean) of s = scale * q @ k.T + bias. q, k, targets and
+// labels on one CUDA device; scale and bias 0-dim tensors on that device (or on the CPU). fp32,
+// bf16, fp16 (fp32 statistics) or fp64 (fp64 statistics); col_lse and col_mean are empty unless
+// col_stats.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                     const at::Tensor& bias, const std::optional<at::Tensor>& targets,
+                     const std::optional<at::Tensor>& row_labels,
+                     const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                     bool decoupled, bool pos_lse, bool col_stats);
+
+// (dq, dk, dscale, dbias) from the gradients of the statistics (any of them may be absent).
+// dq/dk have the dtype (and, where dense, the strides) of q/k; dscale/dbias the dtype, shape and
+// device of scale/bias. A scale or bias on the CPU costs a synchronization (its value is copied to
+// the device, its gradient back); on q's device nothing waits for the GPU.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
+                     const std::optional<at::Tensor>& g_pos,
+                     const std::optional<at::Tensor>& g_mean,
+                     const std::optional<at::Tensor>& g_col_lse,
+                     const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& targets,
+                     const std::optional<at::Tensor>& row_labels,
+                     const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,
+                     const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
+                     bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats);
+
+// Bytes of logits held per slab: FASTCL_CUDA_SLAB_BYTES when set (read at every call), else the
+// default (512 MiB). The slab's row count never grows with the number of rows of q.
+int64_t slab_bytes();
+
+}  // namespace cuda
+}  // namespace fastcl

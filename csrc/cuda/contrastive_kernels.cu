@@ -1,0 +1,635 @@
+// CUDA kernels of the fused contrastive primitive (see contrastive_kernels.h for the contract of
+// each launcher, and fastcl/reference/contrastive.py for the math).
+//
+// - fwd_rows: one block per row of the slab. Each thread streams 16-byte vectors of its row and
+//   keeps an online log-sum-exp (running max, sum of 2^(x - max)) over the denominator set, and in
+//   label mode the count, sum and (pos_lse) online LSE of the positives; a block reduction merges
+//   the threads' partials.
+// - fwd_cols: a block owns 32 x (16 / sizeof(stat)) columns and one of nsplit parts of the slab's
+//   rows; 8 row lanes stream the rows (coalesced across the columns), merge in shared memory and
+//   into the part's running column state. The states merge once, after the last slab (col_final).
+// - bwd_tile: one block per row; G from the saved statistics, in place of the logits, with the
+//   row's sums of G and G * l. A G narrower than the logits is written over the first half of
+//   the row's bytes: each sweep of the block loads, synchronizes, then stores, so a store never
+//   lands on logits that a thread has yet to load.
+#include "contrastive_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastcl {
+namespace cuda {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+constexpr int kColRowLanes = 8;     // row lanes (blockDim.y) of the column kernel
+constexpr int kMaxRowWarps = 8;     // warps per block of the row kernels
+constexpr int kPrepThreads = 1024;  // threads of the (single-block) backward preparation
+constexpr float kGradHeadroom = 16384.0f;  // bound of |f * G| (fp16 max is 65504)
+constexpr int kGradScaleMaxExp = 60;
+
+template <class T>
+__device__ __forceinline__ T neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() {
+  return -__int_as_float(0x7f800000);
+}
+template <>
+__device__ __forceinline__ double neg_inf<double>() {
+  return -__longlong_as_double(0x7ff0000000000000LL);
+}
+
+__device__ __forceinline__ float ex2(float x) { return exp2f(x); }
+__device__ __forceinline__ double ex2(double x) { return exp2(x); }
+__device__ __forceinline__ float lg2(float x) { return log2f(x); }
+__device__ __forceinline__ double lg2(double x) { return log2(x); }
+
+__device__ __forceinline__ float absv(float x) { return fabsf(x); }
+__device__ __forceinline__ double absv(double x) { return fabs(x); }
+
+// Rounds a statistic-type value to the gradient tile's type.
+__device__ __forceinline__ void store_as(float x, float& o) { o = x; }
+__device__ __forceinline__ void store_as(float x, __nv_bfloat16& o) { o = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store_as(float x, __half& o) { o = __float2half_rn(x); }
+__device__ __forceinline__ void store_as(double x, double& o) { o = x; }
+
+// N elements loaded or stored as one vector.
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <class T>
+struct VecWidth {
+  static constexpr int value = static_cast<int>(16 / sizeof(T));
+};
+
+constexpr unsigned kFullMask = 0xffffffffu;
+template <class T>
+__device__ __forceinline__ T shfl_xor(T v, int m) {
+  return __shfl_xor_sync(kFullMask, v, m);
+}
+
+// (m, e) <- (m, e) merged with (m2, e2); e relative to m, e2 to m2; log2 units.
+template <class T>
+__device__ __forceinline__ void lse_merge(T& m, T& e, T m2, T e2) {
+  const T big = m > m2 ? m : m2;
+  if (!(big > neg_inf<T>())) return;  // both empty
+  e = e * ex2(m - big) + e2 * ex2(m2 - big);
+  m = big;
+}
+
+// Block-wide reduction of a partial P (P::merge, P::shfl); the result is valid in thread 0.
+// Every thread of the block must call it; blockDim.x * blockDim.y is a multiple of 32.
+template <class P>
+__device__ P block_reduce(P p) {
+  __shared__ P part[32];
+  const int tid = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int nwarps = static_cast<int>((blockDim.x * blockDim.y) >> 5);
+  for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o));
+  if (lane == 0) part[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < nwarps ? part[lane] : P::identity();
+    for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o));
+  }
+  return p;
+}
+
+// Special columns of row gr: the excluded diagonal (dcol), the target (tcol, target mode), -1
+// when absent; the row's label (label mode).
+struct Geom {
+  int64_t dcol;
+  int64_t tcol;
+  int64_t rlab;
+  bool labels;
+};
+
+__device__ __forceinline__ Geom row_geom(const MaskSpec& M, int64_t gr) {
+  Geom g;
+  g.dcol = (M.exclude_diag && gr < M.C) ? gr : -1;
+  g.tcol = -1;
+  g.rlab = 0;
+  g.labels = M.row_labels != nullptr && M.col_labels != nullptr;
+  if (g.labels) {
+    g.rlab = M.row_labels[gr];
+  } else if (M.targets != nullptr) {
+    const int64_t t = M.targets[gr];
+    if (t >= 0 && t < M.C && t != g.dcol) g.tcol = t;
+  }
+  return g;
+}
+
+// Membership of column col (which may lie in the padding, col >= C) in the sets of the row.
+__device__ __forceinline__ void classify(const MaskSpec& M, const Geom& g, int64_t col,
+                                         bool& valid, bool& allowed, bool& pos, bool& den) {
+  valid = col < M.C;
+  allowed = valid && col != g.dcol;
+  pos = g.labels ? (allowed && M.col_labels[col] == g.rlab) : (col == g.tcol);
+  den = allowed && !(M.decoupled && pos);
+}
+
+// Whether the V columns from c all lie in the row's denominator set and none is a positive: target
+// mode (or no positives), inside [0, C), neither the excluded diagonal nor the target. Such
+// vectors (all but at most two per row) skip the per-column masks.
+template <int V>
+__device__ __forceinline__ bool plain_vector(const MaskSpec& M, const Geom& g, int64_t c) {
+  return !g.labels && c + V <= M.C && (g.dcol < c || g.dcol >= c + V) &&
+         (g.tcol < c || g.tcol >= c + V);
+}
+
+// Threads of a row kernel: enough warps for about four vectors per thread, at most 8 warps.
+int row_threads(int64_t C, int vec) {
+  const int64_t per_warp = int64_t(32) * vec * 4;
+  int64_t warps = (C + per_warp - 1) / per_warp;
+  if (warps < 1) warps = 1;
+  if (warps > kMaxRowWarps) warps = kMaxRowWarps;
+  return static_cast<int>(32 * warps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: row statistics
+
+template <class T>
+struct RowPart {
+  T m, e;     // denominator set: max (log2 units), sum of 2^(x - m)
+  T pm, pe;   // positives (label mode, pos_lse)
+  T sl, psl;  // sums of raw dot products over den / over the positives (label mode)
+  int pc;     // number of positives (label mode)
+
+  __device__ static RowPart identity() {
+    RowPart p;
+    p.m = neg_inf<T>();
+    p.e = T(0);
+    p.pm = neg_inf<T>();
+    p.pe = T(0);
+    p.sl = T(0);
+    p.psl = T(0);
+    p.pc = 0;
+    return p;
+  }
+  __device__ void merge(const RowPart& o) {
+    lse_merge(m, e, o.m, o.e);
+    lse_merge(pm, pe, o.pm, o.pe);
+    sl += o.sl;
+    psl += o.psl;
+    pc += o.pc;
+  }
+  __device__ RowPart shfl(int o) const {
+    RowPart p;
+    p.m = shfl_xor(m, o);
+    p.e = shfl_xor(e, o);
+    p.pm = shfl_xor(pm, o);
+    p.pe = shfl_xor(pe, o);
+    p.sl = shfl_xor(sl, o);
+    p.psl = shfl_xor(psl, o);
+    p.pc = shfl_xor(pc, o);
+    return p;
+  }
+};
+
+// NaN-propagating maximum.
+template <class T>
+__device__ __forceinline__ T nmax(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Adds the N values x (log2 units, -inf for the masked ones) of maximum vmax to (m, e). A NaN
+// reaches e.
+template <class T, int N>
+__device__ __forceinline__ void online_add(T& m, T& e, const T (&x)[N], T vmax) {
+  if (vmax == neg_inf<T>()) return;
+  if (vmax > m) {
+    e *= ex2(m - vmax);
+    m = vmax;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) e += ex2(x[j] - m);
+}
+
+template <class T>
+__global__ void fwd_rows_kernel(const FwdRowsArgs P) {
+  constexpr int V = VecWidth<T>::value;
+  const MaskSpec& M = P.mask;
+  const int64_t i = blockIdx.x;
+  const int64_t gr = P.r0 + i;
+  const T* x = static_cast<const T*>(P.L) + i * P.ldl;
+  const T a = *static_cast<const T*>(P.scale);
+  const T b = *static_cast<const T*>(P.bias);
+  const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
+  const Geom g = row_geom(M, gr);
+  const bool pexp = g.labels && M.pos_lse;
+  const T ninf = neg_inf<T>();
+
+  RowPart<T> p = RowPart<T>::identity();
+  for (int64_t c = int64_t(threadIdx.x) * V; c < M.C; c += int64_t(blockDim.x) * V) {
+    const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(x + c);
+    T xd[V], xp[V];
+    T dmax = ninf, pmax = ninf;
+    if (plain_vector<V>(M, g, c)) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        xd[j] = v.v[j] * a2 + b2;
+        dmax = nmax(xd[j], dmax);
+        p.sl += v.v[j];
+      }
+      online_add(p.m, p.e, xd, dmax);
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      bool valid, allowed, pos, den;
+      classify(M, g, c + j, valid, allowed, pos, den);
+      const T l = v.v[j];
+      const T s2 = l * a2 + b2;
+      xd[j] = den ? s2 : ninf;
+      dmax = nmax(xd[j], dmax);
+      p.sl += den ? l : T(0);
+      xp[j] = ninf;
+      if (g.labels) {
+        p.psl += pos ? l : T(0);
+        p.pc += pos ? 1 : 0;
+        xp[j] = pos ? s2 : ninf;
+        pmax = nmax(xp[j], pmax);
+      }
+    }
+    online_add(p.m, p.e, xd, dmax);
+    if (pexp) online_add(p.pm, p.pe, xp, pmax);
+  }
+  p = block_reduce(p);
+  if (threadIdx.x != 0) return;
+
+  const double npos = g.labels ? static_cast<double>(p.pc) : (g.tcol >= 0 ? 1.0 : 0.0);
+  const double nden =
+      static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) - (M.decoupled ? npos : 0.0);
+  T* lse = static_cast<T*>(P.lse);
+  T* pos = static_cast<T*>(P.pos);
+  T* np = static_cast<T*>(P.npos);
+  T* mean = static_cast<T*>(P.mean);
+  np[gr] = static_cast<T>(npos);
+  lse[gr] = p.m > ninf ? (p.m + lg2(p.e)) * T(kLn2) : ninf;
+  mean[gr] = nden > 0 ? a * static_cast<T>(static_cast<double>(p.sl) / nden) + b : T(0);
+  T pv = T(0);
+  if (npos > 0) {
+    if (!g.labels) {
+      pv = a * x[g.tcol] + b;
+    } else if (M.pos_lse) {
+      pv = (p.pm + lg2(p.pe)) * T(kLn2);
+    } else {
+      pv = a * static_cast<T>(static_cast<double>(p.psl) / npos) + b;
+    }
+  }
+  pos[gr] = pv;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: column statistics
+
+template <class T>
+__global__ void fwd_cols_kernel(const FwdColsArgs P) {
+  constexpr int V = VecWidth<T>::value;
+  constexpr int W = 32 * V;  // columns per block
+  __shared__ T sm_m[kColRowLanes][W];
+  __shared__ T sm_e[kColRowLanes][W];
+  __shared__ T sm_l[kColRowLanes][W];
+
+  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
+  const int64_t c0 = (int64_t(blockIdx.x) * 32 + tx) * V;
+  const int split = static_cast<int>(blockIdx.y);
+  const int64_t rb = P.rows * split / P.nsplit;
+  const int64_t re = P.rows * (split + 1) / P.nsplit;
+  const T a = *static_cast<const T*>(P.scale);
+  const T b = *static_cast<const T*>(P.bias);
+  const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
+  const T ninf = neg_inf<T>();
+
+  T m[V], e[V], sl[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    m[j] = ninf;
+    e[j] = T(0);
+    sl[j] = T(0);
+  }
+  if (c0 < P.C) {
+    const T* base = static_cast<const T*>(P.L) + c0;
+    for (int64_t i = rb + ty; i < re; i += kColRowLanes) {
+      const int64_t gr = P.r0 + i;
+      const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(base + i * P.ldl);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int64_t col = c0 + j;
+        const bool allowed = col < P.C && !(P.exclude_diag && gr == col);
+        if (allowed) {
+          const T l = v.v[j];
+          const T s2 = l * a2 + b2;
+          if (s2 > m[j]) {
+            e[j] = e[j] * ex2(m[j] - s2) + T(1);
+            m[j] = s2;
+          } else {
+            e[j] += ex2(s2 - m[j]);
+          }
+          sl[j] += l;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sm_m[ty][tx * V + j] = m[j];
+    sm_e[ty][tx * V + j] = e[j];
+    sm_l[ty][tx * V + j] = sl[j];
+  }
+  __syncthreads();
+  // Each of the block's threads merges the row lanes of at most one column of the block.
+  const int t = ty * 32 + tx;
+  for (int w = t; w < W; w += 32 * kColRowLanes) {
+    const int64_t col = int64_t(blockIdx.x) * W + w;
+    if (col >= P.C) continue;
+    T mm = sm_m[0][w], ee = sm_e[0][w];
+    double ll = static_cast<double>(sm_l[0][w]);
+    for (int y = 1; y < kColRowLanes; ++y) {
+      lse_merge(mm, ee, sm_m[y][w], sm_e[y][w]);
+      ll += static_cast<double>(sm_l[y][w]);
+    }
+    const int64_t at = int64_t(split) * P.ldstate + col;
+    T* stm = static_cast<T*>(P.st_max);
+    T* ste = static_cast<T*>(P.st_sum);
+    T sm = stm[at], se = ste[at];
+    lse_merge(sm, se, mm, ee);
+    stm[at] = sm;
+    ste[at] = se;
+    P.st_lsum[at] += ll;
+  }
+}
+
+template <class T>
+__global__ void col_final_kernel(const ColFinalArgs P) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= P.C) return;
+  const T a = *static_cast<const T*>(P.scale);
+  const T b = *static_cast<const T*>(P.bias);
+  const T ninf = neg_inf<T>();
+  const T* stm = static_cast<const T*>(P.st_max);
+  const T* ste = static_cast<const T*>(P.st_sum);
+  T m = ninf, e = T(0);
+  double sl = 0.0;
+  for (int j = 0; j < P.nsplit; ++j) {
+    const int64_t at = int64_t(j) * P.ldstate + c;
+    lse_merge(m, e, stm[at], ste[at]);
+    sl += P.st_lsum[at];
+  }
+  const double cnt = static_cast<double>(P.R) - ((P.exclude_diag && c < P.R) ? 1.0 : 0.0);
+  static_cast<T*>(P.col_lse)[c] = m > ninf ? (m + lg2(e)) * T(kLn2) : ninf;
+  static_cast<T*>(P.col_mean)[c] = cnt > 0 ? a * static_cast<T>(sl / cnt) + b : T(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <class T>
+struct MaxPart {
+  T v;
+  __device__ static MaxPart identity() { return MaxPart{T(0)}; }
+  __device__ void merge(const MaxPart& o) { v = o.v > v ? o.v : v; }
+  __device__ MaxPart shfl(int o) const { return MaxPart{shfl_xor(v, o)}; }
+};
+
+template <class T>
+__device__ __forceinline__ T load_or_zero(const void* p, int64_t i) {
+  return p != nullptr ? static_cast<const T*>(p)[i] : T(0);
+}
+
+template <class T>
+__global__ void bwd_prep_kernel(const BwdPrepArgs P) {
+  const T ninf = neg_inf<T>();
+  T bound_r = T(0), bound_c = T(0);
+  for (int64_t r = threadIdx.x; r < P.R; r += blockDim.x) {
+    const T v = absv(load_or_zero<T>(P.g_lse, r)) + absv(load_or_zero<T>(P.g_pos, r)) +
+                absv(load_or_zero<T>(P.g_mean, r));
+    bound_r = v > bound_r ? v : bound_r;
+  }
+  T* cols = static_cast<T*>(P.cols);
+  for (int64_t c = threadIdx.x; c < (cols != nullptr ? P.ldcol : P.C); c += blockDim.x) {
+    T shift = T(0), coef = T(0), cst = T(0);
+    if (c < P.C) {
+      if (P.g_col_lse != nullptr) {
+        const T cl = static_cast<const T*>(P.col_lse)[c];
+        if (cl > ninf) {
+          shift = cl * T(kLog2e);
+          coef = static_cast<const T*>(P.g_col_lse)[c];
+        }
+      }
+      if (P.g_col_mean != nullptr) {
+        const double cnt = static_cast<double>(P.R) - ((P.exclude_diag && c < P.R) ? 1.0 : 0.0);
+        const double gcm = static_cast<double>(static_cast<const T*>(P.g_col_mean)[c]);
+        if (cnt > 0) cst = static_cast<T>(gcm / cnt);
+      }
+      const T v = absv(coef) + absv(cst);
+      bound_c = v > bound_c ? v : bound_c;
+    }
+    if (cols != nullptr) {
+      cols[c] = shift;
+      cols[P.ldcol + c] = coef;
+      cols[2 * P.ldcol + c] = cst;
+    }
+  }
+  // A NaN bound stays NaN through the max: it gives f = 1 below.
+  MaxPart<T> br = block_reduce(MaxPart<T>{bound_r});
+  __syncthreads();
+  MaxPart<T> bc = block_reduce(MaxPart<T>{bound_c});
+  if (threadIdx.x != 0) return;
+  const double bound = static_cast<double>(br.v) + static_cast<double>(bc.v);
+  int ex = 0;
+  if (bound > 0 && bound < 1e300) {
+    ex = static_cast<int>(floor(log2(static_cast<double>(kGradHeadroom) / bound)));
+    ex = ex > kGradScaleMaxExp ? kGradScaleMaxExp : ex;
+    ex = ex < -kGradScaleMaxExp ? -kGradScaleMaxExp : ex;
+  }
+  T* gs = static_cast<T*>(P.gscale);
+  gs[0] = static_cast<T>(ldexp(1.0, ex));
+  gs[1] = static_cast<T>(ldexp(1.0, -ex));
+}
+
+struct SumPart {
+  double ds, db;
+  __device__ static SumPart identity() { return SumPart{0.0, 0.0}; }
+  __device__ void merge(const SumPart& o) {
+    ds += o.ds;
+    db += o.db;
+  }
+  __device__ SumPart shfl(int o) const { return SumPart{shfl_xor(ds, o), shfl_xor(db, o)}; }
+};
+
+template <class T, class G>
+__global__ void bwd_tile_kernel(const BwdTileArgs P) {
+  constexpr int V = VecWidth<T>::value;
+  constexpr bool kNarrow = sizeof(G) < sizeof(T);
+  const MaskSpec& M = P.mask;
+  const int64_t i = blockIdx.x;
+  const int64_t gr = P.r0 + i;
+  T* x = static_cast<T*>(P.L) + i * P.ldl;
+  G* gout = reinterpret_cast<G*>(x);
+  const T a = *static_cast<const T*>(P.scale);
+  const T b = *static_cast<const T*>(P.bias);
+  const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
+  const T f = static_cast<const T*>(P.gscale)[0];
+  const T ninf = neg_inf<T>();
+  const Geom g = row_geom(M, gr);
+
+  // Per-row coefficients: G = den * (gl 2^(x - lse2) + gmd) + pos * pos_term + allowed * col_term.
+  const T npos = g.labels ? static_cast<const T*>(P.npos)[gr] : T(g.tcol >= 0 ? 1 : 0);
+  const double nden = static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) -
+                      (M.decoupled ? static_cast<double>(npos) : 0.0);
+  const T lse = static_cast<const T*>(P.lse)[gr];
+  T gl = load_or_zero<T>(P.g_lse, gr);
+  const bool rexp = gl != T(0) && lse > ninf;
+  const T lse2 = rexp ? lse * T(kLog2e) : T(0);
+  if (!rexp) gl = T(0);
+  const double gm = static_cast<double>(load_or_zero<T>(P.g_mean, gr));
+  const T gmd = nden > 0 ? static_cast<T>(gm / nden) : T(0);
+  const T gp = (P.g_pos != nullptr && npos > T(0)) ? static_cast<const T*>(P.g_pos)[gr] : T(0);
+  const bool pexp = g.labels && M.pos_lse && gp != T(0);
+  const T posr2 = pexp ? static_cast<const T*>(P.pos)[gr] * T(kLog2e) : T(0);
+  const T gpc = (g.labels && !M.pos_lse && gp != T(0)) ? gp / npos : gp;
+  const T* cshift = static_cast<const T*>(P.cols);
+  const T* ccoef = cshift != nullptr ? cshift + P.ldcol : nullptr;
+  const T* cconst = cshift != nullptr ? cshift + 2 * P.ldcol : nullptr;
+  const bool cexp = cshift != nullptr && P.col_exp;
+
+  T ds = T(0), db = T(0);
+  const int64_t step = int64_t(blockDim.x) * V;
+  for (int64_t base = 0; base < M.C; base += step) {
+    const int64_t c = base + int64_t(threadIdx.x) * V;
+    const bool active = c < M.C;
+    Pack<T, V> v;
+    if (active) v = *reinterpret_cast<const Pack<T, V>*>(x + c);
+    if (kNarrow) __syncthreads();
+    if (!active) continue;
+    // The denominator and column terms of one column (s2: its logit in log2 units).
+    auto row_col_terms = [&](T s2, int64_t col, T& rowt, T& colt) {
+      rowt = gmd;
+      if (rexp) rowt += gl * ex2(s2 - lse2);
+      colt = T(0);
+      if (cshift != nullptr) {
+        colt = cconst[col];
+        if (cexp) colt += ccoef[col] * ex2(s2 - cshift[col]);
+      }
+    };
+    Pack<G, V> out;
+    if (plain_vector<V>(M, g, c)) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const T l = v.v[j];
+        T rowt, colt;
+        row_col_terms(l * a2 + b2, c + j, rowt, colt);
+        const T gv = rowt + colt;
+        ds += gv * l;
+        db += gv;
+        store_as(gv * f, out.v[j]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        bool valid, allowed, pos, den;
+        classify(M, g, c + j, valid, allowed, pos, den);
+        const T l = valid ? v.v[j] : T(0);
+        const T s2 = l * a2 + b2;
+        T rowt, colt;
+        row_col_terms(s2, c + j, rowt, colt);
+        T gv = (den ? rowt : T(0)) + (allowed ? colt : T(0));
+        if (pos) gv += pexp ? gp * ex2(s2 - posr2) : gpc;
+        ds += gv * l;
+        db += gv;
+        store_as(gv * f, out.v[j]);
+      }
+    }
+    *reinterpret_cast<Pack<G, V>*>(gout + c) = out;
+  }
+  const SumPart sp = block_reduce(SumPart{static_cast<double>(ds), static_cast<double>(db)});
+  if (threadIdx.x == 0) {
+    P.row_parts[gr] = sp.ds;
+    P.row_parts[M.R + gr] = sp.db;
+  }
+}
+
+}  // namespace
+
+int fwd_cols_block_columns(DType stat) { return stat == DType::kFloat64 ? 32 * 2 : 32 * 4; }
+
+cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t stream) {
+  if (args.rows <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(args.rows));
+  if (stat == DType::kFloat64) {
+    fwd_rows_kernel<double><<<grid, row_threads(args.mask.C, 2), 0, stream>>>(args);
+  } else {
+    fwd_rows_kernel<float><<<grid, row_threads(args.mask.C, 4), 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fwd_cols(const FwdColsArgs& args, DType stat, cudaStream_t stream) {
+  if (args.rows <= 0 || args.C <= 0) return cudaSuccess;
+  const int64_t w = fwd_cols_block_columns(stat);
+  const dim3 grid(static_cast<unsigned>((args.C + w - 1) / w), static_cast<unsigned>(args.nsplit));
+  const dim3 block(32, kColRowLanes);
+  if (stat == DType::kFloat64) {
+    fwd_cols_kernel<double><<<grid, block, 0, stream>>>(args);
+  } else {
+    fwd_cols_kernel<float><<<grid, block, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_col_final(const ColFinalArgs& args, DType stat, cudaStream_t stream) {
+  if (args.C <= 0) return cudaSuccess;
+  const int threads = 256;
+  const dim3 grid(static_cast<unsigned>((args.C + threads - 1) / threads));
+  if (stat == DType::kFloat64) {
+    col_final_kernel<double><<<grid, threads, 0, stream>>>(args);
+  } else {
+    col_final_kernel<float><<<grid, threads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bwd_prep(const BwdPrepArgs& args, DType stat, cudaStream_t stream) {
+  if (stat == DType::kFloat64) {
+    bwd_prep_kernel<double><<<1, kPrepThreads, 0, stream>>>(args);
+  } else {
+    bwd_prep_kernel<float><<<1, kPrepThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bwd_tile(const BwdTileArgs& args, DType stat, DType grad, cudaStream_t stream) {
+  if (args.rows <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(args.rows));
+  if (stat == DType::kFloat64) {
+    if (grad != DType::kFloat64) return cudaErrorInvalidValue;
+    bwd_tile_kernel<double, double><<<grid, row_threads(args.mask.C, 2), 0, stream>>>(args);
+    return cudaGetLastError();
+  }
+  const int threads = row_threads(args.mask.C, 4);
+  switch (grad) {
+    case DType::kFloat32:
+      bwd_tile_kernel<float, float><<<grid, threads, 0, stream>>>(args);
+      break;
+    case DType::kBFloat16:
+      bwd_tile_kernel<float, __nv_bfloat16><<<grid, threads, 0, stream>>>(args);
+      break;
+    case DType::kFloat16:
+      bwd_tile_kernel<float, __half><<<grid, threads, 0, stream>>>(args);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fastcl

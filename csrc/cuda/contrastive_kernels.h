@@ -1,0 +1,157 @@
+// CUDA kernels of the fused contrastive primitive: launchers over raw device pointers.
+//
+// This header and contrastive_kernels.cu include no torch header (plain CUDA: `nvcc -c` compiles
+// them in seconds); the ATen driver (contrastive_cuda.cpp) holds the slabs, the GEMMs and the
+// argument checks. See fastcl/reference/contrastive.py for the definitions of every statistic and
+// of the gradient G.
+//
+// Every kernel works on one slab of L = q_slab @ k.T (raw dot products, statistics dtype: fp32,
+// or fp64 for fp64 inputs), `rows` x C, row-major with leading dimension `ldl` (a multiple of 8
+// elements, 16-byte aligned rows: each row is padded, and the padding is read but never used).
+// The logits are s = scale * l + bias; scale and bias are read from device memory (0-dim tensors
+// of the statistics dtype), so no value ever travels to the host. Exponentials are taken in log2
+// units (scale and bias premultiplied by log2 e): every exp is a 2^x.
+//
+// All launchers enqueue on `stream` and return cudaGetLastError().
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fastcl {
+namespace cuda {
+
+// Element types. The statistics type is kFloat32 or kFloat64; the gradient tile G is stored in the
+// inputs' type (kBFloat16 / kFloat16 with fp32 statistics, else the statistics type).
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// Mask geometry (fastcl/reference/contrastive.py): allowed = !(exclude_diag && r == c); pos =
+// label match (row_labels and col_labels both given) or c == targets[r] (a target outside
+// [0, C) or on the excluded diagonal means no positive), within allowed; den = allowed minus pos
+// when decoupled. Index arrays are int64 on the device, nullptr when absent.
+struct MaskSpec {
+  int64_t R;  // rows of q
+  int64_t C;  // rows of k (columns of the logits)
+  const int64_t* targets;     // [R] or nullptr
+  const int64_t* row_labels;  // [R] or nullptr
+  const int64_t* col_labels;  // [C] or nullptr
+  bool exclude_diag;
+  bool decoupled;
+  bool pos_lse;
+};
+
+// Row statistics of one slab: one block per row; writes rows [r0, r0 + rows) of lse, pos, npos
+// and mean ([R] arrays of the statistics dtype).
+struct FwdRowsArgs {
+  MaskSpec mask;
+  const void* L;
+  int64_t ldl;
+  int64_t r0;
+  int64_t rows;
+  const void* scale;
+  const void* bias;
+  void* lse;
+  void* pos;
+  void* npos;
+  void* mean;
+};
+
+// Column statistics of one slab merged into running per-column states (one state per row split
+// of the slab: the rows of a slab are cut into `nsplit` parts, each part owned by one block per
+// column group, so no atomics are needed). States, [nsplit, ldstate] each: max of s over the
+// allowed rows seen so far (log2 units; -inf when none), sum of 2^(s - max), sum of raw dot
+// products (fp64). Initialize to (-inf, 0, 0).
+struct FwdColsArgs {
+  int64_t R;
+  int64_t C;
+  bool exclude_diag;
+  const void* L;
+  int64_t ldl;
+  int64_t r0;
+  int64_t rows;
+  const void* scale;
+  const void* bias;
+  int nsplit;
+  int64_t ldstate;
+  void* st_max;
+  void* st_sum;
+  double* st_lsum;
+};
+
+// col_lse and col_mean ([C], statistics dtype) from the states of FwdColsArgs after the last slab.
+struct ColFinalArgs {
+  int64_t R;
+  int64_t C;
+  bool exclude_diag;
+  int nsplit;
+  int64_t ldstate;
+  const void* st_max;
+  const void* st_sum;
+  const double* st_lsum;
+  const void* scale;
+  const void* bias;
+  void* col_lse;
+  void* col_mean;
+};
+
+// Backward preparation (one block). Per column c < ldcol (zeros for c >= C), when cols != nullptr
+// ([3, ldcol]): cols[0][c] = col_lse[c] in log2 units (0 where it is -inf),
+// cols[1][c] = g_col_lse[c] (0 where col_lse[c] is -inf or g_col_lse is absent),
+// cols[2][c] = g_col_mean[c] / |allowed(:, c)| (0 when absent or the set is empty).
+// gscale[0] = a power of two f with f * max|G| <= 2^14 (from a bound on |G|), gscale[1] = 1 / f:
+// the tile holds f * G, so that fp16 tiles neither overflow nor flush the small entries of a
+// softmax to zero.
+struct BwdPrepArgs {
+  int64_t R;
+  int64_t C;
+  bool exclude_diag;
+  const void* g_lse;       // [R] or nullptr
+  const void* g_pos;       // [R] or nullptr
+  const void* g_mean;      // [R] or nullptr
+  const void* g_col_lse;   // [C] or nullptr
+  const void* g_col_mean;  // [C] or nullptr
+  const void* col_lse;     // [C] (read only with g_col_lse)
+  void* cols;              // [3, ldcol] or nullptr
+  int64_t ldcol;
+  void* gscale;            // [2]
+};
+
+// Gradient tile of one slab, in place: reads the raw dot products of L and overwrites each row
+// with f * G (G's dtype; a narrower G occupies the first half of each row's bytes, so the tile
+// is a [rows, C] matrix with leading dimension ldl * sizeof(stat) / sizeof(G)). Writes, per row,
+// row_parts[r] = sum_c G[r, c] * l[r, c] and row_parts[R + r] = sum_c G[r, c] (for dscale and
+// dbias; unscaled G, fp64).
+struct BwdTileArgs {
+  MaskSpec mask;
+  void* L;
+  int64_t ldl;
+  int64_t r0;
+  int64_t rows;
+  const void* scale;
+  const void* bias;
+  const void* g_lse;   // [R] or nullptr
+  const void* g_pos;   // [R] or nullptr
+  const void* g_mean;  // [R] or nullptr
+  const void* lse;     // [R]
+  const void* pos;     // [R]
+  const void* npos;    // [R]
+  const void* cols;    // [3, ldcol] from BwdPrepArgs, or nullptr (no column gradients)
+  int64_t ldcol;
+  bool col_exp;        // g_col_lse given (cols[1] may be nonzero)
+  const void* gscale;  // [2] from BwdPrepArgs
+  double* row_parts;   // [2, R]
+};
+
+// Columns covered by one block of the column kernel (the driver sizes nsplit from it).
+int fwd_cols_block_columns(DType stat);
+
+cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t stream);
+cudaError_t launch_fwd_cols(const FwdColsArgs& args, DType stat, cudaStream_t stream);
+cudaError_t launch_col_final(const ColFinalArgs& args, DType stat, cudaStream_t stream);
+cudaError_t launch_bwd_prep(const BwdPrepArgs& args, DType stat, cudaStream_t stream);
+// stat/grad: (kFloat32, kFloat32 | kBFloat16 | kFloat16) or (kFloat64, kFloat64).
+cudaError_t launch_bwd_tile(const BwdTileArgs& args, DType stat, DType grad, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastcl

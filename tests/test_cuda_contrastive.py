@@ -1,0 +1,631 @@
+"""The CUDA kernels of the contrastive primitive (``fastcl._C.contrastive_{fwd,bwd}_cuda``).
+
+Without a GPU: the build (``WITH_CUDA`` where nvcc was found, the functions bound), the argument
+checks at the C++ boundary (CPU tensors are refused before any CUDA call) and the reasons the
+dispatch table gives.
+
+With a GPU (``gpu`` marker): forward statistics against
+:func:`fastcl.reference.contrastive.contrastive_stats_ref`, gradients against the autograd of the
+same oracle in fp64, as in ``test_cpu_contrastive.py``: tight in fp64; in fp32, bf16 and fp16 a
+gradient's error against the fp64 oracle may be at most about twice the error of the plain-PyTorch
+oracle run at that dtype, plus a small slack relative to the gradient's magnitude. Slab
+boundaries are exercised through ``FASTCL_CUDA_SLAB_BYTES`` (read at every call). Then large
+shapes, peak memory, ``torch.library.opcheck`` and the public losses end to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastcl
+from fastcl import _backends, dispatch
+from fastcl.reference.contrastive import contrastive_stats_ref
+
+try:
+    from fastcl import _C
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
+
+DEVICE = "cuda"
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+
+# Forward statistics vs the oracle at the same dtype (the oracle upcasts bf16/fp16 to fp32, and
+# so do the kernels: the GEMM of half-precision inputs writes fp32 logits). Logits here are O(10).
+FWD_TOL = {
+    F64: dict(rtol=1e-10, atol=1e-10),
+    F32: dict(rtol=2e-5, atol=5e-5),
+    BF16: dict(rtol=2e-5, atol=5e-5),
+    F16: dict(rtol=2e-5, atol=5e-5),
+}
+# Gradients: err(kernel) <= 2 * err(oracle at dtype) + ATOL * max|grad|, errors against fp64.
+GRAD_ATOL = {F64: 1e-10, F32: 2e-5, BF16: 1e-2, F16: 2e-3}
+
+MODES = ("none", "targets", "labels")
+STAT_NAMES = ("lse", "pos", "npos", "mean", "col_lse", "col_mean")
+GRAD_NAMES = ("dq", "dk", "dscale", "dbias")
+
+
+def _ext():
+    if _C is None or not hasattr(_C, "contrastive_fwd_cuda"):
+        pytest.skip("fastcl._C has no CUDA contrastive kernels (built without nvcc)")
+    return _C
+
+
+def _nvcc_found() -> bool:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return True
+    return shutil.which("nvcc") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a GPU: build, boundary checks, dispatch
+
+
+def test_extension_imports_and_reports_cuda():
+    if _C is None:
+        pytest.skip("fastcl._C is not built")
+    assert isinstance(_C.WITH_CUDA, bool)
+    cuda_build = (torch.version.cuda is not None and _nvcc_found()
+                  and os.environ.get("FASTCL_BUILD_CUDA", "1") != "0")
+    if cuda_build:
+        assert _C.WITH_CUDA, ("nvcc and a CUDA build of torch are present but fastcl._C was built "
+                              "without CUDA: rebuild with `pip install --no-build-isolation -e .`")
+    if _C.WITH_CUDA:
+        for name in ("contrastive_fwd_cuda", "contrastive_bwd_cuda", "cuda_slab_bytes"):
+            assert hasattr(_C, name), f"fastcl._C was built with CUDA but does not bind {name}"
+        assert _backends.implements("cuda", "contrastive")
+
+
+def _cpu_case(R=5, C=4, D=3):
+    q, k = torch.randn(R, D), torch.randn(C, D)
+    return q, k, torch.tensor(2.0), torch.tensor(0.0), torch.arange(R) % C
+
+
+def test_cpu_tensors_are_refused_before_any_cuda_call():
+    C_ = _ext()
+    q, k, scale, bias, targets = _cpu_case()
+    with pytest.raises(RuntimeError, match="contrastive_fwd_cuda expects CUDA tensors, got cpu"):
+        C_.contrastive_fwd_cuda(q, k, scale, bias, targets, None, None, False, False, False, True)
+    g = torch.ones(5)
+    with pytest.raises(RuntimeError, match="contrastive_bwd_cuda expects CUDA tensors, got cpu"):
+        C_.contrastive_bwd_cuda(g, None, None, None, None, q, k, scale, bias, targets, None, None,
+                                g, g, g, torch.empty(0), False, False, False, False)
+
+
+def test_slab_bytes_env(monkeypatch):
+    C_ = _ext()
+    monkeypatch.delenv("FASTCL_CUDA_SLAB_BYTES", raising=False)
+    assert C_.cuda_slab_bytes() == 512 << 20
+    monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", "12345")
+    assert C_.cuda_slab_bytes() == 12345
+    monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", "garbage")
+    assert C_.cuda_slab_bytes() == 512 << 20
+
+
+def test_dispatch_reasons_without_cuda_tensors():
+    reason = dispatch.why_not("cuda", "info_nce", torch.device("cpu"), torch.float32)
+    assert reason is not None and "needs CUDA tensors" in reason and "cpu" in reason
+    reason = dispatch.why_not("cuda", "info_nce", torch.device("cuda"), torch.float64)
+    assert reason is not None and "float64" in reason
+    x = torch.randn(4, 8)
+    with pytest.raises(dispatch.BackendUnavailableError, match="needs CUDA tensors"):
+        fastcl.clip_loss(x, x, 10.0, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU helpers
+
+
+def _stat_dtype(dtype):
+    return F64 if dtype == F64 else F32
+
+
+def make_case(R, C, D, dtype=F64, mode="targets", *, scale=3.0, bias=0.25, seed=0,
+              normalize=True, n_classes=4):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(R, D, generator=g, dtype=F64)
+    k = torch.randn(C, D, generator=g, dtype=F64)
+    if normalize:
+        q = torch.nn.functional.normalize(q, dim=1)
+        k = torch.nn.functional.normalize(k, dim=1)
+    sdt = _stat_dtype(dtype)
+    targets = row_labels = col_labels = None
+    if mode == "targets":
+        targets = torch.randint(-1, C, (R,), generator=g)
+        targets[: min(R, C)] = torch.arange(min(R, C))  # the diagonal is a target of some rows
+        targets[R // 2] = -1
+    elif mode == "labels":
+        row_labels = torch.randint(0, n_classes, (R,), generator=g)
+        col_labels = torch.randint(0, n_classes, (C,), generator=g)
+        row_labels[-1] = n_classes + 7  # a row whose label no column has
+    dev = torch.device(DEVICE)
+    opt = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    return dict(q=q.to(dtype).to(dev), k=k.to(dtype).to(dev),
+                scale=torch.tensor(scale, dtype=sdt, device=dev),
+                bias=torch.tensor(bias, dtype=sdt, device=dev), targets=opt(targets),
+                row_labels=opt(row_labels), col_labels=opt(col_labels))
+
+
+def _flags(flags):
+    return dict(exclude_diag=flags.get("exclude_diag", False),
+                decoupled=flags.get("decoupled", False), pos_lse=flags.get("pos_lse", False),
+                col_stats=flags.get("col_stats", False))
+
+
+def kernel_fwd(case, **flags):
+    f = _flags(flags)
+    return _ext().contrastive_fwd_cuda(case["q"], case["k"], case["scale"], case["bias"],
+                                       case["targets"], case["row_labels"], case["col_labels"],
+                                       f["exclude_diag"], f["decoupled"], f["pos_lse"],
+                                       f["col_stats"])
+
+
+def kernel_bwd(case, grads, stats, **flags):
+    f = _flags(flags)
+    lse, pos, npos, _mean, col_lse, _col_mean = stats
+    return _ext().contrastive_bwd_cuda(*grads, case["q"], case["k"], case["scale"], case["bias"],
+                                       case["targets"], case["row_labels"], case["col_labels"],
+                                       lse, pos, npos, col_lse, f["exclude_diag"], f["decoupled"],
+                                       f["pos_lse"], f["col_stats"])
+
+
+def _cast(case, dtype):
+    sdt = _stat_dtype(dtype)
+    out = dict(case)
+    out["q"], out["k"] = case["q"].to(dtype), case["k"].to(dtype)
+    out["scale"], out["bias"] = case["scale"].to(sdt), case["bias"].to(sdt)
+    return out
+
+
+def ref_stats(case, dtype=None, **flags):
+    c = _cast(case, dtype) if dtype is not None else case
+    with torch.no_grad():
+        return contrastive_stats_ref(c["q"], c["k"], c["scale"], c["bias"], c["targets"],
+                                     c["row_labels"], c["col_labels"], **_flags(flags))
+
+
+def ref_grads(case, grads, dtype, **flags):
+    """Gradients (dq, dk, dscale, dbias) of sum(g * stat) by the oracle's autograd at ``dtype``."""
+    c = _cast(case, dtype)
+    leaves = [c[n].detach().clone().requires_grad_(True) for n in ("q", "k", "scale", "bias")]
+    out = contrastive_stats_ref(*leaves, c["targets"], c["row_labels"], c["col_labels"],
+                                **_flags(flags))
+    pairs = [(o, g) for o, g in zip((out[0], out[1], out[3], out[4], out[5]), grads)
+             if g is not None and o.numel() > 0]
+    if not pairs:
+        return [torch.zeros_like(x) for x in leaves]
+    total = sum((o.masked_fill(torch.isinf(o), 0) * g.to(o.dtype)).sum() for o, g in pairs)
+    got = torch.autograd.grad(total, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if gx is None else gx for gx, x in zip(got, leaves)]
+
+
+def random_grads(R, C, dtype, col_stats, seed=1, drop=(), magnitude=1.0):
+    g = torch.Generator().manual_seed(seed)
+    sdt = _stat_dtype(dtype)
+    out = [torch.randn(R, generator=g, dtype=F64) for _ in range(3)]
+    out += [torch.randn(C, generator=g, dtype=F64) if col_stats else None for _ in range(2)]
+    return [None if (i in drop or x is None) else (x * magnitude).to(sdt).to(DEVICE)
+            for i, x in enumerate(out)]
+
+
+def check_stats(got, want, dtype):
+    want_dt = _stat_dtype(dtype)
+    for name, a, b in zip(STAT_NAMES, got, want):
+        assert a.dtype == want_dt, f"{name}: dtype {a.dtype}, expected {want_dt}"
+        assert a.device == b.device, f"{name}: device {a.device}"
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), f"{name}: -inf pattern differs"
+        assert torch.isfinite(a[~torch.isneginf(a)]).all(), f"{name}: NaN or +inf"
+        torch.testing.assert_close(a.masked_fill(torch.isinf(a), 0).to(F64),
+                                   b.masked_fill(torch.isinf(b), 0).to(F64),
+                                   msg=lambda m, n=name: f"{n}: {m}", **FWD_TOL[dtype])
+
+
+def check_grads(case, grads, stats, dtype, mag_floor=1e-3, **flags):
+    got = kernel_bwd(case, grads, stats, **flags)
+    exact = ref_grads(case, [None if g is None else g.to(F64) for g in grads], F64, **flags)
+    for name, a, x in zip(GRAD_NAMES, got, (case["q"], case["k"], case["scale"], case["bias"])):
+        assert a.dtype == x.dtype and a.shape == x.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
+        assert a.device == x.device, f"{name}: device {a.device}"
+        assert torch.isfinite(a).all(), f"{name}: NaN or inf"
+    if dtype == F64:
+        for name, a, b in zip(GRAD_NAMES, got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        return got
+    plain = ref_grads(case, grads, dtype, **flags)
+    for name, a, p, b in zip(GRAD_NAMES, got, plain, exact):
+        mag = max(b.abs().max().item(), mag_floor)
+        err = (a.to(F64) - b).abs().max().item()
+        err_plain = (p.to(F64) - b).abs().max().item()
+        bound = 2 * err_plain + GRAD_ATOL[dtype] * mag
+        assert err <= bound, (f"{name}: error {err:.3e} vs fp64 oracle exceeds 2 x oracle-at-dtype "
+                              f"error {err_plain:.3e} + slack ({bound:.3e})")
+    return got
+
+
+FLAG_COMBOS = [
+    dict(exclude_diag=e, decoupled=d, pos_lse=p, col_stats=c)
+    for e, d, p, c in itertools.product((False, True), repeat=4)
+]
+
+
+def _id(flags):
+    return "-".join(k for k, v in flags.items() if v) or "plain"
+
+
+@pytest.fixture
+def slab_bytes(monkeypatch):
+    def set_(n):
+        monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", str(n))
+    return set_
+
+
+def _padded(C):
+    return (C + 7) // 8 * 8  # the slab's rows are padded to multiples of 8 elements
+
+
+# ---------------------------------------------------------------------------------------------
+# fp64: every flag combination in every mode, slabs of 7 rows (several slabs, a ragged last one)
+
+
+FP64_CASES = [(mode, flags) for mode in MODES for flags in FLAG_COMBOS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,flags", FP64_CASES, ids=[f"{m}-{_id(f)}" for m, f in FP64_CASES])
+def test_fp64_all_flags(mode, flags, slab_bytes):
+    R, C, D = 37, 29, 6
+    slab_bytes(7 * _padded(C) * 8)
+    case = make_case(R, C, D, F64, mode, scale=4.0, bias=-0.5)
+    stats = kernel_fwd(case, **flags)
+    check_stats(stats, ref_stats(case, **flags), F64)
+    grads = random_grads(R, C, F64, flags["col_stats"])
+    check_grads(case, grads, stats, F64, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("drop", [(0,), (1, 2), (0, 1, 2), (3,), (4,), (0, 3), (0, 1, 2, 3, 4)])
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fp64_missing_grads(mode, drop):
+    R, C, D = 23, 31, 5
+    flags = dict(exclude_diag=True, decoupled=mode == "labels", pos_lse=mode == "labels",
+                 col_stats=True)
+    case = make_case(R, C, D, F64, mode)
+    stats = kernel_fwd(case, **flags)
+    grads = random_grads(R, C, F64, True, drop=drop)
+    check_grads(case, grads, stats, F64, **flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 / bf16 / fp16
+
+
+LOWP_FLAGS = [
+    dict(col_stats=True),
+    dict(exclude_diag=True, col_stats=True),
+    dict(exclude_diag=True, decoupled=True),
+    dict(pos_lse=True, col_stats=True),
+    dict(exclude_diag=True, decoupled=True, pos_lse=True, col_stats=True),
+]
+LOWP_CASES = [(dtype, mode, flags) for dtype in (F32, BF16, F16) for mode in MODES
+              for flags in LOWP_FLAGS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,mode,flags", LOWP_CASES,
+                         ids=[f"{str(d)[6:]}-{m}-{_id(f)}" for d, m, f in LOWP_CASES])
+def test_low_precision(dtype, mode, flags, slab_bytes):
+    R, C, D = 53, 41, 24
+    slab_bytes(16 * _padded(C) * 4)
+    case = make_case(R, C, D, dtype, mode, scale=10.0, bias=0.1, seed=3)
+    stats = kernel_fwd(case, **flags)
+    check_stats(stats, ref_stats(case, dtype, **flags), dtype)
+    grads = random_grads(R, C, dtype, flags.get("col_stats", False), seed=4)
+    check_grads(case, grads, stats, dtype, **flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: R = 1, C = 1, slab boundaries, C != R, D not a multiple of 8, one-row slabs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,C,D,slab_rows", [
+    (1, 1, 3, None),
+    (1, 5, 3, None),
+    (5, 1, 3, 1),
+    (97, 97, 100, 32),
+    (97, 61, 3, 1),
+    (61, 97, 100, 96),
+    (1025, 33, 7, 512),
+    (1026, 9, 5, 1025),
+    (130, 1030, 17, None),
+    (45, 4500, 8, 40),
+    (300, 257, 1000, 64),
+])
+@pytest.mark.parametrize("dtype", (F64, F32, BF16), ids=str)
+def test_shapes(R, C, D, slab_rows, dtype, slab_bytes):
+    esize = 8 if dtype == F64 else 4
+    if slab_rows is not None:
+        slab_bytes(slab_rows * _padded(C) * esize)
+    flags = dict(exclude_diag=True, col_stats=True)
+    case = make_case(R, C, D, dtype, "targets", scale=5.0, seed=R + C + D)
+    stats = kernel_fwd(case, **flags)
+    check_stats(stats, ref_stats(case, dtype, **flags), dtype)
+    grads = random_grads(R, C, dtype, True, seed=7)
+    check_grads(case, grads, stats, dtype, **flags)
+
+
+@pytest.mark.gpu
+def test_wide_logit_spread():
+    """Rows whose logits lie at very different heights (norms 0.01 .. 50, unnormalized)."""
+    R, C, D = 70, 2100, 4
+    case = make_case(R, C, D, F32, "targets", scale=1.0, seed=8, normalize=False)
+    case["q"] = case["q"] * torch.logspace(-2, 1.7, R, dtype=F32, device=DEVICE)[:, None]
+    flags = dict(exclude_diag=True, col_stats=True)
+    stats = kernel_fwd(case, **flags)
+    check_stats(stats, ref_stats(case, F32, **flags), F32)
+    check_grads(case, random_grads(R, C, F32, True), stats, F32, **flags)
+
+
+@pytest.mark.gpu
+def test_slab_size_does_not_change_results(slab_bytes):
+    R, C, D = 300, 257, 16
+    flags = dict(exclude_diag=True, col_stats=True, pos_lse=True)
+    case = make_case(R, C, D, F64, "labels", seed=11)
+    grads = random_grads(R, C, F64, True)
+    outs = []
+    for rows in (1, 13, 300):
+        slab_bytes(rows * _padded(C) * 8)
+        stats = kernel_fwd(case, **flags)
+        outs.append((stats, kernel_bwd(case, grads, stats, **flags)))
+    for stats, g in outs[1:]:
+        for a, b in zip(stats + g, outs[0][0] + outs[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strides, extreme scales, empty sets, small fp16 gradients
+
+
+@pytest.mark.gpu
+def test_non_contiguous_inputs():
+    R, C, D = 40, 33, 12
+    flags = dict(exclude_diag=True, col_stats=True)
+    base = make_case(R, C, D, F64, "targets", seed=2)
+    wide = torch.zeros(R, 2 * D, dtype=F64, device=DEVICE)
+    wide[:, ::2] = base["q"]
+    kt = base["k"].t().contiguous()
+    tall = torch.zeros(2 * C, D, dtype=F64, device=DEVICE)
+    tall[::2] = base["k"]
+    for q, k in ((wide[:, ::2], kt.t()), (base["q"].t().contiguous().t(), tall[::2])):
+        assert not q.is_contiguous() or not k.is_contiguous()
+        case = dict(base, q=q, k=k)
+        stats = kernel_fwd(case, **flags)
+        check_stats(stats, ref_stats(base, **flags), F64)
+        grads = random_grads(R, C, F64, True)
+        check_grads(case, grads, stats, F64, **flags)
+    # non-contiguous targets, labels and statistic gradients; int32 targets
+    targets = torch.stack([base["targets"], base["targets"]], 1)[:, 0]
+    for t in (targets, base["targets"].int()):
+        case = dict(base, targets=t)
+        stats = kernel_fwd(case, **flags)
+        check_stats(stats, ref_stats(base, **flags), F64)
+        grads = [g[::2] for g in (torch.randn(2 * R, dtype=F64, device=DEVICE),) * 3]
+        grads += [torch.randn(2 * C, dtype=F64, device=DEVICE)[::2], None]
+        check_grads(case, grads, stats, F64, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (BF16, F16, F32), ids=str)
+def test_scale_100_no_overflow(dtype):
+    """CLIP's clamp (scale 100) with the self-similarity on the excluded diagonal (NT-Xent)."""
+    R = 64
+    case = make_case(R, R, 32, dtype, "targets", scale=100.0, bias=-10.0, seed=9)
+    case["k"] = case["q"]
+    case["targets"] = torch.arange(R, device=DEVICE).roll(1)
+    flags = dict(exclude_diag=True, col_stats=True)
+    stats = kernel_fwd(case, **flags)
+    for s in stats:
+        assert torch.isfinite(s).all()
+    check_stats(stats, ref_stats(case, dtype, **flags), dtype)
+    grads = random_grads(R, R, dtype, True, seed=2)
+    check_grads(case, grads, stats, dtype, **flags)
+
+
+@pytest.mark.gpu
+def test_empty_sets_give_minus_inf_and_zero_grad():
+    # R = C = 1 with the diagonal excluded: every set is empty.
+    case = make_case(1, 1, 4, F64, "targets")
+    flags = dict(exclude_diag=True, col_stats=True)
+    stats = kernel_fwd(case, **flags)
+    lse, pos, npos, mean, col_lse, col_mean = stats
+    assert torch.isneginf(lse).all() and torch.isneginf(col_lse).all()
+    assert (pos == 0).all() and (npos == 0).all() and (mean == 0).all() and (col_mean == 0).all()
+    dq, dk, ds, db = kernel_bwd(case, random_grads(1, 1, F64, True), stats, **flags)
+    for t in (dq, dk, ds, db):
+        assert (t == 0).all()
+    # decoupled label mode where every allowed column is a positive: empty denominator
+    case = make_case(3, 3, 4, F64, "labels")
+    case["row_labels"] = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    case["col_labels"] = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    flags = dict(exclude_diag=True, decoupled=True, pos_lse=True)
+    stats = kernel_fwd(case, **flags)
+    check_stats(stats, ref_stats(case, **flags), F64)
+    assert torch.isneginf(stats[0]).all()
+    check_grads(case, random_grads(3, 3, F64, False), stats, F64, **flags)
+
+
+@pytest.mark.gpu
+def test_no_rows_or_no_columns():
+    for R, C in ((0, 5), (5, 0), (0, 0)):
+        case = make_case(R, C, 4, F32, "none")
+        flags = dict(col_stats=True)
+        stats = kernel_fwd(case, **flags)
+        check_stats(stats, ref_stats(case, F32, **flags), F32)
+        grads = random_grads(R, C, F32, True)
+        for g, x in zip(kernel_bwd(case, grads, stats, **flags),
+                        (case["q"], case["k"], case["scale"], case["bias"])):
+            assert g.shape == x.shape and (g == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale,magnitude", [(5.0, 1e-5), (20.0, 1e3)])
+def test_fp16_gradient_tile_keeps_small_and_large_entries(scale, magnitude):
+    """Statistic gradients of about 1e-5 over a flat softmax (a mean over a large batch) give
+    tile entries near 1e-8, which fp16 flushes to zero; large ones (loss scaling) must not
+    overflow. The tile is stored times a power of two chosen from the gradients' magnitude."""
+    R, C, D = 512, 512, 64
+    flags = dict(col_stats=True)
+    case = make_case(R, C, D, F16, "targets", scale=scale, seed=12)
+    stats = kernel_fwd(case, **flags)
+    grads = random_grads(R, C, F16, True, seed=5, magnitude=magnitude)
+    check_grads(case, grads, stats, F16, mag_floor=0.0, **flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,D,dtype", [(16384, 1024, BF16), (16384, 256, F16), (8192, 1000, F32),
+                                       (12345, 77, BF16)])
+def test_large(N, D, dtype):
+    """A symmetric CLIP-like call: targets on the diagonal, column statistics, scale 1/0.07."""
+    flags = dict(col_stats=True)
+    case = make_case(N, N, D, dtype, "none", scale=1 / 0.07, bias=0.0, seed=N)
+    case["targets"] = torch.arange(N, device=DEVICE)
+    stats = kernel_fwd(case, **flags)
+    check_stats(stats, ref_stats(case, dtype, **flags), dtype)
+    g = torch.full((N,), 0.5 / N, dtype=F32, device=DEVICE)
+    grads = [g, -g, None, g, None]
+    got = kernel_bwd(case, grads, stats, **flags)
+    want = ref_grads(case, grads, F32, **flags)
+    for name, a, b in zip(GRAD_NAMES, got, want):
+        mag = b.abs().max().item()
+        err = (a.float() - b).abs().max().item()
+        tol = {BF16: 1e-2, F16: 2e-3, F32: 1e-4}[dtype] * mag + 1e-7
+        assert err <= tol, f"{name}: error {err:.3e} > {tol:.3e} (max |grad| {mag:.3e})"
+
+
+@pytest.mark.gpu
+def test_peak_memory_is_linear(monkeypatch):
+    """At N = 32768 the extra memory is one slab plus O(N D) terms, far below N^2 bytes."""
+    ext = _ext()
+    N, D = 32768, 256
+    budget = 64 << 20
+    q = torch.nn.functional.normalize(torch.randn(N, D, device=DEVICE), dim=1).to(BF16)
+    k = torch.nn.functional.normalize(torch.randn(N, D, device=DEVICE), dim=1).to(BF16)
+    scale = torch.tensor(1 / 0.07, device=DEVICE)
+    bias = torch.tensor(0.0, device=DEVICE)
+    targets = torch.arange(N, device=DEVICE)
+    g = torch.full((N,), 0.5 / N, device=DEVICE)
+    flags = (False, False, False, True)
+
+    def run(n):
+        st = ext.contrastive_fwd_cuda(q[:n], k[:n], scale, bias, targets[:n], None, None, *flags)
+        return ext.contrastive_bwd_cuda(g[:n], -g[:n], None, g[:n], None, q[:n], k[:n], scale,
+                                        bias, targets[:n], None, None, st[0], st[1], st[2], st[4],
+                                        *flags)
+
+    # warm-up over several slabs: cuBLAS workspaces are allocated on first use and kept
+    monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", str(16 * 64 * 4))
+    run(64)
+    monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", str(budget))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = run(N)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert all(torch.isfinite(x).all() for x in grads)
+    # one slab, the fp32 dk accumulator, dq/dk, per-slab products, statistics, and slack
+    linear = 4 * N * D * 4 + 64 * N * 4 + (16 << 20)
+    assert extra <= budget + linear, f"extra memory {extra / 2**20:.1f} MiB"
+    assert extra < N * N // 4, f"extra memory {extra / 2**20:.1f} MiB is not far below N^2 bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# The op and the public losses on the cuda backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("labels,col", [(False, True), (True, False)])
+def test_opcheck(labels, col):
+    from fastcl.ops.contrastive import contrastive_bwd, contrastive_fwd
+
+    _ext()
+    dev = torch.device(DEVICE)
+    q = torch.randn(6, 5, device=dev, requires_grad=True)
+    k = torch.randn(6, 5, device=dev, requires_grad=True)
+    scale = torch.tensor(2.0, device=dev, requires_grad=True)
+    bias = torch.tensor(0.5, device=dev, requires_grad=True)
+    targets = None if labels else torch.tensor([1, 0, 3, -1, 5, 4], device=dev)
+    lab = torch.tensor([0, 1, 0, 1, 2, 2], device=dev) if labels else None
+    args = (q, k, scale, bias, targets, lab, lab, labels, False, labels, col, "cuda")
+    torch.library.opcheck(contrastive_fwd, args)
+    with torch.no_grad():
+        lse, pos, npos, mean, col_lse, col_mean = contrastive_fwd(*args)
+    g = [torch.randn_like(lse), torch.randn_like(pos), None,
+         torch.randn_like(col_lse) if col else None, None]
+    bwd_args = (*g, q.detach(), k.detach(), scale.detach(), bias.detach(), targets, lab, lab,
+                lse, pos, npos, col_lse, labels, False, labels, col, "cuda")
+    torch.library.opcheck(contrastive_bwd, bwd_args)
+
+
+def _clip(x, y, s, backend):
+    return fastcl.clip_loss(x, y, s, label_smoothing=0.1, backend=backend)
+
+
+def _info_nce_negatives(x, y, s, backend):
+    return fastcl.info_nce(x, y, logit_scale=s, negatives=0.5 * y[:5], backend=backend)
+
+
+def _nt_xent(x, y, s, backend):
+    return fastcl.nt_xent(x, y, logit_scale=s, backend=backend)
+
+
+def _supcon_in(x, y, s, backend):
+    labels = torch.arange(x.shape[0], device=x.device) % 7
+    return fastcl.supcon(torch.stack([x, y], 1), labels, logit_scale=s, variant="in",
+                         backend=backend)
+
+
+def _dcl(x, y, s, backend):
+    return fastcl.dcl(x, y, logit_scale=s, backend=backend)
+
+
+LOSSES = dict(clip=_clip, info_nce_negatives=_info_nce_negatives, nt_xent=_nt_xent,
+              supcon_in=_supcon_in, dcl=_dcl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
+def test_losses_end_to_end(loss, dtype):
+    _ext()
+    assert dispatch.why_not("cuda", "info_nce", torch.device(DEVICE), dtype) is None
+    N, D = 257, 96
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(DEVICE, dtype)
+    y0 = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(DEVICE, dtype)
+    results = {}
+    for backend in ("cuda", "reference"):
+        x = x0.clone().requires_grad_(True)
+        y = y0.clone().requires_grad_(True)
+        s = torch.tensor(14.0, device=DEVICE, requires_grad=True)
+        out = LOSSES[loss](x, y, s, backend)
+        out.backward()
+        results[backend] = (out.detach(), x.grad, y.grad, s.grad)
+    rel = 1e-4 if dtype == F32 else 2e-2
+    for name, a, b in zip(("loss", "dx", "dy", "dscale"), results["cuda"], results["reference"]):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{loss} {name}: {a.dtype} {a.shape}"
+        err = (a.double() - b.double()).abs().max().item()
+        bound = rel * b.double().abs().max().item() + 1e-6
+        assert err <= bound, f"{loss} {name}: error {err:.3e} > {bound:.3e}"
