@@ -127,8 +127,9 @@ def scalar(name: str, value, device: torch.device, *, positive: bool = False) ->
         positive_number(name, value)
     elif value != value or abs(value) == float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
-    # fp64 keeps a Python number exact; the loss casts it to its statistics dtype.
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+    # fp64 keeps a Python number exact; the loss casts it to its statistics dtype. On CUDA
+    # torch.full launches a fill kernel instead of a synchronizing host-to-device copy.
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 def logit_scale(temperature, logit_scale_, device: torch.device, default=None) -> Tensor:
