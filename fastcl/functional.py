@@ -87,9 +87,20 @@ def _pair_scale(scale: Tensor, x: Tensor) -> Tensor:
     return scale.to(_stat_dtype(x))
 
 
-def _columns(x: Tensor, sh: Optional[Shard], dim: int = 0) -> Tensor:
-    """The columns a rank's anchors are contrasted with: its own, or every rank's (own first)."""
-    return x if sh is None else sh.columns(x, dim)
+def _stats(sh: Optional[Shard], rows: Tensor, cols: Tensor, a: Tensor, b: Tensor,
+           targets: Optional[Tensor] = None, row_labels: Optional[Tensor] = None,
+           col_labels: Optional[Tensor] = None, extra: Optional[Tensor] = None,
+           **flags) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row statistics ``(lse, pos, npos, mean)`` of ``rows`` against ``[cols; extra]``.
+
+    On one process (``sh`` None) the fused op on the given columns; with a shard, against the
+    ``cols`` of every rank by the shard's strategy (:meth:`fastcl.distributed.Shard.stats`).
+    """
+    if sh is not None:
+        return sh.stats(rows, cols, a, b, targets, row_labels, col_labels, extra, **flags)
+    if extra is not None:
+        cols = torch.cat([cols, extra], dim=0)
+    return contrastive_stats(rows, cols, a, b, targets, row_labels, col_labels, **flags)[:4]
 
 
 def _select(op: str, x: Tensor, backend: str, sh: Optional[Shard]) -> str:
@@ -143,9 +154,11 @@ def info_nce(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (for symmetric: ``w l_row + (1-w) l_col``
             per index).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
-        gather: ``"all_gather"`` contrasts this rank's queries (and, if symmetric, keys) with the
-            keys (queries) of every rank of ``group``; see :mod:`fastcl.distributed` for the
-            gradient convention. ``negatives`` stay local extra columns; ``targets`` must be None.
+        gather: ``"all_gather"`` or ``"ring"`` contrasts this rank's queries (and, if
+            symmetric, keys) with the keys (queries) of every rank of ``group``, by gathering
+            them or by passing them around a ring of ranks (memory independent of the world
+            size); see :mod:`fastcl.distributed` for both and the gradient convention.
+            ``negatives`` stay local extra columns; ``targets`` must be None.
 
     Returns:
         The loss (0-dim, or ``[N]`` for ``reduction="none"``).
@@ -177,10 +190,10 @@ def info_nce(
     sh = shard(gather, group)
     if sh is not None:
         if targets is not None:
-            raise ValueError("gather='all_gather' pairs query i with key i of the same rank; "
+            raise ValueError(f"gather={gather!r} pairs query i with key i of the same rank; "
                              "targets must be None")
         if n != m:
-            raise ValueError(f"gather='all_gather' needs as many queries as keys per rank, got "
+            raise ValueError(f"gather={gather!r} needs as many queries as keys per rank, got "
                              f"{n} and {m}")
         sh.check_equal("query", query)
     scale = V.logit_scale(temperature, logit_scale, device)
@@ -200,12 +213,14 @@ def info_nce(
     a, b = _pair_scale(scale, query), _pair_scale(bias, query)
 
     def one_direction(rows, cols, extra, col_stats=False):
-        if sh is not None:
-            cols = sh.columns(cols)
-        if extra is not None:
-            cols = torch.cat([cols, extra], dim=0)
-        lse, pos, npos, mean, col_lse, col_mean = contrastive_stats(
-            rows, cols, a, b, targets, col_stats=col_stats, backend=be)
+        if sh is not None:  # the key->query direction is a second pass with rows and cols swapped
+            (lse, pos, npos, mean), col_lse, col_mean = sh.stats(
+                rows, cols, a, b, targets, extra=extra, backend=be), None, None
+        else:
+            if extra is not None:
+                cols = torch.cat([cols, extra], dim=0)
+            lse, pos, npos, mean, col_lse, col_mean = contrastive_stats(
+                rows, cols, a, b, targets, col_stats=col_stats, backend=be)
         has_pos = npos > 0
         row = lse - (1.0 - e) * pos
         if e:
@@ -296,8 +311,8 @@ def nt_xent(
         return ref.nt_xent_ref(z1, z2, scale=scale, reduction=reduction)
     z = torch.cat([z1, z2], dim=0)
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
-    lse, pos, _npos, _mean, _cl, _cm = contrastive_stats(
-        z, _columns(z, sh), _pair_scale(scale, z), zero, _two_view_targets(z1.shape[0], z.device),
+    lse, pos, _npos, _mean = _stats(
+        sh, z, z, _pair_scale(scale, z), zero, _two_view_targets(z1.shape[0], z.device),
         exclude_diag=True, backend=be)
     return _reduce(lse - pos, None, reduction, sh)
 
@@ -356,11 +371,10 @@ def supcon(
         labels = (torch.arange(n, device=features.device) if sh is None
                   else sh.block_ids(n, features.device)[:n])
     anchor_labels = labels.repeat(views)
-    col_labels = anchor_labels if sh is None else sh.columns_nograd(anchor_labels)
     zero = torch.zeros((), dtype=_stat_dtype(anchors), device=anchors.device)
-    lse, pos, npos, _mean, _cl, _cm = contrastive_stats(
-        anchors, _columns(anchors, sh), _pair_scale(scale, anchors), zero, None, anchor_labels,
-        col_labels, exclude_diag=True, pos_lse=(variant == "in"), backend=be)
+    lse, pos, npos, _mean = _stats(
+        sh, anchors, anchors, _pair_scale(scale, anchors), zero, None, anchor_labels,
+        anchor_labels, exclude_diag=True, pos_lse=(variant == "in"), backend=be)
     has_pos = npos > 0
     per = lse - pos
     if variant == "in":
@@ -416,8 +430,8 @@ def dcl(
     n = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
-    lse, pos, _npos, _mean, _cl, _cm = contrastive_stats(
-        z, _columns(z, sh), _pair_scale(scale, z), zero, _two_view_targets(n, z.device),
+    lse, pos, _npos, _mean = _stats(
+        sh, z, z, _pair_scale(scale, z), zero, _two_view_targets(n, z.device),
         exclude_diag=True, decoupled=True, backend=be)
     if weighted:
         with torch.no_grad():  # lightly weighs with cosine similarity, whatever `normalize`
@@ -476,23 +490,17 @@ def multiview_loss(
     zero = torch.zeros((), dtype=sdt, device=views.device)
     if method == "mv_infonce":
         anchors = views.reshape(nv * n, -1)
-        if sh is None:
-            sample = torch.arange(n, device=views.device).repeat(nv)
-            columns, col_sample = anchors, sample
-        else:  # every rank's block of [V * n] anchors, own block first, samples numbered globally
-            blocks = sh.block_ids(n, views.device).view(sh.world, n)
-            sample = blocks[0].repeat(nv)
-            columns = sh.columns(anchors)
-            col_sample = blocks.repeat_interleave(nv, dim=0).reshape(-1)
-        lse, pos, _np, _m, _cl, _cm = contrastive_stats(
-            anchors, columns, a, zero, None, sample, col_sample, exclude_diag=True, pos_lse=True,
-            backend=be)
+        # samples numbered globally: a rank's block of [V * n] anchors holds its n samples
+        ids = (torch.arange(n, device=views.device) if sh is None
+               else sh.block_ids(n, views.device)[:n])
+        sample = ids.repeat(nv)
+        lse, pos, _np, _m = _stats(sh, anchors, anchors, a, zero, None, sample, sample,
+                                   exclude_diag=True, pos_lse=True, backend=be)
         per = torch.logsumexp(lse.view(nv, n), 0) - torch.logsumexp(pos.view(nv, n), 0)
     elif method == "mv_dhel":
         uniform = 0
         for v in range(nv):
-            lse, *_ = contrastive_stats(views[v], _columns(views[v], sh), a, zero,
-                                        exclude_diag=True, backend=be)
+            lse, *_ = _stats(sh, views[v], views[v], a, zero, exclude_diag=True, backend=be)
             uniform = uniform + lse
         pairs = [(l, m) for l in range(nv) for m in range(l + 1, nv)]
         pair_logits = torch.stack(
@@ -510,7 +518,7 @@ def multiview_loss(
                 per = per + (lse - pos) + (col_lse - pos)
                 continue
             for x, y in ((views[l], views[m]), (views[m], views[l])):
-                lse, pos, *_ = contrastive_stats(x, sh.columns(y), a, zero, diag, backend=be)
+                lse, pos, *_ = _stats(sh, x, y, a, zero, diag, backend=be)
                 per = per + (lse - pos)
     return _reduce(per, None, reduction, sh)
 
@@ -583,12 +591,9 @@ def hard_negative_nce(
     zero = torch.zeros((), dtype=a.dtype, device=q.device)
     beta = float(beta)
 
-    k = _columns(k, sh)
-
     def negatives_lse(mult: float):
-        lse, pos, *_ = contrastive_stats(q, k, a * mult, zero, targets,
-                                         exclude_diag=(layout == "two_view"), decoupled=True,
-                                         backend=be)
+        lse, pos, *_ = _stats(sh, q, k, a * mult, zero, targets,
+                              exclude_diag=(layout == "two_view"), decoupled=True, backend=be)
         return lse, pos / mult
 
     lse_hard, s_p = negatives_lse(1.0 + beta)
@@ -699,7 +704,7 @@ def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto",
     v = torch.cat([xf, -0.5 * one, -0.5 * sq], dim=1)
     scale = torch.tensor(2.0 * float(t), dtype=xf.dtype, device=x.device)
     zero = torch.zeros((), dtype=xf.dtype, device=x.device)
-    lse, *_ = contrastive_stats(u, _columns(v, sh), scale, zero, exclude_diag=True, backend=be)
+    lse, *_ = _stats(sh, u, v, scale, zero, exclude_diag=True, backend=be)
     if sh is not None:  # every rank returns the global value
         lse = sh.columns(lse)
     return torch.logsumexp(lse, 0) - math.log(n_global * (n_global - 1))

@@ -3,7 +3,8 @@
 Each module calls the function of the same family in :mod:`fastcl.functional`. Modules with a
 temperature accept ``learnable_temperature=True``: the logit scale then becomes a parameter,
 stored as its logarithm (initialized at ``1 / temperature``) and clamped at ``max_logit_scale``
-(100, as in CLIP) when used.
+(100, as in CLIP) when used. The modules of losses with global negatives take ``gather=None |
+"all_gather" | "ring"`` and ``group=`` and pass them on (see :mod:`fastcl.distributed`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .distributed import GATHER
 
 __all__ = [
     "InfoNCELoss",
@@ -32,13 +34,14 @@ class _TemperatureLoss(nn.Module):
     """A loss with a fixed or learnable temperature."""
 
     def __init__(self, temperature: float, learnable_temperature: bool = False,
-                 max_logit_scale: float = 100.0, backend: str = "auto"):
+                 max_logit_scale: float = 100.0, backend: str = "auto", gather=None, group=None):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
         self.max_logit_scale = float(max_logit_scale)
         self.backend = backend
+        self.gather, self.group = _gather(gather), group
         if learnable_temperature:
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         else:
@@ -55,10 +58,20 @@ class _TemperatureLoss(nn.Module):
         return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def _settings(self) -> str:
+        gather = "" if self.gather is None else f", gather={self.gather!r}"
         if self.learnable_temperature:
             return (f"temperature=learnable (init {self.temperature:g}, "
-                    f"max_logit_scale={self.max_logit_scale:g})")
-        return f"temperature={self.temperature:g}"
+                    f"max_logit_scale={self.max_logit_scale:g}){gather}")
+        return f"temperature={self.temperature:g}{gather}"
+
+    def _dist(self) -> dict:
+        return dict(gather=self.gather, group=self.group)
+
+
+def _gather(gather):
+    if gather not in GATHER:
+        raise ValueError(f"gather must be one of {GATHER}, got {gather!r}")
+    return gather
 
 
 class InfoNCELoss(_TemperatureLoss):
@@ -71,8 +84,9 @@ class InfoNCELoss(_TemperatureLoss):
                  symmetric_weight: float = 0.5, label_smoothing: float = 0.0,
                  normalize: bool = False, reduction: str = "mean",
                  learnable_temperature: bool = False, max_logit_scale: float = 100.0,
-                 backend: str = "auto"):
-        super().__init__(temperature, learnable_temperature, max_logit_scale, backend)
+                 backend: str = "auto", gather: Optional[str] = None, group=None):
+        super().__init__(temperature, learnable_temperature, max_logit_scale, backend, gather,
+                         group)
         self.symmetric = symmetric
         self.symmetric_weight = symmetric_weight
         self.label_smoothing = label_smoothing
@@ -85,7 +99,7 @@ class InfoNCELoss(_TemperatureLoss):
                           negatives=negatives, symmetric=self.symmetric,
                           symmetric_weight=self.symmetric_weight,
                           label_smoothing=self.label_smoothing, normalize=self.normalize,
-                          reduction=self.reduction, backend=self.backend)
+                          reduction=self.reduction, backend=self.backend, **self._dist())
 
     def extra_repr(self) -> str:
         return (f"{self._settings()}, symmetric={self.symmetric}, "
@@ -103,11 +117,12 @@ class ClipLoss(InfoNCELoss):
     def __init__(self, temperature: float = 0.07, *, symmetric_weight: float = 0.5,
                  label_smoothing: float = 0.0, normalize: bool = False, reduction: str = "mean",
                  learnable_temperature: bool = False, max_logit_scale: float = 100.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", gather: Optional[str] = None, group=None):
         super().__init__(temperature, symmetric=True, symmetric_weight=symmetric_weight,
                          label_smoothing=label_smoothing, normalize=normalize,
                          reduction=reduction, learnable_temperature=learnable_temperature,
-                         max_logit_scale=max_logit_scale, backend=backend)
+                         max_logit_scale=max_logit_scale, backend=backend, gather=gather,
+                         group=group)
 
     def forward(self, image_features: Tensor, text_features: Tensor,
                 logit_scale=None) -> Tensor:
@@ -115,7 +130,7 @@ class ClipLoss(InfoNCELoss):
         return F.clip_loss(image_features, text_features, scale,
                            symmetric_weight=self.symmetric_weight,
                            label_smoothing=self.label_smoothing, normalize=self.normalize,
-                           reduction=self.reduction, backend=self.backend)
+                           reduction=self.reduction, backend=self.backend, **self._dist())
 
 
 class NTXentLoss(_TemperatureLoss):
@@ -126,14 +141,17 @@ class NTXentLoss(_TemperatureLoss):
 
     def __init__(self, temperature: float = 0.5, *, normalize: bool = True,
                  reduction: str = "mean", learnable_temperature: bool = False,
-                 max_logit_scale: float = 100.0, backend: str = "auto"):
-        super().__init__(temperature, learnable_temperature, max_logit_scale, backend)
+                 max_logit_scale: float = 100.0, backend: str = "auto",
+                 gather: Optional[str] = None, group=None):
+        super().__init__(temperature, learnable_temperature, max_logit_scale, backend, gather,
+                         group)
         self.normalize = normalize
         self.reduction = reduction
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return F.nt_xent(z1, z2, temperature=None, logit_scale=self.logit_scale(),
-                         normalize=self.normalize, reduction=self.reduction, backend=self.backend)
+                         normalize=self.normalize, reduction=self.reduction, backend=self.backend,
+                         **self._dist())
 
     def extra_repr(self) -> str:
         return (f"{self._settings()}, normalize={self.normalize}, reduction={self.reduction!r}, "
@@ -146,8 +164,10 @@ class SupConLoss(_TemperatureLoss):
     def __init__(self, temperature: float = 0.1, *, variant: str = "out",
                  base_temperature: Optional[float] = None, normalize: bool = False,
                  reduction: str = "mean", learnable_temperature: bool = False,
-                 max_logit_scale: float = 100.0, backend: str = "auto"):
-        super().__init__(temperature, learnable_temperature, max_logit_scale, backend)
+                 max_logit_scale: float = 100.0, backend: str = "auto",
+                 gather: Optional[str] = None, group=None):
+        super().__init__(temperature, learnable_temperature, max_logit_scale, backend, gather,
+                         group)
         self.variant = variant
         self.base_temperature = base_temperature
         self.normalize = normalize
@@ -156,7 +176,8 @@ class SupConLoss(_TemperatureLoss):
     def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return F.supcon(features, labels, temperature=None, logit_scale=self.logit_scale(),
                         variant=self.variant, base_temperature=self.base_temperature,
-                        normalize=self.normalize, reduction=self.reduction, backend=self.backend)
+                        normalize=self.normalize, reduction=self.reduction, backend=self.backend,
+                        **self._dist())
 
     def extra_repr(self) -> str:
         return (f"{self._settings()}, variant={self.variant!r}, "
@@ -170,8 +191,9 @@ class MultiViewLoss(_TemperatureLoss):
     def __init__(self, temperature: float = 0.1, *, method: str = "mv_infonce",
                  cmc_mode: str = "full", normalize: bool = False, reduction: str = "mean",
                  learnable_temperature: bool = False, max_logit_scale: float = 100.0,
-                 backend: str = "auto"):
-        super().__init__(temperature, learnable_temperature, max_logit_scale, backend)
+                 backend: str = "auto", gather: Optional[str] = None, group=None):
+        super().__init__(temperature, learnable_temperature, max_logit_scale, backend, gather,
+                         group)
         self.method = method
         self.cmc_mode = cmc_mode
         self.normalize = normalize
@@ -180,7 +202,7 @@ class MultiViewLoss(_TemperatureLoss):
     def forward(self, views: Tensor) -> Tensor:
         return F.multiview_loss(views, logit_scale=self.logit_scale(), method=self.method,
                                 cmc_mode=self.cmc_mode, normalize=self.normalize,
-                                reduction=self.reduction, backend=self.backend)
+                                reduction=self.reduction, backend=self.backend, **self._dist())
 
     def extra_repr(self) -> str:
         return (f"{self._settings()}, method={self.method!r}, cmc_mode={self.cmc_mode!r}, "
@@ -192,8 +214,9 @@ class HardNegativeNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.5, *, beta: float = 1.0, tau_plus: float = 0.1,
                  layout: str = "two_view", normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", gather: Optional[str] = None, group=None):
         super().__init__()
+        self.gather, self.group = _gather(gather), group
         self.temperature = temperature
         self.beta = beta
         self.tau_plus = tau_plus
@@ -206,12 +229,12 @@ class HardNegativeNCELoss(nn.Module):
         return F.hard_negative_nce(z1, z2, temperature=self.temperature, beta=self.beta,
                                    tau_plus=self.tau_plus, layout=self.layout,
                                    normalize=self.normalize, reduction=self.reduction,
-                                   backend=self.backend)
+                                   backend=self.backend, gather=self.gather, group=self.group)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature:g}, beta={self.beta:g}, tau_plus={self.tau_plus:g}, "
                 f"layout={self.layout!r}, normalize={self.normalize}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + ("" if self.gather is None else f", gather={self.gather!r}"))
 
 
 class DCLLoss(_TemperatureLoss):
@@ -223,8 +246,9 @@ class DCLLoss(_TemperatureLoss):
     def __init__(self, temperature: float = 0.1, *, weighted: bool = False, sigma: float = 0.5,
                  normalize: bool = True, reduction: str = "mean",
                  learnable_temperature: bool = False, max_logit_scale: float = 100.0,
-                 backend: str = "auto"):
-        super().__init__(temperature, learnable_temperature, max_logit_scale, backend)
+                 backend: str = "auto", gather: Optional[str] = None, group=None):
+        super().__init__(temperature, learnable_temperature, max_logit_scale, backend, gather,
+                         group)
         self.weighted = weighted
         self.sigma = sigma
         self.normalize = normalize
@@ -233,7 +257,7 @@ class DCLLoss(_TemperatureLoss):
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return F.dcl(z1, z2, temperature=None, logit_scale=self.logit_scale(),
                      weighted=self.weighted, sigma=self.sigma, normalize=self.normalize,
-                     reduction=self.reduction, backend=self.backend)
+                     reduction=self.reduction, backend=self.backend, **self._dist())
 
     def extra_repr(self) -> str:
         return (f"{self._settings()}, weighted={self.weighted}, sigma={self.sigma:g}, "

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 import fastcl
+import fastcl.nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_distributed import LiveBytes  # noqa: E402
 
 N_PER_RANK, D, V = 3, 5, 3
+STRATEGIES = ("all_gather", "ring")
+# the memory case: per-rank batch and width large enough that O(n) statistics are negligible
+MEM_N, MEM_D = 64, 256
 
 
 def global_inputs(world: int) -> dict:
@@ -18,7 +26,7 @@ def global_inputs(world: int) -> dict:
     n = N_PER_RANK * world
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     return {
-        "x": r(n, D), "y": r(n, D), "views": r(V, n, D),
+        "x": r(n, D), "y": r(n, D), "views": r(V, n, D), "neg": r(4, D),
         "labels": torch.randint(0, max(2, n // 2), (n,), generator=g),
     }
 
@@ -31,9 +39,23 @@ def cases():
     return {
         "info_nce": (lambda I, s, g: fastcl.info_nce(sl(I["x"], s), sl(I["y"], s), temperature=0.5,
                                                       label_smoothing=0.1, gather=g), ("x", "y")),
+        # the torch backend (reference under a shard) and the kernels' mean-count contract
+        "info_nce_torch": (lambda I, s, g: fastcl.info_nce(
+            sl(I["x"], s), sl(I["y"], s), temperature=0.5, label_smoothing=0.2,
+            backend="reference", gather=g), ("x", "y")),
+        # a queue of extra negatives that every rank holds (replicated, like the scale)
+        "info_nce_negatives": (lambda I, s, g: fastcl.info_nce(
+            sl(I["x"], s), sl(I["y"], s), negatives=I["neg"], temperature=0.5,
+            label_smoothing=0.1, gather=g), ("x", "y", "neg")),
         "clip": (lambda I, s, g: fastcl.clip_loss(sl(I["x"], s), sl(I["y"], s), I["scale"],
                                                    symmetric_weight=0.75, gather=g),
                  ("x", "y", "scale")),
+        "clip_smooth_sum": (lambda I, s, g: fastcl.clip_loss(
+            sl(I["x"], s), sl(I["y"], s), I["scale"], label_smoothing=0.1, reduction="sum",
+            gather=g), ("x", "y", "scale")),
+        "clip_module": (lambda I, s, g: fastcl.nn.ClipLoss(gather=g)(sl(I["x"], s), sl(I["y"], s),
+                                                                     I["scale"]),
+                        ("x", "y", "scale")),
         "nt_xent": (lambda I, s, g: fastcl.nt_xent(sl(I["x"], s), sl(I["y"], s), temperature=0.5,
                                                     normalize=True, gather=g), ("x", "y")),
         "supcon": (lambda I, s, g: fastcl.supcon(torch.stack([sl(I["x"], s), sl(I["y"], s)], 1),
@@ -71,7 +93,7 @@ def run_case(name, world, shard=None, gather=None):
     return loss.detach(), {k: g for k, g in zip(wrt, grads)}
 
 
-def ddp_train(world, rank=None):
+def ddp_train(world, rank=None, gather=None):
     """Two SGD steps of a linear two-tower model with the CLIP loss; returns the parameters."""
     torch.manual_seed(0)
     model = torch.nn.Linear(D, 4).double()
@@ -84,7 +106,7 @@ def ddp_train(world, rank=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):
         x, y = inputs["x"][s], inputs["y"][s]
-        loss = fastcl.clip_loss(model(x), model(y), 3.0, gather="all_gather" if rank is not None else None)
+        loss = fastcl.clip_loss(model(x), model(y), 3.0, gather=gather)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,12 +114,29 @@ def ddp_train(world, rank=None):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def peak_bytes(rank, gather):
+    """Peak bytes of the tensors created during the forward, then the backward, of a one-way
+    InfoNCE loss (one pass over the keys of every rank) on this rank."""
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(MEM_N, MEM_D, generator=g, requires_grad=True)
+    y = torch.randn(MEM_N, MEM_D, generator=g, requires_grad=True)
+    with LiveBytes() as mem:
+        loss = fastcl.info_nce(x, y, temperature=0.1, gather=gather)
+        forward = mem.peak
+        mem.peak = mem.live
+        loss.backward()
+    return {"forward": forward, "backward": mem.peak}
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         shard = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-        results = {name: run_case(name, world, shard, "all_gather") for name in cases()}
-        results["ddp"] = ddp_train(world, rank)
+        results = {}
+        for gather in STRATEGIES:
+            results[gather] = {name: run_case(name, world, shard, gather) for name in cases()}
+            results[gather]["ddp"] = ddp_train(world, rank, gather)
+            results[gather]["peak_bytes"] = peak_bytes(rank, gather)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

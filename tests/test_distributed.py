@@ -1,14 +1,18 @@
-"""gather='all_gather' on 2 and 4 CPU processes (gloo) against one process on the global batch.
+"""gather="all_gather" and gather="ring" on 1, 2 and 4 CPU processes (gloo) against one process
+on the global batch.
 
 Convention under test (fastcl.distributed): the mean over ranks of the returned losses is the
 global loss, and each rank's gradient with respect to its shard is world_size times the gradient
-of the global loss with respect to that shard; a DDP model trained on the ranks ends with the
-parameters of one process trained on the global batch.
+of the global loss with respect to that shard (replicated inputs: the mean over ranks of their
+gradients is the global one); a DDP model trained on the ranks ends with the parameters of one
+process trained on the global batch. Every world size is spawned once; its ranks compute every
+case with both strategies.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import tempfile
 
 import pytest
 import torch
@@ -21,28 +25,36 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 TOL = dict(rtol=1e-9, atol=1e-10)
+REPLICATED = ("scale", "neg")  # inputs every rank holds in full
 
 
-@pytest.fixture(scope="module", params=[2, 4])
-def ranks(request, tmp_path_factory):
-    world = request.param
-    tmp = tmp_path_factory.mktemp(f"world{world}")
-    mp.start_processes(W.worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world,
-                       join=True, start_method="spawn")
-    return world, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+@functools.lru_cache(maxsize=None)
+def _spawn(world: int) -> list:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(W.worker, args=(world, f"{tmp}/init", tmp), nprocs=world, join=True,
+                           start_method="spawn")
+        return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
+@pytest.fixture(scope="module", params=[1, 2, 4])
+def ranks(request):
+    return request.param, _spawn(request.param)
+
+
+@pytest.mark.parametrize("gather", W.STRATEGIES)
 @pytest.mark.parametrize("name", list(W.cases()))
-def test_gathered_loss_and_gradients_match_one_process(ranks, name):
+def test_loss_and_gradients_match_one_process(ranks, gather, name):
     world, results = ranks
     loss, grads = W.run_case(name, world)
-    losses = torch.stack([res[name][0] for res in results])
+    losses = torch.stack([res[gather][name][0] for res in results])
     torch.testing.assert_close(losses.mean(), loss, **TOL)
     for key, full in grads.items():
+        if key in REPLICATED:  # DDP averages their gradients over ranks
+            mean = torch.stack([res[gather][name][1][key] for res in results]).mean(0)
+            torch.testing.assert_close(mean, full, **TOL, msg=f"{name}: d/d{key}")
+            continue
         for rank, res in enumerate(results):
-            got = res[name][1][key]
-            if key == "scale":  # replicated: DDP averages it over ranks
-                continue
+            got = res[gather][name][1][key]
             dim = 1 if key == "views" else 0
             start = rank * W.N_PER_RANK
             want = world * full.narrow(dim, start, W.N_PER_RANK)
@@ -51,25 +63,41 @@ def test_gathered_loss_and_gradients_match_one_process(ranks, name):
             outside = got.clone()
             outside.narrow(dim, start, W.N_PER_RANK).zero_()
             assert not outside.any(), f"{name}: rank {rank} wrote gradients outside its shard"
-    if "scale" in grads:
-        mean = torch.stack([res[name][1]["scale"] for res in results]).mean()
-        torch.testing.assert_close(mean, grads["scale"], **TOL)
 
 
-def test_ddp_two_steps_equal_one_process_on_the_global_batch(ranks):
+@pytest.mark.parametrize("gather", W.STRATEGIES)
+def test_ddp_two_steps_equal_one_process_on_the_global_batch(ranks, gather):
     world, results = ranks
     want = W.ddp_train(world)
     for res in results:
         for k, v in want.items():
-            torch.testing.assert_close(res["ddp"][k], v, **TOL)
+            torch.testing.assert_close(res[gather]["ddp"][k], v, **TOL)
 
 
-def test_gather_needs_an_initialized_process_group():
+def test_ring_holds_at_most_two_foreign_key_blocks():
+    """Per-rank shard fixed. Forward: the ring holds the block in hand and the one arriving (two
+    foreign [n, D] blocks at most, plus O(n) statistics), all_gather the keys of every rank.
+    Backward: two key blocks, the accumulator sent, the one arriving, this rank's contribution,
+    dq and its per-block term: seven blocks at most, whatever the world size."""
+    block = W.MEM_N * W.MEM_D * 4  # one fp32 [n, D] block
+    slack = block // 4
+    peak = {w: {g: {phase: max(res[g]["peak_bytes"][phase] for res in _spawn(w))
+                    for phase in ("forward", "backward")} for g in W.STRATEGIES}
+            for w in (2, 4)}
+    for w in (2, 4):
+        assert peak[w]["ring"]["forward"] <= 2 * block + slack, peak
+        assert peak[w]["ring"]["backward"] <= 7 * block + slack, peak
+        assert peak[w]["all_gather"]["forward"] >= w * block, peak
+    assert peak[4]["ring"]["forward"] < peak[4]["all_gather"]["forward"] / 2, peak
+
+
+@pytest.mark.parametrize("gather", W.STRATEGIES)
+def test_gather_needs_an_initialized_process_group(gather):
+    import fastcl
+
     x = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="init_process_group"):
-        import fastcl
-
-        fastcl.info_nce(x, x, temperature=0.1, gather="all_gather")
+        fastcl.info_nce(x, x, temperature=0.1, gather=gather)
 
 
 def test_unknown_gather_strategy_is_refused():
@@ -77,4 +105,6 @@ def test_unknown_gather_strategy_is_refused():
 
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="gather"):
-        fastcl.nt_xent(x, x, gather="ring")
+        fastcl.nt_xent(x, x, gather="tree")
+    with pytest.raises(ValueError, match="gather"):
+        fastcl.nn.NTXentLoss(gather="tree")

@@ -1,19 +1,34 @@
 """Global negatives across processes, on ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
 
-The public functions take ``gather=None | "all_gather"`` and ``group=``. With
-``gather="all_gather"`` every rank computes the loss of its own anchors against the anchors of
-all ranks (like open_clip's ``local_loss=True, gather_with_grad=True``), through the same fused
-kernels: the gathered columns are ordered with the rank's own block first, so the kernels see the
-same layout as on one process.
+The public functions take ``gather=None | "all_gather" | "ring"`` and ``group=``. Both
+strategies give every rank the loss of its own anchors against the anchors of all ranks (like
+open_clip's ``local_loss=True, gather_with_grad=True``), through the same fused kernels, and the
+same values and gradients:
+
+- ``"all_gather"`` gathers the keys of every rank (with gradient) into one ``[world * n, D]``
+  tensor, this rank's block first, so the kernels see the layout of one process. Memory per rank:
+  O(world * n * D) for the gathered keys and their gradient.
+- ``"ring"`` never gathers: the key blocks travel around the ring of ranks with
+  ``torch.distributed.batch_isend_irecv``; while block ``t`` is contrasted with the local rows,
+  block ``t + 1`` is already in transfer. Each block gives per-row statistics (log-sum-exp,
+  positive term, positive count, mean) that are merged exactly (log-sum-exps by ``logaddexp``,
+  means weighted by their counts). The backward runs the ring again with the merged (global)
+  statistics: every key block visits every rank together with the accumulator of its gradient,
+  each rank adds its contribution, and the accumulator returns to the block's owner. No rank
+  holds more than two key blocks (the one in hand and the one arriving) and their gradient
+  accumulators at a time: memory per rank O(n * D), independent of the world size. A symmetric
+  loss (CLIP) runs one ring per direction. Not supported under ``torch.compile`` (refused).
 
 Gradient convention (the one under which DDP's gradient averaging gives every parameter exactly
-the gradient of one process training on the global batch):
+the gradient of one process training on the global batch), for both strategies:
 
 - the mean over ranks of the returned losses is the loss of the global batch;
 - each rank's gradient with respect to its shard is ``world_size`` times the gradient of the
   global loss with respect to that shard.
 
-Shards must have equal sizes on every rank (checked; unequal shards are refused).
+Replicated inputs (a logit scale) receive this rank's share; DDP's averaging over ranks makes it
+the gradient of the global loss. Shards must have equal sizes on every rank (checked; unequal
+shards are refused).
 """
 
 from __future__ import annotations
@@ -24,18 +39,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ops.contrastive import contrastive_stats
+from .ring import ring_stats
+
 __all__ = ["GATHER", "Shard", "shard"]
 
-GATHER = (None, "all_gather")
+GATHER = (None, "all_gather", "ring")
 
 
 class Shard:
-    """Where this rank's anchors sit in the global batch, and the collectives to reach the rest."""
+    """Where this rank's anchors sit in the global batch, and the collectives to reach the rest.
 
-    def __init__(self, group=None):
+    ``strategy`` is ``"all_gather"`` or ``"ring"`` (see the module docstring).
+    """
+
+    def __init__(self, strategy: str = "all_gather", group=None):
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("gather='all_gather' needs torch.distributed to be initialized "
+            raise RuntimeError(f"gather={strategy!r} needs torch.distributed to be initialized "
                                "(torch.distributed.init_process_group)")
+        self.strategy = strategy
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -49,8 +71,45 @@ class Shard:
         dist.all_gather(sizes, size, group=self.group)
         values = [int(s) for s in sizes]
         if len(set(values)) != 1:
-            raise ValueError(f"gather='all_gather' needs equal shards on every rank; {name} has "
-                             f"{values} rows on ranks 0..{self.world - 1}")
+            raise ValueError(f"gather={self.strategy!r} needs equal shards on every rank; {name} "
+                             f"has {values} rows on ranks 0..{self.world - 1}")
+
+    def stats(
+        self,
+        rows: Tensor,
+        cols: Tensor,
+        a: Tensor,
+        b: Tensor,
+        targets: Optional[Tensor] = None,
+        row_labels: Optional[Tensor] = None,
+        col_labels: Optional[Tensor] = None,
+        extra: Optional[Tensor] = None,
+        *,
+        exclude_diag: bool = False,
+        decoupled: bool = False,
+        pos_lse: bool = False,
+        backend: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Row statistics ``(lse, pos, npos, mean)`` of this rank's ``rows`` against every rank's
+        ``cols`` (differentiable), as :func:`fastcl.ops.contrastive.contrastive_stats` defines
+        them on the global columns ``[own cols; extra; other ranks' cols]``.
+
+        ``targets`` and ``exclude_diag`` refer to this rank's own block (and ``extra``, this
+        rank's additional negative columns, which no other rank sees); ``col_labels`` are the
+        labels of this rank's ``cols``, and travel with them.
+        """
+        if extra is not None and col_labels is not None:
+            raise ValueError("extra columns cannot be combined with column labels")
+        flags = dict(exclude_diag=exclude_diag, decoupled=decoupled, pos_lse=pos_lse,
+                     backend=backend)
+        if self.strategy == "ring":
+            return ring_stats(rows, cols, a, b, targets, row_labels, col_labels, extra,
+                              group=self.group, world=self.world, rank=self.rank, **flags)
+        keys = self.columns(cols)
+        if extra is not None:
+            keys = torch.cat([keys, extra], dim=0)
+        labels = None if col_labels is None else self.columns_nograd(col_labels)
+        return contrastive_stats(rows, keys, a, b, targets, row_labels, labels, **flags)[:4]
 
     def columns(self, x: Tensor, dim: int = 0) -> Tensor:
         """All ranks' ``x`` concatenated along ``dim``, this rank's block first, with gradient.
@@ -115,4 +174,4 @@ def shard(gather: Optional[str], group=None) -> Optional[Shard]:
         raise ValueError(f"gather must be one of {GATHER}, got {gather!r}")
     if gather is None:
         return None
-    return Shard(group)
+    return Shard(gather, group)

@@ -39,8 +39,13 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
         else:
             coef = (1.0 / npos.clamp_min(1))[:, None].expand(R, C)
         G += torch.where(posm, g_pos[:, None] * coef, zero)
-    if g_mean is not None:
-        G += torch.where(den, (g_mean / den.sum(1).clamp_min(1).to(dt))[:, None], zero)
+    if g_mean is not None:  # the kernels' count of den(r), from the npos passed in
+        count = torch.full((R,), float(C), dtype=dt, device=q.device)
+        if exclude_diag:
+            count = count - (torch.arange(R, device=q.device) < C).to(dt)
+        if decoupled:
+            count = count - npos.to(dt)
+        G += torch.where(den, (g_mean / count.clamp_min(1))[:, None], zero)
     if g_col_lse is not None:
         G += torch.where(allowed, g_col_lse[None, :] * torch.exp(s - col_lse[None, :]), zero)
     if g_col_mean is not None:

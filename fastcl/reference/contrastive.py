@@ -37,7 +37,11 @@ The gradient of any scalar ``L`` built from these statistics is ``dL/ds = G`` wi
 ``       + g_col_mean[c] allowed[r,c] / |allowed(:, c)|``
 
 and ``dq = scale * G @ k``, ``dk = scale * G.T @ q``, ``dscale = sum(G * (q @ k.T))``,
-``dbias = sum(G)``. Kernels compute ``G`` tile by tile from the saved statistics.
+``dbias = sum(G)``. Kernels compute ``G`` tile by tile from the saved statistics. In the backward,
+``npos`` is the statistic passed in and ``|den(r)|`` is counted from it as
+``max(C - [exclude_diag and r < C] - [decoupled] npos[r], 1)`` (the forward's ``npos`` gives the
+size of the set), so that a caller merging several column blocks (``gather="ring"``) can pass the
+global ``npos`` and rescale ``g_mean`` per block.
 """
 
 from __future__ import annotations
