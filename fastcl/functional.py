@@ -15,6 +15,10 @@ Conventions shared by all functions:
 - ``reduction``: ``"mean"`` over the anchors that have at least one positive, ``"sum"``, or
   ``"none"`` (a per-anchor vector).
 - The loss is returned in fp32 (fp64 for fp64 inputs), whatever the input dtype.
+- ``gather`` (losses with global negatives): ``None`` (this process's batch), ``"all_gather"``
+  (every rank's columns gathered with gradient) or ``"ring"`` (the columns pass around the ring
+  of ranks, memory independent of the world size), over ``group``; same values and gradients,
+  under the convention of :mod:`fastcl.distributed`.
 """
 
 from __future__ import annotations

@@ -128,6 +128,16 @@ def peak_bytes(rank, gather):
     return {"forward": forward, "backward": mem.peak}
 
 
+def unequal_shards(rank, gather):
+    """The error of a loss called with shards of different sizes (None if none was raised)."""
+    x = torch.randn(N_PER_RANK + rank, D, dtype=torch.float64)
+    try:
+        fastcl.nt_xent(x, x, gather=gather)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -137,6 +147,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[gather] = {name: run_case(name, world, shard, gather) for name in cases()}
             results[gather]["ddp"] = ddp_train(world, rank, gather)
             results[gather]["peak_bytes"] = peak_bytes(rank, gather)
+            results[gather]["unequal"] = unequal_shards(rank, gather)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

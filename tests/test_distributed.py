@@ -74,6 +74,17 @@ def test_ddp_two_steps_equal_one_process_on_the_global_batch(ranks, gather):
             torch.testing.assert_close(res[gather]["ddp"][k], v, **TOL)
 
 
+@pytest.mark.parametrize("gather", W.STRATEGIES)
+def test_unequal_shards_are_refused(ranks, gather):
+    world, results = ranks
+    for res in results:
+        if world == 1:
+            assert res[gather]["unequal"] is None
+        else:
+            assert "needs equal shards on every rank" in res[gather]["unequal"]
+            assert f"gather={gather!r}" in res[gather]["unequal"]
+
+
 def test_ring_holds_at_most_two_foreign_key_blocks():
     """Per-rank shard fixed. Forward: the ring holds the block in hand and the one arriving (two
     foreign [n, D] blocks at most, plus O(n) statistics), all_gather the keys of every rank.

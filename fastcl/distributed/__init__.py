@@ -17,7 +17,9 @@ same values and gradients:
   each rank adds its contribution, and the accumulator returns to the block's owner. No rank
   holds more than two key blocks (the one in hand and the one arriving) and their gradient
   accumulators at a time: memory per rank O(n * D), independent of the world size. A symmetric
-  loss (CLIP) runs one ring per direction. Not supported under ``torch.compile`` (refused).
+  loss (CLIP) runs one ring per direction. The ring is not traced by ``torch.compile``: the
+  compiled function breaks the graph there and runs the loss eagerly, and ``fullgraph=True``
+  refuses it (use ``"all_gather"``, which compiles).
 
 Gradient convention (the one under which DDP's gradient averaging gives every parameter exactly
 the gradient of one process training on the global batch), for both strategies:
