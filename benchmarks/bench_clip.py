@@ -5,6 +5,7 @@ Implementations (each skipped with a note where it cannot run):
 - ``eager``: materialized logits and ``F.cross_entropy`` in both directions (what open_clip does);
 - ``compile``: the same function under ``torch.compile``;
 - ``infcl``: Inf-CL's Triton loss (``pip install inf-cl``), both directions;
+- ``open_clip``: open_clip's ``ClipLoss`` where open_clip is installed;
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` on each available backend.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
@@ -19,11 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
-from datetime import datetime, timezone
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,34 +27,19 @@ import torch.nn.functional as F
 import fastcl
 from fastcl import dispatch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def eager_clip(x, y, scale):
-    logits = scale * x @ y.T
-    labels = torch.arange(x.shape[0], device=x.device)
-    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
-
-
-def _infcl() -> Optional[Callable]:
-    try:
-        from inf_cl import cal_inf_loss
-    except Exception:
-        return None
-
-    def loss(x, y, scale):
-        return (cal_inf_loss(x, y, scale=scale) + cal_inf_loss(y, x, scale=scale)) / 2
-
-    return loss
+from ._common import DTYPES, eager_clip, environment, infcl_clip, open_clip_clip, timed
 
 
 def implementations(device: torch.device, dtype: torch.dtype, which):
     impls = {"eager": eager_clip}
     if device.type == "cuda":
         impls["compile"] = torch.compile(eager_clip)
-        infcl = _infcl()
+        infcl = infcl_clip()
         if infcl is not None:
             impls["infcl"] = infcl
+    oc = open_clip_clip()
+    if oc is not None:
+        impls["open_clip"] = oc
     for backend in ("triton", "cuda", "cpu"):
         if dispatch.why_not(backend, "info_nce", device, dtype) is None:
             impls[f"fastcl-{backend}"] = (
@@ -66,12 +47,8 @@ def implementations(device: torch.device, dtype: torch.dtype, which):
     return {k: v for k, v in impls.items() if not which or k in which}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0) -> dict:
+    """Median time, peak extra memory and effective TFLOP/s of forward + backward."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
     y = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
@@ -83,57 +60,13 @@ def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0) -> dict
         x.grad = y.grad = scale.grad = None
         loss = fn(x, y, scale)
         loss.backward()
-        return loss
+        return loss.detach()
 
-    try:
-        step()  # warm-up (compilation, autotuning)
-        step()
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                loss = step()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                loss = step()
-                times.append(time.perf_counter() - t0)
-        extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
-        seconds = statistics.median(times)
-        return {"seconds": seconds, "extra_bytes": extra, "loss": float(loss),
-                "tflops": 8 * n * n * d / seconds / 1e12}
-    except torch.cuda.OutOfMemoryError:
-        return {"error": "out of memory"}
-    except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
-        return {"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
-    finally:
-        del x, y, scale
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def environment(device: torch.device) -> dict:
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "python": platform.python_version(),
-           "fastcl": fastcl.__version__, "device": str(device)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:
-        pass
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
+    r = timed(step, device, reps, warmup=2)
+    if "error" in r:
+        return r
+    return {"seconds": r["seconds"], "extra_bytes": r["extra_bytes"], "loss": float(r["out"]),
+            "tflops": 8 * n * n * d / r["seconds"] / 1e12}
 
 
 def table(records: list[dict]) -> str:

@@ -1,13 +1,14 @@
-"""Symmetric CLIP loss on CPU, forward + backward: the fused C++ kernels against eager PyTorch.
+"""Symmetric CLIP loss on CPU, forward + backward: the fused C++ kernels against the baselines.
 
 Implementations:
 
-- ``eager``: materialized logits, ``F.cross_entropy`` in both directions (what open_clip does);
-- ``fused``: :func:`fastcl.ops.contrastive.contrastive_stats` with ``backend="cpu"`` composed into
-  the loss ``0.5 * mean(lse - pos) + 0.5 * mean(col_lse - pos)`` (targets ``arange``,
-  ``col_stats=True``): the compiled kernels of ``fastcl._C``;
-- ``slabs`` (opt-in): what a careful user writes without custom kernels: row slabs of plain
-  PyTorch ops (1024 rows), logits recomputed in the backward.
+- ``eager``: materialized logits, ``F.cross_entropy`` in both directions;
+- ``fastcl``: :func:`fastcl.clip_loss` with ``backend="cpu"`` (the compiled kernels of
+  ``fastcl._C``);
+- ``compile``: ``eager`` under ``torch.compile`` (compiled at the measured size in the warm-up);
+- ``open_clip``: open_clip's ``ClipLoss`` (where open_clip is installed);
+- ``slabs``: what a careful user writes without custom kernels: row slabs of plain PyTorch ops
+  (1024 rows), logits recomputed in the backward.
 
 Each implementation runs in a fresh subprocess (so its peak RSS is its own): one warm-up at a
 small size, then ``--reps`` timed forward + backward passes on unit-norm fp32 inputs with logit
@@ -16,7 +17,7 @@ beyond what the process held before the pass (reset through ``/proc/self/clear_r
 effective GFLOP/s (``8 N^2 D / s``, four GEMMs), and the ratios to eager.
 
     python -m benchmarks.bench_cpu_contrastive --n 16384 --d 256
-    python -m benchmarks.bench_cpu_contrastive --n 8192 16384 32768 --impl eager fused slabs --json out.json
+    python -m benchmarks.bench_cpu_contrastive --n 8192 16384 32768 --impl eager fastcl slabs --json out.json
 """
 
 from __future__ import annotations
@@ -33,28 +34,20 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ._common import RssPeak, eager_clip, open_clip_clip
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("eager", "fused", "slabs")
+IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs")
 
 
 # ---------------------------------------------------------------------------------------------
 # The losses
 
 
-def eager_clip(q, k, scale):
-    logits = scale * q @ k.T
-    t = torch.arange(q.shape[0])
-    return (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t)) / 2
+def fastcl_clip(q, k, scale):
+    import fastcl
 
-
-def fused_clip(q, k, scale):
-    from fastcl.ops.contrastive import contrastive_stats
-
-    t = torch.arange(q.shape[0])
-    bias = torch.zeros((), dtype=scale.dtype)
-    lse, pos, _npos, _mean, col_lse, _col_mean = contrastive_stats(
-        q, k, scale, bias, t, col_stats=True, backend="cpu")
-    return 0.5 * (lse - pos).mean() + 0.5 * (col_lse - pos).mean()
+    return fastcl.clip_loss(q, k, scale, backend="cpu")
 
 
 class _SlabCLIP(torch.autograd.Function):
@@ -104,28 +97,19 @@ def slab_clip(q, k, scale):
     return _SlabCLIP.apply(q, k, scale)
 
 
-LOSSES = {"eager": eager_clip, "fused": fused_clip, "slabs": slab_clip}
+def _loss(impl: str):
+    if impl == "compile":
+        return torch.compile(eager_clip)
+    if impl == "open_clip":
+        fn = open_clip_clip()
+        if fn is None:
+            raise RuntimeError("open_clip is not installed")
+        return fn
+    return {"eager": eager_clip, "fastcl": fastcl_clip, "slabs": slab_clip}[impl]
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker: one implementation in its own process
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _inputs(n: int, d: int, seed: int):
@@ -145,21 +129,22 @@ def _step(loss_fn, q, k, scale):
 
 
 def worker(impl: str, n: int, d: int, reps: int, seed: int) -> dict:
-    loss_fn = LOSSES[impl]
-    _step(loss_fn, *_inputs(256, d, seed))  # warm-up: libraries, thread pools, the extension
+    loss_fn = _loss(impl)
+    # warm-up: libraries, thread pools, the extension; torch.compile at the measured size
+    _step(loss_fn, *_inputs(n if impl == "compile" else 256, d, seed))
     q, k, scale = _inputs(n, d, seed)
     times, peaks = [], []
     loss = None
+    can_reset = True
     for _ in range(reps):
         for x in (q, k, scale):
             x.grad = None
-        can_reset = _reset_peak()
-        before = _status("VmRSS")
-        t0 = time.perf_counter()
-        loss = _step(loss_fn, q, k, scale)
-        times.append(time.perf_counter() - t0)
-        peak = _status("VmHWM")  # without a reset: the process peak so far
-        peaks.append(max(0, peak - before))
+        with RssPeak() as peak:
+            t0 = time.perf_counter()
+            loss = _step(loss_fn, q, k, scale)
+            times.append(time.perf_counter() - t0)
+        can_reset = can_reset and peak.reset
+        peaks.append(peak.extra)
     return dict(impl=impl, n=n, d=d, times_s=times, time_s=statistics.median(times),
                 peak_extra_bytes=max(peaks), peak_reset=can_reset, loss=float(loss),
                 grad_norms=[float(x.grad.norm()) for x in (q, k, scale)],
@@ -209,7 +194,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[16384], help="N = M (rows of q and k)")
     p.add_argument("--d", type=int, default=256, help="feature dimension D")
-    p.add_argument("--impl", nargs="+", default=["eager", "fused"], choices=IMPLS)
+    p.add_argument("--impl", nargs="+", default=["eager", "fastcl"], choices=IMPLS)
     p.add_argument("--reps", type=int, default=1, help="timed passes per implementation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per implementation")

@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +29,7 @@ import torch.nn.functional as F
 import fastcl
 from fastcl import dispatch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from ._common import DTYPES, environment, timed
 
 
 def torch_chunked(q, k, kk, chunk):
@@ -64,47 +60,14 @@ def implementations(device, dtype, which, chunk, n, m):
     return {name: fn for name, fn in impls.items() if not which or name in which}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(fn, q, k, kk, reps):
-    device = q.device
-    try:
-        fn(q, k, kk)                      # warm-up (autotuning)
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(q, k, kk)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                out = fn(q, k, kk)
-                times.append(time.perf_counter() - t0)
-            del out
-        extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
-        seconds = statistics.median(times)
-        n, d = q.shape
-        return {"seconds": seconds, "extra_bytes": extra,
-                "tflops": 2 * n * k.shape[0] * d / seconds / 1e12}
-    except torch.cuda.OutOfMemoryError:
-        return {"error": "out of memory"}
-    except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
-        return {"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    """Median time, peak extra memory and effective TFLOP/s of the similarity GEMM."""
+    r = timed(lambda: fn(q, k, kk), q.device, reps)
+    if "error" in r:
+        return r
+    n, d = q.shape
+    return {"seconds": r["seconds"], "extra_bytes": r["extra_bytes"],
+            "tflops": 2 * n * k.shape[0] * d / r["seconds"] / 1e12}
 
 
 def agreement(fn, ref, q, k, kk) -> float:
@@ -113,23 +76,6 @@ def agreement(fn, ref, q, k, kk) -> float:
     _, j = ref
     hits = (i[:, :, None] == j[:, None, :]).any(-1).float().mean()
     return float(hits)
-
-
-def environment(device: torch.device) -> dict:
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "python": platform.python_version(),
-           "fastcl": fastcl.__version__, "device": str(device)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:
-        pass
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
 
 
 def table(records: list[dict]) -> str:

@@ -2,16 +2,17 @@
 
     python -m benchmarks.report            # CPU suite on a CPU machine, GPU suite on a GPU
     python -m benchmarks.report --quick    # smaller sizes (what `make bench` runs)
+    python -m benchmarks.report --full     # CPU: also N = 16384 and 32768 (the CPU targets)
 
-CPU suite: the symmetric CLIP loss, forward + backward, fp32, D = 256, eager PyTorch against
-fastcl's fused C++ kernels (each implementation in its own subprocess so that its peak RSS is its
-own; see :mod:`benchmarks.bench_cpu_contrastive`). GPU suite: the same loss in bf16 at D = 1024
-against eager PyTorch, torch.compile and Inf-CL when installed (:mod:`benchmarks.bench_clip`),
-with the targets of PERFORMANCE.md checked.
+CPU suite: the symmetric CLIP loss, forward + backward, fp32, D = 256: eager PyTorch,
+torch.compile, open_clip's ClipLoss, plain-PyTorch row slabs and fastcl's fused C++ kernels, each
+implementation in its own subprocess so that its peak RSS is its own (see
+:mod:`benchmarks.bench_cpu_contrastive`). GPU suite: the same loss in bf16 at D = 1024 against
+eager PyTorch, torch.compile, open_clip and Inf-CL when installed (:mod:`benchmarks.bench_clip`).
+Both end with the targets of PERFORMANCE.md for their device: met or not, and by how much.
 
-Outputs: ``benchmarks/results/<device>.json``, ``docs/benchmarks.md`` (the section of this
-device replaced) and ``docs/img/<device>_{time,memory}.png`` (log-log, one line per
-implementation).
+Outputs: ``benchmarks/results/<suite>.json``, ``docs/benchmarks.md`` (the section of this suite
+replaced) and ``docs/img/<suite>_{time,memory}.png`` (log-log, one line per implementation).
 """
 
 from __future__ import annotations
@@ -19,51 +20,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-from datetime import datetime, timezone
 
 import torch
+
+from ._common import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 IMG = os.path.join(ROOT, "docs", "img")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
-
-def _stamp(device: str) -> dict:
-    import fastcl
-
-    env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "torch": torch.__version__, "fastcl": fastcl.__version__,
-           "python": platform.python_version()}
-    if device == "cuda":
-        env["device"] = torch.cuda.get_device_name(0)
-        try:
-            import triton
-
-            env["triton"] = triton.__version__
-        except Exception:
-            pass
-    else:
-        env["device"] = f"CPU, {os.cpu_count()} cores ({platform.machine()})"
-        env["threads"] = torch.get_num_threads()
-    return env
+CPU_IMPLS = ("eager", "compile", "open_clip", "slabs", "fastcl")
+# the N^2-memory baselines are skipped above this N in the full CPU suite (one 32768^2 fp32
+# logit matrix and its softmax already take 16 GB of the machine's 24)
+CPU_QUADRATIC = ("compile", "open_clip")
 
 
-def cpu_suite(quick: bool) -> list[dict]:
+def cpu_suite(quick: bool, full: bool) -> list[dict]:
     from benchmarks.bench_cpu_contrastive import run_one
 
     sizes = [1024, 2048, 4096, 8192] if quick else [2048, 4096, 8192, 16384]
+    if full:
+        sizes = sorted(set(sizes) | {16384, 32768})
     records = []
     for n in sizes:
-        for impl in ("eager", "fused"):
-            r = run_one(impl, n, 256, reps=1 if n >= 8192 else 2, seed=0, timeout=1200)
-            rec = {"impl": "fastcl-cpu" if impl == "fused" else impl, "n": n, "d": 256,
+        for impl in CPU_IMPLS:
+            rec = {"impl": "fastcl-cpu" if impl == "fastcl" else impl, "n": n, "d": 256,
                    "dtype": "float32"}
+            if n > 16384 and impl in CPU_QUADRATIC + ("slabs",):
+                continue
+            r = run_one(impl, n, 256, reps=1 if n >= 8192 else 2, seed=0, timeout=1800)
             if "error" in r:
                 rec["error"] = r["error"]
             else:
-                rec.update(seconds=r["time_s"], extra_bytes=r["peak_extra_bytes"])
+                rec.update(seconds=r["time_s"], extra_bytes=r["peak_extra_bytes"], loss=r["loss"])
             records.append(rec)
             print(f"N={n:<6d} {rec['impl']:<11s} "
                   + (f"{rec['seconds']:.3f} s  {rec['extra_bytes'] / 2**20:.0f} MiB"
@@ -87,34 +77,131 @@ def gpu_suite(quick: bool) -> list[dict]:
     return records
 
 
-def markdown(records: list[dict], env: dict) -> str:
+# --------------------------------------------------------------------------------------------
+# the targets of PERFORMANCE.md, checked on the records of this run
+# --------------------------------------------------------------------------------------------
+
+def _ok(r: dict) -> bool:
+    return "seconds" in r
+
+
+def _best_fastcl(group: dict) -> dict:
+    fast = [r for i, r in group.items() if i.startswith("fastcl") and _ok(r)]
+    return min(fast, key=lambda r: r["seconds"]) if fast else {}
+
+
+def cpu_targets(records: list[dict]) -> list[tuple[str, str, str]]:
+    """``(target, measured, verdict)`` rows for the CPU targets (N = 32768, D = 256, fp32)."""
+    groups = _groups(records)
+    rows = []
+    for n in sorted(groups):
+        if n < 16384 and n != max(groups):
+            continue
+        group = groups[n]
+        eager, fast = group.get("eager", {}), _best_fastcl(group)
+        if not (_ok(eager) and fast):
+            continue
+        scope = "" if n == 32768 else f" (at N = {n}; the target is set at 32768)"
+        t = fast["seconds"] / eager["seconds"]
+        rows.append((f"time <= 0.5x eager, N = {n}", f"{t:.2f}x ({fast['seconds']:.2f} s vs "
+                     f"{eager['seconds']:.2f} s)", ("met" if t <= 0.5 else "not met") + scope))
+        if eager.get("extra_bytes") and fast.get("extra_bytes") is not None:
+            m = fast["extra_bytes"] / eager["extra_bytes"]
+            rows.append((f"peak extra memory < 5% of eager, N = {n}",
+                         f"{100 * m:.1f}% ({fast['extra_bytes'] / 2**20:.0f} MiB vs "
+                         f"{eager['extra_bytes'] / 2**20:.0f} MiB)",
+                         ("met" if m < 0.05 else "not met") + scope))
+    return rows
+
+
+def gpu_targets(records: list[dict]) -> list[tuple[str, str, str]]:
+    """``(target, measured, verdict)`` rows for the GPU targets of PERFORMANCE.md."""
+    groups = _groups(records)
+    rows = []
+    big = groups.get(65536, {})
+    fast = _best_fastcl(big)
+    if fast:
+        ms = fast["seconds"] * 1e3
+        rows.append(("N = 65536, D = 1024 bf16: <= 60 ms", f"{ms:.1f} ms ({fast['impl']}, "
+                     f"{fast['tflops']:.0f} TFLOP/s)", "met" if ms <= 60 else
+                     f"not met ({ms / 60:.2f}x the target)"))
+        gb = fast["extra_bytes"] / 1e9
+        rows.append(("N = 65536: <= 0.6 GB extra", f"{gb:.2f} GB",
+                     "met" if gb <= 0.6 else "not met"))
+        for base, factor in (("compile", 1.0), ("eager", 2.5)):
+            b = big.get(base, {})
+            if _ok(b):
+                x = b["seconds"] / fast["seconds"]
+                rows.append((f"N = 65536: >= {factor}x faster than {base}", f"{x:.2f}x",
+                             "met" if x >= factor else "not met"))
+    else:
+        rows.append(("N = 65536, D = 1024 bf16: <= 60 ms", "not run at N = 65536", "unknown"))
+    for n, group in sorted(groups.items()):
+        if n < 4096:
+            continue
+        fast = _best_fastcl(group)
+        if not fast:
+            continue
+        for base, factor in (("eager", 1.0), ("infcl", 10.0)):
+            b = group.get(base, {})
+            if _ok(b):
+                x = b["seconds"] / fast["seconds"]
+                rows.append((f"N = {n}: >= {factor:g}x faster than {base}", f"{x:.2f}x",
+                             "met" if x >= factor else "not met"))
+    return rows
+
+
+def targets_table(rows: list[tuple[str, str, str]]) -> str:
+    if not rows:
+        return "No target could be checked in this run."
+    lines = ["| target (PERFORMANCE.md) | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {v} |" for t, m, v in rows]
+    return "\n".join(lines)
+
+
+def _groups(records: list[dict]) -> dict:
     groups: dict = {}
     for r in records:
         groups.setdefault(r["n"], {})[r["impl"]] = r
-    impls = sorted({r["impl"] for r in records}, key=lambda s: (s.startswith("fastcl"), s))
+    return groups
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def _fmt_bytes(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def markdown(records: list[dict], env: dict) -> str:
+    """One row per (N, implementation): time, peak extra memory, ratios to eager."""
+    gpu = any(r.get("tflops") is not None for r in records)
     lines = [f"Measured {env['date']} on {env['device']}; torch {env['torch']}"
              + (f", triton {env['triton']}" if "triton" in env else "")
              + f", fastcl {env['fastcl']}. Symmetric CLIP loss, forward + backward, "
-             f"D = {records[0]['d']}, {records[0]['dtype']}.", "",
-             "| N | " + " | ".join(f"{i} time" for i in impls) + " | "
-             + " | ".join(f"{i} extra memory" for i in impls) + " | fastcl vs eager |",
-             "|---" * (2 * len(impls) + 2) + "|"]
-    for n, group in sorted(groups.items()):
-        times, mems = [], []
-        for i in impls:
-            r = group.get(i, {})
-            times.append(f"{r['seconds'] * 1e3:.1f} ms" if "seconds" in r else r.get("error", ""))
-            mems.append(f"{r['extra_bytes'] / 2**20:.0f} MiB"
-                        if r.get("extra_bytes") is not None else "")
-        ratio = ""
+             f"D = {records[0]['d']}, {records[0]['dtype']}"
+             + ("" if gpu else f", {env.get('threads', '?')} threads") + ".", "",
+             "| N | implementation | time | peak extra memory | eager's time / this |"
+             " this memory / eager's |" + (" TFLOP/s |" if gpu else ""),
+             "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    for n, group in sorted(_groups(records).items()):
         eager = group.get("eager", {})
-        fast = [group[i] for i in impls if i.startswith("fastcl") and "seconds" in group.get(i, {})]
-        if "seconds" in eager and fast:
-            best = min(fast, key=lambda r: r["seconds"])
-            ratio = f"{eager['seconds'] / best['seconds']:.2f}x faster"
-            if eager.get("extra_bytes") and best.get("extra_bytes") is not None:
-                ratio += f", {100 * best['extra_bytes'] / eager['extra_bytes']:.1f}% of its memory"
-        lines.append(f"| {n} | " + " | ".join(times) + " | " + " | ".join(mems) + f" | {ratio} |")
+        order = sorted(group, key=lambda i: (i.startswith("fastcl"), i != "eager", i))
+        for impl in order:
+            r = group[impl]
+            if not _ok(r):
+                lines.append(f"| {n} | {impl} | {r.get('error', '')} | | | |"
+                             + (" |" if gpu else ""))
+                continue
+            mem = "" if r.get("extra_bytes") is None else _fmt_bytes(r["extra_bytes"])
+            speed = f"{eager['seconds'] / r['seconds']:.2f}x" if _ok(eager) else ""
+            mratio = (f"{100 * r['extra_bytes'] / eager['extra_bytes']:.1f}%"
+                      if _ok(eager) and eager.get("extra_bytes") and r.get("extra_bytes")
+                      is not None else "")
+            name = f"**{impl}**" if impl.startswith("fastcl") else impl
+            lines.append(f"| {n} | {name} | {_fmt_time(r['seconds'])} | {mem} | {speed} | "
+                         f"{mratio} |" + (f" {r['tflops']:.0f} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -169,17 +256,25 @@ def write_doc(tag: str, section: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes")
+    p.add_argument("--full", action="store_true",
+                   help="CPU: also N = 16384 and 32768, where the CPU targets are set (slow)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    records = gpu_suite(args.quick) if args.device == "cuda" else cpu_suite(args.quick)
-    env = _stamp(args.device)
-    tag = "gpu" if args.device == "cuda" else "cpu"
+    cuda = args.device == "cuda"
+    records = gpu_suite(args.quick) if cuda else cpu_suite(args.quick, args.full)
+    env = environment(torch.device(args.device))
+    tag = ("gpu" if cuda else "cpu") + ("-full" if args.full and not cuda else "")
     os.makedirs(RESULTS, exist_ok=True)
+    targets = gpu_targets(records) if cuda else cpu_targets(records)
     with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
-        json.dump({"environment": env, "records": records}, f, indent=1)
+        json.dump({"environment": env, "records": records,
+                   "targets": [dict(zip(("target", "measured", "verdict"), t)) for t in targets]},
+                  f, indent=1)
     images = plots(records, tag)
-    section = f"## {'GPU' if tag == 'gpu' else 'CPU'}\n\n" + markdown(records, env)
+    title = {"gpu": "GPU", "cpu": "CPU", "cpu-full": "CPU, up to the target sizes"}[tag]
+    section = f"## {title}\n\n" + markdown(records, env)
+    section += "\n\nTargets:\n\n" + targets_table(targets)
     for path in images:
         rel = os.path.relpath(path, os.path.dirname(DOC))
         section += f"\n\n![{os.path.basename(path)}]({rel})"

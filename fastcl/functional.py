@@ -657,8 +657,8 @@ def siglip_loss(
     a, b = _pair_scale(scale, x), _pair_scale(bias, x)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, a, b))
     if reduction != "none" and wants_grad and be in siglip_ops.FUSED_BACKENDS:
-        return siglip_ops.siglip_fused(x, y, a, b, reduction == "mean", be)[0]
-    rows = siglip_ops.siglip_fwd(x, y, a, b, be)
+        return siglip_ops.siglip_fused(x, y, a, b, True, reduction == "mean", be)[0]
+    rows = siglip_ops.siglip_fwd(x, y, a, b, True, be)
     if reduction == "none":
         return rows
     if reduction == "sum":

@@ -1,7 +1,9 @@
 """Triton kernels of the sigmoid loss (SigLIP) and their launch wrappers.
 
-``s_ij = scale * <x_i, y_j> + bias``, ``z_ij = +1`` on the diagonal and ``-1`` elsewhere, and
-the loss of a pair is ``softplus(-z_ij s_ij) = -log sigmoid(z_ij s_ij)``. Its gradient is
+``s_ij = scale * <x_i, y_j> + bias`` for ``x`` of ``[R, D]`` and ``y`` of ``[C, D]``, ``z_ij = +1`` on
+the diagonal ``i == j`` when ``diag_pos`` (one process, or the own block of a gathered batch) and
+``-1`` elsewhere (every pair when not ``diag_pos``: the blocks of other ranks), and the loss of a
+pair is ``softplus(-z_ij s_ij) = -log sigmoid(z_ij s_ij)``. Its gradient is
 ``dL/ds_ij = -g_i z_ij sigmoid(-z_ij s_ij)`` for an upstream gradient ``g_i`` of row ``i``'s
 sum; nothing else of the loss enters it, so no statistic has to be saved between passes.
 
@@ -71,8 +73,8 @@ def _siglip_kernel(
     NA, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
     TRANSPOSED: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_GRAD: tl.constexpr,
-    UNIFORM_G: tl.constexpr, RESCALE_G: tl.constexpr, TF32: tl.constexpr,
-    SINGLE_D: tl.constexpr,
+    UNIFORM_G: tl.constexpr, RESCALE_G: tl.constexpr, DIAG_POS: tl.constexpr,
+    TF32: tl.constexpr, SINGLE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -80,9 +82,10 @@ def _siglip_kernel(
 
     ``TRANSPOSED=False``: ``A = x`` (outer = rows of ``s``), ``B = y``, ``OUT = dx``.
     ``TRANSPOSED=True``: ``A = y`` (outer = columns of ``s``), ``B = x``, ``OUT = dy``.
-    ``g_ptr``: the upstream gradient of each row's sum (``[N]``), or with ``UNIFORM_G`` one
+    ``g_ptr``: the upstream gradient of each row's sum (``[R]``), or with ``UNIFORM_G`` one
     number for every row. ``loss_ptr`` (``WRITE_LOSS``), ``ds_ptr`` and ``db_ptr`` (``HAS_GRAD``
-    and not ``TRANSPOSED``) are ``[N]`` fp32 outputs written by the programs of slice 0.
+    and not ``TRANSPOSED``) are ``[R]`` fp32 outputs written by the programs of slice 0.
+    ``DIAG_POS``: the pairs ``i == j`` are positives (``z = +1``); else every pair is negative.
     """
     pid = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -133,7 +136,10 @@ def _siglip_kernel(
                              BLOCK_M, BLOCK_N, BLOCK_D, TF32)
         s = qk * scale + bias
         valid = o_in[:, None] & n_in[None, :]
-        diag = offs_o[:, None] == offs_n[None, :]
+        if DIAG_POS:
+            diag = offs_o[:, None] == offs_n[None, :]
+        else:
+            diag = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int1)
         t = tl.where(diag, -s, s)                 # softplus argument -z * s
         e = tl.exp2(-tl.abs(t) * _LOG2E)
         u = 1.0 + e
@@ -181,8 +187,8 @@ def _siglip_kernel(
 # autotuning: the configuration lists of the contrastive kernels (same tiles, same pressure)
 # --------------------------------------------------------------------------------------------
 
-_KEYS = ["D", "TRANSPOSED", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "RESCALE_G", "TF32",
-         "SINGLE_D", "BLOCK_D"]
+_KEYS = ["D", "TRANSPOSED", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "RESCALE_G", "DIAG_POS",
+         "TF32", "SINGLE_D", "BLOCK_D"]
 
 _TUNED = {}
 for (_kind, _family), _configs in _c._CONFIGS.items():
@@ -246,12 +252,12 @@ def _launch(a, b, out, rest, flags):
 # --------------------------------------------------------------------------------------------
 
 def _check_inputs(x, y, scale, bias):
-    assert x.dim() == 2 and y.dim() == 2 and x.shape == y.shape
+    assert x.dim() == 2 and y.dim() == 2 and x.shape[1] == y.shape[1]
     assert x.dtype == y.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
     assert scale.numel() == 1 and bias.numel() == 1
 
 
-def _grad_launches(x, y, scale, bias, g, uniform, loss):
+def _grad_launches(x, y, scale, bias, g, uniform, loss, diag_pos):
     """``(dx, dy, dscale, dbias)``; with ``loss`` the row-parallel launch also writes it."""
     N = x.shape[0]
     f32 = torch.float32
@@ -265,7 +271,7 @@ def _grad_launches(x, y, scale, bias, g, uniform, loss):
         g_bound = torch.linalg.vector_norm(g.detach().float(), float("inf"))
     else:
         g_bound = ds_part
-    flags = dict(HAS_GRAD=True, UNIFORM_G=uniform, RESCALE_G=rescale)
+    flags = dict(HAS_GRAD=True, UNIFORM_G=uniform, RESCALE_G=rescale, DIAG_POS=bool(diag_pos))
     _launch(x, y, dx, (scale, bias, g, g_bound, ds_part if loss is None else loss,
                        ds_part, db_part),
             dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None))
@@ -274,39 +280,39 @@ def _grad_launches(x, y, scale, bias, g, uniform, loss):
     return dx, dy, ds_part.sum().to(scale.dtype), db_part.sum().to(bias.dtype)
 
 
-def siglip_fwd(x, y, scale, bias):
-    """Per-row sums ``[N]`` (fp32) of ``softplus(-z_ij s_ij)`` over every column ``j``."""
+def siglip_fwd(x, y, scale, bias, diag_pos):
+    """Per-row sums ``[R]`` (fp32) of ``softplus(-z_ij s_ij)`` over every column ``j``."""
     _check_inputs(x, y, scale, bias)
     loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     _launch(x, y, loss.view(-1, 1), (scale, bias, loss, loss, loss, loss, loss),
             dict(TRANSPOSED=False, WRITE_LOSS=True, HAS_GRAD=False, UNIFORM_G=False,
-                 RESCALE_G=False))
+                 RESCALE_G=False, DIAG_POS=bool(diag_pos)))
     return loss
 
 
-def siglip_bwd(g_row, x, y, scale, bias):
+def siglip_bwd(g_row, x, y, scale, bias, diag_pos):
     """Gradients ``(dx, dy, dscale, dbias)`` of ``sum_i g_row[i] * row_loss[i]``.
 
     ``dx`` / ``dy`` in the input dtype, ``dscale`` / ``dbias`` 0-dim in the dtypes of
-    ``scale`` / ``bias``. The logit tiles are recomputed; extra memory is ``O(N)``.
+    ``scale`` / ``bias``. The logit tiles are recomputed; extra memory is ``O(R)``.
     """
     _check_inputs(x, y, scale, bias)
     g = g_row.detach().to(torch.float32).contiguous()
-    return _grad_launches(x, y, scale, bias, g, False, None)
+    return _grad_launches(x, y, scale, bias, g, False, None, diag_pos)
 
 
-def siglip_fused(x, y, scale, bias, mean: bool):
+def siglip_fused(x, y, scale, bias, diag_pos, mean: bool):
     """Loss and gradients in one pass: ``(loss, dx, dy, dscale, dbias)``.
 
-    ``loss`` is the 0-dim fp32 sum of every pair's term, divided by ``N`` when ``mean``; the
-    gradients are those of ``loss`` (a uniform upstream gradient ``1/N`` or ``1`` per row).
+    ``loss`` is the 0-dim fp32 sum of every pair's term, divided by ``R`` when ``mean``; the
+    gradients are those of ``loss`` (a uniform upstream gradient ``1/R`` or ``1`` per row).
     """
     _check_inputs(x, y, scale, bias)
     N = x.shape[0]
-    g = torch.full((), 1.0 / N if mean else 1.0, dtype=torch.float32, device=x.device)
+    g = torch.full((), 1.0 / max(N, 1) if mean else 1.0, dtype=torch.float32, device=x.device)
     rows = torch.empty(N, dtype=torch.float32, device=x.device)
-    dx, dy, dscale, dbias = _grad_launches(x, y, scale, bias, g, True, rows)
+    dx, dy, dscale, dbias = _grad_launches(x, y, scale, bias, g, True, rows, diag_pos)
     loss = rows.sum()
-    if mean:
+    if mean and N:
         loss = loss / N
     return loss, dx, dy, dscale, dbias

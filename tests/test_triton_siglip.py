@@ -1,7 +1,9 @@
 """The Triton kernels of the sigmoid loss (SigLIP) against the oracle.
 
 Row losses are compared with :func:`fastcl.reference.siglip_ref` evaluated in fp64 on the same
-(already rounded) inputs, gradients with the autograd of that oracle. Without CUDA the kernels
+(already rounded) inputs, gradients with the autograd of that oracle; the rectangular blocks
+(``x`` of ``[R, D]`` against ``y`` of ``[C, D]``, with or without positives on the diagonal) that
+the gathered and ring strategies need are compared with the same pair terms written out. Without CUDA the kernels
 run on CPU tensors through Triton's interpreter (small shapes). Low-precision results also obey
 FlashAttention's rule: the kernel's error against the fp64 oracle is at most about twice the
 error of plain PyTorch computing the same thing in the input dtype.
@@ -50,10 +52,14 @@ def _fixed_config(monkeypatch):
 # helpers
 # --------------------------------------------------------------------------------------------
 
-def make_inputs(N, D, dtype, *, scale=10.0, bias=-10.0, seed=0, normalize=True):
+def make_inputs(N, D, dtype, *, C=None, scale=10.0, bias=-10.0, seed=0, normalize=True):
+    """``x`` of ``[N, D]``, ``y`` of ``[C, D]`` (default ``C = N``), pairs ``(i, i)`` similar."""
     g = torch.Generator().manual_seed(seed)
+    C = N if C is None else C
     x = torch.randn(N, D, generator=g)
-    y = x + 0.8 * torch.randn(N, D, generator=g)     # matching pairs are similar
+    y = torch.randn(C, D, generator=g)
+    m = min(N, C)
+    y[:m] = x[:m] + 0.8 * y[:m]                     # matching pairs are similar
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
         y = torch.nn.functional.normalize(y, dim=1)
@@ -66,12 +72,23 @@ def make_g(N, seed=1):
     return torch.randn(N, generator=g).to(DEVICE)
 
 
-def oracle(x, y, scale, bias, g=None, dt=torch.float64):
+def pair_signs(R, C, diag_pos, dtype=torch.float64):
+    """``z``: +1 on the diagonal when ``diag_pos``, -1 everywhere else."""
+    diag = torch.eye(R, C, dtype=torch.bool, device=DEVICE) & diag_pos
+    return torch.where(diag, 1.0, -1.0).to(dtype)
+
+
+def oracle(x, y, scale, bias, g=None, dt=torch.float64, diag_pos=True):
     """Row losses and, with ``g``, the gradients of ``sum_i g_i rows_i``, computed in ``dt``."""
     leaves = [t.detach().to(dt).requires_grad_(g is not None) for t in (x, y, scale, bias)]
     with torch.enable_grad():
-        rows = siglip_ref(leaves[0], leaves[1], scale=leaves[2], bias=leaves[3],
-                          reduction="none")
+        if diag_pos and x.shape[0] == y.shape[0]:
+            rows = siglip_ref(leaves[0], leaves[1], scale=leaves[2], bias=leaves[3],
+                              reduction="none")
+        else:
+            z = pair_signs(x.shape[0], y.shape[0], diag_pos, dt)
+            s = leaves[2] * (leaves[0] @ leaves[1].T) + leaves[3]
+            rows = -torch.nn.functional.logsigmoid(z * s).sum(1)
     if g is None:
         return rows, None
     return rows, torch.autograd.grad(rows, leaves, g.to(dt))
@@ -102,28 +119,29 @@ def assert_close(actual, expected, tol, name, floor=1e-6):
     assert err <= tol * mag + floor, f"{name}: max error {err:.3e}, magnitude {mag:.3e}"
 
 
-def check(x, y, scale, bias, g, fwd_tol=None, bwd_tol=None, floor=1e-6):
+def check(x, y, scale, bias, g, fwd_tol=None, bwd_tol=None, floor=1e-6, diag_pos=True):
     dt = x.dtype
     fwd_tol = FWD_TOL[dt] if fwd_tol is None else fwd_tol
     bwd_tol = BWD_TOL[dt] if bwd_tol is None else bwd_tol
-    rows = sk.siglip_fwd(x, y, scale, bias)
-    grads = sk.siglip_bwd(g, x, y, scale, bias)
-    ref_rows, ref_grads = oracle(x, y, scale, bias, g)
+    rows = sk.siglip_fwd(x, y, scale, bias, diag_pos)
+    grads = sk.siglip_bwd(g, x, y, scale, bias, diag_pos)
+    ref_rows, ref_grads = oracle(x, y, scale, bias, g, diag_pos=diag_pos)
     assert rows.dtype == torch.float32 and rows.shape == (x.shape[0],)
     assert_close(rows, ref_rows, fwd_tol, "rows")
     dx, dy, ds, db = grads
     assert dx.dtype == x.dtype and dx.shape == x.shape and dy.dtype == y.dtype
+    assert dy.shape == y.shape
     assert ds.dim() == 0 and db.dim() == 0 and ds.dtype == torch.float32
     for name, a, e in zip(GRAD_NAMES, grads, ref_grads):
         assert_close(a, e, bwd_tol, name, floor=floor)
     return rows, grads, ref_rows, ref_grads
 
 
-def check_fused(x, y, scale, bias, mean, bwd_tol=None):
+def check_fused(x, y, scale, bias, mean, bwd_tol=None, diag_pos=True):
     N = x.shape[0]
-    loss, *grads = sk.siglip_fused(x, y, scale, bias, mean)
+    loss, *grads = sk.siglip_fused(x, y, scale, bias, diag_pos, mean)
     g = torch.full((N,), 1.0 / N if mean else 1.0, device=x.device)
-    ref_rows, ref_grads = oracle(x, y, scale, bias, g)
+    ref_rows, ref_grads = oracle(x, y, scale, bias, g, diag_pos=diag_pos)
     ref_loss = ref_rows.sum() / N if mean else ref_rows.sum()
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert_close(loss, ref_loss, FWD_TOL[x.dtype], "loss")
@@ -162,6 +180,54 @@ def test_matches_oracle(N, D, dtype, scale, bias):
 def test_fused_matches_oracle(N, D, dtype, mean):
     x, y, a, b = make_inputs(N, D, dtype)
     check_fused(x, y, a, b, mean)
+
+
+RECT_CASES = [
+    # (R, C, D, dtype, diag_pos): a rank's images against the texts of all ranks (R < C, own
+    # block first) or of another rank (no positives), and the transposed shapes
+    (13, 40, 20, torch.float32, True),
+    (40, 13, 20, torch.float32, True),
+    (21, 37, 100, torch.float32, False),
+    (37, 37, 20, torch.float32, False),
+    (17, 45, 24, torch.bfloat16, True),
+    (30, 19, 24, torch.float16, False),
+    (1, 5, 3, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("R,C,D,dtype,diag_pos", RECT_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{'diag' if c[4] else 'neg'}"
+                              for c in RECT_CASES])
+def test_rectangular_blocks_match_oracle(R, C, D, dtype, diag_pos):
+    x, y, a, b = make_inputs(R, D, dtype, C=C)
+    check(x, y, a, b, make_g(R), diag_pos=diag_pos)
+    for mean in (True, False):
+        check_fused(x, y, a, b, mean, diag_pos=diag_pos)
+
+
+@pytest.mark.parametrize("R,C", [(0, 7), (7, 0), (0, 0)])
+def test_empty_blocks(R, C):
+    x, y, a, b = make_inputs(max(R, 1), 5, torch.float32, C=max(C, 1))
+    x, y = x[:R], y[:C]
+    for diag_pos in (True, False):
+        rows = sk.siglip_fwd(x, y, a, b, diag_pos)
+        dx, dy, ds, db = sk.siglip_bwd(make_g(max(R, 1))[:R], x, y, a, b, diag_pos)
+        assert rows.shape == (R,) and (rows == 0).all()
+        assert dx.shape == x.shape and dy.shape == y.shape
+        assert not dx.any() and not dy.any() and ds.item() == 0 and db.item() == 0
+        loss, *fg = sk.siglip_fused(x, y, a, b, diag_pos, True)
+        assert loss.item() == 0 and all(not t.any() for t in fg)
+
+
+def test_diag_pos_only_flips_the_diagonal():
+    """Without positives, the rows differ from the diagonal case by exactly the diagonal pairs."""
+    N, D = 23, 16
+    x, y, a, b = make_inputs(N, D, torch.float32)
+    with_pos = sk.siglip_fwd(x, y, a, b, True).double()
+    without = sk.siglip_fwd(x, y, a, b, False).double()
+    s = (a.double() * (x.double() * y.double()).sum(1) + b.double())
+    F = torch.nn.functional
+    assert_close(without - with_pos, F.softplus(s) - F.softplus(-s), 1e-5, "diagonal terms")
 
 
 @pytest.mark.parametrize("dtype,N,D", [(torch.bfloat16, 37, 20), (torch.float16, 37, 20),
@@ -208,7 +274,7 @@ def test_extreme_scale_bias(dtype):
     x, y, a, b = make_inputs(N, D, dtype, scale=100.0, bias=-10.0)
     rows, grads, _, _ = check(x, y, a, b, make_g(N))
     assert torch.isfinite(rows).all() and all(torch.isfinite(t).all() for t in grads)
-    loss, *fg = sk.siglip_fused(x, y, a, b, True)
+    loss, *fg = sk.siglip_fused(x, y, a, b, True, True)
     assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in fg)
     # raw (unnormalized) features: logits in the thousands
     x2, y2, a2, b2 = make_inputs(N, D, dtype, scale=100.0, bias=-10.0, normalize=False)
@@ -240,9 +306,10 @@ def test_no_quadratic_allocation():
     N, D = 70, 3                               # N*N = 4900 > N*D
     x, y, a, b = make_inputs(N, D, torch.float32)
     with _NumelRecorder() as rec:
-        sk.siglip_fwd(x, y, a, b)
-        sk.siglip_bwd(make_g(N), x, y, a, b)
-        sk.siglip_fused(x, y, a, b, True)
+        for diag_pos in (True, False):
+            sk.siglip_fwd(x, y, a, b, diag_pos)
+            sk.siglip_bwd(make_g(N), x, y, a, b, diag_pos)
+            sk.siglip_fused(x, y, a, b, diag_pos, True)
     assert rec.largest[0] < N * N, rec.largest
     leaves = [t.clone().requires_grad_(True) for t in (x, y, a, b)]
     with _NumelRecorder() as rec:
@@ -257,14 +324,15 @@ def test_no_quadratic_allocation():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("C,diag_pos", [(6, True), (9, False)])
+def test_opcheck(backend, C, diag_pos):
     N, D = 6, 5
-    x, y, a, b = make_inputs(N, D, torch.float32)
+    x, y, a, b = make_inputs(N, D, torch.float32, C=C)
     leaves = [t.clone().requires_grad_(True) for t in (x, y, a, b)]
-    torch.library.opcheck(ops.siglip_fwd, (*leaves, backend))
-    torch.library.opcheck(ops.siglip_bwd, (make_g(N), x, y, a, b, backend))
+    torch.library.opcheck(ops.siglip_fwd, (*leaves, diag_pos, backend))
+    torch.library.opcheck(ops.siglip_bwd, (make_g(N), x, y, a, b, diag_pos, backend))
     for mean in (True, False):
-        torch.library.opcheck(ops.siglip_fused, (*leaves, mean, backend))
+        torch.library.opcheck(ops.siglip_fused, (*leaves, diag_pos, mean, backend))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -321,9 +389,9 @@ class TestGPU:
     def test_real_sizes(self, N, D, dtype):
         x, y, a, b = make_inputs(N, D, dtype)
         g = make_g(N) / N
-        rows = sk.siglip_fwd(x, y, a, b)
-        grads = sk.siglip_bwd(g, x, y, a, b)
-        loss, *fgrads = sk.siglip_fused(x, y, a, b, True)
+        rows = sk.siglip_fwd(x, y, a, b, True)
+        grads = sk.siglip_bwd(g, x, y, a, b, True)
+        loss, *fgrads = sk.siglip_fused(x, y, a, b, True, True)
         torch.cuda.synchronize()
         ref_rows, ref_grads = oracle(x, y, a, b, g)
         if dtype == torch.float32:

@@ -66,35 +66,39 @@ def _siglip_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def siglip_fwd(x, y, scale, bias):
-    from ..reference.losses import siglip_ref
-
+def _siglip_logits(x, y, scale, bias, diag_pos):
+    """``(dots, s, z)`` of the contract in :mod:`fastcl.ops.siglip`, in the statistics dtype."""
     dt = _siglip_dtype(x)
-    rows = siglip_ref(x.detach(), y.detach(), scale=scale.detach(), bias=bias.detach(),
-                      reduction="none")
-    return rows.to(dt).contiguous()
-
-
-def siglip_bwd(g_row, x, y, scale, bias):
-    dt = _siglip_dtype(x)
-    N = x.shape[0]
     xs, ys = x.detach().to(dt), y.detach().to(dt)
     dots = xs @ ys.T
-    a = scale.detach().to(dt)
-    s = a * dots + bias.detach().to(dt)
-    z = 2.0 * torch.eye(N, dtype=dt, device=x.device) - 1.0
+    s = scale.detach().to(dt) * dots + bias.detach().to(dt)
+    R, C = dots.shape
+    diag = torch.arange(R, device=x.device)[:, None] == torch.arange(C, device=x.device)[None, :]
+    z = torch.where(diag & bool(diag_pos), 1.0, -1.0).to(dt)
+    return dots, s, z
+
+
+def siglip_fwd(x, y, scale, bias, diag_pos):
+    _dots, s, z = _siglip_logits(x, y, scale, bias, diag_pos)
+    return torch.nn.functional.softplus(-z * s).sum(1).contiguous()
+
+
+def siglip_bwd(g_row, x, y, scale, bias, diag_pos):
+    dt = _siglip_dtype(x)
+    dots, s, z = _siglip_logits(x, y, scale, bias, diag_pos)
     G = -g_row.detach().to(dt)[:, None] * z * torch.sigmoid(-z * s)
-    dx = (a * (G @ ys)).to(x.dtype)
-    dy = (a * (G.T @ xs)).to(y.dtype)
+    a = scale.detach().to(dt)
+    dx = (a * (G @ y.detach().to(dt))).to(x.dtype)
+    dy = (a * (G.T @ x.detach().to(dt))).to(y.dtype)
     return dx, dy, (G * dots).sum().to(scale.dtype), G.sum().to(bias.dtype)
 
 
-def siglip_fused(x, y, scale, bias, mean):
-    N = x.shape[0]
-    rows = siglip_fwd(x, y, scale, bias)
-    g = torch.full((N,), 1.0 / N if mean else 1.0, dtype=rows.dtype, device=x.device)
-    dx, dy, dscale, dbias = siglip_bwd(g, x, y, scale, bias)
-    loss = rows.sum() / N if mean else rows.sum()
+def siglip_fused(x, y, scale, bias, diag_pos, mean):
+    R = x.shape[0]
+    rows = siglip_fwd(x, y, scale, bias, diag_pos)
+    g = torch.full((R,), 1.0 / max(R, 1) if mean else 1.0, dtype=rows.dtype, device=x.device)
+    dx, dy, dscale, dbias = siglip_bwd(g, x, y, scale, bias, diag_pos)
+    loss = rows.sum() / max(R, 1) if mean else rows.sum()
     return loss, dx, dy, dscale, dbias
 
 

@@ -1,0 +1,164 @@
+"""What every benchmark script shares: the environment stamp, timing, peak memory, baselines.
+
+- :func:`environment`: device, versions and date, stamped on every result;
+- :func:`timed`: warm-up, then the median of ``reps`` calls (CUDA events on a GPU, wall time on
+  a CPU) and the peak memory beyond what was allocated before (GPU: the caching allocator's
+  counters; CPU: ``None``, measured per process by :mod:`benchmarks.bench_cpu_contrastive`);
+- :func:`eager_clip`, :func:`infcl_clip`, :func:`open_clip_clip`: the symmetric CLIP loss as the
+  baselines compute it, each ``None`` where its package is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def environment(device: torch.device) -> dict:
+    """Date, versions and the device's name (GPU model, or CPU cores and threads)."""
+    import fastcl
+
+    env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "fastcl": fastcl.__version__}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        pass
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class RssPeak:
+    """Peak resident memory of this process beyond its level at entry (Linux).
+
+    Entry resets the kernel's high-water mark through ``/proc/self/clear_refs``; ``extra`` is
+    then ``VmHWM - VmRSS(entry)`` in bytes (``None`` where ``/proc`` is unavailable). Allocator
+    caching makes it an upper bound of what the code held, never an underestimate.
+    """
+
+    def __enter__(self):
+        self.reset = self.extra = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        try:
+            self.before = _status("VmRSS")
+        except (OSError, KeyError):
+            self.before = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            self.extra = max(0, _status("VmHWM") - self.before)
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> dict:
+    """``{"seconds": median, "times": [...], "extra_bytes": peak beyond the start or None,
+    "out": the last result}``, or ``{"error": ...}`` when ``step`` raises (out of memory, a
+    baseline that cannot run the shape): a failing implementation is reported, not fatal."""
+    cuda = device.type == "cuda"
+    try:
+        for _ in range(warmup):          # compilation, autotuning, thread pools
+            step()
+        sync(device)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        times = []
+        out = None
+        for _ in range(reps):
+            out = None
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = step()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                out = step()
+                times.append(time.perf_counter() - t0)
+        extra = torch.cuda.max_memory_allocated(device) - base if cuda else None
+        return {"seconds": statistics.median(times), "times": times, "extra_bytes": extra,
+                "out": out}
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except Exception as exc:
+        return {"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# the symmetric CLIP loss as the baselines compute it: f(x, y, scale) -> loss
+# --------------------------------------------------------------------------------------------
+
+def eager_clip(x, y, scale):
+    """Materialized logits and ``F.cross_entropy`` in both directions (open_clip's arithmetic)."""
+    logits = scale * x @ y.T
+    labels = torch.arange(x.shape[0], device=x.device)
+    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
+
+
+def infcl_clip() -> Optional[Callable]:
+    """Inf-CL's Triton loss in both directions, or ``None`` without ``inf-cl`` (GPU only)."""
+    try:
+        from inf_cl import cal_inf_loss
+    except Exception:
+        return None
+
+    def loss(x, y, scale):
+        return (cal_inf_loss(x, y, scale=scale) + cal_inf_loss(y, x, scale=scale)) / 2
+
+    return loss
+
+
+def open_clip_clip() -> Optional[Callable]:
+    """open_clip's ``ClipLoss`` (one process), or ``None`` without ``open_clip``."""
+    try:
+        from open_clip.loss import ClipLoss
+    except Exception:
+        return None
+    module = ClipLoss()
+
+    def loss(x, y, scale):
+        return module(x, y, scale)
+
+    return loss
