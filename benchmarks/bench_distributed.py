@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks._common import RssPeak, environment, sync
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -87,31 +88,6 @@ class LiveBytes(TorchDispatchMode):
 # One rank
 
 
-def _rss_reset() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _status(field: str) -> int:
-    """``VmHWM`` (peak resident set since the last reset) or ``VmRSS`` in bytes, from /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_rank(n: int, d: int, reps: int, device) -> dict:
     """Time and memory of both strategies on this rank's shard of ``n`` rows."""
     import fastcl
@@ -136,25 +112,22 @@ def run_rank(n: int, d: int, reps: int, device) -> dict:
         times = []
         for _ in range(reps):
             dist.barrier()
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step(gather)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
         dist.barrier()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        else:
-            _rss_reset()
-            base = _status("VmRSS")
-        with LiveBytes() as mem:
+        with RssPeak() as rss, LiveBytes() as mem:
             step(gather)
-        _sync(device)
+            sync(device)
         if device.type == "cuda":
             process_peak = torch.cuda.max_memory_allocated(device) - base
         else:
-            process_peak = _status("VmHWM") - base
+            process_peak = rss.extra or 0
         out[gather] = {"time_s": statistics.median(times), "tensor_peak_bytes": mem.peak,
                        "process_peak_bytes": max(process_peak, 0)}
     return out
@@ -187,7 +160,8 @@ def _worker_main(args) -> None:
                            "process_peak_bytes": max(r[s]["process_peak_bytes"] for r in gathered)}
                        for s in STRATEGIES}
             with open(args.out, "w") as f:
-                json.dump({"world": world, "n_per_rank": n, **summary}, f)
+                json.dump({"world": world, "n_per_rank": n, **summary,
+                           "environment": environment(device)}, f)
     finally:
         dist.destroy_process_group()
 
@@ -270,7 +244,7 @@ def main(argv=None) -> None:
         tag = "gpu"
     else:
         worlds = args.world
-        args.device_name = platform.processor() or platform.machine()
+        args.device_name = environment(torch.device("cpu"))["device"]
         tag = "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

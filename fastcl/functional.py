@@ -630,6 +630,8 @@ def siglip_loss(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """The sigmoid loss of SigLIP: ``-(1/N) sum_ij log sigmoid(z_ij (a <x_i, y_j> + b))``.
 
@@ -640,6 +642,11 @@ def siglip_loss(
     recomputes the tiles; with ``reduction="mean"`` or ``"sum"`` and gradients wanted, one pass
     yields the loss and its gradients together (the gradient of every pair is known in the
     forward). ``backend="reference"`` materializes the logits.
+
+    ``gather="all_gather"`` or ``"ring"`` (over ``group``): each rank's images against the texts
+    of every rank (the pairs of other ranks are negatives), the loss of the global batch ``B``
+    divided by ``B`` under the convention of :mod:`fastcl.distributed`; the row sums and their
+    backward then run as two passes (no one-pass fused loss).
     """
     V.features("image_features", image_features)
     V.features("text_features", text_features)
@@ -648,13 +655,18 @@ def siglip_loss(
     V.same_device_dtype(image_features=image_features, text_features=text_features)
     V.reduction(reduction)
     device = image_features.device
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal("image_features", image_features)
     scale = V.scalar("logit_scale", logit_scale, device, positive=True)
     bias = V.scalar("logit_bias", logit_bias, device)
     x, y = _norm(image_features, normalize), _norm(text_features, normalize)
-    be = _select("siglip_loss", x, backend, None)
+    be = _select("siglip_loss", x, backend, sh)
     if be == "reference":
         return ref.siglip_ref(x, y, scale=scale, bias=bias, reduction=reduction)
     a, b = _pair_scale(scale, x), _pair_scale(bias, x)
+    if sh is not None:
+        return _reduce(sh.siglip_rows(x, y, a, b, backend=be), None, reduction, sh)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, a, b))
     if reduction != "none" and wants_grad and be in siglip_ops.FUSED_BACKENDS:
         return siglip_ops.siglip_fused(x, y, a, b, True, reduction == "mean", be)[0]

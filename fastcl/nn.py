@@ -234,7 +234,8 @@ class HardNegativeNCELoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature:g}, beta={self.beta:g}, tau_plus={self.tau_plus:g}, "
                 f"layout={self.layout!r}, normalize={self.normalize}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}" + ("" if self.gather is None else f", gather={self.gather!r}"))
+                f"backend={self.backend!r}"
+                + ("" if self.gather is None else f", gather={self.gather!r}"))
 
 
 class DCLLoss(_TemperatureLoss):
@@ -272,8 +273,10 @@ class SigLipLoss(nn.Module):
     """
 
     def __init__(self, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0,
-                 *, normalize: bool = False, reduction: str = "mean", backend: str = "auto"):
+                 *, normalize: bool = False, reduction: str = "mean", backend: str = "auto",
+                 gather: Optional[str] = None, group=None):
         super().__init__()
+        self.gather, self.group = _gather(gather), group
         self.log_logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.normalize = normalize
@@ -286,7 +289,8 @@ class SigLipLoss(nn.Module):
         bias = self.logit_bias if logit_bias is None else logit_bias
         return F.siglip_loss(image_features, text_features, scale, bias,
                              normalize=self.normalize, reduction=self.reduction,
-                             backend=self.backend)
+                             backend=self.backend, gather=self.gather, group=self.group)
 
     def extra_repr(self) -> str:
-        return f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + ("" if self.gather is None else f", gather={self.gather!r}"))

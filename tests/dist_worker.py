@@ -79,6 +79,13 @@ def cases():
         "cmc": (lambda I, s, g: fastcl.multiview_loss(sl(I["views"], s, 1), temperature=0.5,
                                                       method="cmc", gather=g), ("views",)),
         "uniformity": (lambda I, s, g: fastcl.uniformity(sl(I["x"], s), gather=g), ("x",)),
+        "siglip": (lambda I, s, g: fastcl.siglip_loss(sl(I["x"], s), sl(I["y"], s), I["scale"],
+                                                       I["bias"], gather=g),
+                   ("x", "y", "scale", "bias")),
+        "siglip_sum_module": (lambda I, s, g: fastcl.nn.SigLipLoss(
+            normalize=True, reduction="sum", gather=g)(sl(I["x"], s), sl(I["y"], s),
+                                                       I["scale"], I["bias"]),
+            ("x", "y", "scale", "bias")),
     }
 
 
@@ -86,6 +93,7 @@ def run_case(name, world, shard=None, gather=None):
     fn, wrt = cases()[name]
     inputs = global_inputs(world)
     inputs["scale"] = torch.tensor(3.0, dtype=torch.float64)
+    inputs["bias"] = torch.tensor(-2.0, dtype=torch.float64)
     for k in wrt:
         inputs[k].requires_grad_(True)
     loss = fn(inputs, shard, gather)

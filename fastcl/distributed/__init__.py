@@ -41,8 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ops import siglip as siglip_ops
 from ..ops.contrastive import contrastive_stats
-from .ring import ring_stats
+from .ring import ring_siglip_rows, ring_stats
 
 __all__ = ["GATHER", "Shard", "shard"]
 
@@ -112,6 +113,15 @@ class Shard:
             keys = torch.cat([keys, extra], dim=0)
         labels = None if col_labels is None else self.columns_nograd(col_labels)
         return contrastive_stats(rows, keys, a, b, targets, row_labels, labels, **flags)[:4]
+
+    def siglip_rows(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, backend: str) -> Tensor:
+        """Per-row sums ``[n]`` of the sigmoid pair losses of this rank's ``x`` against every
+        rank's ``y`` (differentiable): the own block has its positives on the diagonal
+        (``diag_pos``), the other ranks' texts are negatives."""
+        if self.strategy == "ring":
+            return ring_siglip_rows(x, y, a, b, group=self.group, world=self.world,
+                                    rank=self.rank, backend=backend)
+        return siglip_ops.siglip_fwd(x, self.columns(y), a, b, True, backend)
 
     def columns(self, x: Tensor, dim: int = 0) -> Tensor:
         """All ranks' ``x`` concatenated along ``dim``, this rank's block first, with gradient.

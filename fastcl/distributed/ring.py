@@ -6,6 +6,9 @@ the block in hand is sent to rank ``r + 1`` (``batch_isend_irecv``, posted befor
 runs). Step 0 is the own block: ``targets``, ``exclude_diag`` and the local extra columns apply
 there only; other blocks carry their column labels, and no positives otherwise.
 
+The same ring serves the sigmoid loss (:func:`ring_siglip_rows`): the own block has its
+positives on the diagonal, the other blocks none; row sums add up.
+
 Forward: per-block statistics of :func:`fastcl.ops.contrastive.contrastive_fwd` merged into the
 global ones. Backward: the same ring with the merged statistics passed to
 :func:`fastcl.ops.contrastive.contrastive_bwd`; the gradient accumulator of a key block follows
@@ -22,8 +25,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops.contrastive import contrastive_bwd, contrastive_fwd
+from ..ops.siglip import siglip_bwd, siglip_fwd
 
-__all__ = ["ring_stats"]
+__all__ = ["ring_stats", "ring_siglip_rows"]
 
 
 class _Neighbours:
@@ -54,6 +58,46 @@ def _travelling(cols: Tensor, col_labels: Optional[Tensor]) -> list[Tensor]:
 def _wait(works: list) -> None:
     for w in works:
         w.wait()
+
+
+def _ring_pass(ring: _Neighbours, world: int, hand: list[Tensor], visit) -> None:
+    """``visit(step, hand)`` on every rank's block in turn, the next block in transfer meanwhile.
+
+    A block is sent on as soon as it arrives; once the visit returns and the transfers are done
+    only the incoming block stays referenced here: two blocks at most.
+    """
+    for step in range(world):
+        incoming, works = ring.shift([] if step == world - 1 else hand)
+        visit(step, hand)
+        _wait(works)
+        del works
+        hand = incoming
+
+
+def _ring_gradient(ring: _Neighbours, world: int, hand: list[Tensor], visit) -> Tensor:
+    """Like :func:`_ring_pass`, where ``visit(step, hand)`` returns this rank's gradient of the
+    block in hand (fp32/fp64); returns the sum over ranks of the gradients of this rank's block.
+
+    The accumulator of a block follows it one step behind: at step ``t`` the finished
+    accumulator of the previous block is sent while the one of the block in hand arrives, and
+    this rank's contribution is added to it; after the last step it goes to the block's owner.
+    """
+    sent: list[Tensor] = []
+    for step in range(world):
+        last = step == world - 1
+        incoming, works = ring.shift(([] if last else hand) + sent)
+        grad = visit(step, hand)
+        _wait(works)
+        del works
+        hand = incoming[:len(incoming) - len(sent)]
+        sent = [grad if step == 0 else incoming[-1].add_(grad)]
+        del incoming, grad
+    if world == 1:
+        return sent[0]
+    incoming, works = ring.shift(sent)
+    del sent
+    _wait(works)
+    return incoming[0]
 
 
 class _Spec:
@@ -92,31 +136,26 @@ class _RingStats(torch.autograd.Function):
         R = rows.shape[0]
         dt = torch.float64 if rows.dtype == torch.float64 else torch.float32
         ninf = torch.full((R,), float("-inf"), dtype=dt, device=rows.device)
-        lse, pos_acc = ninf, ninf
-        npos = torch.zeros(R, dtype=dt, device=rows.device)
-        mean_acc, den = torch.zeros_like(npos), torch.zeros_like(npos)
-        if not spec.pos_lse:
-            pos_acc = torch.zeros_like(npos)
-        hand = _travelling(cols, col_labels)
-        for step in range(spec.world):
-            # the next block is in transfer while the kernel runs on the block in hand
-            incoming, works = spec.ring.shift([] if step == spec.world - 1 else hand)
+        zero = torch.zeros(R, dtype=dt, device=rows.device)
+        acc = dict(lse=ninf, pos=ninf if spec.pos_lse else zero, npos=zero, mean=zero, den=zero)
+
+        def visit(step, hand):
             keys, tgt, labels, diag = spec.block(step, hand, extra, targets)
             lse_b, pos_b, npos_b, mean_b, _, _ = contrastive_fwd(
                 rows, keys, a, b, tgt, row_labels, labels, diag, spec.decoupled, spec.pos_lse,
                 False, spec.backend)
             den_b = spec.counts(R, keys.shape[0], step == 0, npos_b, rows.device, dt)
-            lse = torch.logaddexp(lse, lse_b)
+            acc["lse"] = torch.logaddexp(acc["lse"], lse_b)
             if spec.pos_lse:
-                pos_acc = torch.logaddexp(pos_acc, torch.where(npos_b > 0, pos_b, ninf))
+                acc["pos"] = torch.logaddexp(acc["pos"], torch.where(npos_b > 0, pos_b, ninf))
             else:
-                pos_acc = pos_acc + pos_b * npos_b
-            npos = npos + npos_b
-            mean_acc = mean_acc + mean_b * den_b
-            den = den + den_b
-            _wait(works)
-            del keys, labels, works  # the block in hand is sent: only the incoming one stays
-            hand = incoming
+                acc["pos"] = acc["pos"] + pos_b * npos_b
+            acc["npos"] = acc["npos"] + npos_b
+            acc["mean"] = acc["mean"] + mean_b * den_b
+            acc["den"] = acc["den"] + den_b
+
+        _ring_pass(spec.ring, spec.world, _travelling(cols, col_labels), visit)
+        lse, pos_acc, npos, mean_acc, den = (acc[k] for k in ("lse", "pos", "npos", "mean", "den"))
         has_pos = npos > 0
         if not spec.pos_lse:
             pos_acc = pos_acc / npos.clamp_min(1)
@@ -139,16 +178,9 @@ class _RingStats(torch.autograd.Function):
         labelled = row_labels is not None
         no_col = lse.new_empty(0)
         dq = torch.zeros(rows.shape, dtype=dt, device=rows.device)
-        dscale = torch.zeros_like(a)
-        dbias = torch.zeros_like(b)
-        d_extra = None
-        # the gradient of the block in hand follows it one step behind: ``sent`` is the finished
-        # accumulator of the previous block, on its way to the next rank
-        sent: list[Tensor] = []
-        hand = _travelling(cols, col_labels)
-        for step in range(spec.world):
-            last = step == spec.world - 1
-            incoming, works = spec.ring.shift(([] if last else hand) + sent)
+        local = dict(dq=dq, dscale=torch.zeros_like(a), dbias=torch.zeros_like(b), d_extra=None)
+
+        def visit(step, hand):
             keys, tgt, labels, diag = spec.block(step, hand, extra, targets)
             with_pos = labelled or tgt is not None
             gm = None
@@ -161,28 +193,72 @@ class _RingStats(torch.autograd.Function):
                 g_lse, g_pos if with_pos else None, gm, None, None, rows, keys, a, b, tgt,
                 row_labels, labels, lse, pos, npos, no_col, diag, spec.decoupled, spec.pos_lse,
                 False, spec.backend)
-            dq += dq_b
-            dscale = dscale + ds_b
-            dbias = dbias + db_b
+            local["dq"] += dq_b
+            local["dscale"] = local["dscale"] + ds_b
+            local["dbias"] = local["dbias"] + db_b
             if step == 0 and extra is not None:
-                d_extra = dk_b[n:]
+                local["d_extra"] = dk_b[n:]
                 dk_b = dk_b[:n]
-            del keys, labels, dq_b
-            _wait(works)
-            del works
-            hand = incoming[:len(incoming) - len(sent)]
-            # this rank's contribution joins the accumulator that arrived with the block
-            sent = [dk_b.to(dt) if step == 0 else incoming[-1].add_(dk_b)]
-            del incoming, dk_b
-        acc = sent[0]
-        if spec.world > 1:  # the last accumulator goes to its owner; ours arrives
-            incoming, works = spec.ring.shift(sent)
-            del sent
-            _wait(works)
-            acc = incoming[0]
+            return dk_b.to(dt)
+
+        acc = _ring_gradient(spec.ring, spec.world, _travelling(cols, col_labels), visit)
+        dscale, dbias, d_extra = local["dscale"], local["dbias"], local["d_extra"]
         return (None, dq.to(rows.dtype), acc.to(cols.dtype),
                 None if d_extra is None else d_extra,
                 dscale, dbias, None, None, None)
+
+
+class _RingSiglip(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, spec, x, y, a, b):
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = {"rows": torch.zeros(x.shape[0], dtype=dt, device=x.device)}
+
+        def visit(step, hand):
+            acc["rows"] = acc["rows"] + siglip_fwd(x, hand[0], a, b, step == 0, spec.backend)
+
+        _ring_pass(spec.ring, spec.world, [y.contiguous()], visit)
+        ctx.spec = spec
+        ctx.save_for_backward(x, y, a, b)
+        ctx.set_materialize_grads(False)
+        return acc["rows"]
+
+    @staticmethod
+    def backward(ctx, g_row):
+        spec = ctx.spec
+        x, y, a, b = ctx.saved_tensors
+        if g_row is None:
+            return None, None, None, None, None
+        dt = g_row.dtype
+        local = {"dx": torch.zeros(x.shape, dtype=dt, device=x.device),
+                 "dscale": torch.zeros_like(a), "dbias": torch.zeros_like(b)}
+
+        def visit(step, hand):
+            dx_b, dy_b, ds_b, db_b = siglip_bwd(g_row, x, hand[0], a, b, step == 0, spec.backend)
+            local["dx"] += dx_b
+            local["dscale"] = local["dscale"] + ds_b
+            local["dbias"] = local["dbias"] + db_b
+            return dy_b.to(dt)
+
+        dy = _ring_gradient(spec.ring, spec.world, [y.contiguous()], visit)
+        return (None, local["dx"].to(x.dtype), dy.to(y.dtype), local["dscale"], local["dbias"])
+
+
+def _refuse_compile() -> None:
+    if torch.compiler.is_compiling():
+        raise RuntimeError("gather='ring' is not supported under torch.compile (its "
+                           "point-to-point exchange is not traceable); use gather='all_gather' "
+                           "or keep the loss outside the compiled region")
+
+
+def ring_siglip_rows(x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, group, world: int,
+                     rank: int, backend: str) -> Tensor:
+    """Per-row sums ``[R]`` of the sigmoid pair losses of ``x`` against the ``y`` of every rank
+    (positives: the diagonal of the own block), over a ring; differentiable."""
+    _refuse_compile()
+    spec = _Spec(group, world, rank, False, False, False, backend)
+    return _RingSiglip.apply(spec, x, y, a, b)
 
 
 def ring_stats(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor, targets: Optional[Tensor],
@@ -193,9 +269,6 @@ def ring_stats(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor, targets: Option
 
     See :meth:`fastcl.distributed.Shard.stats` for the arguments.
     """
-    if torch.compiler.is_compiling():
-        raise RuntimeError("gather='ring' is not supported under torch.compile (its "
-                           "point-to-point exchange is not traceable); use gather='all_gather' "
-                           "or keep the loss outside the compiled region")
+    _refuse_compile()
     spec = _Spec(group, world, rank, exclude_diag, decoupled, pos_lse, backend)
     return _RingStats.apply(spec, rows, cols, extra, a, b, targets, row_labels, col_labels)
