@@ -218,8 +218,8 @@ def info_nce(
 
     def one_direction(rows, cols, extra, col_stats=False):
         if sh is not None:  # the key->query direction is a second pass with rows and cols swapped
-            (lse, pos, npos, mean), col_lse, col_mean = sh.stats(
-                rows, cols, a, b, targets, extra=extra, backend=be), None, None
+            lse, pos, npos, mean = sh.stats(rows, cols, a, b, targets, extra=extra, backend=be)
+            col_lse = col_mean = None
         else:
             if extra is not None:
                 cols = torch.cat([cols, extra], dim=0)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .distributed import GATHER
+from .distributed import check_gather as _gather
 
 __all__ = [
     "InfoNCELoss",
@@ -66,12 +66,6 @@ class _TemperatureLoss(nn.Module):
 
     def _dist(self) -> dict:
         return dict(gather=self.gather, group=self.group)
-
-
-def _gather(gather):
-    if gather not in GATHER:
-        raise ValueError(f"gather must be one of {GATHER}, got {gather!r}")
-    return gather
 
 
 class InfoNCELoss(_TemperatureLoss):
@@ -292,5 +286,6 @@ class SigLipLoss(nn.Module):
                              backend=self.backend, gather=self.gather, group=self.group)
 
     def extra_repr(self) -> str:
-        return (f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}"
                 + ("" if self.gather is None else f", gather={self.gather!r}"))

@@ -17,9 +17,10 @@ same values and gradients:
   each rank adds its contribution, and the accumulator returns to the block's owner. No rank
   holds more than two key blocks (the one in hand and the one arriving) and their gradient
   accumulators at a time: memory per rank O(n * D), independent of the world size. A symmetric
-  loss (CLIP) runs one ring per direction. The ring is not traced by ``torch.compile``: the
-  compiled function breaks the graph there and runs the loss eagerly, and ``fullgraph=True``
-  refuses it (use ``"all_gather"``, which compiles).
+  loss (CLIP) runs one ring per direction; the sigmoid loss (SigLIP) adds up per-block row sums
+  (positives on the diagonal of the own block only). The ring is not traced by
+  ``torch.compile``: the compiled function breaks the graph there and runs the loss eagerly,
+  and ``fullgraph=True`` refuses it (use ``"all_gather"``, which compiles).
 
 Gradient convention (the one under which DDP's gradient averaging gives every parameter exactly
 the gradient of one process training on the global batch), for both strategies:
@@ -45,7 +46,7 @@ from ..ops import siglip as siglip_ops
 from ..ops.contrastive import contrastive_stats
 from .ring import ring_siglip_rows, ring_stats
 
-__all__ = ["GATHER", "Shard", "shard"]
+__all__ = ["GATHER", "Shard", "check_gather", "shard"]
 
 GATHER = (None, "all_gather", "ring")
 
@@ -180,10 +181,15 @@ class _AllGather(torch.autograd.Function):
         return total[ctx.rank], None, None, None
 
 
-def shard(gather: Optional[str], group=None) -> Optional[Shard]:
-    """``None`` for a single-process loss, else the :class:`Shard` of this rank."""
+def check_gather(gather: Optional[str]) -> Optional[str]:
+    """``gather`` itself if it names a strategy of :data:`GATHER`, else ``ValueError``."""
     if gather not in GATHER:
         raise ValueError(f"gather must be one of {GATHER}, got {gather!r}")
-    if gather is None:
+    return gather
+
+
+def shard(gather: Optional[str], group=None) -> Optional[Shard]:
+    """``None`` for a single-process loss, else the :class:`Shard` of this rank."""
+    if check_gather(gather) is None:
         return None
     return Shard(gather, group)

@@ -18,7 +18,7 @@ contribution, and after the last step it reaches the block's owner.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -63,8 +63,9 @@ def _wait(works: list) -> None:
 def _ring_pass(ring: _Neighbours, world: int, hand: list[Tensor], visit) -> None:
     """``visit(step, hand)`` on every rank's block in turn, the next block in transfer meanwhile.
 
-    A block is sent on as soon as it arrives; once the visit returns and the transfers are done
-    only the incoming block stays referenced here: two blocks at most.
+    The block in hand goes on to the next rank while this rank works on it; once the visit has
+    returned and the transfers are done, only the incoming block stays referenced: two blocks at
+    most.
     """
     for step in range(world):
         incoming, works = ring.shift([] if step == world - 1 else hand)
@@ -120,7 +121,7 @@ class _Spec:
         return keys, None, labels, False
 
     def counts(self, R, C, own, npos, device, dtype):
-        """``C - [exclude_diag and r < C] - [decoupled] npos`` for the rows of a ``C``-column call."""
+        """The rows' ``C - [exclude_diag and r < C] - [decoupled] npos`` for ``C`` columns."""
         count = torch.full((R,), float(C), dtype=dtype, device=device)
         if own and self.exclude_diag:
             count = count - (torch.arange(R, device=device) < C).to(dtype)
