@@ -211,6 +211,11 @@ def table(rows: list[dict], args) -> str:
                      f"{1e3 * ring['time_s']:.1f} | {_mib(ag['tensor_peak_bytes'])} | "
                      f"{_mib(ring['tensor_peak_bytes'])} | {_mib(ag['process_peak_bytes'])} | "
                      f"{_mib(ring['process_peak_bytes'])} |")
+    lines += ["", "Tensor peak: bytes of the tensors created during one pass and alive at the same "
+              "time (LiveBytes, exact; the kernels' bounded scratch slabs excluded). Process peak: "
+              "growth of the peak resident set on CPU (allocator caching and communication "
+              "buffers included, coarse), of max_memory_allocated on GPU. The W ranks share the "
+              "machine's cores: where W exceeds them, times measure the oversubscribed machine."]
     return "\n".join(lines) + "\n"
 
 
