@@ -146,6 +146,24 @@ def unequal_shards(rank, gather):
     return None
 
 
+def compile_ring():
+    """torch.compile around a ring loss: ``(eager loss, compiled loss, fullgraph error)``."""
+    inputs = global_inputs(1)
+    x, y = inputs["x"], inputs["y"]
+
+    def f(a, b):
+        return fastcl.clip_loss(a, b, 3.0, gather="ring")
+
+    try:
+        torch.compile(f, fullgraph=True)(x, y)
+        error = None
+    except Exception as e:  # the error raised while tracing, wrapped by the compiler
+        error = str(e)
+    torch._dynamo.reset()
+    compiled = torch.compile(f)(x, y)
+    return f(x, y), compiled, error
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -156,6 +174,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[gather]["ddp"] = ddp_train(world, rank, gather)
             results[gather]["peak_bytes"] = peak_bytes(rank, gather)
             results[gather]["unequal"] = unequal_shards(rank, gather)
+        if world == 1:
+            results["compile"] = compile_ring()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

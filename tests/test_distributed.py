@@ -102,6 +102,12 @@ def test_ring_holds_at_most_two_foreign_key_blocks():
     assert peak[4]["ring"]["forward"] < peak[4]["all_gather"]["forward"] / 2, peak
 
 
+def test_ring_under_torch_compile_runs_eagerly_or_is_refused_with_fullgraph():
+    eager, compiled, error = _spawn(1)[0]["compile"]
+    torch.testing.assert_close(compiled, eager, **TOL)
+    assert error is not None and "gather='ring' is not supported under torch.compile" in error
+
+
 @pytest.mark.parametrize("gather", W.STRATEGIES)
 def test_gather_needs_an_initialized_process_group(gather):
     import fastcl
