@@ -97,13 +97,20 @@ def teardown(world: World) -> None:
 
 
 def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel(model)`` on more than one process, else ``model``."""
+    """``DistributedDataParallel(model)`` on more than one process, else ``model``.
+
+    ``find_unused_parameters`` for models whose slots have parameters of their own (a two-tower
+    model: each pass uses one tower), not for a :class:`fastcl.train.SharedEncoder`.
+    """
     if world.size <= 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from .models import SharedEncoder
+
     ids = [device.index if device.index is not None else world.local_rank] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, find_unused_parameters=getattr(model, "num_slots", 1) > 1)
+    unused = getattr(model, "num_slots", 1) > 1 and not isinstance(model, SharedEncoder)
+    return DDP(model, device_ids=ids, find_unused_parameters=unused)
 
 
 def check_batch(batch_size: int, world: World) -> int:
