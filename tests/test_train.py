@@ -1,8 +1,10 @@
-"""fastcl.train: chunked (GradCache) gradients, exact resumption, checkpoint safety, the CLI.
+"""fastcl.train: chunked (GradCache) gradients, exact resumption, checkpoint safety, the CLI,
+and training on several processes (2 gloo CPU processes against one process).
 
-The gradient-equality tests run the loss on backend="reference" in float64: they check the
-chunking and the RNG replay, not a kernel (every kernel is tested against the reference
-elsewhere), so they hold whatever state the fused kernels are in.
+The gradient-equality tests, and the 1-vs-2-process ones, run the loss on backend="reference"
+in float64: they check the chunking, the RNG replay, the sharding and the gathering, not a kernel
+(every kernel is tested against the reference elsewhere), so they hold whatever state the fused
+kernels are in.
 """
 
 from __future__ import annotations

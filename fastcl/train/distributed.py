@@ -180,4 +180,4 @@ def rank_seed(seed: int, rank: int) -> int:
         return seed
     from .data import derive_generator
 
-    return derive_generator(seed, 6, rank).initial_seed()
+    return derive_generator(seed, 6, rank).initial_seed()  # 6: a stream no dataset draws from
