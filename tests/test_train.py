@@ -9,6 +9,7 @@ kernels are in.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -564,7 +566,8 @@ def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")  # the trainer uses it and leaves it alone
+    # the trainer uses this group and leaves it alone; a stuck collective fails instead of hanging
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
         for name, task, kw in DIST_CASES:
@@ -601,7 +604,13 @@ def two_process_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_dist_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ctx = mp.spawn(_dist_worker, args=(2, _free_port(), out), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process run did not finish in 300 s")
     return out, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
 
