@@ -392,7 +392,8 @@ class Trainer:
                              "step_time_s": dt, "peak_mem_mb": _mb(step_peak),
                              "loss_peak_mb": _mb(res.loss_peak_bytes)})
                         if bar is not None:
-                            bar.set_postfix({"loss": f"{loss:.4f}", "samples/s": f"{cfg.batch_size / dt:,.0f}",
+                            bar.set_postfix({"loss": f"{loss:.4f}",
+                                             "samples/s": f"{cfg.batch_size / dt:,.0f}",
                                              "mem": format_bytes(step_peak)}, refresh=False)
                             bar.update(1)
                         if cfg.checkpoint and cfg.checkpoint_every and \
