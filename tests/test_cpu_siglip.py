@@ -260,6 +260,20 @@ def test_extreme_scale_and_bias(dtype, scale, bias):
         torch.testing.assert_close(fwd(off, False), oracle(off, False)[0], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", (F64, F32), ids=str)
+def test_nan_input_gives_nan(dtype):
+    """A NaN feature poisons its row's loss and the gradients, as the materialized loss does."""
+    case = make_case(12, 20, 4, dtype, seed=3)
+    case["x"][5, 1] = float("nan")
+    rows = fwd(case, True)
+    assert torch.isnan(rows[5]) and torch.isfinite(rows[torch.arange(12) != 5]).all()
+    dx, dy, ds, db = bwd(case, torch.ones(12, dtype=_stat_dtype(dtype)), True)
+    assert torch.isnan(dx[5]).all() and torch.isnan(dy).all() and torch.isnan(ds)
+    assert torch.isfinite(dx[torch.arange(12) != 5]).all()
+    loss = fused(case, False, True)[0]
+    assert torch.isnan(loss)
+
+
 def test_non_contiguous_inputs():
     R, C, D = 40, 33, 12
     base = make_case(R, C, D, F64, seed=2)

@@ -20,6 +20,14 @@
 #define FASTCL_CPU_AVX2 1
 #endif
 
+// The variant of row kernel fn (compiled by isa_variants.h) to run: AVX2 + FMA when use_avx2().
+#ifdef FASTCL_CPU_AVX2
+#define FASTCL_ISA_SELECT(fn) \
+  (::fastcl::cpu::detail::use_avx2() ? &avx2_isa::fn : &generic_isa::fn)
+#else
+#define FASTCL_ISA_SELECT(fn) (&generic_isa::fn)
+#endif
+
 namespace fastcl {
 namespace cpu {
 

@@ -121,23 +121,8 @@ inline void lse_merge_scalar(T& m, T& s, T pm, T ps) {
   }
 }
 
-namespace generic_isa {
-#define FASTCL_TGT
-#include "simd.h"
-#include "contrastive_rows.h"
-#undef FASTCL_FN
-#undef FASTCL_TGT
-}  // namespace generic_isa
-
-#ifdef FASTCL_CPU_AVX2
-namespace avx2_isa {
-#define FASTCL_TGT __attribute__((target("avx2,fma")))
-#include "simd.h"
-#include "contrastive_rows.h"
-#undef FASTCL_FN
-#undef FASTCL_TGT
-}  // namespace avx2_isa
-#endif
+#define FASTCL_ROWS_HEADER "contrastive_rows.h"
+#include "isa_variants.h"
 
 template <class T>
 struct Kernels {
@@ -147,10 +132,7 @@ struct Kernels {
 
 template <class T>
 Kernels<T> kernels() {
-#ifdef FASTCL_CPU_AVX2
-  if (use_avx2()) return {&avx2_isa::fwd_rows<T>, &avx2_isa::bwd_rows<T>};
-#endif
-  return {&generic_isa::fwd_rows<T>, &generic_isa::bwd_rows<T>};
+  return {FASTCL_ISA_SELECT(fwd_rows<T>), FASTCL_ISA_SELECT(bwd_rows<T>)};
 }
 
 // Dense class ids of the labels: columns get 0..n-1, a row gets its label's id or -1.

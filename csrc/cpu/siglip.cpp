@@ -43,34 +43,8 @@ struct SigArgs {
   double *loss, *db, *ds;  // per slab row
 };
 
-namespace generic_isa {
-#define FASTCL_TGT
-#include "simd.h"
-#include "siglip_rows.h"
-#undef FASTCL_FN
-#undef FASTCL_TGT
-}  // namespace generic_isa
-
-#ifdef FASTCL_CPU_AVX2
-namespace avx2_isa {
-#define FASTCL_TGT __attribute__((target("avx2,fma")))
-#include "simd.h"
-#include "siglip_rows.h"
-#undef FASTCL_FN
-#undef FASTCL_TGT
-}  // namespace avx2_isa
-#endif
-
-template <class T>
-using RowsFn = void (*)(const SigArgs<T>&, int64_t, int64_t);
-
-template <class T>
-RowsFn<T> rows_kernel() {
-#ifdef FASTCL_CPU_AVX2
-  if (use_avx2()) return &avx2_isa::siglip_rows<T>;
-#endif
-  return &generic_isa::siglip_rows<T>;
-}
+#define FASTCL_ROWS_HEADER "siglip_rows.h"
+#include "isa_variants.h"
 
 struct SigResult {
   at::Tensor rows;  // per-row sums (want_loss without want_grad)
@@ -130,7 +104,7 @@ SigResult siglip_impl(const at::Tensor& x, const at::Tensor& y, double scale, do
   P.loss = loss_r.data();
   P.db = db_r.data();
   P.ds = ds_r.data();
-  const RowsFn<T> kernel = rows_kernel<T>();
+  const auto kernel = FASTCL_ISA_SELECT(siglip_rows<T>);
   T* rows_p = rows_out ? out.rows.data_ptr<T>() : nullptr;
   const double a = static_cast<double>(static_cast<T>(scale));
 

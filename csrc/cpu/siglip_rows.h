@@ -8,7 +8,8 @@
 // e = 2^(-|t2|) = exp(-|t|) per element gives both
 //   softplus(t) = max(t, 0) + log(1 + e)   (log1p_unit keeps full relative precision for tiny e)
 //   sigmoid(t)  = 1 / (1 + e) for t >= 0, e / (1 + e) otherwise,
-// and neither step overflows for any logit. The gradient of the pair with respect to s is
+// and neither step overflows for any logit. A NaN logit gives a NaN loss and gradient (the
+// max and the exponential alone would turn it into 0). The gradient of the pair with respect to s is
 // G = -g z sigmoid(t): g sigmoid(s) off the positive diagonal, -g sigmoid(-s) on it.
 //
 // Slab rows have a stride that is a multiple of the vector width, so a row's last partial vector
@@ -44,9 +45,10 @@ FASTCL_TGT void siglip_rows_t(const SigArgs<T>& P, int64_t i0, int64_t i1) {
         if (c != dvec && c + W <= C) {
           // off the diagonal, every lane valid: t = s
           const V e = vexp2(vmin(s2, -s2));
-          if constexpr (LOSS) sl += vmax(s2, zero) * ln2 + vlog1p_unit(e);
+          if constexpr (LOSS) sl += (s2 <= zero ? zero : s2) * ln2 + vlog1p_unit(e);
           if constexpr (GRAD) {
-            const V g = gv * ((s2 >= zero ? one : e) / (e + one));
+            V g = gv * ((s2 >= zero ? one : e) / (e + one));
+            g = s2 == s2 ? g : s2;
             vstore(row + c, g);
             sdb += g;
             sds += g * l;
@@ -57,10 +59,10 @@ FASTCL_TGT void siglip_rows_t(const SigArgs<T>& P, int64_t i0, int64_t i1) {
           const M valid = ci < cv;
           const V t2 = isd ? -s2 : s2;
           const V e = vexp2(vmin(t2, -t2));
-          if constexpr (LOSS) sl += valid ? vmax(t2, zero) * ln2 + vlog1p_unit(e) : zero;
+          if constexpr (LOSS) sl += valid ? (t2 <= zero ? zero : t2) * ln2 + vlog1p_unit(e) : zero;
           if constexpr (GRAD) {
             V g = gv * ((t2 >= zero ? one : e) / (e + one));
-            g = isd ? -g : g;
+            g = t2 == t2 ? (isd ? -g : g) : t2;
             vstore(row + c, g);
             sdb += valid ? g : zero;
             sds += valid ? g * l : zero;

@@ -94,34 +94,8 @@ void heap_sort_desc(T* v, int64_t* c, int64_t n) {
   }
 }
 
-namespace generic_isa {
-#define FASTCL_TGT
-#include "simd.h"
-#include "topk_rows.h"
-#undef FASTCL_FN
-#undef FASTCL_TGT
-}  // namespace generic_isa
-
-#ifdef FASTCL_CPU_AVX2
-namespace avx2_isa {
-#define FASTCL_TGT __attribute__((target("avx2,fma")))
-#include "simd.h"
-#include "topk_rows.h"
-#undef FASTCL_FN
-#undef FASTCL_TGT
-}  // namespace avx2_isa
-#endif
-
-template <class T>
-using RowsFn = void (*)(const TopkArgs<T>&, int64_t, int64_t);
-
-template <class T>
-RowsFn<T> rows_kernel() {
-#ifdef FASTCL_CPU_AVX2
-  if (use_avx2()) return &avx2_isa::topk_rows<T>;
-#endif
-  return &generic_isa::topk_rows<T>;
-}
+#define FASTCL_ROWS_HEADER "topk_rows.h"
+#include "isa_variants.h"
 
 template <class T>
 std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& query, const at::Tensor& key,
@@ -146,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& query, const at::
   P.vals = values.data_ptr<T>();
   P.idx = indices.data_ptr<int64_t>();
   P.cnt = cnt.data();
-  const RowsFn<T> kernel = rows_kernel<T>();
+  const auto kernel = FASTCL_ISA_SELECT(topk_rows<T>);
   for (int64_t r0 = 0; r0 < R; r0 += S) {
     const int64_t s = std::min(S, R - r0);
     const at::Tensor qs = query.narrow(0, r0, s).to(st).contiguous();
