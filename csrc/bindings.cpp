@@ -6,7 +6,10 @@
 #include <sstream>
 #include <string>
 
+#include "cpu/common.h"
 #include "cpu/contrastive.h"
+#include "cpu/siglip.h"
+#include "cpu/topk.h"
 #ifdef FASTCL_WITH_CUDA
 #include "cuda/contrastive_cuda.h"
 #endif
@@ -28,22 +31,31 @@ void check_cpu(const char* fn, const char* name, const at::Tensor& t) {
               name);
 }
 
-void check_features(const char* fn, const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.defined() && k.defined(), fn, ": q and k must be tensors");
-  check_cpu(fn, "q", q);
-  check_cpu(fn, "k", k);
-  TORCH_CHECK(q.dim() == 2, fn, ": q must be a 2-D tensor [R, D], got shape ", shape_str(q));
-  TORCH_CHECK(k.dim() == 2, fn, ": k must be a 2-D tensor [C, D], got shape ", shape_str(k));
-  TORCH_CHECK(q.size(1) == k.size(1), fn,
-              ": q and k must have the same feature size D, got q of shape ", shape_str(q),
-              " and k of shape ", shape_str(k));
-  const auto st = q.scalar_type();
+// Two feature matrices a [R, D] and b [C, D] of the same floating dtype, on CPU.
+void check_feature_pair(const char* fn, const char* an, const at::Tensor& a, const char* bn,
+                        const at::Tensor& b) {
+  TORCH_CHECK(a.defined() && b.defined(), fn, ": ", an, " and ", bn, " must be tensors");
+  check_cpu(fn, an, a);
+  check_cpu(fn, bn, b);
+  TORCH_CHECK(a.dim() == 2, fn, ": ", an, " must be a 2-D tensor [R, D], got shape ",
+              shape_str(a));
+  TORCH_CHECK(b.dim() == 2, fn, ": ", bn, " must be a 2-D tensor [C, D], got shape ",
+              shape_str(b));
+  TORCH_CHECK(a.size(1) == b.size(1), fn, ": ", an, " and ", bn,
+              " must have the same feature size D, got ", an, " of shape ", shape_str(a), " and ",
+              bn, " of shape ", shape_str(b));
+  const auto st = a.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              fn, ": q and k must be float32, float64, bfloat16 or float16, got ", dtype_str(q));
-  TORCH_CHECK(k.scalar_type() == st, fn, ": q and k must have the same dtype, got q ",
-              dtype_str(q), " and k ", dtype_str(k));
-  TORCH_CHECK(q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31), fn,
-              ": R and C must be below 2^31, got R = ", q.size(0), " and C = ", k.size(0));
+              fn, ": ", an, " and ", bn, " must be float32, float64, bfloat16 or float16, got ",
+              dtype_str(a));
+  TORCH_CHECK(b.scalar_type() == st, fn, ": ", an, " and ", bn, " must have the same dtype, got ",
+              an, " ", dtype_str(a), " and ", bn, " ", dtype_str(b));
+  TORCH_CHECK(a.size(0) < (int64_t(1) << 31) && b.size(0) < (int64_t(1) << 31), fn,
+              ": R and C must be below 2^31, got R = ", a.size(0), " and C = ", b.size(0));
+}
+
+void check_features(const char* fn, const at::Tensor& q, const at::Tensor& k) {
+  check_feature_pair(fn, "q", q, "k", k);
 }
 
 void check_scalar(const char* fn, const char* name, const at::Tensor& t) {
@@ -126,6 +138,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                                           col_stats);
 }
 
+at::Tensor siglip_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                          const at::Tensor& bias, bool diag_pos) {
+  const char* fn = "siglip_fwd_cpu";
+  check_feature_pair(fn, "x", x, "y", y);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::siglip_fwd_cpu(x, y, scale, bias, diag_pos);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(
+    const at::Tensor& g_row, const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+    const at::Tensor& bias, bool diag_pos) {
+  const char* fn = "siglip_bwd_cpu";
+  check_feature_pair(fn, "x", x, "y", y);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  TORCH_CHECK(g_row.defined(), fn, ": g_row must be a tensor");
+  check_vec(fn, "g_row", g_row, x.size(0), "R (rows of x)");
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::siglip_bwd_cpu(g_row, x, y, scale, bias, diag_pos);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fused_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias,
+    bool diag_pos, bool mean) {
+  const char* fn = "siglip_fused_cpu";
+  check_feature_pair(fn, "x", x, "y", y);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::siglip_fused_cpu(x, y, scale, bias, diag_pos, mean);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                int64_t k, bool exclude_self) {
+  const char* fn = "topk_fwd_cpu";
+  check_feature_pair(fn, "query", query, "key", key);
+  const int64_t limit = key.size(0) - (exclude_self ? 1 : 0);
+  TORCH_CHECK(k >= 1 && k <= limit, fn, ": k must lie in [1, ", limit, "] (C = ", key.size(0),
+              " rows of key", exclude_self ? ", minus one for exclude_self" : "", "), got k = ",
+              k);
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::topk_fwd_cpu(query, key, k, exclude_self);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -154,6 +212,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_isa", &fastcl::cpu::kernel_isa,
         "Instruction-set variant of the CPU row kernels: 'avx2' or 'generic' "
         "(FASTCL_CPU_ISA=generic forces the portable one).");
+  m.def("siglip_fwd_cpu", &siglip_fwd_cpu,
+        "Per-row sums [R] of softplus(-z_ij s_ij), s = scale * x @ y.T + bias, z_ij = +1 if "
+        "diag_pos and i == j else -1, on CPU (fp32; fp64 for fp64 inputs).",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos") = true);
+  m.def("siglip_bwd_cpu", &siglip_bwd_cpu,
+        "Gradients (dx, dy, dscale, dbias) of sum_i g_row[i] * rows[i] of the sigmoid loss on "
+        "CPU, recomputing the logits slab by slab.",
+        py::arg("g_row"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"),
+        py::arg("diag_pos") = true);
+  m.def("siglip_fused_cpu", &siglip_fused_cpu,
+        "(loss, dx, dy, dscale, dbias): the sigmoid loss summed over pairs (divided by R when "
+        "mean) and its gradients, from one pass over the logits on CPU.",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos"),
+        py::arg("mean"));
+  m.def("topk_fwd_cpu", &topk_fwd_cpu,
+        "(values [R, k], indices [R, k]): the k largest <query_i, key_j> per row in decreasing "
+        "order (smaller index first among ties) on CPU; exclude_self drops j == i.",
+        py::arg("query"), py::arg("key"), py::arg("k"), py::arg("exclude_self"));
 #ifdef FASTCL_WITH_CUDA
   // The CUDA functions check their arguments themselves (before any CUDA call).
   m.def("contrastive_fwd_cuda", &fastcl::cuda::contrastive_fwd_cuda,
