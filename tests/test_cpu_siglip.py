@@ -12,14 +12,10 @@ dtypes), plus a small slack relative to the output's size. Slab boundaries are e
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _rss_probe import peak_rss_growth
 
 try:
     from fastcl import _C
@@ -353,47 +349,29 @@ def test_bad_backward_input():
 # Memory: nothing of size R x C
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import sys, torch
+MEMORY_SCRIPT = """
     from fastcl import _C
-
-    def rss(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
 
     n, d = int(sys.argv[1]), int(sys.argv[2])
     x = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
     y = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
     _C.siglip_fused_cpu(x[:64], y[:64], scale, bias, True, True)  # load libraries, start threads
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS
-    base = rss("VmRSS")
+    reset_peak()
     rows = _C.siglip_fwd_cpu(x, y, scale, bias, True)
     loss, dx, dy, ds, db = _C.siglip_fused_cpu(x, y, scale, bias, True, True)
     dx2, dy2, ds2, db2 = _C.siglip_bwd_cpu(torch.full((n,), 1.0 / n), x, y, scale, bias, True)
     assert torch.isfinite(dx).all() and torch.isfinite(dy).all() and torch.isfinite(loss)
     assert torch.allclose(loss, rows.sum() / n) and torch.allclose(dx, dx2, atol=1e-6)
-    print(rss("VmHWM") - base)
-""")
+    print(peak_growth())
+"""
+
 
 
 def test_peak_memory_is_linear():
     n, d = 16384, 64
     slab = 16 << 20
-    env = dict(os.environ, FASTCL_CPU_SLAB_BYTES=str(slab))
-    try:
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(d)], env=env,
-                             capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a heavily loaded machine
-        pytest.skip("memory probe timed out")
-    if out.returncode != 0 and "clear_refs" in out.stderr:
-        pytest.skip("cannot reset the peak RSS on this system (/proc/self/clear_refs)")
-    assert out.returncode == 0, out.stderr
-    growth = int(out.stdout.strip().splitlines()[-1])
+    growth = peak_rss_growth(MEMORY_SCRIPT, n, d, env={"FASTCL_CPU_SLAB_BYTES": str(slab)})
     logits_bytes = n * n * 4
     assert growth < 0.1 * logits_bytes, (
         f"peak RSS grew by {growth / 2**20:.1f} MiB at N={n}: not far below the "

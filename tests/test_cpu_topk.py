@@ -10,13 +10,9 @@ tolerance. Slab and column-block boundaries are exercised through ``FASTCL_CPU_S
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from _rss_probe import peak_rss_growth
 
 try:
     from fastcl import _C
@@ -211,47 +207,29 @@ def test_bad_input(q, k, kk, ex, match):
 # Memory: nothing of size R x C
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import sys, torch
+MEMORY_SCRIPT = """
     from fastcl import _C
-
-    def rss(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
 
     n, d, kk = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     q = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
     k = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
     _C.topk_fwd_cpu(q[:64], k[:64], 3, True)  # load libraries, start threads
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS
-    base = rss("VmRSS")
+    reset_peak()
     values, indices = _C.topk_fwd_cpu(q, k, kk, True)
     assert torch.isfinite(values).all()
     sim = q[:100] @ k.T
     sim[torch.arange(100), torch.arange(100)] = float("-inf")
     ref = torch.topk(sim, kk, dim=1).values
     assert torch.allclose(values[:100], ref, atol=1e-5)
-    print(rss("VmHWM") - base)
-""")
+    print(peak_growth())
+"""
+
 
 
 def test_peak_memory_is_linear():
     n, d, kk = 16384, 64, 10
     slab = 16 << 20
-    env = dict(os.environ, FASTCL_CPU_SLAB_BYTES=str(slab))
-    try:
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(d), str(kk)],
-                             env=env, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a heavily loaded machine
-        pytest.skip("memory probe timed out")
-    if out.returncode != 0 and "clear_refs" in out.stderr:
-        pytest.skip("cannot reset the peak RSS on this system (/proc/self/clear_refs)")
-    assert out.returncode == 0, out.stderr
-    growth = int(out.stdout.strip().splitlines()[-1])
+    growth = peak_rss_growth(MEMORY_SCRIPT, n, d, kk, env={"FASTCL_CPU_SLAB_BYTES": str(slab)})
     logits_bytes = n * n * 4
     assert growth < 0.1 * logits_bytes, (
         f"peak RSS grew by {growth / 2**20:.1f} MiB at N={n}: not far below the "
