@@ -6,52 +6,35 @@
 #include <sstream>
 #include <string>
 
+#include "checks.h"
 #include "cpu/common.h"
 #include "cpu/contrastive.h"
 #include "cpu/siglip.h"
 #include "cpu/topk.h"
 #ifdef FASTCL_WITH_CUDA
+#include "cuda/common.h"
 #include "cuda/contrastive_cuda.h"
+#include "cuda/siglip_cuda.h"
 #endif
 
 namespace {
 
 using OptT = std::optional<at::Tensor>;
 
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+// Checks of the CPU functions (csrc/checks.h, with the CPU as the kernels' device).
+using fastcl::checks::dtype_str;
+using fastcl::checks::shape_str;
 
-std::string dtype_str(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
+const at::Device kCpu(at::kCPU);
 
 void check_cpu(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), fn, " expects CPU tensors, got ", t.device().str(), " for ",
-              name);
+  fastcl::checks::check_on(fn, name, t, kCpu);
 }
 
 // Two feature matrices a [R, D] and b [C, D] of the same floating dtype, on CPU.
 void check_feature_pair(const char* fn, const char* an, const at::Tensor& a, const char* bn,
                         const at::Tensor& b) {
-  TORCH_CHECK(a.defined() && b.defined(), fn, ": ", an, " and ", bn, " must be tensors");
-  check_cpu(fn, an, a);
-  check_cpu(fn, bn, b);
-  TORCH_CHECK(a.dim() == 2, fn, ": ", an, " must be a 2-D tensor [R, D], got shape ",
-              shape_str(a));
-  TORCH_CHECK(b.dim() == 2, fn, ": ", bn, " must be a 2-D tensor [C, D], got shape ",
-              shape_str(b));
-  TORCH_CHECK(a.size(1) == b.size(1), fn, ": ", an, " and ", bn,
-              " must have the same feature size D, got ", an, " of shape ", shape_str(a), " and ",
-              bn, " of shape ", shape_str(b));
-  const auto st = a.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              fn, ": ", an, " and ", bn, " must be float32, float64, bfloat16 or float16, got ",
-              dtype_str(a));
-  TORCH_CHECK(b.scalar_type() == st, fn, ": ", an, " and ", bn, " must have the same dtype, got ",
-              an, " ", dtype_str(a), " and ", bn, " ", dtype_str(b));
-  TORCH_CHECK(a.size(0) < (int64_t(1) << 31) && b.size(0) < (int64_t(1) << 31), fn,
-              ": R and C must be below 2^31, got R = ", a.size(0), " and C = ", b.size(0));
+  fastcl::checks::check_features(fn, a, b, an, bn, at::kCPU);
 }
 
 void check_features(const char* fn, const at::Tensor& q, const at::Tensor& k) {
@@ -59,39 +42,20 @@ void check_features(const char* fn, const at::Tensor& q, const at::Tensor& k) {
 }
 
 void check_scalar(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor");
-  check_cpu(fn, name, t);
-  TORCH_CHECK(t.numel() == 1 && t.dim() <= 1, fn, ": ", name,
-              " must be a scalar (0-dim) tensor, got shape ", shape_str(t));
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
-              " must be a floating-point tensor, got ", dtype_str(t));
+  fastcl::checks::check_scalar(fn, name, t, kCpu);
 }
 
 void check_index(const char* fn, const char* name, const OptT& t, int64_t n, const char* what) {
-  if (!t.has_value()) return;
-  check_cpu(fn, name, *t);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
-              what, " = ", n, ", got shape ", shape_str(*t));
-  TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), fn, ": ", name,
-              " must be an integer tensor (int64), got ", dtype_str(*t));
+  fastcl::checks::check_index(fn, name, t, n, what, kCpu);
 }
 
 void check_masks(const char* fn, const at::Tensor& q, const at::Tensor& k, const OptT& targets,
                  const OptT& row_labels, const OptT& col_labels) {
-  TORCH_CHECK(row_labels.has_value() == col_labels.has_value(), fn,
-              ": row_labels and col_labels must be given together (label mode) or both be None");
-  check_index(fn, "targets", targets, q.size(0), "R (rows of q)");
-  check_index(fn, "row_labels", row_labels, q.size(0), "R (rows of q)");
-  check_index(fn, "col_labels", col_labels, k.size(0), "C (rows of k)");
+  fastcl::checks::check_masks(fn, q, k, targets, row_labels, col_labels, kCpu);
 }
 
 void check_vec(const char* fn, const char* name, const OptT& t, int64_t n, const char* what) {
-  if (!t.has_value()) return;
-  check_cpu(fn, name, *t);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
-              what, " = ", n, ", got shape ", shape_str(*t));
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), fn, ": ", name,
-              " must be a floating-point tensor, got ", dtype_str(*t));
+  fastcl::checks::check_vec(fn, name, t, n, what, kCpu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
@@ -248,5 +212,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
   m.def("cuda_slab_bytes", &fastcl::cuda::slab_bytes,
         "Bytes of logits per slab of the CUDA kernels (env FASTCL_CUDA_SLAB_BYTES, read per call).");
+  m.def("siglip_fwd_cuda", &fastcl::cuda::siglip_fwd_cuda,
+        "Row sums [R] of the sigmoid pair losses softplus(-z * (scale * x @ y.T + bias)) on CUDA "
+        "tensors, z = +1 on the diagonal when diag_pos, else -1.",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos"));
+  m.def("siglip_bwd_cuda", &fastcl::cuda::siglip_bwd_cuda,
+        "Gradients (dx, dy, dscale, dbias) of sum_i g_row[i] * rows[i] of the sigmoid loss on "
+        "CUDA tensors, recomputing the logits slab by slab.",
+        py::arg("g_row"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"),
+        py::arg("diag_pos"));
+  m.def("siglip_fused_cuda", &fastcl::cuda::siglip_fused_cuda,
+        "(loss, dx, dy, dscale, dbias): the sigmoid loss summed over pairs (divided by R when "
+        "mean) and its gradients, in one pass over the slabs, on CUDA tensors.",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos"),
+        py::arg("mean"));
 #endif
 }

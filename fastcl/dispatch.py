@@ -54,7 +54,7 @@ DTYPES = {
 # Kernel backends implemented per family (the table grows as kernels land).
 FAMILIES = {
     "contrastive": ("triton", "cuda", "cpu"),
-    "siglip": ("triton", "cpu"),
+    "siglip": ("triton", "cuda", "cpu"),
     "topk": ("triton", "cpu"),
 }
 
