@@ -6,80 +6,56 @@
 #include <sstream>
 #include <string>
 
+#include "checks.h"
+#include "cpu/common.h"
 #include "cpu/contrastive.h"
+#include "cpu/siglip.h"
+#include "cpu/topk.h"
 #ifdef FASTCL_WITH_CUDA
+#include "cuda/common.h"
 #include "cuda/contrastive_cuda.h"
+#include "cuda/siglip_cuda.h"
 #endif
 
 namespace {
 
 using OptT = std::optional<at::Tensor>;
 
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+// Checks of the CPU functions (csrc/checks.h, with the CPU as the kernels' device).
+using fastcl::checks::dtype_str;
+using fastcl::checks::shape_str;
 
-std::string dtype_str(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
+const at::Device kCpu(at::kCPU);
 
 void check_cpu(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), fn, " expects CPU tensors, got ", t.device().str(), " for ",
-              name);
+  fastcl::checks::check_on(fn, name, t, kCpu);
+}
+
+// Two feature matrices a [R, D] and b [C, D] of the same floating dtype, on CPU.
+void check_feature_pair(const char* fn, const char* an, const at::Tensor& a, const char* bn,
+                        const at::Tensor& b) {
+  fastcl::checks::check_features(fn, a, b, an, bn, at::kCPU);
 }
 
 void check_features(const char* fn, const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.defined() && k.defined(), fn, ": q and k must be tensors");
-  check_cpu(fn, "q", q);
-  check_cpu(fn, "k", k);
-  TORCH_CHECK(q.dim() == 2, fn, ": q must be a 2-D tensor [R, D], got shape ", shape_str(q));
-  TORCH_CHECK(k.dim() == 2, fn, ": k must be a 2-D tensor [C, D], got shape ", shape_str(k));
-  TORCH_CHECK(q.size(1) == k.size(1), fn,
-              ": q and k must have the same feature size D, got q of shape ", shape_str(q),
-              " and k of shape ", shape_str(k));
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              fn, ": q and k must be float32, float64, bfloat16 or float16, got ", dtype_str(q));
-  TORCH_CHECK(k.scalar_type() == st, fn, ": q and k must have the same dtype, got q ",
-              dtype_str(q), " and k ", dtype_str(k));
-  TORCH_CHECK(q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31), fn,
-              ": R and C must be below 2^31, got R = ", q.size(0), " and C = ", k.size(0));
+  check_feature_pair(fn, "q", q, "k", k);
 }
 
 void check_scalar(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor");
-  check_cpu(fn, name, t);
-  TORCH_CHECK(t.numel() == 1 && t.dim() <= 1, fn, ": ", name,
-              " must be a scalar (0-dim) tensor, got shape ", shape_str(t));
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
-              " must be a floating-point tensor, got ", dtype_str(t));
+  fastcl::checks::check_scalar(fn, name, t, kCpu);
 }
 
 void check_index(const char* fn, const char* name, const OptT& t, int64_t n, const char* what) {
-  if (!t.has_value()) return;
-  check_cpu(fn, name, *t);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
-              what, " = ", n, ", got shape ", shape_str(*t));
-  TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), fn, ": ", name,
-              " must be an integer tensor (int64), got ", dtype_str(*t));
+  fastcl::checks::check_index(fn, name, t, n, what, kCpu);
 }
 
 void check_masks(const char* fn, const at::Tensor& q, const at::Tensor& k, const OptT& targets,
                  const OptT& row_labels, const OptT& col_labels) {
-  TORCH_CHECK(row_labels.has_value() == col_labels.has_value(), fn,
-              ": row_labels and col_labels must be given together (label mode) or both be None");
-  check_index(fn, "targets", targets, q.size(0), "R (rows of q)");
-  check_index(fn, "row_labels", row_labels, q.size(0), "R (rows of q)");
-  check_index(fn, "col_labels", col_labels, k.size(0), "C (rows of k)");
+  fastcl::checks::check_masks(fn, q, k, targets, row_labels, col_labels, kCpu);
 }
 
 void check_vec(const char* fn, const char* name, const OptT& t, int64_t n, const char* what) {
-  if (!t.has_value()) return;
-  check_cpu(fn, name, *t);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
-              what, " = ", n, ", got shape ", shape_str(*t));
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), fn, ": ", name,
-              " must be a floating-point tensor, got ", dtype_str(*t));
+  fastcl::checks::check_vec(fn, name, t, n, what, kCpu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
@@ -126,6 +102,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                                           col_stats);
 }
 
+at::Tensor siglip_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                          const at::Tensor& bias, bool diag_pos) {
+  const char* fn = "siglip_fwd_cpu";
+  check_feature_pair(fn, "x", x, "y", y);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::siglip_fwd_cpu(x, y, scale, bias, diag_pos);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(
+    const at::Tensor& g_row, const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+    const at::Tensor& bias, bool diag_pos) {
+  const char* fn = "siglip_bwd_cpu";
+  check_feature_pair(fn, "x", x, "y", y);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  TORCH_CHECK(g_row.defined(), fn, ": g_row must be a tensor");
+  check_vec(fn, "g_row", g_row, x.size(0), "R (rows of x)");
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::siglip_bwd_cpu(g_row, x, y, scale, bias, diag_pos);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fused_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias,
+    bool diag_pos, bool mean) {
+  const char* fn = "siglip_fused_cpu";
+  check_feature_pair(fn, "x", x, "y", y);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::siglip_fused_cpu(x, y, scale, bias, diag_pos, mean);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                int64_t k, bool exclude_self) {
+  const char* fn = "topk_fwd_cpu";
+  check_feature_pair(fn, "query", query, "key", key);
+  const int64_t limit = key.size(0) - (exclude_self ? 1 : 0);
+  TORCH_CHECK(k >= 1 && k <= limit, fn, ": k must lie in [1, ", limit, "] (C = ", key.size(0),
+              " rows of key", exclude_self ? ", minus one for exclude_self" : "", "), got k = ",
+              k);
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::topk_fwd_cpu(query, key, k, exclude_self);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -154,6 +176,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_isa", &fastcl::cpu::kernel_isa,
         "Instruction-set variant of the CPU row kernels: 'avx2' or 'generic' "
         "(FASTCL_CPU_ISA=generic forces the portable one).");
+  m.def("siglip_fwd_cpu", &siglip_fwd_cpu,
+        "Per-row sums [R] of softplus(-z_ij s_ij), s = scale * x @ y.T + bias, z_ij = +1 if "
+        "diag_pos and i == j else -1, on CPU (fp32; fp64 for fp64 inputs).",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos") = true);
+  m.def("siglip_bwd_cpu", &siglip_bwd_cpu,
+        "Gradients (dx, dy, dscale, dbias) of sum_i g_row[i] * rows[i] of the sigmoid loss on "
+        "CPU, recomputing the logits slab by slab.",
+        py::arg("g_row"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"),
+        py::arg("diag_pos") = true);
+  m.def("siglip_fused_cpu", &siglip_fused_cpu,
+        "(loss, dx, dy, dscale, dbias): the sigmoid loss summed over pairs (divided by R when "
+        "mean) and its gradients, from one pass over the logits on CPU.",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos"),
+        py::arg("mean"));
+  m.def("topk_fwd_cpu", &topk_fwd_cpu,
+        "(values [R, k], indices [R, k]): the k largest <query_i, key_j> per row in decreasing "
+        "order (smaller index first among ties) on CPU; exclude_self drops j == i.",
+        py::arg("query"), py::arg("key"), py::arg("k"), py::arg("exclude_self"));
 #ifdef FASTCL_WITH_CUDA
   // The CUDA functions check their arguments themselves (before any CUDA call).
   m.def("contrastive_fwd_cuda", &fastcl::cuda::contrastive_fwd_cuda,
@@ -172,5 +212,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
   m.def("cuda_slab_bytes", &fastcl::cuda::slab_bytes,
         "Bytes of logits per slab of the CUDA kernels (env FASTCL_CUDA_SLAB_BYTES, read per call).");
+  m.def("siglip_fwd_cuda", &fastcl::cuda::siglip_fwd_cuda,
+        "Row sums [R] of the sigmoid pair losses softplus(-z * (scale * x @ y.T + bias)) on CUDA "
+        "tensors, z = +1 on the diagonal when diag_pos, else -1.",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos"));
+  m.def("siglip_bwd_cuda", &fastcl::cuda::siglip_bwd_cuda,
+        "Gradients (dx, dy, dscale, dbias) of sum_i g_row[i] * rows[i] of the sigmoid loss on "
+        "CUDA tensors, recomputing the logits slab by slab.",
+        py::arg("g_row"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"),
+        py::arg("diag_pos"));
+  m.def("siglip_fused_cuda", &fastcl::cuda::siglip_fused_cuda,
+        "(loss, dx, dy, dscale, dbias): the sigmoid loss summed over pairs (divided by R when "
+        "mean) and its gradients, in one pass over the slabs, on CUDA tensors.",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos"),
+        py::arg("mean"));
 #endif
 }

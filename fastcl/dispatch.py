@@ -52,7 +52,11 @@ DTYPES = {
 }
 
 # Kernel backends implemented per family (the table grows as kernels land).
-FAMILIES = {"contrastive": ("triton", "cuda", "cpu"), "siglip": ("triton",), "topk": ("triton",)}
+FAMILIES = {
+    "contrastive": ("triton", "cuda", "cpu"),
+    "siglip": ("triton", "cuda", "cpu"),
+    "topk": ("triton", "cpu"),
+}
 
 
 class BackendUnavailableError(RuntimeError):

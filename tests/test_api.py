@@ -72,12 +72,11 @@ def test_env_override(monkeypatch):
 
 
 def test_auto_never_picks_a_materializing_op_backend():
-    chosen = dispatch.select("info_nce", torch.device("cpu"), torch.float32)
-    if dispatch.why_not("cpu", "info_nce", torch.device("cpu"), torch.float32) is None:
-        assert chosen == "cpu"
-    else:
-        assert chosen == "reference"
-    assert dispatch.select("siglip_loss", torch.device("cpu"), torch.float32) == "reference"
+    cpu = torch.device("cpu")
+    for op in ("info_nce", "siglip_loss", "topk_similarity"):
+        chosen = dispatch.select(op, cpu, torch.float32)
+        assert chosen == ("cpu" if dispatch.why_not("cpu", op, cpu, torch.float32) is None
+                          else "reference"), op
 
 
 def test_logit_scale_tensor_receives_gradient():

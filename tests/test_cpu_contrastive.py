@@ -13,13 +13,10 @@ exponentials (one shared shift per tile, or separate row and column shifts) thro
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from _rss_probe import peak_rss_growth
 
 from fastcl.reference.contrastive import contrastive_stats_ref
 
@@ -504,16 +501,8 @@ def test_out_of_range_targets_mean_no_positive():
 # Memory: nothing of size R x C
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import os, sys, torch
+MEMORY_SCRIPT = """
     from fastcl import _C
-
-    def rss(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
 
     n, d = int(sys.argv[1]), int(sys.argv[2])
     q = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
@@ -521,32 +510,23 @@ MEMORY_SCRIPT = textwrap.dedent("""
     scale, bias, t = torch.tensor(14.0), torch.tensor(0.0), torch.arange(n)
     small = _C.contrastive_fwd_cpu(q[:64], k[:64], scale, bias, t[:64], None, None,
                                    False, False, False, True)  # load libraries, start threads
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS
-    base = rss("VmRSS")
+    reset_peak()
     lse, pos, npos, mean, cl, cm = _C.contrastive_fwd_cpu(q, k, scale, bias, t, None, None,
                                                           False, False, False, True)
     g = torch.full((n,), 0.5 / n)
     dq, dk, ds, db = _C.contrastive_bwd_cpu(g, -2 * g, None, g, None, q, k, scale, bias, t, None,
                                             None, lse, pos, npos, cl, False, False, False, True)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
-    print(rss("VmHWM") - base)
-""")
+    print(peak_growth())
+"""
+
 
 
 def test_peak_memory_is_linear():
     n, d = 8192, 64
     slab = 16 << 20
-    env = dict(os.environ, FASTCL_CPU_SLAB_BYTES=str(slab))
-    try:
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(d)], env=env,
-                             capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a heavily loaded machine
-        pytest.skip("memory probe timed out")
-    if out.returncode != 0 and "clear_refs" in out.stderr:
-        pytest.skip("cannot reset the peak RSS on this system (/proc/self/clear_refs)")
-    assert out.returncode == 0, out.stderr
-    growth = int(out.stdout.strip().splitlines()[-1])
+    growth = peak_rss_growth(MEMORY_SCRIPT, n, d, env={"FASTCL_CPU_SLAB_BYTES": str(slab)},
+                             timeout=600)
     logits_bytes = n * n * 4
     assert growth < 0.25 * logits_bytes, (
         f"peak RSS grew by {growth / 2**20:.1f} MiB during fwd+bwd at N={n}: not far below the "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 
 import pytest
 import torch
@@ -26,12 +25,16 @@ import fastcl
 from fastcl import _backends, dispatch
 from fastcl.reference.contrastive import contrastive_stats_ref
 
+from _cuda_cases import DEVICE, SLAB_SHAPES, slab_bytes  # noqa: F401 - slab_bytes is a fixture
+from _cuda_cases import nvcc_found as _nvcc_found
+from _cuda_cases import padded as _padded
+from _cuda_cases import peak_extra_memory
+
 try:
     from fastcl import _C
 except ImportError:  # pragma: no cover - depends on the build
     _C = None
 
-DEVICE = "cuda"
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
 # Forward statistics vs the oracle at the same dtype (the oracle upcasts bf16/fp16 to fp32, and
@@ -54,13 +57,6 @@ def _ext():
     if _C is None or not hasattr(_C, "contrastive_fwd_cuda"):
         pytest.skip("fastcl._C has no CUDA contrastive kernels (built without nvcc)")
     return _C
-
-
-def _nvcc_found() -> bool:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return True
-    return shutil.which("nvcc") is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,17 +256,6 @@ def _id(flags):
     return "-".join(k for k, v in flags.items() if v) or "plain"
 
 
-@pytest.fixture
-def slab_bytes(monkeypatch):
-    def set_(n):
-        monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", str(n))
-    return set_
-
-
-def _padded(C):
-    return (C + 7) // 8 * 8  # the slab's rows are padded to multiples of 8 elements
-
-
 # ---------------------------------------------------------------------------------------------
 # fp64: every flag combination in every mode, slabs of 7 rows (several slabs, a ragged last one)
 
@@ -336,19 +321,7 @@ def test_low_precision(dtype, mode, flags, slab_bytes):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("R,C,D,slab_rows", [
-    (1, 1, 3, None),
-    (1, 5, 3, None),
-    (5, 1, 3, 1),
-    (97, 97, 100, 32),
-    (97, 61, 3, 1),
-    (61, 97, 100, 96),
-    (1025, 33, 7, 512),
-    (1026, 9, 5, 1025),
-    (130, 1030, 17, None),
-    (45, 4500, 8, 40),
-    (300, 257, 1000, 64),
-])
+@pytest.mark.parametrize("R,C,D,slab_rows", SLAB_SHAPES)
 @pytest.mark.parametrize("dtype", (F64, F32, BF16), ids=str)
 def test_shapes(R, C, D, slab_rows, dtype, slab_bytes):
     esize = 8 if dtype == F64 else 4
@@ -534,16 +507,7 @@ def test_peak_memory_is_linear(monkeypatch):
                                         bias, targets[:n], None, None, st[0], st[1], st[2], st[4],
                                         *flags)
 
-    # warm-up over several slabs: cuBLAS workspaces are allocated on first use and kept
-    monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", str(16 * 64 * 4))
-    run(64)
-    monkeypatch.setenv("FASTCL_CUDA_SLAB_BYTES", str(budget))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    grads = run(N)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra, grads = peak_extra_memory(run, N, budget, monkeypatch)
     assert all(torch.isfinite(x).all() for x in grads)
     # one slab, the fp32 dk accumulator, dq/dk, per-slab products, statistics, and slack
     linear = 4 * N * D * 4 + 64 * N * 4 + (16 << 20)

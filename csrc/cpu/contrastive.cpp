@@ -22,6 +22,8 @@
 // fp32) and of one q slab, the gradient accumulator of k, and O(R + C) statistics.
 #include "contrastive.h"
 
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -35,46 +37,19 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__)
-// 32-byte vector types passed between inline helpers of the generic (SSE2) variant.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 namespace fastcl {
 namespace cpu {
 namespace {
 
+using namespace detail;
+
 constexpr int64_t kDefaultSlabBytes = int64_t(64) << 20;
-constexpr double kLog2e = 1.4426950408889634074;
-constexpr double kLn2 = 0.69314718055994530942;
 // Forward tiles (rows x columns) sized for the L2 cache: the second pass re-reads the tile.
 constexpr int kRowBlock = 32;
 constexpr int64_t kColBlock = 2048;
 // Backward tiles: one pass; the sizes set how often the per-row / per-column factors are made.
 constexpr int kBwdRowBlock = 64;
 constexpr int64_t kBwdColBlock = 1024;
-
-typedef float VecF __attribute__((vector_size(32)));
-typedef double VecD __attribute__((vector_size(32)));
-
-template <class T>
-struct Lanes;
-
-template <>
-struct Lanes<float> {
-  using V = VecF;
-  using M = decltype(V{} < V{});
-  using I = std::remove_cv_t<std::remove_reference_t<decltype(M{}[0])>>;
-  static constexpr int W = 8;
-};
-
-template <>
-struct Lanes<double> {
-  using V = VecD;
-  using M = decltype(V{} < V{});
-  using I = std::remove_cv_t<std::remove_reference_t<decltype(M{}[0])>>;
-  static constexpr int W = 4;
-};
 
 // Columns of row gr that are special: the excluded diagonal (dcol), the target (tcol, target
 // mode), the row's label class (rid, label mode); -1 when absent.
@@ -146,34 +121,8 @@ inline void lse_merge_scalar(T& m, T& s, T pm, T ps) {
   }
 }
 
-namespace generic_isa {
-#define FASTCL_TGT
-#include "contrastive_rows.h"
-#undef FASTCL_TGT
-}  // namespace generic_isa
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define FASTCL_CPU_AVX2 1
-namespace avx2_isa {
-#define FASTCL_TGT __attribute__((target("avx2,fma")))
-#include "contrastive_rows.h"
-#undef FASTCL_TGT
-}  // namespace avx2_isa
-#endif
-
-bool use_avx2() {
-#ifdef FASTCL_CPU_AVX2
-  const char* env = std::getenv("FASTCL_CPU_ISA");
-  if (env != nullptr && std::string(env) == "generic") return false;
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return supported;
-#else
-  return false;
-#endif
-}
+#define FASTCL_ROWS_HEADER "contrastive_rows.h"
+#include "isa_variants.h"
 
 template <class T>
 struct Kernels {
@@ -183,16 +132,7 @@ struct Kernels {
 
 template <class T>
 Kernels<T> kernels() {
-#ifdef FASTCL_CPU_AVX2
-  if (use_avx2()) return {&avx2_isa::fwd_rows<T>, &avx2_isa::bwd_rows<T>};
-#endif
-  return {&generic_isa::fwd_rows<T>, &generic_isa::bwd_rows<T>};
-}
-
-int64_t slab_rows(int64_t R, int64_t C, int64_t elem) {
-  if (C <= 0) return std::max<int64_t>(R, 1);
-  const int64_t rows = slab_bytes() / (C * elem);
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(R, 1)));
+  return {FASTCL_ISA_SELECT(fwd_rows<T>), FASTCL_ISA_SELECT(bwd_rows<T>)};
 }
 
 // Dense class ids of the labels: columns get 0..n-1, a row gets its label's id or -1.
@@ -216,11 +156,6 @@ void label_ids(const at::Tensor& row_labels, const at::Tensor& col_labels, std::
   }
 }
 
-template <class T>
-constexpr at::ScalarType scalar_type_of() {
-  return std::is_same<T, double>::value ? at::kDouble : at::kFloat;
-}
-
 // Largest spread between the maxima of a tile for which one shared shift M serves every exp of
 // the tile: exp(x - M) then stays a normal number for every maximum x (fp32: e^-60 >> 1e-38).
 // FASTCL_CPU_EXP_SPAN overrides it (a negative value always takes separate shifts). Returned in
@@ -235,12 +170,6 @@ T exp_span() {
     if (end != env) v = e;
   }
   return static_cast<T>(v * kLog2e);
-}
-
-// Chunks of a slab's rows, one per thread (fixed for the whole call: per-chunk state merges in
-// chunk order, so results do not depend on scheduling).
-int64_t num_chunks(int64_t S) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), S));
 }
 
 template <class T>
@@ -545,10 +474,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   dscale.fill_(dscale_acc);
   dbias.fill_(dbias_acc);
   return {dq, dk, dscale, dbias};
-}
-
-double scalar_value(const at::Tensor& t) {
-  return t.to(at::kDouble).reshape({}).item<double>();
 }
 
 }  // namespace

@@ -34,12 +34,5 @@ contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<
                     const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
                     bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats);
 
-// Bytes of logits held per slab: FASTCL_CPU_SLAB_BYTES when set, else the default (64 MiB).
-int64_t slab_bytes();
-
-// Name of the instruction-set variant of the row kernels in use ("avx2" or "generic");
-// FASTCL_CPU_ISA=generic forces the portable one.
-const char* kernel_isa();
-
 }  // namespace cpu
 }  // namespace fastcl

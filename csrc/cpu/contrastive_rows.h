@@ -1,10 +1,9 @@
 // Row kernels of the CPU contrastive primitive: fused elementwise passes over one slab of logits.
 //
-// Compiled once per instruction-set variant: contrastive.cpp includes this file several times,
-// each time inside its own namespace and with FASTCL_TGT defined as that variant's function
-// attribute (e.g. target("avx2,fma")). Hence no include guard. The vector code uses GCC/Clang
-// vector extensions (32-byte vectors: 8 floats or 4 doubles), so one source serves every
-// variant; the types and argument structs come from contrastive.cpp.
+// Compiled once per instruction-set variant: contrastive.cpp includes this file (after simd.h,
+// whose vector helpers it uses) several times, each time inside its own namespace and with
+// FASTCL_TGT defined as that variant's function attribute. Hence no include guard. The argument
+// structs come from contrastive.cpp.
 //
 // The slab holds raw dot products l = q_r . k_c; every pass recomputes the logit in log2 units,
 // s2 = log2(e) * (scale * l + bias), so that every exponential is a 2^x. Work is done in tiles
@@ -17,81 +16,6 @@
 // both the row and the column sums (forward) and both gradient terms (backward, through per-row
 // and per-column factors 2^(M - lse)); otherwise each direction takes its own exponential with
 // its own shift. Statistics leave the kernels in natural units.
-
-#define FASTCL_FN FASTCL_TGT inline __attribute__((always_inline))
-
-template <class V, class S>
-FASTCL_FN V vsplat(S x) {
-  V v = {};
-  return v + x;
-}
-
-template <class M>
-FASTCL_FN M viota() {
-  M m = {};
-  for (int i = 0; i < static_cast<int>(sizeof(M) / sizeof(m[0])); ++i) m[i] = i;
-  return m;
-}
-
-template <class V, class T>
-FASTCL_FN V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <class V, class T>
-FASTCL_FN void vstore(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-template <class V>
-FASTCL_FN V vmax(const V& a, const V& b) {
-  return a > b ? a : b;
-}
-
-// 2^x with a relative error below 3e-7; exactly 0 below -125 (so -inf gives 0) and never a
-// subnormal. The lanes that are used have x <= ~0: the kernels take 2^(s - an upper bound of s),
-// all logits being kept in log2 units (scale and bias premultiplied by log2(e)).
-FASTCL_FN VecF vexp2(const VecF& x) {
-  using M = Lanes<float>::M;
-  const VecF lo = vsplat<VecF>(-125.0f);
-  const VecF shift = vsplat<VecF>(12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
-  const VecF xc = vmax(x, lo);
-  const VecF t = xc + shift;  // round(xc) + 127 in the low mantissa bits
-  const VecF r = xc - (t - shift);  // in [-0.5, 0.5], exact
-  VecF y = vsplat<VecF>(1.327644452e-3f);  // minimax fit of 2^r on [-0.5, 0.5]
-  y = y * r + 9.675537236e-3f;
-  y = y * r + 5.550713465e-2f;
-  y = y * r + 2.402212024e-1f;
-  y = y * r + 6.931469440e-1f;
-  y = y * r + 1.000000119e+0f;
-  const M bits = __builtin_bit_cast(M, t) << 23;
-  const VecF res = y * __builtin_bit_cast(VecF, bits);
-  const M keep = x >= lo;
-  return __builtin_bit_cast(VecF, __builtin_bit_cast(M, res) & keep);
-}
-
-FASTCL_FN VecD vexp2(const VecD& x) {
-  VecD r;
-  for (int i = 0; i < 4; ++i) r[i] = std::exp2(x[i]);
-  return r;
-}
-
-template <class V>
-FASTCL_FN double hsum(const V& v) {
-  double s = 0.0;
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(v[0])); ++i) s += static_cast<double>(v[i]);
-  return s;
-}
-
-template <class V>
-FASTCL_FN double hmax(const V& v) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(v[0])); ++i)
-    m = static_cast<double>(v[i]) > m ? static_cast<double>(v[i]) : m;
-  return m;
-}
 
 // Per-row vector constants.
 template <class T>
@@ -605,4 +529,3 @@ FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db
   }
 }
 
-#undef FASTCL_FN

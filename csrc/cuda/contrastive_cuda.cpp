@@ -35,12 +35,10 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <limits>
-#include <sstream>
-#include <string>
 
+#include "../checks.h"
+#include "common.h"
 #include "contrastive_kernels.h"
 
 namespace fastcl {
@@ -49,177 +47,29 @@ namespace {
 
 using OptT = std::optional<at::Tensor>;
 
-constexpr int64_t kDefaultSlabBytes = int64_t(512) << 20;
-// Row padding of the slab, in elements: rows start on 32-byte boundaries (vector loads) and the
-// leading dimension of a half-precision gradient tile stays a multiple of 8 (tensor cores).
-constexpr int64_t kRowPad = 8;
 constexpr int kMaxSplits = 1024;
 constexpr int64_t kMinSplitRows = 64;
 
 // -------------------------------------------------------------------------------------------
-// Argument checks (before any CUDA call)
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
-
-std::string dtype_str(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
-
-void check_on_device(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), fn, " expects CUDA tensors, got ", t.device().str(), " for ", name);
-  TORCH_CHECK(t.device() == q.device(), fn, ": ", name, " is on ", t.device().str(),
-              " but q is on ", q.device().str(), "; all tensors must be on one CUDA device");
-}
+// Argument checks (before any CUDA call): csrc/checks.h, on q's CUDA device
 
 void check_features(const char* fn, const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.defined() && k.defined(), fn, ": q and k must be tensors");
-  TORCH_CHECK(q.is_cuda(), fn, " expects CUDA tensors, got ", q.device().str(), " for q");
-  check_on_device(fn, "k", k, q);
-  TORCH_CHECK(q.dim() == 2, fn, ": q must be a 2-D tensor [R, D], got shape ", shape_str(q));
-  TORCH_CHECK(k.dim() == 2, fn, ": k must be a 2-D tensor [C, D], got shape ", shape_str(k));
-  TORCH_CHECK(q.size(1) == k.size(1), fn,
-              ": q and k must have the same feature size D, got q of shape ", shape_str(q),
-              " and k of shape ", shape_str(k));
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              fn, ": q and k must be float32, float64, bfloat16 or float16, got ", dtype_str(q));
-  TORCH_CHECK(k.scalar_type() == st, fn, ": q and k must have the same dtype, got q ",
-              dtype_str(q), " and k ", dtype_str(k));
-  TORCH_CHECK(q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31), fn,
-              ": R and C must be below 2^31, got R = ", q.size(0), " and C = ", k.size(0));
+  checks::check_features(fn, q, k, "q", "k", c10::DeviceType::CUDA);
 }
 
 void check_scalar(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor");
-  TORCH_CHECK(t.is_cpu() || t.device() == q.device(), fn, ": ", name, " is on ",
-              t.device().str(), "; it must be on q's device (", q.device().str(),
-              ") or on the CPU");
-  TORCH_CHECK(t.numel() == 1 && t.dim() <= 1, fn, ": ", name,
-              " must be a scalar (0-dim) tensor, got shape ", shape_str(t));
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
-              " must be a floating-point tensor, got ", dtype_str(t));
-}
-
-void check_index(const char* fn, const char* name, const OptT& t, const at::Tensor& q, int64_t n,
-                 const char* what) {
-  if (!t.has_value()) return;
-  check_on_device(fn, name, *t, q);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
-              what, " = ", n, ", got shape ", shape_str(*t));
-  TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), fn, ": ", name,
-              " must be an integer tensor (int64), got ", dtype_str(*t));
+  checks::check_scalar(fn, name, t, q.device());
 }
 
 void check_masks(const char* fn, const at::Tensor& q, const at::Tensor& k, const OptT& targets,
                  const OptT& row_labels, const OptT& col_labels) {
-  TORCH_CHECK(row_labels.has_value() == col_labels.has_value(), fn,
-              ": row_labels and col_labels must be given together (label mode) or both be None");
-  check_index(fn, "targets", targets, q, q.size(0), "R (rows of q)");
-  check_index(fn, "row_labels", row_labels, q, q.size(0), "R (rows of q)");
-  check_index(fn, "col_labels", col_labels, q, k.size(0), "C (rows of k)");
+  checks::check_masks(fn, q, k, targets, row_labels, col_labels, q.device());
 }
 
 void check_vec(const char* fn, const char* name, const OptT& t, const at::Tensor& q, int64_t n,
                const char* what) {
-  if (!t.has_value()) return;
-  check_on_device(fn, name, *t, q);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, fn, ": ", name, " must be a 1-D tensor of length ",
-              what, " = ", n, ", got shape ", shape_str(*t));
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), fn, ": ", name,
-              " must be a floating-point tensor, got ", dtype_str(*t));
+  checks::check_vec(fn, name, t, n, what, q.device());
 }
-
-// -------------------------------------------------------------------------------------------
-// GEMMs
-
-// Whether ATen takes half-precision inputs with an fp32 output (mm.dtype, CUDA) and an fp32
-// `self` in addmm.dtype: -1 not tried yet, 1 yes, 0 no. Without them the same products are
-// formed from fp32 copies of the operands (exact: the products of two half-precision numbers
-// are exact in fp32), which is slower.
-std::atomic<int> g_mm_dtype{-1};
-std::atomic<int> g_addmm_dtype{-1};
-
-template <class Fast, class Slow>
-void with_fallback(std::atomic<int>& state, Fast fast, Slow slow) {
-  if (state.load() != 0) {
-    try {
-      fast();
-      state.store(1);
-      return;
-    } catch (const c10::OutOfMemoryError&) {
-      throw;
-    } catch (const c10::Error&) {
-      if (state.load() == 1) throw;
-      state.store(0);
-    }
-  }
-  slow();
-}
-
-// out = a @ b, out of the statistics dtype, a and b of the inputs' dtype.
-void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == out.scalar_type()) {
-    at::mm_out(out, a, b);
-    return;
-  }
-  with_fallback(
-      g_mm_dtype, [&] { at::mm_out(out, a, b, out.scalar_type()); },
-      [&] { at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type())); });
-}
-
-at::Tensor mm_new(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_type) {
-  if (a.scalar_type() == out_type) return at::mm(a, b);
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(out_type));
-  mm_into(out, a, b);
-  return out;
-}
-
-// acc += a @ b, acc of the statistics dtype.
-void addmm_into(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == acc.scalar_type()) {
-    acc.addmm_(a, b);
-    return;
-  }
-  with_fallback(
-      g_addmm_dtype, [&] { at::addmm_out(acc, acc, a, b, acc.scalar_type()); },
-      [&] { acc.add_(mm_new(a, b, acc.scalar_type())); });
-}
-
-// -------------------------------------------------------------------------------------------
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-int64_t slab_rows(int64_t R, int64_t Cp, int64_t elem) {
-  if (Cp <= 0) return std::max<int64_t>(R, 1);
-  const int64_t rows = slab_bytes() / (Cp * elem);
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(R, 1)));
-}
-
-at::ScalarType stat_type_of(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble:
-      return DType::kFloat64;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      return DType::kFloat32;
-  }
-}
-
-// Scale or bias as a 0-dim tensor of the statistics dtype on q's device.
-at::Tensor device_scalar(const at::Tensor& t, const at::Tensor& q, at::ScalarType st) {
-  return t.to(q.device(), st).reshape({}).contiguous();
-}
-
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 const int64_t* index_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<int64_t>() : nullptr;
@@ -253,20 +103,6 @@ Masks make_masks(const OptT& targets, const OptT& row_labels, const OptT& col_la
   return m;
 }
 
-// Streaming multiprocessors of the current device (queried once per device).
-int64_t multiprocessors() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < kMaxDevices && cache[dev].load() > 0) return cache[dev].load();
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  n = std::max(n, 1);
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n);
-  return n;
-}
-
 // Row parts of the column kernel's slab: enough blocks for every SM, parts of at least
 // kMinSplitRows rows.
 int column_splits(int64_t C, int64_t S, DType stat) {
@@ -279,16 +115,6 @@ int column_splits(int64_t C, int64_t S, DType stat) {
 }
 
 }  // namespace
-
-int64_t slab_bytes() {
-  const char* env = std::getenv("FASTCL_CUDA_SLAB_BYTES");
-  if (env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    if (end != env && v > 0) return static_cast<int64_t>(v);
-  }
-  return kDefaultSlabBytes;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
@@ -330,9 +156,8 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const at::Tensor sc = device_scalar(scale, q, st), bi = device_scalar(bias, q, st);
   const Masks masks = make_masks(targets, row_labels, col_labels);
   const at::Tensor kc = k.contiguous();
-  const int64_t Cp = round_up(C, kRowPad);
-  const int64_t S = slab_rows(R, Cp, static_cast<int64_t>(at::elementSize(st)));
-  at::Tensor buf = at::empty({S * Cp}, opt);
+  Slabs slabs(R, C, q);
+  const int64_t Cp = slabs.ld(), S = slabs.rows();
 
   int nsplit = 0;
   at::Tensor st_max, st_sum, st_lsum;
@@ -367,8 +192,7 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
   for (int64_t r0 = 0; r0 < R; r0 += S) {
     const int64_t s = std::min(S, R - r0);
-    at::Tensor L = buf.narrow(0, 0, s * Cp).view({s, Cp}).narrow(1, 0, C);
-    mm_into(L, q.narrow(0, r0, s), kc.t());
+    const at::Tensor L = slabs.logits(q.narrow(0, r0, s), kc);
     ra.L = L.data_ptr();
     ra.r0 = r0;
     ra.rows = s;
@@ -416,7 +240,7 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   check_scalar(fn, "scale", scale, q);
   check_scalar(fn, "bias", bias, q);
   check_masks(fn, q, k, targets, row_labels, col_labels);
-  const int64_t R = q.size(0), C = k.size(0), D = q.size(1);
+  const int64_t R = q.size(0), C = k.size(0);
   check_vec(fn, "g_lse", g_lse, q, R, "R");
   check_vec(fn, "g_pos", g_pos, q, R, "R");
   check_vec(fn, "g_mean", g_mean, q, R, "R");
@@ -441,16 +265,9 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   const at::Tensor gcl = col_stats ? acc(g_col_lse) : at::Tensor();
   const at::Tensor gcm = col_stats ? acc(g_col_mean) : at::Tensor();
 
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
-  at::Tensor dscale = at::empty_like(scale), dbias = at::empty_like(bias);
+  GradOutputs out(q, k, scale, bias);  // dx = dq, dy = dk
   const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() || gcm.defined();
-  if (!any || R == 0 || C == 0) {
-    dq.zero_();
-    dk.zero_();
-    dscale.zero_();
-    dbias.zero_();
-    return {dq, dk, dscale, dbias};
-  }
+  if (!any || R == 0 || C == 0) return out.zero().tuple();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor sc = device_scalar(scale, q, st), bi = device_scalar(bias, q, st);
@@ -459,7 +276,8 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   const at::Tensor npos_a = npos.to(st).contiguous();
   const at::Tensor col_lse_a = gcl.defined() ? col_lse.to(st).contiguous() : at::Tensor();
   const at::Tensor kc = k.contiguous();
-  const int64_t Cp = round_up(C, kRowPad);
+  Slabs slabs(R, C, q);
+  const int64_t Cp = slabs.ld(), S = slabs.rows();
 
   // Per-column terms and the power-of-two factor f of the stored tile.
   at::Tensor cols;
@@ -479,17 +297,7 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   pa.ldcol = Cp;
   pa.gscale = gscale.data_ptr();
   C10_CUDA_CHECK(launch_bwd_prep(pa, sdt, stream));
-  const at::Tensor a_over_f = sc * gscale.select(0, 1);
-
-  const int64_t S = slab_rows(R, Cp, static_cast<int64_t>(at::elementSize(st)));
-  at::Tensor buf = at::empty({S * Cp}, opt);
-  // The tile: in place of the logits; a half-precision tile fills the first half of each row.
-  const bool narrow = q.scalar_type() != st;
-  const at::Tensor tile = narrow ? buf.view(q.scalar_type()) : buf;
-  const int64_t ldt =
-      narrow ? Cp * static_cast<int64_t>(at::elementSize(st) / at::elementSize(q.scalar_type()))
-             : Cp;
-  at::Tensor dk_acc = (k.scalar_type() == st && dk.is_contiguous()) ? dk : at::empty({C, D}, opt);
+  FeatureGrads feature_grads(out.dx, out.dy, kc, st, sc * gscale.select(0, 1));
   at::Tensor parts = at::empty({2, R}, opt.dtype(at::kDouble));
 
   BwdTileArgs ta;
@@ -512,30 +320,16 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   for (int64_t r0 = 0; r0 < R; r0 += S) {
     const int64_t s = std::min(S, R - r0);
     const at::Tensor qs = q.narrow(0, r0, s);
-    at::Tensor L = buf.narrow(0, 0, s * Cp).view({s, Cp}).narrow(1, 0, C);
-    mm_into(L, qs, kc.t());
+    const at::Tensor L = slabs.logits(qs, kc);
     ta.L = L.data_ptr();
     ta.r0 = r0;
     ta.rows = s;
     C10_CUDA_CHECK(launch_bwd_tile(ta, sdt, dtype_of(q.scalar_type()), stream));
-    const at::Tensor G = tile.as_strided({s, C}, {ldt, 1});
-    at::Tensor dqs = dq.narrow(0, r0, s);
-    at::mul_out(dqs, mm_new(G, kc, st), a_over_f);
-    if (r0 == 0) {
-      mm_into(dk_acc, G.t(), qs);
-    } else {
-      addmm_into(dk_acc, G.t(), qs);
-    }
+    feature_grads.add(slabs.tile(s, q.scalar_type()), r0, qs);
   }
-  if (dk_acc.is_same(dk)) {
-    dk.mul_(a_over_f);
-  } else {
-    at::mul_out(dk, dk_acc, a_over_f);
-  }
-  const at::Tensor sums = parts.sum(1);
-  dscale.copy_(sums.select(0, 0).reshape(dscale.sizes()));
-  dbias.copy_(sums.select(0, 1).reshape(dbias.sizes()));
-  return {dq, dk, dscale, dbias};
+  feature_grads.finish();
+  write_scalar_grads(parts, out.dscale, out.dbias);
+  return out.tuple();
 }
 
 }  // namespace cuda

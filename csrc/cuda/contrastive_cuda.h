@@ -41,9 +41,5 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
                      const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
                      bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats);
 
-// Bytes of logits held per slab: FASTCL_CUDA_SLAB_BYTES when set (read at every call), else the
-// default (512 MiB). The slab's row count never grows with the number of rows of q.
-int64_t slab_bytes();
-
 }  // namespace cuda
 }  // namespace fastcl

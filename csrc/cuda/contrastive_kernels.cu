@@ -10,8 +10,8 @@
 //   into the part's running column state. The states merge once, after the last slab (col_final).
 // - bwd_tile: one block per row; G from the saved statistics, in place of the logits, with the
 //   row's sums of G and G * l. A G narrower than the logits is written over the first half of
-//   the row's bytes: each sweep of the block loads, synchronizes, then stores, so a store never
-//   lands on logits that a thread has yet to load.
+//   the row's bytes (for_each_row_vector, kernel_common.cuh: each sweep of the block loads,
+//   synchronizes, then stores, so a store never lands on logits that a thread has yet to load).
 #include "contrastive_kernels.h"
 
 #include <cuda_bf16.h>
@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "kernel_common.cuh"
+
 namespace fastcl {
 namespace cuda {
 namespace {
@@ -27,52 +29,14 @@ namespace {
 constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr int kColRowLanes = 8;     // row lanes (blockDim.y) of the column kernel
-constexpr int kMaxRowWarps = 8;     // warps per block of the row kernels
 constexpr int kPrepThreads = 1024;  // threads of the (single-block) backward preparation
-constexpr float kGradHeadroom = 16384.0f;  // bound of |f * G| (fp16 max is 65504)
-constexpr int kGradScaleMaxExp = 60;
-
-template <class T>
-__device__ __forceinline__ T neg_inf();
-template <>
-__device__ __forceinline__ float neg_inf<float>() {
-  return -__int_as_float(0x7f800000);
-}
-template <>
-__device__ __forceinline__ double neg_inf<double>() {
-  return -__longlong_as_double(0x7ff0000000000000LL);
-}
 
 __device__ __forceinline__ float ex2(float x) { return exp2f(x); }
 __device__ __forceinline__ double ex2(double x) { return exp2(x); }
 __device__ __forceinline__ float lg2(float x) { return log2f(x); }
 __device__ __forceinline__ double lg2(double x) { return log2(x); }
 
-__device__ __forceinline__ float absv(float x) { return fabsf(x); }
-__device__ __forceinline__ double absv(double x) { return fabs(x); }
 
-// Rounds a statistic-type value to the gradient tile's type.
-__device__ __forceinline__ void store_as(float x, float& o) { o = x; }
-__device__ __forceinline__ void store_as(float x, __nv_bfloat16& o) { o = __float2bfloat16_rn(x); }
-__device__ __forceinline__ void store_as(float x, __half& o) { o = __float2half_rn(x); }
-__device__ __forceinline__ void store_as(double x, double& o) { o = x; }
-
-// N elements loaded or stored as one vector.
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <class T>
-struct VecWidth {
-  static constexpr int value = static_cast<int>(16 / sizeof(T));
-};
-
-constexpr unsigned kFullMask = 0xffffffffu;
-template <class T>
-__device__ __forceinline__ T shfl_xor(T v, int m) {
-  return __shfl_xor_sync(kFullMask, v, m);
-}
 
 // (m, e) <- (m, e) merged with (m2, e2); e relative to m, e2 to m2; log2 units.
 template <class T>
@@ -83,23 +47,6 @@ __device__ __forceinline__ void lse_merge(T& m, T& e, T m2, T e2) {
   m = big;
 }
 
-// Block-wide reduction of a partial P (P::merge, P::shfl); the result is valid in thread 0.
-// Every thread of the block must call it; blockDim.x * blockDim.y is a multiple of 32.
-template <class P>
-__device__ P block_reduce(P p) {
-  __shared__ P part[32];
-  const int tid = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
-  const int lane = tid & 31, warp = tid >> 5;
-  const int nwarps = static_cast<int>((blockDim.x * blockDim.y) >> 5);
-  for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o));
-  if (lane == 0) part[warp] = p;
-  __syncthreads();
-  if (warp == 0) {
-    p = lane < nwarps ? part[lane] : P::identity();
-    for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o));
-  }
-  return p;
-}
 
 // Special columns of row gr: the excluded diagonal (dcol), the target (tcol, target mode), -1
 // when absent; the row's label (label mode).
@@ -143,14 +90,6 @@ __device__ __forceinline__ bool plain_vector(const MaskSpec& M, const Geom& g, i
          (g.tcol < c || g.tcol >= c + V);
 }
 
-// Threads of a row kernel: enough warps for about four vectors per thread, at most 8 warps.
-int row_threads(int64_t C, int vec) {
-  const int64_t per_warp = int64_t(32) * vec * 4;
-  int64_t warps = (C + per_warp - 1) / per_warp;
-  if (warps < 1) warps = 1;
-  if (warps > kMaxRowWarps) warps = kMaxRowWarps;
-  return static_cast<int>(32 * warps);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward: row statistics
@@ -468,12 +407,10 @@ struct SumPart {
 template <class T, class G>
 __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   constexpr int V = VecWidth<T>::value;
-  constexpr bool kNarrow = sizeof(G) < sizeof(T);
   const MaskSpec& M = P.mask;
   const int64_t i = blockIdx.x;
   const int64_t gr = P.r0 + i;
   T* x = static_cast<T*>(P.L) + i * P.ldl;
-  G* gout = reinterpret_cast<G*>(x);
   const T a = *static_cast<const T*>(P.scale);
   const T b = *static_cast<const T*>(P.bias);
   const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
@@ -502,25 +439,17 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   const bool cexp = cshift != nullptr && P.col_exp;
 
   T ds = T(0), db = T(0);
-  const int64_t step = int64_t(blockDim.x) * V;
-  for (int64_t base = 0; base < M.C; base += step) {
-    const int64_t c = base + int64_t(threadIdx.x) * V;
-    const bool active = c < M.C;
-    Pack<T, V> v;
-    if (active) v = *reinterpret_cast<const Pack<T, V>*>(x + c);
-    if (kNarrow) __syncthreads();
-    if (!active) continue;
-    // The denominator and column terms of one column (s2: its logit in log2 units).
-    auto row_col_terms = [&](T s2, int64_t col, T& rowt, T& colt) {
-      rowt = gmd;
-      if (rexp) rowt += gl * ex2(s2 - lse2);
-      colt = T(0);
-      if (cshift != nullptr) {
-        colt = cconst[col];
-        if (cexp) colt += ccoef[col] * ex2(s2 - cshift[col]);
-      }
-    };
-    Pack<G, V> out;
+  // The denominator and column terms of one column (s2: its logit in log2 units).
+  auto row_col_terms = [&](T s2, int64_t col, T& rowt, T& colt) {
+    rowt = gmd;
+    if (rexp) rowt += gl * ex2(s2 - lse2);
+    colt = T(0);
+    if (cshift != nullptr) {
+      colt = cconst[col];
+      if (cexp) colt += ccoef[col] * ex2(s2 - cshift[col]);
+    }
+  };
+  for_each_row_vector<T, G, true>(x, M.C, [&](int64_t c, const Pack<T, V>& v, Pack<G, V>& out) {
     if (plain_vector<V>(M, g, c)) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -548,8 +477,7 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
         store_as(gv * f, out.v[j]);
       }
     }
-    *reinterpret_cast<Pack<G, V>*>(gout + c) = out;
-  }
+  });
   const SumPart sp = block_reduce(SumPart{static_cast<double>(ds), static_cast<double>(db)});
   if (threadIdx.x == 0) {
     P.row_parts[gr] = sp.ds;

@@ -26,7 +26,7 @@ __all__ = ["siglip_fwd", "siglip_bwd", "siglip_fused", "FUSED_BACKENDS"]
 
 #: Backends whose kernels include ``siglip_fused`` (the others run ``siglip_fwd`` then
 #: ``siglip_bwd``). A static list: it is consulted while tracing, when nothing may be imported.
-FUSED_BACKENDS = ("triton", "torch")
+FUSED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:

@@ -3,7 +3,9 @@
 GradCache-style chunking of the encoder (:func:`contrastive_step`) around any fused fastcl loss
 on the full batch of embeddings (:func:`build_objective`), AdamW with warmup + cosine, mixed
 precision on GPU, metrics after each epoch (recall@k, k-NN accuracy, alignment, uniformity),
-JSON-lines logs, plots, and atomic, verified checkpoints that resume a run exactly.
+JSON-lines logs, plots, and atomic, verified checkpoints that resume a run exactly. Under
+``torchrun`` the global batch is sharded over the processes and the loss gathers every rank's
+embeddings (:mod:`fastcl.train.distributed`).
 
 ``python -m fastcl.train`` runs the built-in demo; ``python -m fastcl.train --help`` lists the
 options of a single run. From Python::

@@ -9,9 +9,10 @@ File layout (all integers little-endian)::
     payload  length    torch.save of a dict (loaded with weights_only=True)
 
 The payload dict holds ``format`` (``"fastcl.train/1"``), the config, the model, loss,
-optimizer and scheduler state dicts, the RNG states (python, numpy, torch CPU, CUDA), the
-progress (epoch, step in epoch, global step: the data-order state, see
-:mod:`fastcl.train.data`) and the logged history.
+optimizer and scheduler state dicts, the RNG states (python, numpy, torch CPU, CUDA; those of
+every rank in ``rng_ranks`` for a multi-process run, ``rng`` being rank 0's), the progress
+(epoch, step in epoch, global step: the data-order state, see :mod:`fastcl.train.data`) and the
+logged history. A multi-process run writes it from rank 0 alone.
 
 :func:`save_checkpoint` writes to a temporary file in the destination's directory, fsyncs it and
 renames it over the destination (``os.replace``, atomic on POSIX and Windows), then fsyncs the
@@ -200,5 +201,6 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{where} lacks the entries {', '.join(missing)}")
-    state["rng"]["python"] = _python_rng_tuple(state["rng"]["python"])
+    for rng in [state["rng"]] + list(state.get("rng_ranks") or []):
+        rng["python"] = _python_rng_tuple(rng["python"])
     return state

@@ -10,16 +10,22 @@ options it runs one training (:func:`fastcl.train.train`). Examples::
         --batch-size 32768 --chunk-size 4096 --steps-per-epoch 5
     python -m fastcl.train --loss multiview --loss-opt method=cmc --task digits --views 3
     python -m fastcl.train --resume run.ckpt                # continue exactly where it stopped
+    torchrun --nproc_per_node=2 -m fastcl.train --task pairs --batch-size 8192 \
+        --chunk-size 1024 --steps-per-epoch 10        # 2 processes, 4096 rows each, one loss
 
 On resume the stored configuration is used; options given on the command line may change the
-run's bookkeeping (log, plot, checkpoint path, progress bar, stop-after) but not its trajectory
-(model, loss, data, schedule, seed): a different value there is refused.
+run's bookkeeping (log, plot, checkpoint path, progress bar, stop-after, gather) but not its
+trajectory (model, loss, data, schedule, seed): a different value there is refused.
+
+Under ``torchrun`` the batch size is the global batch (each process reads an equal share of
+it) and only rank 0 prints, logs and writes checkpoints; the demo runs on one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from typing import Optional
 
@@ -92,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument("--log", help="JSON-lines log path")
+    g.add_argument("--log", "--log-file", dest="log",
+                   help="JSON-lines log path (under torchrun write --log-file: torchrun takes "
+                        "--log for an abbreviation of its own options)")
     g.add_argument("--plot", help="PNG of the training curves")
     g.add_argument("--checkpoint", help="checkpoint path (written at each epoch end)")
     g.add_argument("--checkpoint-every", type=int, help="also every N steps")
@@ -100,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int,
                    help="stop after N steps of this invocation, writing the checkpoint")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    g.add_argument("--gather", help="several processes: the gather mode of the loss, passed to "
+                                    "fastcl (default all_gather; unused on one process)")
     g = p.add_argument_group("demo")
     g.add_argument("--pairs-batch", type=int, help="batch of the demo's two-tower part")
     g.add_argument("--pairs-steps", type=int, help="steps of the demo's two-tower part (4)")
@@ -149,8 +159,18 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     demo_given = [k for k in _DEMO_ONLY if getattr(args, k) is not None]
+    prefix = "fastcl.train: error: "
     try:
+        from .distributed import world_size_from_env
+
+        world = world_size_from_env()
+        if world > 1:
+            prefix = f"fastcl.train: error (rank {os.environ.get('RANK', '?')}): "
         if args.demo or not argv or demo_given:
+            if world > 1:
+                raise ConfigError(f"the demo runs on one process (WORLD_SIZE is {world}); give "
+                                  f"the options of a run (--task, --batch-size, ...) to train on "
+                                  f"several processes")
             extra = sorted(k for k, v in vars(args).items()
                            if v is not None and k not in _DEMO_OK + _DEMO_ONLY + ("demo",))
             if extra:
@@ -169,9 +189,11 @@ def main(argv: Optional[list] = None) -> int:
         from .loop import train
 
         result = train(cfg, echo=print)
-    except (ConfigError, CheckpointError, NotImplementedError, fastcl.BackendUnavailableError) as exc:
-        print(f"fastcl.train: error: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, fastcl.BackendUnavailableError) as exc:
+        print(f"{prefix}{exc}", file=sys.stderr)
         return 2
+    if result.rank != 0:
+        return 0
     if result.stopped_early:
         print(f"stopped at step {result.global_step}; continue with --resume {cfg.checkpoint}")
     else:

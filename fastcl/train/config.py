@@ -59,6 +59,13 @@ class TrainConfig:
     Evaluation:
         knn_k: neighbours of the k-NN classifier; metric_samples: rows of the uniformity
             subsample (uniformity is quadratic).
+    Several processes (``torchrun``; not part of the trajectory, see
+    :mod:`fastcl.train.distributed`):
+        gather: how each rank's loss reaches the other ranks' embeddings, passed as the
+            ``gather`` of the fastcl loss (``"all_gather"``; :mod:`fastcl.distributed` lists
+            the values it accepts). Unused on one process. ``batch_size`` is the global batch:
+            each of the ``W`` processes reads ``batch_size / W`` samples of it (``W`` must
+            divide it), and ``chunk_size`` counts rows per process.
     Run control (not part of the trajectory):
         device, threads, log, plot, checkpoint, checkpoint_every, resume, stop_after, progress.
     """
@@ -99,6 +106,8 @@ class TrainConfig:
     # evaluation
     knn_k: int = 5
     metric_samples: int = 2048
+    # several processes
+    gather: str = "all_gather"
     # run control
     device: str = "auto"
     threads: Optional[int] = None
@@ -151,6 +160,9 @@ class TrainConfig:
         need(self.stop_after is None or self.stop_after >= 1,
              f"stop_after must be None or >= 1, got {self.stop_after}")
         need(self.threads is None or self.threads >= 1, f"threads must be None or >= 1, got {self.threads}")
+        need(isinstance(self.gather, str) and bool(self.gather),
+             f"gather must name a gather mode of fastcl.distributed (e.g. 'all_gather'), "
+             f"got {self.gather!r}")
         need((self.checkpoint is not None) or self.stop_after is None,
              "stop_after needs a checkpoint path to write the state it stops at (checkpoint=...)")
 

@@ -19,6 +19,14 @@ is a second encoder forward pass.
 
 The encoder must be per-sample (LayerNorm, not BatchNorm: a BatchNorm would normalize by chunk
 statistics and update its running averages twice).
+
+Several processes: the step runs on each rank's shard with a loss that gathers the other ranks'
+embeddings (the objective's business, see :mod:`fastcl.train.distributed`); phase 2 then holds
+the collectives of the loss, outside the ``DistributedDataParallel`` wrapper, and phase 3 runs
+each replayed chunk under ``no_sync`` but the last, whose backward all-reduces the accumulated
+gradients once. ``DistributedDataParallel`` allows one forward per backward, so with ``no_sync``
+given, a model with several slots always takes the chunked path (one chunk per slot when
+``chunk_size`` is ``None``).
 """
 
 from __future__ import annotations
@@ -103,7 +111,9 @@ def contrastive_step(
         autocast: a factory of the autocast context of the encoder passes (mixed precision);
             the loss itself runs outside it, on the embeddings as the encoder returns them.
         no_sync: a factory of ``DistributedDataParallel.no_sync`` (gradient all-reduce only on
-            the last replayed chunk).
+            the last replayed chunk). With it, several slots are always encoded in chunks (one
+            forward per backward, as DDP requires), one chunk per slot if ``chunk_size`` is
+            ``None``.
         memory: a :class:`fastcl.train.metrics.PeakMemory` to measure the loss phase with.
         replay_rng: restore each chunk's RNG state before its replay (turning it off breaks
             the equality with unchunked training as soon as the encoder has dropout; it exists
@@ -120,7 +130,9 @@ def contrastive_step(
     sync_off = no_sync or contextlib.nullcontext
     device = inputs[0].device
 
-    if chunk_size is None or chunk_size >= n:
+    if no_sync is not None and len(inputs) > 1:
+        chunk_size = n if chunk_size is None else min(chunk_size, n)
+    elif chunk_size is None or chunk_size >= n:
         with amp():
             embeddings = [model(x, slot) for slot, x in enumerate(inputs)]
         loss = objective(embeddings, labels)

@@ -11,6 +11,16 @@ global RNGs; the data order and augmentations are pure functions of ``(seed, epo
 evaluation draws from neither. A checkpoint holds the RNG states and ``(epoch, step in epoch)``,
 so training ``2N`` steps gives the same parameters, bit for bit on the same machine, as ``N``
 steps, a resume, and ``N`` more.
+
+Several processes (``torchrun --nproc_per_node=W -m fastcl.train ...``, see
+:mod:`fastcl.train.distributed`): ``batch_size`` is the global batch, each rank encodes its
+``batch_size / W`` rows in chunks and the loss gathers every rank's embeddings, so a step gives
+the parameters of one process training on the same global batch (up to float rounding; the
+test suite checks it in float64), as long as the encoder draws no randomness: each rank has its
+own dropout stream (rank 0 keeps the single-process one), which a one-process run cannot
+reproduce. Rank 0 alone prints, writes the log, the plot and the checkpoints, and evaluates
+(the metrics are those of one process: the full evaluation set, the same parameters); every
+rank loads the checkpoint on ``resume`` and gets its own RNG state back.
 """
 
 from __future__ import annotations
@@ -34,9 +44,9 @@ from fastcl import dispatch
 from . import distributed
 from .checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TRAJECTORY_FIELDS, ConfigError, TrainConfig
-from .data import SyntheticPairs, digits_data
+from .data import SyntheticPairs, digits_data, read_batch
 from .gradcache import contrastive_step
-from .metrics import PeakMemory, evaluate, format_bytes
+from .metrics import PeakMemory, evaluate, format_bytes, param_dtype
 from .models import build_model, has_batchnorm
 from .objective import Objective, build_objective
 from .optim import build_optimizer, build_scheduler
@@ -95,6 +105,8 @@ class TrainResult:
     stopped_early: bool = False
     loss_backend: str = ""
     device: torch.device = torch.device("cpu")
+    world_size: int = 1
+    rank: int = 0
 
     def metrics(self, epoch: int = -1) -> dict:
         """The eval record of ``epoch`` (0: before training; -1: the last one)."""
@@ -158,6 +170,7 @@ class Trainer:
         self._model, self._data, self._objective = model, data, objective
         self.echo = echo
         self.on_record = on_record
+        self._main = True
 
     # ---------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -167,6 +180,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         world = distributed.setup(device)
+        self._main = world.is_main
         try:
             return self._fit(cfg, device, world)
         finally:
@@ -201,6 +215,13 @@ class Trainer:
                 learnable_temperature=cfg.learnable_temperature, max_logit_scale=cfg.max_logit_scale,
                 normalize=cfg.normalize, use_labels=cfg.use_labels, backend=cfg.backend)
             objective.check_slots(data.slots)
+            if world.size > 1:
+                import fastcl.distributed as fdist
+
+                distributed.check_batch(cfg.batch_size, world)
+                fdist.shard(cfg.gather)  # fastcl says which gather modes exist
+                objective.gather = cfg.gather
+                objective.check_gather()
             if objective.spec.uses_labels and cfg.use_labels and not getattr(data, "has_labels", False):
                 objective.use_labels = False
             if cfg.chunk_size is not None and has_batchnorm(model):
@@ -210,7 +231,9 @@ class Trainer:
             model.to(device)
             objective.to(device)
             net = distributed.wrap_model(model, world, device)
-            distributed.gather_for_loss([], None, world)  # raises on more than one process, for now
+            if world.rank > 0:  # a dropout stream of its own (model init above is rank 0's)
+                seed_everything(distributed.rank_seed(cfg.seed, world.rank))
+            in_dtype = param_dtype(model)
 
             steps_per_epoch = data.steps_per_epoch(cfg.batch_size, cfg.steps_per_epoch)
             total_steps = steps_per_epoch * cfg.epochs
@@ -220,7 +243,7 @@ class Trainer:
                                         total=total_steps, min_ratio=cfg.min_lr_ratio)
             use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
             autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else None
-            emb_dtype = torch.bfloat16 if use_amp else torch.float32
+            emb_dtype = torch.bfloat16 if use_amp else (in_dtype or torch.float32)
             loss_backend = dispatch.select(objective.op, device, emb_dtype, cfg.backend)
         except ConfigError:
             raise
@@ -249,36 +272,66 @@ class Trainer:
         log = _Log(cfg.log if world.is_main else None, history, append=ckpt is not None,
                    on_record=self.on_record if world.is_main else None)
         result = TrainResult(cfg, model, objective, optimizer, scheduler, history,
-                             progress["global_step"], progress["epoch"], False, loss_backend, device)
+                             progress["global_step"], progress["epoch"], False, loss_backend, device,
+                             world.size, world.rank)
 
         def evaluate_now() -> dict:
-            return evaluate(model, data, device=device, knn_k=cfg.knn_k, samples=cfg.metric_samples,
-                            seed=cfg.seed, autocast=autocast)
+            # rank 0 evaluates, the others take its numbers (no collective inside)
+            metrics = None
+            if world.is_main:
+                metrics = evaluate(model, data, device=device, knn_k=cfg.knn_k,
+                                   samples=cfg.metric_samples, seed=cfg.seed, autocast=autocast)
+            return distributed.broadcast_object(metrics, world)
 
         def write_checkpoint(path: str) -> None:
-            save_checkpoint(path, {
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "objective": objective.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": capture_rng(),
-                "progress": dict(progress),
-                # data order: epoch e visits permutation(seed, e); step s of it draws its
-                # augmentations from (seed, e, s): (epoch, step_in_epoch) is the whole state
-                "data_order": {"epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"],
-                               "seed": cfg.seed, "batch_size": cfg.batch_size},
-                "data": data.fingerprint(),
-                "history": history,
-                "versions": {"fastcl": str(fastcl.__version__), "torch": str(torch.__version__)},
-            })
+            # collective: every rank's RNG state goes to rank 0, which writes; the others learn
+            # whether it succeeded
+            rngs = distributed.all_gather_object(capture_rng(), world)
+            error = None
+            if world.is_main:
+                try:
+                    save_checkpoint(path, {
+                        "config": cfg.to_dict(),
+                        "model": model.state_dict(),
+                        "objective": objective.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rngs[0],
+                        "rng_ranks": rngs if world.size > 1 else None,
+                        "world_size": world.size,
+                        "progress": dict(progress),
+                        # data order: epoch e visits permutation(seed, e); step s of it draws its
+                        # augmentations from (seed, e, s): (epoch, step_in_epoch) is the whole state
+                        "data_order": {"epoch": progress["epoch"],
+                                       "step_in_epoch": progress["step_in_epoch"],
+                                       "seed": cfg.seed, "batch_size": cfg.batch_size},
+                        "data": data.fingerprint(),
+                        "history": history,
+                        "versions": {"fastcl": str(fastcl.__version__), "torch": str(torch.__version__)},
+                    })
+                except BaseException as exc:
+                    distributed.broadcast_object(f"{exc.__class__.__name__}: {exc}", world)
+                    raise
+            error = distributed.broadcast_object(error, world)
+            if error is not None:
+                raise RuntimeError(f"rank 0 could not write the checkpoint {path!r}: {error}")
             log({"event": "checkpoint", "step": progress["global_step"], "path": path}, keep=False)
+
+        def restore_rank_rng() -> None:
+            states = ckpt.get("rng_ranks")
+            if world.size == 1 or (states and len(states) == world.size):
+                restore_rng(states[world.rank] if world.size > 1 else ckpt["rng"])
+            elif world.is_main:
+                restore_rng(ckpt["rng"])
+            else:  # stored by another number of processes: a fresh stream for this rank
+                seed_everything(distributed.rank_seed(cfg.seed, world.rank) + progress["global_step"])
 
         t_start = time.perf_counter()
         try:
             log({"event": "start", "resumed_from": cfg.resume, "step": progress["global_step"],
                  "device": str(device), "loss_backend": loss_backend, "amp": use_amp,
-                 "world_size": world.size, "steps_per_epoch": steps_per_epoch,
+                 "world_size": world.size, "gather": cfg.gather if world.size > 1 else None,
+                 "steps_per_epoch": steps_per_epoch,
                  "total_steps": total_steps, "fastcl": fastcl.__version__,
                  "torch": str(torch.__version__), "config": cfg.to_dict()}, keep=False)
             if ckpt is None:
@@ -286,12 +339,12 @@ class Trainer:
                 log(record)
                 self._say(f"epoch 0/{cfg.epochs} (untrained)  " + _fmt_metrics(record))
             else:
-                restore_rng(ckpt["rng"])  # last: nothing after it may draw from the RNGs
+                restore_rank_rng()  # last: nothing after it may draw from the RNGs
                 self._say(f"resumed from {cfg.resume} at step {progress['global_step']} "
                           f"(epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']})")
             steps_this_run = 0
             clip_params = [p for m in (model, objective) for p in m.parameters() if p.requires_grad]
-            loss_fn = lambda embs, labels: objective(*distributed.gather_for_loss(embs, labels, world))  # noqa: E731
+            loss_params = [p for p in objective.parameters() if p.requires_grad]
 
             while progress["epoch"] < cfg.epochs:
                 epoch = progress["epoch"]
@@ -304,11 +357,15 @@ class Trainer:
                         step = progress["step_in_epoch"]
                         t0 = time.perf_counter()
                         meter.reset()
-                        batch = data.batch(epoch, step, cfg.batch_size).to(device)
+                        batch = read_batch(data, epoch, step, cfg.batch_size, world.rank,
+                                           world.size).to(device, in_dtype)
                         optimizer.zero_grad(set_to_none=True)
-                        res = contrastive_step(net, loss_fn, batch.inputs, batch.labels,
+                        res = contrastive_step(net, objective, batch.inputs, batch.labels,
                                                chunk_size=cfg.chunk_size, autocast=autocast,
                                                no_sync=getattr(net, "no_sync", None), memory=meter)
+                        # the encoder's gradients are averaged by DDP; the loss's own parameters
+                        # (outside DDP) the same way: the mean over ranks is the global gradient
+                        distributed.average_gradients(loss_params, world)
                         grad_norm = None
                         if cfg.grad_clip:
                             grad_norm = float(torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip))
@@ -316,7 +373,7 @@ class Trainer:
                         optimizer.step()
                         scheduler.step()
                         objective.clamp_()
-                        loss = float(res.loss)
+                        loss = float(distributed.mean_over_ranks(res.loss, world))  # the global loss
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         dt = time.perf_counter() - t0
@@ -331,22 +388,22 @@ class Trainer:
                             raise FloatingPointError(f"loss is {loss} at step {progress['global_step']}")
                         log({"event": "step", "epoch": epoch + 1, "step": progress["global_step"],
                              "loss": loss, "lr": lr, "logit_scale": objective.logit_scale(),
-                             "grad_norm": grad_norm, "samples_per_s": batch.size / dt,
+                             "grad_norm": grad_norm, "samples_per_s": cfg.batch_size / dt,
                              "step_time_s": dt, "peak_mem_mb": _mb(step_peak),
                              "loss_peak_mb": _mb(res.loss_peak_bytes)})
                         if bar is not None:
-                            bar.set_postfix({"loss": f"{loss:.4f}", "samples/s": f"{batch.size / dt:,.0f}",
+                            bar.set_postfix({"loss": f"{loss:.4f}",
+                                             "samples/s": f"{cfg.batch_size / dt:,.0f}",
                                              "mem": format_bytes(step_peak)}, refresh=False)
                             bar.update(1)
                         if cfg.checkpoint and cfg.checkpoint_every and \
-                                progress["global_step"] % cfg.checkpoint_every == 0 and world.is_main:
+                                progress["global_step"] % cfg.checkpoint_every == 0:
                             write_checkpoint(cfg.checkpoint)
                 finally:
                     if bar is not None:
                         bar.close()
                 if progress["step_in_epoch"] < steps_per_epoch:  # stopped by stop_after
-                    if world.is_main:
-                        write_checkpoint(cfg.checkpoint)
+                    write_checkpoint(cfg.checkpoint)
                     log({"event": "stop", "step": progress["global_step"],
                          "reason": f"stop_after={cfg.stop_after}"}, keep=False)
                     self._say(f"stopped after {steps_this_run} steps at step "
@@ -360,7 +417,7 @@ class Trainer:
                           **evaluate_now(), "epoch_time_s": time.perf_counter() - t_epoch}
                 log(record)
                 self._say(f"epoch {epoch + 1}/{cfg.epochs}  " + _fmt_metrics(record))
-                if cfg.checkpoint and world.is_main:
+                if cfg.checkpoint:
                     write_checkpoint(cfg.checkpoint)
             log({"event": "end", "step": progress["global_step"], "stopped_early": result.stopped_early,
                  "time_s": time.perf_counter() - t_start}, keep=False)
@@ -375,7 +432,7 @@ class Trainer:
         return result
 
     def _say(self, line: str) -> None:
-        if self.echo is not None:
+        if self.echo is not None and self._main:
             self.echo(line)
 
 

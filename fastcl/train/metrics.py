@@ -27,6 +27,7 @@ from .data import derive_generator
 __all__ = [
     "PeakMemory",
     "embed",
+    "param_dtype",
     "recall_at_k",
     "knn_accuracy",
     "alignment_uniformity",
@@ -153,18 +154,25 @@ def format_bytes(n: Optional[float]) -> str:
 # embeddings and metrics
 # --------------------------------------------------------------------------------------------
 
+def param_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the first floating-point parameter of ``model`` (``None`` if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 @torch.no_grad()
 def embed(model: nn.Module, x: Tensor, slot: int, *, device: torch.device, batch: int = 4096,
           autocast: Optional[Callable] = None) -> Tensor:
-    """L2-normalized fp32 embeddings of ``x`` through slot ``slot`` of ``model`` in eval mode."""
+    """L2-normalized fp32 embeddings of ``x`` through slot ``slot`` of ``model`` in eval mode
+    (floating-point inputs are cast to the dtype of the model's parameters)."""
     was_training = model.training
     model.eval()
     amp = autocast or contextlib.nullcontext
+    dtype = param_dtype(model) if x.is_floating_point() else None
     try:
         parts = []
         for chunk in x.split(batch):
             with amp():
-                parts.append(model(chunk.to(device), slot).float())
+                parts.append(model(chunk.to(device, dtype), slot).float())
         return F.normalize(torch.cat(parts), dim=1)
     finally:
         model.train(was_training)
