@@ -645,8 +645,9 @@ def siglip_loss(
 
     ``gather="all_gather"`` or ``"ring"`` (over ``group``): each rank's images against the texts
     of every rank (the pairs of other ranks are negatives), the loss of the global batch ``B``
-    divided by ``B`` under the convention of :mod:`fastcl.distributed`; the row sums and their
-    backward then run as two passes (no one-pass fused loss).
+    divided by ``B`` under the convention of :mod:`fastcl.distributed`. ``"all_gather"`` keeps
+    the one-pass loss and gradients; the ring computes the row sums, and the backward runs the
+    ring again.
     """
     V.features("image_features", image_features)
     V.features("text_features", text_features)
@@ -665,11 +666,15 @@ def siglip_loss(
     if be == "reference":
         return ref.siglip_ref(x, y, scale=scale, bias=bias, reduction=reduction)
     a, b = _pair_scale(scale, x), _pair_scale(bias, x)
-    if sh is not None:
-        return _reduce(sh.siglip_rows(x, y, a, b, backend=be), None, reduction, sh)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, a, b))
-    if reduction != "none" and wants_grad and be in siglip_ops.FUSED_BACKENDS:
-        return siglip_ops.siglip_fused(x, y, a, b, True, reduction == "mean", be)[0]
+    fused = reduction != "none" and wants_grad and be in siglip_ops.FUSED_BACKENDS
+    if sh is not None and not (fused and sh.strategy == "all_gather"):
+        return _reduce(sh.siglip_rows(x, y, a, b, backend=be), None, reduction, sh)
+    if fused:  # with all_gather: the own rows against every rank's texts, own block first
+        texts = y if sh is None else sh.columns(y)
+        loss = siglip_ops.siglip_fused(x, texts, a, b, True, reduction == "mean", be)[0]
+        # the mean divides by this rank's rows: world * sum / (world * n) by the convention
+        return loss if (sh is None or reduction == "mean") else sh.world * loss
     rows = siglip_ops.siglip_fwd(x, y, a, b, True, be)
     if reduction == "none":
         return rows
