@@ -5,7 +5,8 @@
   a CPU) and the peak memory beyond what was allocated before (GPU: the caching allocator's
   counters; CPU: ``None``, measured per process by :mod:`benchmarks.bench_cpu_contrastive`);
 - :func:`eager_clip`, :func:`infcl_clip`, :func:`open_clip_clip`: the symmetric CLIP loss as the
-  baselines compute it, each ``None`` where its package is not installed.
+  baselines compute it, each ``None`` where its package is not installed; :func:`eager_siglip`
+  the sigmoid loss with materialized logits.
 """
 
 from __future__ import annotations
@@ -162,3 +163,10 @@ def open_clip_clip() -> Optional[Callable]:
         return module(x, y, scale)
 
     return loss
+
+
+def eager_siglip(x, y, scale, bias=-10.0):
+    """The sigmoid loss with materialized logits (open_clip's SigLipLoss arithmetic, one process)."""
+    logits = (scale * x @ y.T + bias).float()
+    z = 2 * torch.eye(x.shape[0], device=x.device) - 1
+    return -F.logsigmoid(z * logits).sum() / x.shape[0]

@@ -1,4 +1,5 @@
-"""Symmetric CLIP loss, forward + backward: fastcl against its baselines, in one process.
+"""Symmetric CLIP loss (or, with ``--loss siglip``, the sigmoid loss), forward + backward:
+fastcl against its baselines, in one process.
 
 Implementations (each skipped with a note where it cannot run):
 
@@ -9,11 +10,13 @@ Implementations (each skipped with a note where it cannot run):
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` on each available backend.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
-effective TFLOP/s (``8 N^2 D / s``: four GEMMs) and ratios to eager and to Inf-CL, as a
+effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
+known in the forward) and ratios to eager and to Inf-CL, as a
 Markdown table and as JSON (``--json``). GPU: CUDA events around ``triton.testing.do_bench``-like
 repeats, memory from ``torch.cuda.max_memory_allocated``. CPU: wall time only.
 
     python -m benchmarks.bench_clip --n 4096 8192 16384 32768 65536 --d 1024 --dtype bf16
+    python -m benchmarks.bench_clip --loss siglip --n 16384 65536 --d 1024
 """
 
 from __future__ import annotations
@@ -27,27 +30,35 @@ import torch.nn.functional as F
 import fastcl
 from fastcl import dispatch
 
-from ._common import DTYPES, eager_clip, environment, infcl_clip, open_clip_clip, timed
+from ._common import (DTYPES, eager_clip, eager_siglip, environment, infcl_clip,
+                      open_clip_clip, timed)
 
 
-def implementations(device: torch.device, dtype: torch.dtype, which):
-    impls = {"eager": eager_clip}
+def implementations(device: torch.device, dtype: torch.dtype, which, loss: str = "clip"):
+    """``{name: f(x, y, scale) -> loss}`` of every implementation that can run here."""
+    eager = eager_clip if loss == "clip" else eager_siglip
+    impls = {"eager": eager}
     if device.type == "cuda":
-        impls["compile"] = torch.compile(eager_clip)
-        infcl = infcl_clip()
+        impls["compile"] = torch.compile(eager)
+    if loss == "clip":
+        infcl = infcl_clip() if device.type == "cuda" else None
         if infcl is not None:
             impls["infcl"] = infcl
-    oc = open_clip_clip()
-    if oc is not None:
-        impls["open_clip"] = oc
+        oc = open_clip_clip()
+        if oc is not None:
+            impls["open_clip"] = oc
+    op = "info_nce" if loss == "clip" else "siglip_loss"
     for backend in ("triton", "cuda", "cpu"):
-        if dispatch.why_not(backend, "info_nce", device, dtype) is None:
-            impls[f"fastcl-{backend}"] = (
-                lambda x, y, s, _b=backend: fastcl.clip_loss(x, y, s, backend=_b))
+        if dispatch.why_not(backend, op, device, dtype) is None:
+            if loss == "clip":
+                fn = (lambda x, y, s, _b=backend: fastcl.clip_loss(x, y, s, backend=_b))
+            else:
+                fn = (lambda x, y, s, _b=backend: fastcl.siglip_loss(x, y, s, -10.0, backend=_b))
+            impls[f"fastcl-{backend}"] = fn
     return {k: v for k, v in impls.items() if not which or k in which}
 
 
-def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0) -> dict:
+def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0, gemms: int = 4) -> dict:
     """Median time, peak extra memory and effective TFLOP/s of forward + backward."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
@@ -66,7 +77,7 @@ def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0) -> dict
     if "error" in r:
         return r
     return {"seconds": r["seconds"], "extra_bytes": r["extra_bytes"], "loss": float(r["out"]),
-            "tflops": 8 * n * n * d / r["seconds"] / 1e12}
+            "tflops": 2 * gemms * n * n * d / r["seconds"] / 1e12}
 
 
 def table(records: list[dict]) -> str:
@@ -92,6 +103,7 @@ def table(records: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", choices=("clip", "siglip"), default="clip")
     p.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--d", type=int, nargs="+", default=[512])
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -104,7 +116,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
-    impls = implementations(device, dtype, args.impl)
+    impls = implementations(device, dtype, args.impl, args.loss)
+    gemms = 4 if args.loss == "clip" else 3
     records = []
     for d in args.d:
         for n in args.n:
@@ -112,8 +125,9 @@ def main(argv=None) -> int:
                 if (args.max_eager_n and name in ("eager", "compile") and n > args.max_eager_n):
                     rec = {"error": "skipped (N^2 memory)"}
                 else:
-                    rec = measure(fn, n, d, dtype, device, args.reps)
-                rec.update(n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=name)
+                    rec = measure(fn, n, d, dtype, device, args.reps, gemms=gemms)
+                rec.update(n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=name,
+                           loss=args.loss)
                 records.append(rec)
                 shown = (f"{rec['seconds'] * 1e3:9.2f} ms" if "seconds" in rec else rec["error"])
                 print(f"N={n:<8d} D={d:<5d} {name:<14s} {shown}", flush=True)

@@ -19,5 +19,13 @@ echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.log"
 python3 -m fastcl info | tee "$OUT/info.txt"
 # GPU tests first (real sizes), then the whole suite on the GPU machine.
 python3 -m pytest -q -x -m gpu ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/test_gpu.log" | tail -15
-python3 -m benchmarks.bench_clip --n ${BENCH_N:-4096 8192 16384 32768 65536} --d ${BENCH_D:-1024} \
-  --dtype bf16 --reps 5 --json "$OUT/bench_clip.json" 2>&1 | tee "$OUT/bench_clip.txt" | tail -40
+# The GPU suite of the report: symmetric CLIP, bf16, D = 1024, N = 4096 .. 65536, against eager,
+# torch.compile, open_clip and Inf-CL, with the PERFORMANCE.md targets checked; it rewrites the
+# GPU section of docs/benchmarks.md, whose files are copied to $OUT.
+python3 -m benchmarks.report ${REPORT_ARGS:-} 2>&1 | tee "$OUT/report.txt" | tail -40
+mkdir -p "$OUT/docs"
+cp docs/benchmarks.md benchmarks/results/gpu.json docs/img/gpu_*.png "$OUT/docs/" 2>/dev/null
+# SigLIP on every GPU backend (Triton, CUDA C++) against eager and torch.compile; top-k search.
+python3 -m benchmarks.bench_clip --loss siglip --n ${SIGLIP_N:-16384 65536} --d 1024 --dtype bf16 \
+  --reps 5 --json "$OUT/bench_siglip.json" 2>&1 | tee "$OUT/bench_siglip.txt" | tail -12
+python3 -m benchmarks.bench_topk --json "$OUT/bench_topk.json" 2>&1 | tee "$OUT/bench_topk.txt" | tail -8

@@ -199,8 +199,10 @@ def test_siglip_topk_alignment_run():
     vals, idx = fastcl.topk_similarity(x, y, 3)
     full = x @ y.T
     torch.testing.assert_close(vals, full.topk(3, dim=1).values)
-    with pytest.raises(fastcl.BackendUnavailableError, match="no fused cuda kernel"):
+    with pytest.raises(fastcl.BackendUnavailableError, match="needs CUDA tensors"):
         fastcl.siglip_loss(x, y, 10.0, -10.0, backend="cuda")
+    assert "no fused cuda kernel" in dispatch.why_not("cuda", "topk_similarity",
+                                                      torch.device("cuda"), torch.float32)
 
 
 def _skip_without_family(backend, op):
