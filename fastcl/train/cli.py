@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N steps of this invocation, writing the checkpoint")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     g.add_argument("--gather", help="several processes: the gather mode of the loss, passed to "
-                                    "fastcl (default all_gather; unused on one process)")
+                                    "fastcl: all_gather (default) or ring; unused on one process")
     g = p.add_argument_group("demo")
     g.add_argument("--pairs-batch", type=int, help="batch of the demo's two-tower part")
     g.add_argument("--pairs-steps", type=int, help="steps of the demo's two-tower part (4)")

@@ -62,8 +62,8 @@ class TrainConfig:
     Several processes (``torchrun``; not part of the trajectory, see
     :mod:`fastcl.train.distributed`):
         gather: how each rank's loss reaches the other ranks' embeddings, passed as the
-            ``gather`` of the fastcl loss (``"all_gather"``; :mod:`fastcl.distributed` lists
-            the values it accepts). Unused on one process. ``batch_size`` is the global batch:
+            ``gather`` of the fastcl loss (``"all_gather"`` or ``"ring"``;
+            :mod:`fastcl.distributed` lists the values it accepts). Unused on one process. ``batch_size`` is the global batch:
             each of the ``W`` processes reads ``batch_size / W`` samples of it (``W`` must
             divide it), and ``chunk_size`` counts rows per process.
     Run control (not part of the trajectory):

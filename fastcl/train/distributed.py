@@ -11,8 +11,8 @@ the whole global batch:
   :func:`check_batch`. Sample randomness is a function of the global batch position, so the
   shards concatenated by rank are the single-process batch.
 - Loss: every rank's :class:`fastcl.train.Objective` calls its fastcl loss with the ``gather``
-  of the run (``"all_gather"`` by default): each rank contrasts its own anchors with the anchors
-  of all ranks. Under the convention of :mod:`fastcl.distributed`, the mean over ranks of the
+  of the run (``"all_gather"`` by default, or ``"ring"``): each rank contrasts its own anchors
+  with the anchors of all ranks. Under the convention of :mod:`fastcl.distributed`, the mean over ranks of the
   returned losses is the global loss and each rank's gradient with respect to its embeddings is
   ``W`` times the global loss's.
 - Gradients: :func:`wrap_model` wraps the encoder in ``DistributedDataParallel``, whose average

@@ -216,12 +216,8 @@ class Trainer:
                 normalize=cfg.normalize, use_labels=cfg.use_labels, backend=cfg.backend)
             objective.check_slots(data.slots)
             if world.size > 1:
-                import fastcl.distributed as fdist
-
                 distributed.check_batch(cfg.batch_size, world)
-                fdist.shard(cfg.gather)  # fastcl says which gather modes exist
-                objective.gather = cfg.gather
-                objective.check_gather()
+                objective.set_gather(cfg.gather)  # fastcl says which gather modes exist
             if objective.spec.uses_labels and cfg.use_labels and not getattr(data, "has_labels", False):
                 objective.use_labels = False
             if cfg.chunk_size is not None and has_batchnorm(model):

@@ -17,11 +17,9 @@ name                   call                             slots
 ``multiview``          ``multiview_loss([V, N, D])``    >= 2
 =====================  ===============================  ==========================
 
-On several processes the trainer sets :attr:`Objective.gather` (``"all_gather"`` by default):
-the loss is then called through :mod:`fastcl.functional` with that ``gather`` (the modules of
-``fastcl.nn`` have no such argument), with the module's own settings and logit scale. The value
-is passed through unchanged: :func:`fastcl.distributed.shard` decides which values exist.
-SigLIP has no multi-process form in fastcl and is refused there.
+On several processes the trainer calls :meth:`Objective.set_gather` (``"all_gather"`` by
+default, or ``"ring"``): the module then reaches the embeddings of every rank through
+:mod:`fastcl.distributed`, which also says which values exist.
 """
 
 from __future__ import annotations
@@ -34,8 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import functional as fF
 from .. import nn as fnn
+from ..distributed import check_gather
 
 __all__ = ["LOSSES", "LossSpec", "Objective", "build_objective"]
 
@@ -48,27 +46,17 @@ class LossSpec:
     min_slots: int = 2
     temperature: bool = True  # takes temperature / learnable_temperature
     uses_labels: bool = False
-    # the fastcl.functional loss called with `gather`, and the module settings it takes
-    # (besides normalize, reduction, backend); None: no multi-process form
-    function: Optional[str] = None
-    settings: tuple = ()
 
 
 LOSSES = {
-    "clip": LossSpec(fnn.ClipLoss, "info_nce", 2, function="info_nce",
-                     settings=("symmetric", "symmetric_weight", "label_smoothing")),
-    "info_nce": LossSpec(fnn.InfoNCELoss, "info_nce", 2, function="info_nce",
-                         settings=("symmetric", "symmetric_weight", "label_smoothing")),
-    "nt_xent": LossSpec(fnn.NTXentLoss, "nt_xent", 2, function="nt_xent"),
-    "dcl": LossSpec(fnn.DCLLoss, "dcl", 2, function="dcl", settings=("weighted", "sigma")),
-    "hard_negative_nce": LossSpec(fnn.HardNegativeNCELoss, "hard_negative_nce", 2,
-                                  function="hard_negative_nce",
-                                  settings=("temperature", "beta", "tau_plus", "layout")),
+    "clip": LossSpec(fnn.ClipLoss, "info_nce", 2),
+    "info_nce": LossSpec(fnn.InfoNCELoss, "info_nce", 2),
+    "nt_xent": LossSpec(fnn.NTXentLoss, "nt_xent", 2),
+    "dcl": LossSpec(fnn.DCLLoss, "dcl", 2),
+    "hard_negative_nce": LossSpec(fnn.HardNegativeNCELoss, "hard_negative_nce", 2),
     "siglip": LossSpec(fnn.SigLipLoss, "siglip_loss", 2, temperature=False),
-    "supcon": LossSpec(fnn.SupConLoss, "supcon", None, min_slots=1, uses_labels=True,
-                       function="supcon", settings=("variant", "base_temperature")),
-    "multiview": LossSpec(fnn.MultiViewLoss, "multiview_loss", None, min_slots=2,
-                          function="multiview_loss", settings=("method", "cmc_mode")),
+    "supcon": LossSpec(fnn.SupConLoss, "supcon", None, min_slots=1, uses_labels=True),
+    "multiview": LossSpec(fnn.MultiViewLoss, "multiview_loss", None, min_slots=2),
 }
 
 # Options the trainer sets itself (through TrainConfig), not through loss_options.
@@ -78,25 +66,25 @@ _RESERVED = ("temperature", "learnable_temperature", "max_logit_scale", "normali
 class Objective(nn.Module):
     """``forward(embeddings, labels=None) -> loss`` for the loss ``name``.
 
-    ``gather`` (``None``: one process) and ``group``: how the loss reaches the embeddings of the
-    other ranks (see :mod:`fastcl.distributed`); set by the trainer on several processes.
+    The module's ``gather`` and ``group`` (see :mod:`fastcl.distributed`) say how the loss
+    reaches the embeddings of the other ranks; the trainer sets them on several processes.
     """
 
-    def __init__(self, name: str, module: nn.Module, *, use_labels: bool = True,
-                 gather: Optional[str] = None, group=None):
+    def __init__(self, name: str, module: nn.Module, *, use_labels: bool = True):
         super().__init__()
         self.name = name
         self.spec = LOSSES[name]
         self.loss = module
         self.use_labels = use_labels
-        self.gather = gather
-        self.group = group
 
-    def check_gather(self) -> None:
-        """Refuse a loss without a multi-process form while :attr:`gather` is set."""
-        if self.gather is not None and self.spec.function is None:
-            raise ValueError(f"loss {self.name!r} has no multi-process form in fastcl (no "
-                             f"gather=); train it on one process or pick another loss")
+    def set_gather(self, gather: Optional[str], group=None) -> None:
+        """Contrast with the embeddings of every rank of ``group`` (``gather="all_gather"`` or
+        ``"ring"``), or only with this process's (``None``); unknown values raise ValueError."""
+        self.loss.gather, self.loss.group = check_gather(gather), group
+
+    @property
+    def gather(self) -> Optional[str]:
+        return self.loss.gather
 
     @property
     def op(self) -> str:
@@ -117,18 +105,7 @@ class Objective(nn.Module):
             args = (torch.stack(e, dim=0),)
         else:
             args = (e[0], e[1])
-        if self.gather is None:
-            return self.loss(*args)
-        self.check_gather()
-        return self._gathered(*args)
-
-    def _gathered(self, *args) -> Tensor:
-        """The loss through :mod:`fastcl.functional` with ``gather``: the module's settings."""
-        m, spec = self.loss, self.spec
-        kwargs = {k: getattr(m, k) for k in ("normalize", "reduction", "backend") + spec.settings}
-        if spec.temperature and "temperature" not in spec.settings:
-            kwargs.update(temperature=None, logit_scale=m.logit_scale())
-        return getattr(fF, spec.function)(*args, **kwargs, gather=self.gather, group=self.group)
+        return self.loss(*args)
 
     def logit_scale(self) -> Optional[float]:
         """The logit scale in use (``1 / temperature``), for logs; ``None`` if the loss has none."""
