@@ -127,11 +127,13 @@ def test_unknown_gather_strategy_is_refused():
         fastcl.nn.NTXentLoss(gather="tree")
 
 
+@pytest.mark.parametrize("more", ["some", "beyond_block"])
 @pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
-def test_backward_counts_den_from_the_npos_passed_in(backend):
+def test_backward_counts_den_from_the_npos_passed_in(backend, more):
     """The ring passes the global npos to each block and rescales g_mean by the block's count:
     the backward counts |den(r)| as max(C - [exclude_diag and r < C] - [decoupled] npos[r], 1)
-    from the npos it is given (the contract of fastcl.reference.contrastive)."""
+    from the npos it is given (the contract of fastcl.reference.contrastive), also when the
+    global positives outnumber the block's columns (the count is then clamped to 1)."""
     from fastcl.ops.contrastive import contrastive_bwd, contrastive_fwd
     from fastcl.reference.contrastive import contrastive_masks_ref
 
@@ -148,7 +150,8 @@ def test_backward_counts_den_from_the_npos_passed_in(backend):
     scale, bias = torch.tensor(2.0, dtype=dt), torch.tensor(0.0, dtype=dt)
     flags = (True, True, False, False, backend)  # exclude_diag, decoupled, pos_lse, col_stats
     lse, pos, npos, _mean, col_lse, _ = contrastive_fwd(q, k, scale, bias, None, rl, cl, *flags)
-    npos_in = npos + torch.arange(R) % 2  # a caller's counts, not this block's
+    # a caller's counts, not this block's
+    npos_in = npos + (torch.arange(R) % 2 if more == "some" else C)
     g_mean = torch.randn(R, dtype=torch.float64, generator=g).to(dt)
     dq, dk, _ds, _db = contrastive_bwd(None, None, g_mean, None, None, q, k, scale, bias, None,
                                        rl, cl, lse, pos, npos_in, col_lse, *flags)

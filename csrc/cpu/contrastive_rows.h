@@ -460,7 +460,8 @@ FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db
         rmax = br.lse > rmax ? br.lse : rmax;
         rmin = br.lse < rmin ? br.lse : rmin;
       }
-      br.gmd = (P.g_mean && nden > 0) ? static_cast<T>(P.g_mean[gr] / nden) : T(0);
+      // the contract's count max(|den|, 1): a ring block passes the global npos
+      br.gmd = P.g_mean ? static_cast<T>(P.g_mean[gr] / std::max(nden, 1.0)) : T(0);
       const T gp = (P.g_pos && npos > 0) ? P.g_pos[gr] : T(0);
       br.pexp = false;
       br.gpc = gp;

@@ -428,7 +428,8 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   const T lse2 = rexp ? lse * T(kLog2e) : T(0);
   if (!rexp) gl = T(0);
   const double gm = static_cast<double>(load_or_zero<T>(P.g_mean, gr));
-  const T gmd = nden > 0 ? static_cast<T>(gm / nden) : T(0);
+  // the contract's count max(|den|, 1): a ring block passes the global npos (see fastcl.reference)
+  const T gmd = static_cast<T>(gm / (nden > 1.0 ? nden : 1.0));
   const T gp = (P.g_pos != nullptr && npos > T(0)) ? static_cast<const T*>(P.g_pos)[gr] : T(0);
   const bool pexp = g.labels && M.pos_lse && gp != T(0);
   const T posr2 = pexp ? static_cast<const T*>(P.pos)[gr] * T(kLog2e) : T(0);
