@@ -8,7 +8,9 @@ Implementations:
 - ``compile``: ``eager`` under ``torch.compile`` (compiled at the measured size in the warm-up);
 - ``open_clip``: open_clip's ``ClipLoss`` (where open_clip is installed);
 - ``slabs``: what a careful user writes without custom kernels: row slabs of plain PyTorch ops
-  (1024 rows), logits recomputed in the backward.
+  (1024 rows), logits recomputed in the backward;
+- ``eager-one`` and ``fastcl-one``: one direction only (InfoNCE, query -> key), eager
+  ``F.cross_entropy`` against :func:`fastcl.info_nce`; their ratios are taken to ``eager-one``.
 
 Each implementation runs in a fresh subprocess (so its peak RSS is its own): one warm-up at a
 small size, then ``--reps`` timed forward + backward passes on unit-norm fp32 inputs with logit
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from ._common import RssPeak, eager_clip, open_clip_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs")
+IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs", "eager-one", "fastcl-one")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +99,16 @@ def slab_clip(q, k, scale):
     return _SlabCLIP.apply(q, k, scale)
 
 
+def eager_one_direction(q, k, scale):
+    return F.cross_entropy(scale * q @ k.T, torch.arange(q.shape[0]))
+
+
+def fastcl_one_direction(q, k, scale):
+    import fastcl
+
+    return fastcl.info_nce(q, k, logit_scale=scale, backend="cpu")
+
+
 def _loss(impl: str):
     if impl == "compile":
         return torch.compile(eager_clip)
@@ -105,7 +117,8 @@ def _loss(impl: str):
         if fn is None:
             raise RuntimeError("open_clip is not installed")
         return fn
-    return {"eager": eager_clip, "fastcl": fastcl_clip, "slabs": slab_clip}[impl]
+    return {"eager": eager_clip, "fastcl": fastcl_clip, "slabs": slab_clip,
+            "eager-one": eager_one_direction, "fastcl-one": fastcl_one_direction}[impl]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +189,8 @@ def table(results: list) -> str:
     rows = ["| N x D | impl | fwd+bwd (s) | peak extra RSS | GFLOP/s | time / eager | memory / eager |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
-        base = next((x for x in results if x["impl"] == "eager" and x["n"] == r["n"]
+        eager = "eager-one" if r["impl"].endswith("-one") else "eager"
+        base = next((x for x in results if x["impl"] == eager and x["n"] == r["n"]
                      and "error" not in x), None)
         if "error" in r:
             rows.append(f"| {r['n']} x {r['d']} | {r['impl']} | - | - | - | - | - ({r['error']}) |")
@@ -219,12 +233,12 @@ def main(argv=None) -> int:
     ok = [r for r in results if "error" not in r]
     for n in args.n:
         losses = {r["impl"]: r["loss"] for r in ok if r["n"] == n}
-        if "eager" in losses:
-            for impl, v in losses.items():
-                if abs(v - losses["eager"]) > 1e-4 * max(1.0, abs(losses["eager"])):
-                    print(f"WARNING: N={n} {impl} loss {v} differs from eager {losses['eager']}")
+        for impl, v in losses.items():
+            eager = "eager-one" if impl.endswith("-one") else "eager"
+            if eager in losses and abs(v - losses[eager]) > 1e-4 * max(1.0, abs(losses[eager])):
+                print(f"WARNING: N={n} {impl} loss {v} differs from {eager} {losses[eager]}")
     print()
-    print(f"Symmetric CLIP loss, fp32, forward + backward, {platform.machine()} "
+    print(f"Symmetric CLIP loss (-one: one direction), fp32, forward + backward, {platform.machine()} "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {ok[0]['threads'] if ok else '?'} "
           f"threads, median of {args.reps}")
     print(table(results))
