@@ -63,6 +63,15 @@ def same_rows(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def paired(name_a: str, a, name_b: str, b) -> None:
+    """Two ``[N, D]`` feature matrices whose rows pair up: same N, D, device and dtype."""
+    features(name_a, a)
+    features(name_b, b)
+    same_dim(name_a, a, name_b, b)
+    same_rows(name_a, a, name_b, b)
+    same_device_dtype(**{name_a: a, name_b: b})
+
+
 def same_device_dtype(**tensors: Optional[Tensor]) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
     n0, t0 = items[0]

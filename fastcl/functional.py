@@ -107,6 +107,14 @@ def _stats(sh: Optional[Shard], rows: Tensor, cols: Tensor, a: Tensor, b: Tensor
     return contrastive_stats(rows, cols, a, b, targets, row_labels, col_labels, **flags)[:4]
 
 
+def _sharded(gather: Optional[str], group, name: str, x: Tensor) -> Optional[Shard]:
+    """The :class:`Shard` of this rank (``None`` without ``gather``), equal shards checked."""
+    sh = shard(gather, group)
+    if sh is not None:
+        sh.check_equal(name, x)
+    return sh
+
+
 def _select(op: str, x: Tensor, backend: str, sh: Optional[Shard]) -> str:
     """The backend of a call; with a shard, the reference is served by the "torch" op backend."""
     be = dispatch.select(op, x.device, x.dtype, backend)
@@ -297,17 +305,11 @@ def nt_xent(
     ``l_i = -s_{i,p(i)} + LSE_{j != i} s_ij``, mean over the ``2N`` rows. SimCLR uses cosine
     similarity: pass ``normalize=True`` for it. ``reduction="none"`` returns the ``2N`` vector.
     """
-    V.features("z1", z1)
-    V.features("z2", z2)
-    V.same_dim("z1", z1, "z2", z2)
-    V.same_rows("z1", z1, "z2", z2)
-    V.same_device_dtype(z1=z1, z2=z2)
+    V.paired("z1", z1, "z2", z2)
     V.reduction(reduction)
     if logit_scale is not None and temperature == 0.5:
         temperature = None
-    sh = shard(gather, group)
-    if sh is not None:
-        sh.check_equal("z1", z1)
+    sh = _sharded(gather, group, "z1", z1)
     scale = V.logit_scale(temperature, logit_scale, z1.device)
     z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
     be = _select("nt_xent", z1, backend, sh)
@@ -361,9 +363,7 @@ def supcon(
         V.positive_number("base_temperature", base_temperature)
     if logit_scale is not None and temperature == 0.1:
         temperature = None
-    sh = shard(gather, group)
-    if sh is not None:
-        sh.check_equal("features", features)
+    sh = _sharded(gather, group, "features", features)
     scale = V.logit_scale(temperature, logit_scale, features.device)
     features = _norm(features, normalize)
     be = _select("supcon", features, backend, sh)
@@ -411,11 +411,7 @@ def dcl(
     sigma)`` (detached, cosine similarity as in lightly), else ``w_i = 1``. lightly normalizes the features: pass
     ``normalize=True`` to match it. ``reduction="none"`` returns the ``2N`` vector.
     """
-    V.features("z1", z1)
-    V.features("z2", z2)
-    V.same_dim("z1", z1, "z2", z2)
-    V.same_rows("z1", z1, "z2", z2)
-    V.same_device_dtype(z1=z1, z2=z2)
+    V.paired("z1", z1, "z2", z2)
     V.reduction(reduction)
     V.positive_number("sigma", sigma)
     if z1.shape[0] < 2:
@@ -423,9 +419,7 @@ def dcl(
                          f"got z1 of shape {tuple(z1.shape)}")
     if logit_scale is not None and temperature == 0.1:
         temperature = None
-    sh = shard(gather, group)
-    if sh is not None:
-        sh.check_equal("z1", z1)
+    sh = _sharded(gather, group, "z1", z1)
     scale = V.logit_scale(temperature, logit_scale, z1.device)
     z1, z2 = _norm(z1, normalize), _norm(z2, normalize)
     be = _select("dcl", z1, backend, sh)
@@ -480,9 +474,7 @@ def multiview_loss(
     nv, n = views.shape[0], views.shape[1]
     if nv < 2:
         raise ValueError(f"views must hold at least 2 views along dim 0, got shape {tuple(views.shape)}")
-    sh = shard(gather, group)
-    if sh is not None:
-        sh.check_equal("views[0]", views[0])
+    sh = _sharded(gather, group, "views[0]", views[0])
     scale = V.logit_scale(temperature, logit_scale, views.device)
     views = _norm(views, normalize)
     be = _select("multiview_loss", views, backend, sh)
@@ -559,11 +551,7 @@ def hard_negative_nce(
     ``LSE_n beta s_n`` (one when ``beta = 0``), evaluated in log space so that large scales
     do not overflow.
     """
-    V.features("z1", z1)
-    V.features("z2", z2)
-    V.same_dim("z1", z1, "z2", z2)
-    V.same_rows("z1", z1, "z2", z2)
-    V.same_device_dtype(z1=z1, z2=z2)
+    V.paired("z1", z1, "z2", z2)
     V.reduction(reduction)
     V.choice("layout", layout, ("two_view", "paired"))
     if not 0.0 <= float(tau_plus) < 1.0:
@@ -571,9 +559,7 @@ def hard_negative_nce(
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"beta must be a number >= 0, got {beta!r}")
     n = z1.shape[0]
-    sh = shard(gather, group)
-    if sh is not None:
-        sh.check_equal("z1", z1)
+    sh = _sharded(gather, group, "z1", z1)
     n_global = n if sh is None else n * sh.world
     n_neg = 2 * n_global - 2 if layout == "two_view" else n_global - 1
     if n_neg < 1:
@@ -649,16 +635,10 @@ def siglip_loss(
     the one-pass loss and gradients; the ring computes the row sums, and the backward runs the
     ring again.
     """
-    V.features("image_features", image_features)
-    V.features("text_features", text_features)
-    V.same_dim("image_features", image_features, "text_features", text_features)
-    V.same_rows("image_features", image_features, "text_features", text_features)
-    V.same_device_dtype(image_features=image_features, text_features=text_features)
+    V.paired("image_features", image_features, "text_features", text_features)
     V.reduction(reduction)
     device = image_features.device
-    sh = shard(gather, group)
-    if sh is not None:
-        sh.check_equal("image_features", image_features)
+    sh = _sharded(gather, group, "image_features", image_features)
     scale = V.scalar("logit_scale", logit_scale, device, positive=True)
     bias = V.scalar("logit_bias", logit_bias, device)
     x, y = _norm(image_features, normalize), _norm(text_features, normalize)
@@ -685,11 +665,7 @@ def siglip_loss(
 
 def alignment(x: Tensor, y: Tensor, alpha: float = 2) -> Tensor:
     """Alignment (Wang & Isola 2020): ``mean_i ||x_i - y_i||^alpha`` (linear cost, no kernel)."""
-    V.features("x", x)
-    V.features("y", y)
-    V.same_dim("x", x, "y", y)
-    V.same_rows("x", x, "y", y)
-    V.same_device_dtype(x=x, y=y)
+    V.paired("x", x, "y", y)
     V.positive_number("alpha", alpha)
     dt = _stat_dtype(x)
     return (x.to(dt) - y.to(dt)).norm(dim=1).pow(alpha).mean()
@@ -707,12 +683,8 @@ def uniformity(x: Tensor, t: float = 2, *, backend: str = "auto",
     V.features("x", x)
     V.positive_number("t", t)
     n = x.shape[0]
-    sh = shard(gather, group)
-    if sh is not None:
-        sh.check_equal("x", x)
-        n_global = n * sh.world
-    else:
-        n_global = n
+    sh = _sharded(gather, group, "x", x)
+    n_global = n if sh is None else n * sh.world
     if n_global < 2:
         raise ValueError(f"uniformity needs at least 2 rows, got x of shape {tuple(x.shape)}")
     be = _select("uniformity", x, backend, sh)
