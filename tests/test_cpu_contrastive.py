@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 import torch
-from _rss_probe import peak_rss_growth
+from _memory import peak_rss_growth
 
 from fastcl.reference.contrastive import contrastive_stats_ref
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _rss_probe import peak_rss_growth
+from _memory import peak_rss_growth
 
 try:
     from fastcl import _C

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _rss_probe import peak_rss_growth
+from _memory import peak_rss_growth
 
 try:
     from fastcl import _C

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from _memory import LargestAllocation  # noqa: E402
 
 from fastcl.kernels import contrastive as tk  # noqa: E402
 from fastcl.reference.contrastive import (  # noqa: E402
@@ -371,26 +371,13 @@ def test_tf32_switch_runs():
         tk.ALLOW_TF32 = old
 
 
-class _NumelRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
-                self.largest = (t.numel(), str(func))
-        return out
-
-
 def test_no_quadratic_allocation():
     """No tensor of R*C elements or more is created during the forward or the backward."""
     R, C, D = 70, 60, 3                       # R*C = 4200 > R*D, C*D
     inputs = make_inputs(R, C, D, torch.float32, "labels")
     flags = flags_of(exclude_diag=True, pos_lse=True, col_stats=True)
     grads = make_grads(R, C, ALL_G)
-    with _NumelRecorder() as rec:
+    with LargestAllocation() as rec:
         run_kernels(*inputs, flags, grads)
     assert rec.largest[0] < R * C, rec.largest
 

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from _memory import LargestAllocation  # noqa: E402
 
 import fastcl  # noqa: E402
 from fastcl.kernels import contrastive as tc  # noqa: E402
@@ -288,31 +288,18 @@ def test_fp16_small_upstream_gradients():
     check(x, y, a, b, make_g(N) * 1e-5, floor=0.0)
 
 
-class _NumelRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
-                self.largest = (t.numel(), str(func))
-        return out
-
-
 def test_no_quadratic_allocation():
     """No tensor of N*N elements or more is created by the forward, backward or fused pass."""
     N, D = 70, 3                               # N*N = 4900 > N*D
     x, y, a, b = make_inputs(N, D, torch.float32)
-    with _NumelRecorder() as rec:
+    with LargestAllocation() as rec:
         for diag_pos in (True, False):
             sk.siglip_fwd(x, y, a, b, diag_pos)
             sk.siglip_bwd(make_g(N), x, y, a, b, diag_pos)
             sk.siglip_fused(x, y, a, b, diag_pos, True)
     assert rec.largest[0] < N * N, rec.largest
     leaves = [t.clone().requires_grad_(True) for t in (x, y, a, b)]
-    with _NumelRecorder() as rec:
+    with LargestAllocation() as rec:
         for reduction in ("mean", "none"):
             loss = fastcl.siglip_loss(*leaves, reduction=reduction, backend="triton")
             loss.sum().backward()

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from _memory import LargestAllocation  # noqa: E402
 
 import fastcl  # noqa: E402
 from fastcl.kernels import contrastive as tc  # noqa: E402
@@ -176,31 +176,16 @@ def test_query_chunks_and_large_k_fallback(monkeypatch):
     check_exact(q2, k2, 7, True)
 
 
-class _NumelRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                nbytes = t.numel() * t.element_size()
-                if nbytes > self.largest[0]:
-                    self.largest = (nbytes, str(func))
-        return out
-
-
 def test_no_quadratic_allocation():
     """No tensor as large as the fp32 N x M similarities is created (the int64 scratch is
     ``splits x N x W`` with ``W ~ 2k``; the interpreter also views it as bytes)."""
     N, M, D = 40, 600, 3
     q, k = int_inputs(N, M, D)
-    with _NumelRecorder() as rec:
+    with LargestAllocation() as rec:
         tk.topk_fwd(q, k, 5, True)
         tk.topk_fwd(q, k, 5, False, splits=3)
         fastcl.topk_similarity(q, k, 5, exclude_self=True, backend="triton")
-    assert rec.largest[0] < N * M * 4, rec.largest
+    assert rec.largest_bytes[0] < N * M * 4, rec.largest_bytes
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Peak resident-memory growth of a snippet, measured in a fresh Python process (Linux).
+"""Memory probes of the kernel tests.
 
-The snippet gets ``reset_peak()`` (clears the kernel's high-water mark and records the current
+:class:`LargestAllocation` records the largest tensor an operator creates while it is active
+(the tests assert that nothing of ``N x M`` size appears). :func:`peak_rss_growth` measures the
+peak resident-memory growth of a snippet in a fresh Python process (Linux): the snippet gets ``reset_peak()`` (clears the kernel's high-water mark and records the current
 RSS) and ``peak_growth()`` (bytes of the high-water mark above that record), and prints the
 growth on its last line. A system where ``/proc/self/clear_refs`` cannot be written, or a probe
 that outlives its timeout on a loaded machine, skips the calling test.
@@ -14,6 +16,28 @@ import sys
 import textwrap
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class LargestAllocation(TorchDispatchMode):
+    """``largest``: ``(elements, op)`` of the largest tensor output while active;
+    ``largest_bytes``: ``(bytes, op)`` of the largest in bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+        self.largest_bytes = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                if t.numel() > self.largest[0]:
+                    self.largest = (t.numel(), str(func))
+                if t.numel() * t.element_size() > self.largest_bytes[0]:
+                    self.largest_bytes = (t.numel() * t.element_size(), str(func))
+        return out
+
 
 PRELUDE = textwrap.dedent("""
     import sys
