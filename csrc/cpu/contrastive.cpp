@@ -58,30 +58,51 @@ struct RowGeom {
 };
 
 template <class T>
-struct FwdArgs {
+T exp_span();
+
+// What the forward and the backward sweeps both read: shape, scale, flags and masks.
+template <class T>
+struct TileArgs {
   using I = typename Lanes<T>::I;
   int64_t R, C, r0;
   T a, b;                  // scale and bias
   T a2, b2;                // the same times log2(e): the kernels work in log2 units
   T span;                  // widest spread of maxima (log2 units) for one shared shift per tile
-  bool exclude_diag, decoupled, pos_lse, col_stats, labels;
+  bool exclude_diag, decoupled, pos_lse, labels;
   const int64_t* targets;  // [R] or nullptr
   const I* row_id;         // label mode: class of each row (-1: no column has its label)
   const I* col_id;         // label mode: class of each column (padded with -1)
+
+  void set(int64_t R_, int64_t C_, double scale, double bias, bool exclude_diag_,
+           bool decoupled_, bool pos_lse_, bool labels_, const at::Tensor& tg,
+           const std::vector<I>& rid, const std::vector<I>& cid) {
+    R = R_;
+    C = C_;
+    r0 = 0;
+    a = static_cast<T>(scale);
+    b = static_cast<T>(bias);
+    a2 = static_cast<T>(scale * kLog2e);
+    b2 = static_cast<T>(bias * kLog2e);
+    span = exp_span<T>();
+    exclude_diag = exclude_diag_;
+    decoupled = decoupled_;
+    pos_lse = pos_lse_;
+    labels = labels_;
+    targets = tg.defined() ? tg.data_ptr<int64_t>() : nullptr;
+    row_id = labels ? rid.data() : nullptr;
+    col_id = labels ? cid.data() : nullptr;
+  }
+};
+
+template <class T>
+struct FwdArgs : TileArgs<T> {
+  bool col_stats;
   const T* L;              // slab [rows, C] of raw dot products, row-major, padded
   T *lse, *pos, *npos, *mean;
 };
 
 template <class T>
-struct BwdArgs {
-  using I = typename Lanes<T>::I;
-  int64_t R, C, r0;
-  T a, b, a2, b2;
-  T span;
-  bool exclude_diag, decoupled, pos_lse, labels;
-  const int64_t* targets;
-  const I* row_id;
-  const I* col_id;
+struct BwdArgs : TileArgs<T> {
   T* L;                             // slab: raw dot products in, G out
   const T *g_lse, *g_pos, *g_mean;  // [R] or nullptr
   const T *lse, *pos, *npos;        // [R]
@@ -211,22 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (buf.numel() > 0) buf.narrow(0, S * C, W).zero_();  // padding: read by the last vector, masked
 
   FwdArgs<T> P;
-  P.R = R;
-  P.C = C;
-  P.r0 = 0;
-  P.a = static_cast<T>(scale);
-  P.b = static_cast<T>(bias);
-  P.a2 = static_cast<T>(scale * kLog2e);
-  P.b2 = static_cast<T>(bias * kLog2e);
-  P.span = exp_span<T>();
-  P.exclude_diag = exclude_diag;
-  P.decoupled = decoupled;
-  P.pos_lse = pos_lse;
+  P.set(R, C, scale, bias, exclude_diag, decoupled, pos_lse, labels, tg, rid, cid);
   P.col_stats = col_stats;
-  P.labels = labels;
-  P.targets = tg.defined() ? tg.data_ptr<int64_t>() : nullptr;
-  P.row_id = labels ? rid.data() : nullptr;
-  P.col_id = labels ? cid.data() : nullptr;
   P.L = nullptr;
   P.lse = lse.data_ptr<T>();
   P.pos = pos.data_ptr<T>();
@@ -414,21 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   dk_acc.zero_();
 
   BwdArgs<T> P;
-  P.R = R;
-  P.C = C;
-  P.r0 = 0;
-  P.a = static_cast<T>(scale);
-  P.b = static_cast<T>(bias);
-  P.a2 = static_cast<T>(scale * kLog2e);
-  P.b2 = static_cast<T>(bias * kLog2e);
-  P.span = exp_span<T>();
-  P.exclude_diag = exclude_diag;
-  P.decoupled = decoupled;
-  P.pos_lse = pos_lse;
-  P.labels = labels;
-  P.targets = tg.defined() ? tg.data_ptr<int64_t>() : nullptr;
-  P.row_id = labels ? rid.data() : nullptr;
-  P.col_id = labels ? cid.data() : nullptr;
+  P.set(R, C, scale, bias, exclude_diag, decoupled, pos_lse, labels, tg, rid, cid);
   P.L = nullptr;
   P.g_lse = gl.defined() ? gl.data_ptr<T>() : nullptr;
   P.g_pos = gp.defined() ? gp.data_ptr<T>() : nullptr;
