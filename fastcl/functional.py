@@ -580,9 +580,14 @@ def hard_negative_nce(
     a = _pair_scale(scale, q)
     zero = torch.zeros((), dtype=a.dtype, device=q.device)
     beta = float(beta)
+    cols_sh = sh
+    if beta and sh is not None and sh.strategy == "all_gather":
+        # two statistics passes over the same keys: gather them once (own block first, as
+        # Shard.stats lays them out), then both passes run on one process's layout
+        k, cols_sh = sh.columns(k), None
 
     def negatives_lse(mult: float):
-        lse, pos, *_ = _stats(sh, q, k, a * mult, zero, targets,
+        lse, pos, *_ = _stats(cols_sh, q, k, a * mult, zero, targets,
                               exclude_diag=(layout == "two_view"), decoupled=True, backend=be)
         return lse, pos / mult
 
