@@ -102,6 +102,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                                           col_stats);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
+    const OptT& g_lse, const OptT& g_pos, const OptT& g_mean, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias, const OptT& targets,
+    const OptT& row_labels, const OptT& col_labels, bool exclude_diag, bool decoupled,
+    bool pos_lse, bool mean) {
+  const char* fn = "contrastive_fused_cpu";
+  check_features(fn, q, k);
+  check_scalar(fn, "scale", scale);
+  check_scalar(fn, "bias", bias);
+  check_masks(fn, q, k, targets, row_labels, col_labels);
+  const int64_t R = q.size(0);
+  check_vec(fn, "g_lse", g_lse, R, "R");
+  check_vec(fn, "g_pos", g_pos, R, "R");
+  check_vec(fn, "g_mean", g_mean, R, "R");
+  at::NoGradGuard no_grad;
+  return fastcl::cpu::contrastive_fused_cpu(g_lse, g_pos, g_mean, q, k, scale, bias, targets,
+                                            row_labels, col_labels, exclude_diag, decoupled,
+                                            pos_lse, mean);
+}
+
 at::Tensor siglip_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                           const at::Tensor& bias, bool diag_pos) {
   const char* fn = "siglip_fwd_cpu";
@@ -171,6 +191,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("targets"), py::arg("row_labels"), py::arg("col_labels"), py::arg("lse"),
         py::arg("pos"), py::arg("npos"), py::arg("col_lse"), py::arg("exclude_diag"),
         py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
+  m.def("contrastive_fused_cpu", &fused_cpu,
+        "(loss, npos, dq, dk, dscale, dbias) on CPU: the loss sum_r [npos_r > 0] (g_lse lse + "
+        "g_pos pos + g_mean mean)_r (divided by the number of such rows when mean) and its "
+        "gradients, from one sweep over the logits.",
+        py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("q"), py::arg("k"),
+        py::arg("scale"), py::arg("bias"), py::arg("targets"), py::arg("row_labels"),
+        py::arg("col_labels"), py::arg("exclude_diag"), py::arg("decoupled"), py::arg("pos_lse"),
+        py::arg("mean"));
   m.def("cpu_slab_bytes", &fastcl::cpu::slab_bytes,
         "Bytes of logits per slab of the CPU kernels (env FASTCL_CPU_SLAB_BYTES, read per call).");
   m.def("cpu_kernel_isa", &fastcl::cpu::kernel_isa,

@@ -98,8 +98,13 @@ def _attr(backend: str, name: str) -> str:
 
 def implements(backend: str, family: str) -> bool:
     """Whether a loadable ``backend`` has the kernels of ``family`` (its ``<family>_fwd``)."""
-    module = _load(backend, family)[0]
-    return module is not None and hasattr(module, _attr(backend, f"{family}_fwd"))
+    return has_kernel(backend, f"{family}_fwd")
+
+
+def has_kernel(backend: str, name: str) -> bool:
+    """Whether a loadable ``backend`` implements op ``name`` itself."""
+    module = _load(backend, name.rsplit("_", 1)[0])[0]
+    return module is not None and hasattr(module, _attr(backend, name))
 
 
 def kernel(backend: str, name: str) -> Callable:

@@ -36,6 +36,7 @@ from . import reference as ref
 from .distributed import Shard, shard
 from .ops import siglip as siglip_ops
 from .ops import topk as topk_ops
+from .ops import contrastive as contrastive_ops
 from .ops.contrastive import contrastive_stats
 
 __all__ = [
@@ -105,6 +106,42 @@ def _stats(sh: Optional[Shard], rows: Tensor, cols: Tensor, a: Tensor, b: Tensor
     if extra is not None:
         cols = torch.cat([cols, extra], dim=0)
     return contrastive_stats(rows, cols, a, b, targets, row_labels, col_labels, **flags)[:4]
+
+
+def _wants_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fusable(be: str, sh: Optional[Shard], reduction: str, *tensors: Optional[Tensor]) -> bool:
+    """Whether the loss and its gradients come from one sweep of ``contrastive_fused``.
+
+    On one process, for a reduced loss whose gradients are wanted, on a backend where the
+    fused sweep saves work (:data:`fastcl.ops.contrastive.FUSED_BACKENDS`). The gradients are
+    then computed in the forward, even if no backward follows.
+    """
+    return (sh is None and reduction != "none" and be in contrastive_ops.FUSED_BACKENDS
+            and _wants_grad(*tensors))
+
+
+def _fused(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor, targets: Optional[Tensor] = None,
+           row_labels: Optional[Tensor] = None, col_labels: Optional[Tensor] = None, *,
+           g_pos: Union[float, Tensor] = -1.0, g_mean: Optional[float] = None, reduction: str,
+           backend: str, exclude_diag: bool = False, decoupled: bool = False,
+           pos_lse: bool = False) -> tuple[Tensor, Tensor]:
+    """``(loss, npos)``: ``lse_r + g_pos pos_r + g_mean mean_r`` over the rows with a positive,
+    summed or averaged by ``reduction``, with its gradients from one sweep (see :func:`_fusable`).
+    """
+    n, dt = rows.shape[0], _stat_dtype(rows)
+
+    def coef(v):
+        if v is None or isinstance(v, Tensor):
+            return v
+        return torch.full((n,), float(v), dtype=dt, device=rows.device)
+
+    loss, npos, *_ = contrastive_ops.contrastive_fused(
+        coef(1.0), coef(g_pos), coef(g_mean), rows, cols, a, b, targets, row_labels, col_labels,
+        exclude_diag, decoupled, pos_lse, reduction == "mean", backend)
+    return loss, npos
 
 
 def _sharded(gather: Optional[str], group, name: str, x: Tensor) -> Optional[Shard]:
@@ -240,6 +277,10 @@ def info_nce(
         return torch.where(has_pos, row, torch.zeros_like(row)), has_pos, pos, col_lse, col_mean
 
     w = float(symmetric_weight)
+    if not symmetric and _fusable(be, sh, reduction, query, key, negatives, a, b):
+        cols = key if negatives is None else torch.cat([key, negatives], dim=0)
+        return _fused(query, cols, a, b, targets, g_pos=-(1.0 - e), g_mean=-e if e else None,
+                      reduction=reduction, backend=be)[0]
     if sh is not None:
         row, has_pos, *_ = one_direction(query, key, negatives)
         if not symmetric:
@@ -317,9 +358,11 @@ def nt_xent(
         return ref.nt_xent_ref(z1, z2, scale=scale, reduction=reduction)
     z = torch.cat([z1, z2], dim=0)
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
-    lse, pos, _npos, _mean = _stats(
-        sh, z, z, _pair_scale(scale, z), zero, _two_view_targets(z1.shape[0], z.device),
-        exclude_diag=True, backend=be)
+    a, targets = _pair_scale(scale, z), _two_view_targets(z1.shape[0], z.device)
+    if _fusable(be, sh, reduction, z, a):  # every row has its positive: the mean is over 2N
+        return _fused(z, z, a, zero, targets, reduction=reduction, backend=be,
+                      exclude_diag=True)[0]
+    lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True, backend=be)
     return _reduce(lse - pos, None, reduction, sh)
 
 
@@ -376,16 +419,27 @@ def supcon(
                   else sh.block_ids(n, features.device)[:n])
     anchor_labels = labels.repeat(views)
     zero = torch.zeros((), dtype=_stat_dtype(anchors), device=anchors.device)
+    a = _pair_scale(scale, anchors)
+    factor = None if base_temperature is None else 1.0 / (a * base_temperature)
+    if _fusable(be, sh, reduction, anchors, a):
+        loss, npos = _fused(anchors, anchors, a, zero, None, anchor_labels, anchor_labels,
+                            reduction=reduction, backend=be, exclude_diag=True,
+                            pos_lse=(variant == "in"))
+        if variant == "in":  # + log |P(r)| over the rows with a positive
+            has_pos = npos > 0
+            logs = torch.where(has_pos, torch.log(npos.clamp_min(1)), torch.zeros_like(npos))
+            loss = loss + _reduce(logs, has_pos, reduction)
+        return loss if factor is None else loss * factor
     lse, pos, npos, _mean = _stats(
-        sh, anchors, anchors, _pair_scale(scale, anchors), zero, None, anchor_labels,
-        anchor_labels, exclude_diag=True, pos_lse=(variant == "in"), backend=be)
+        sh, anchors, anchors, a, zero, None, anchor_labels, anchor_labels, exclude_diag=True,
+        pos_lse=(variant == "in"), backend=be)
     has_pos = npos > 0
     per = lse - pos
     if variant == "in":
         per = per + torch.log(npos.clamp_min(1))
     per = torch.where(has_pos, per, torch.zeros_like(per))
-    if base_temperature is not None:
-        per = per * (1.0 / (_pair_scale(scale, per) * base_temperature))
+    if factor is not None:
+        per = per * factor
     return _reduce(per, has_pos, reduction, sh)
 
 
@@ -428,19 +482,28 @@ def dcl(
     n = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
-    lse, pos, _npos, _mean = _stats(
-        sh, z, z, _pair_scale(scale, z), zero, _two_view_targets(n, z.device),
-        exclude_diag=True, decoupled=True, backend=be)
-    if weighted:
-        with torch.no_grad():  # lightly weighs with cosine similarity, whatever `normalize`
-            u1, u2 = (F.normalize(t.to(_stat_dtype(z)), dim=1) for t in (z1, z2))
-            sim = (u1 * u2).sum(-1) / sigma
-            if sh is None:
-                w = 2.0 - n * torch.softmax(sim, dim=0)
-            else:  # the softmax runs over the global batch
-                w = 2.0 - sh.world * n * torch.softmax(sh.columns_nograd(sim), dim=0)[:n]
+    a, targets = _pair_scale(scale, z), _two_view_targets(n, z.device)
+    w = _dclw_weights(z1, z2, sigma, sh) if weighted else None
+    if _fusable(be, sh, reduction, z, a):  # every row has its positive: the mean is over 2N
+        return _fused(z, z, a, zero, targets, g_pos=-1.0 if w is None else -w.repeat(2),
+                      reduction=reduction, backend=be, exclude_diag=True, decoupled=True)[0]
+    lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True,
+                                    decoupled=True, backend=be)
+    if w is not None:
         pos = pos * w.repeat(2)
     return _reduce(lse - pos, None, reduction, sh)
+
+
+def _dclw_weights(z1: Tensor, z2: Tensor, sigma: float, sh: Optional[Shard]) -> Tensor:
+    """DCLW's detached weights ``w_i = 2 - N softmax_i(cos(z1_i, z2_i) / sigma)``."""
+    n, dt = z1.shape[0], _stat_dtype(z1)
+    with torch.no_grad():  # lightly weighs with cosine similarity, whatever `normalize`
+        u1, u2 = (F.normalize(t.to(dt), dim=1) for t in (z1, z2))
+        sim = (u1 * u2).sum(-1) / sigma
+        if sh is None:
+            return 2.0 - n * torch.softmax(sim, dim=0)
+        # the softmax runs over the global batch
+        return 2.0 - sh.world * n * torch.softmax(sh.columns_nograd(sim), dim=0)[:n]
 
 
 def multiview_loss(
@@ -651,8 +714,7 @@ def siglip_loss(
     if be == "reference":
         return ref.siglip_ref(x, y, scale=scale, bias=bias, reduction=reduction)
     a, b = _pair_scale(scale, x), _pair_scale(bias, x)
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, a, b))
-    fused = reduction != "none" and wants_grad and be in siglip_ops.FUSED_BACKENDS
+    fused = reduction != "none" and _wants_grad(x, y, a, b) and be in siglip_ops.FUSED_BACKENDS
     if sh is not None and not (fused and sh.strategy == "all_gather"):
         return _reduce(sh.siglip_rows(x, y, a, b, backend=be), None, reduction, sh)
     if fused:  # with all_gather: the own rows against every rank's texts, own block first

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels of the contrastive primitive (``fastcl._C.contrastive_{fwd,bwd}_cpu``).
+"""The C++ CPU kernels of the contrastive primitive (``fastcl._C.contrastive_{fwd,bwd,fused}_cpu``).
 
 Forward statistics against :func:`fastcl.reference.contrastive.contrastive_stats_ref`; gradients
 against the autograd of the same oracle in fp64. In fp64 the comparison is tight. In fp32, bf16
@@ -145,8 +145,10 @@ def check_stats(got, want, dtype):
                                    msg=lambda m, n=name: f"{n}: {m}", **FWD_TOL[dtype])
 
 
-def check_grads(case, grads, stats, dtype, **flags):
-    got = kernel_bwd(case, grads, stats, **flags)
+def check_grads(case, grads, stats, dtype, got=None, **flags):
+    """``got`` (default: the backward kernel's gradients) against the oracle's for ``grads``."""
+    if got is None:
+        got = kernel_bwd(case, grads, stats, **flags)
     exact = ref_grads(case, [None if g is None else g.to(F64) for g in grads], F64, **flags)
     for name, a, x in zip(("dq", "dk", "dscale", "dbias"), got,
                           (case["q"], case["k"], case["scale"], case["bias"])):
@@ -444,6 +446,120 @@ def test_through_the_custom_op():
 
 
 # ---------------------------------------------------------------------------------------------
+# The fused sweep: loss = norm * sum over rows with a positive of g . (lse, pos, mean)
+
+
+def kernel_fused(case, grads, mean, **flags):
+    return _C.contrastive_fused_cpu(*grads, case["q"], case["k"], case["scale"], case["bias"],
+                                    case["targets"], case["row_labels"], case["col_labels"],
+                                    flags.get("exclude_diag", False),
+                                    flags.get("decoupled", False), flags.get("pos_lse", False),
+                                    mean)
+
+
+def fused_oracle(case, grads, mean, **flags):
+    """The loss of the fused contract from the oracle's statistics, and the statistics'
+    gradients that give the same gradients: masked to rows with a positive, scaled by norm."""
+    lse, pos, npos, avg, *_ = ref_stats(case, F64, **flags)
+    has = npos > 0
+    norm = 1.0 / max(int(has.sum()), 1) if mean else 1.0
+    loss = torch.zeros((), dtype=F64)
+    scaled = []
+    for g, stat in zip(grads, (lse, pos, avg)):
+        if g is None:
+            scaled.append(None)
+            continue
+        g = torch.where(has, g.to(F64), torch.zeros((), dtype=F64))
+        loss = loss + torch.where(has, g * stat, torch.zeros((), dtype=F64)).sum() * norm
+        scaled.append((g * norm).to(g.dtype))
+    return loss, npos, scaled + [None, None]
+
+
+FUSED_FLAGS = [f for f in FLAG_COMBOS if not f["col_stats"]]
+
+
+@pytest.mark.parametrize("mean", (True, False), ids=("mean", "sum"))
+@pytest.mark.parametrize("mode,flags", [(m, f) for m in MODES for f in FUSED_FLAGS],
+                         ids=[f"{m}-{_id(f)}" for m in MODES for f in FUSED_FLAGS])
+def test_fused_fp64(mode, flags, mean, slab_bytes):
+    R, C, D = 37, 29, 6
+    slab_bytes(7 * C * 8)  # several slabs and a ragged last one
+    case = make_case(R, C, D, F64, mode, scale=4.0, bias=-0.5)
+    grads = random_grads(R, C, F64, False)[:3]
+    loss, npos, *got = kernel_fused(case, grads, mean, **flags)
+    want_loss, want_npos, scaled = fused_oracle(case, grads, mean, **flags)
+    torch.testing.assert_close(npos, want_npos)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
+    check_grads(case, [None if g is None else g.to(F64) for g in scaled], None, F64, got=got,
+                **flags)
+
+
+@pytest.mark.parametrize("drop", [(0,), (1, 2), (0, 2), (0, 1, 2)])
+def test_fused_missing_coefficients(drop):
+    R, C = 23, 23
+    case = make_case(R, C, 5, F64, "targets")
+    grads = [None if i in drop else g for i, g in enumerate(random_grads(R, C, F64, False)[:3])]
+    loss, _npos, *got = kernel_fused(case, grads, True, exclude_diag=True)
+    want_loss, _, scaled = fused_oracle(case, grads, True, exclude_diag=True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
+    check_grads(case, scaled, None, F64, got=got, exclude_diag=True)
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, F16), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fused_low_precision(dtype, mode, slab_bytes):
+    R, C, D = 70, 53, 24
+    slab_bytes(16 * C * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+    case = make_case(R, C, D, dtype, mode, scale=8.0)
+    grads = random_grads(R, C, dtype, False)[:3]
+    loss, _npos, *got = kernel_fused(case, grads, True, **flags)
+    want_loss, _, scaled = fused_oracle(case, grads, True, **flags)
+    assert loss.dtype == F32 and loss.dim() == 0
+    torch.testing.assert_close(loss.to(F64), want_loss, rtol=2e-5, atol=5e-5)
+    check_grads(case, [None if g is None else g.to(_stat_dtype(dtype)) for g in scaled], None,
+                dtype, got=got, **flags)
+
+
+def test_fused_equals_forward_then_backward():
+    """Same gradients as the two kernels given the masked, normalized coefficients."""
+    R, C = 41, 41
+    case = make_case(R, C, 8, F32, "labels")
+    flags = dict(exclude_diag=True, decoupled=True)
+    grads = random_grads(R, C, F32, False)[:3]
+    loss, npos, *got = kernel_fused(case, grads, True, **flags)
+    stats = kernel_fwd(case, **flags)
+    has = stats[2] > 0
+    norm = 1.0 / has.sum()
+    masked = [torch.where(has, g, torch.zeros(())) * norm for g in grads]
+    want = kernel_bwd(case, masked + [None, None], stats, **flags)
+    torch.testing.assert_close(npos, stats[2], rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("R,C", [(0, 5), (5, 0), (1, 1)])
+def test_fused_empty_and_tiny(R, C):
+    case = make_case(R, C, 3, F64, "targets" if R > 0 else "none")
+    grads = random_grads(R, C, F64, False)[:3]
+    loss, npos, dq, dk, ds, db = kernel_fused(case, grads, True)
+    want_loss, want_npos, _ = fused_oracle(case, grads, True)
+    torch.testing.assert_close(loss, want_loss)
+    assert dq.shape == (R, 3) and dk.shape == (C, 3)
+    if R == 0 or C == 0:
+        assert loss.item() == 0 and all((t == 0).all() for t in (dq, dk, ds, db))
+
+
+def test_fused_bad_input():
+    case = make_case(6, 5, 4, F32, "targets")
+    grads = random_grads(6, 5, F32, False)[:3]
+    with pytest.raises(RuntimeError, match=r"g_pos must be a 1-D tensor of length R"):
+        kernel_fused(case, [grads[0], torch.ones(5), grads[2]], True)
+    with pytest.raises(RuntimeError, match=r"same dtype"):
+        kernel_fused(dict(case, k=case["k"].double()), grads, True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: a clear error, never a crash
 
 
@@ -522,10 +638,29 @@ MEMORY_SCRIPT = """
 
 
 
-def test_peak_memory_is_linear():
+FUSED_MEMORY_SCRIPT = """
+    from fastcl import _C
+
+    n, d = int(sys.argv[1]), int(sys.argv[2])
+    q = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    scale, bias, t = torch.tensor(14.0), torch.tensor(0.0), torch.arange(n)
+    ones = torch.ones(n)
+    small = _C.contrastive_fused_cpu(ones[:64], -ones[:64], None, q[:64], k[:64], scale, bias,
+                                     t[:64], None, None, False, False, False, True)
+    reset_peak()
+    loss, npos, dq, dk, ds, db = _C.contrastive_fused_cpu(ones, -ones, None, q, k, scale, bias, t,
+                                                          None, None, False, False, False, True)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    print(peak_growth())
+"""
+
+
+@pytest.mark.parametrize("script", (MEMORY_SCRIPT, FUSED_MEMORY_SCRIPT), ids=("fwd-bwd", "fused"))
+def test_peak_memory_is_linear(script):
     n, d = 8192, 64
     slab = 16 << 20
-    growth = peak_rss_growth(MEMORY_SCRIPT, n, d, env={"FASTCL_CPU_SLAB_BYTES": str(slab)},
+    growth = peak_rss_growth(script, n, d, env={"FASTCL_CPU_SLAB_BYTES": str(slab)},
                              timeout=600)
     logits_bytes = n * n * 4
     assert growth < 0.25 * logits_bytes, (

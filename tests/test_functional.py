@@ -254,3 +254,48 @@ def test_topk_similarity(backend, exclude_self):
     assert torch.equal(sim.gather(1, i), v)
     if exclude_self:
         assert (i != torch.arange(9)[:, None]).all()
+
+
+def test_one_sweep_path_taken_exactly_where_it_applies(monkeypatch):
+    """On the CPU backend, reduced one-direction losses with gradients take contrastive_fused
+    (and agree with the reference); without gradients, per-row results or symmetric losses
+    they take the statistics op."""
+    from fastcl.ops import contrastive as contrastive_ops
+
+    if dispatch.why_not("cpu", "info_nce", torch.device("cpu"), torch.float64) is not None:
+        pytest.skip("the CPU backend is not built")
+    calls = []
+    real = contrastive_ops.contrastive_fused
+
+    def counting(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(contrastive_ops, "contrastive_fused", counting)
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(10, 2, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(10) % 3
+    fused = [lambda be: fastcl.info_nce(x, y, temperature=0.2, backend=be),
+             lambda be: fastcl.info_nce(x, y, temperature=0.2, reduction="sum", backend=be),
+             lambda be: fastcl.nt_xent(x, y, backend=be),
+             lambda be: fastcl.supcon(f, labels, backend=be),
+             lambda be: fastcl.dcl(x, y, weighted=True, backend=be)]
+    for fn in fused:
+        calls.clear()
+        got, want = fn("cpu"), fn("reference")
+        assert calls == ["cpu"]
+        _assert_close(got, want, torch.float64)
+        gs = torch.autograd.grad(got, [x, y, f], allow_unused=True)
+        ws = torch.autograd.grad(want, [x, y, f], allow_unused=True)
+        for g, w in zip(gs, ws):
+            assert (g is None) == (w is None)
+            if g is not None:
+                _assert_close(g, w, torch.float64)
+    calls.clear()
+    fastcl.info_nce(x, y, temperature=0.2, reduction="none", backend="cpu")
+    fastcl.clip_loss(x, y, 5.0, backend="cpu")
+    with torch.no_grad():
+        fastcl.nt_xent(x, y, backend="cpu")
+    fastcl.nt_xent(x.detach(), y.detach(), backend="cpu")
+    assert calls == []

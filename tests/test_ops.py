@@ -7,7 +7,8 @@ import torch
 
 import fastcl
 from fastcl import dispatch
-from fastcl.ops.contrastive import contrastive_bwd, contrastive_fwd
+from fastcl.ops import contrastive as contrastive_ops
+from fastcl.ops.contrastive import contrastive_bwd, contrastive_fused, contrastive_fwd
 
 
 def op_backends():
@@ -43,6 +44,35 @@ def test_opcheck_contrastive(backend, labels, col):
     torch.library.opcheck(contrastive_bwd, bwd_args)
 
 
+@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("labels", [False, True])
+def test_opcheck_contrastive_fused(backend, labels):
+    q, k, scale, bias, targets, rl, cl, _l, _d, plse, _c, be = _fwd_args(backend, labels=labels)
+    g = [torch.randn(6), -torch.ones(6), torch.randn(6) if not labels else None]
+    torch.library.opcheck(contrastive_fused,
+                          (*g, q, k, scale, bias, targets, rl, cl, labels, False, plse, True, be))
+
+
+@pytest.mark.parametrize("backend", op_backends())
+def test_fused_op_matches_forward_and_backward(backend):
+    """contrastive_fused's loss and gradients equal those of the two ops it stands for."""
+    q, k, scale, bias, targets, rl, cl, *_ = _fwd_args(backend)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, scale, bias)]
+    loss = contrastive_fused(torch.ones(6), torch.full((6,), -0.9), torch.full((6,), -0.1),
+                             *leaves, targets, None, None, True, False, False, True, backend)[0]
+    got = torch.autograd.grad(3.0 * loss, leaves)
+    leaves2 = [t.detach().clone().requires_grad_(True) for t in (q, k, scale, bias)]
+    lse, pos, npos, mean, *_ = contrastive_fwd(*leaves2, targets, None, None, True, False, False,
+                                               False, backend)
+    has = npos > 0
+    rows = torch.where(has, lse - 0.9 * pos - 0.1 * mean, torch.zeros_like(lse))
+    want_loss = rows.sum() / has.sum()
+    want = torch.autograd.grad(3.0 * want_loss, leaves2)
+    torch.testing.assert_close(loss, want_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def _clip(x, y, scale):
     return fastcl.clip_loss(x, y, scale, label_smoothing=0.1)
 
@@ -65,6 +95,27 @@ def test_compile_fullgraph_loss_and_backward(compile_backend):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["info_nce", "nt_xent"])
+def test_compile_fullgraph_fused_sweep(loss):
+    """The one-sweep losses trace as one graph; the backward multiplies the saved gradients."""
+    be = dispatch.select("info_nce", torch.device("cpu"), torch.float32)
+    if be not in contrastive_ops.FUSED_BACKENDS:
+        pytest.skip("no fused CPU backend built")
+    fn = {"info_nce": lambda x, y, s: fastcl.info_nce(x, y, logit_scale=s, label_smoothing=0.1),
+          "nt_xent": lambda x, y, s: fastcl.nt_xent(x, y, logit_scale=s)}[loss]
+    x = torch.randn(12, 8, requires_grad=True)
+    y = torch.randn(12, 8, requires_grad=True)
+    scale = torch.tensor(4.0, requires_grad=True)
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y, scale)
+    got_grads = torch.autograd.grad(2.0 * got, (x, y, scale))
+    want = fn(x.double(), y.double(), scale.double())
+    want_grads = torch.autograd.grad(2.0 * want, (x, y, scale))
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)
 
 
 def test_compile_fullgraph_supcon():

@@ -13,6 +13,9 @@
 // - backward: the slab's logits are recomputed and turned in place into G (one pass, the formula
 //   of fastcl/reference/contrastive.py, also summing G and G * l for dbias and dscale), then
 //   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm).
+// - fused (row statistics only, gradients of the statistics known before the forward): each
+//   slab serves the forward row kernel and then, in place, the backward one, since a slab holds
+//   whole rows; three GEMMs per slab instead of the four of a forward and a backward.
 //
 // Logits are handled in log2 units (scale and bias premultiplied by log2 e) so that every
 // exponential is a 2^x; where the maxima of a tile are close enough, one 2^(s - M) per element
@@ -193,70 +196,105 @@ T exp_span() {
   return static_cast<T>(v * kLog2e);
 }
 
+// What every sweep over row slabs shares: k in the statistics dtype, the label ids or targets,
+// the slab size and the slab buffer (S x C raw dot products, padded by one vector).
 template <class T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_impl(
-    const at::Tensor& q, const at::Tensor& k, double scale, double bias,
-    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
-    const std::optional<at::Tensor>& col_labels, bool exclude_diag, bool decoupled, bool pos_lse,
-    bool col_stats) {
+struct Slabs {
   using I = typename Lanes<T>::I;
-  constexpr int W = Lanes<T>::W;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t R = q.size(0), C = k.size(0);
-  const at::ScalarType st = scalar_type_of<T>();
-  const auto opt = q.options().dtype(st);
-  at::Tensor lse = at::empty({R}, opt), pos = at::empty({R}, opt);
-  at::Tensor npos = at::empty({R}, opt), mean = at::empty({R}, opt);
-  at::Tensor col_lse = at::empty({col_stats ? C : 0}, opt);
-  at::Tensor col_mean = at::empty({col_stats ? C : 0}, opt);
-
-  const bool labels = row_labels.has_value() && col_labels.has_value();
+  static constexpr int W = Lanes<T>::W;
+  int64_t R, C, D, S;
+  at::ScalarType st;
+  at::TensorOptions opt;
+  bool labels;
   std::vector<I> rid, cid;
-  if (labels) {
-    label_ids<I>(*row_labels, *col_labels, rid, cid);
-    cid.resize(static_cast<size_t>(C + W), I(-1));
+  at::Tensor tg, kf, buf;
+
+  Slabs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& targets,
+        const std::optional<at::Tensor>& row_labels, const std::optional<at::Tensor>& col_labels)
+      : R(q.size(0)), C(k.size(0)), D(q.size(1)), st(scalar_type_of<T>()),
+        opt(q.options().dtype(st)),
+        labels(row_labels.has_value() && col_labels.has_value()) {
+    if (labels) {
+      label_ids<I>(*row_labels, *col_labels, rid, cid);
+      cid.resize(static_cast<size_t>(C + W), I(-1));
+    } else if (targets.has_value()) {
+      tg = targets->to(at::kLong).contiguous();
+    }
+    kf = k.to(st).contiguous();
+    S = slab_rows(R, C, sizeof(T));
+    buf = at::empty({R > 0 ? S * C + W : 0}, opt);
+    if (buf.numel() > 0) buf.narrow(0, S * C, W).zero_();  // read by the last vector, masked
   }
-  at::Tensor tg;
-  if (!labels && targets.has_value()) tg = targets->to(at::kLong).contiguous();
 
-  const at::Tensor kf = k.to(st).contiguous();
-  // Sum of the keys in fp64: row sums of s (for the means) are q_r . ksum, no pass over s.
-  at::Tensor ksum = at::zeros({k.size(1)}, q.options().dtype(at::kDouble));
-  for (int64_t c0 = 0; c0 < C; c0 += 4096)
-    ksum.add_(kf.narrow(0, c0, std::min<int64_t>(4096, C - c0)).to(at::kDouble).sum(0));
-  at::Tensor qsum = at::zeros({q.size(1)}, q.options().dtype(at::kDouble));
-  std::vector<double> sdiag(static_cast<size_t>(exclude_diag ? std::min(R, C) : 0));
-
-  const int64_t S = slab_rows(R, C, sizeof(T));
-  at::Tensor buf = at::empty({R > 0 ? S * C + W : 0}, opt);
-  if (buf.numel() > 0) buf.narrow(0, S * C, W).zero_();  // padding: read by the last vector, masked
-
-  FwdArgs<T> P;
-  P.set(R, C, scale, bias, exclude_diag, decoupled, pos_lse, labels, tg, rid, cid);
-  P.col_stats = col_stats;
-  P.L = nullptr;
-  P.lse = lse.data_ptr<T>();
-  P.pos = pos.data_ptr<T>();
-  P.npos = npos.data_ptr<T>();
-  P.mean = mean.data_ptr<T>();
-
-  // Per chunk: running column max and sum (C + W each), tile scratch (kColBlock + W each).
-  const int64_t nchunks = num_chunks(S);
-  const int64_t per_chunk = 2 * (C + W) + 2 * (kColBlock + W);
-  std::vector<T> cstate(static_cast<size_t>(col_stats ? nchunks * per_chunk : 0));
-  for (int64_t t = 0; t < (col_stats ? nchunks : 0); ++t) {
-    T* base = cstate.data() + t * per_chunk;
-    std::fill(base, base + C + W, ninf);
-    std::fill(base + C + W, base + per_chunk, T(0));
-  }
-  const Kernels<T> K = kernels<T>();
-  const double a = static_cast<double>(P.a), b = static_cast<double>(P.b);
-
-  for (int64_t r0 = 0; r0 < R; r0 += S) {
-    const int64_t s = std::min(S, R - r0);
-    const at::Tensor qs = q.narrow(0, r0, s).to(st).contiguous();
+  // Rows r0 .. r0 + s of q in the statistics dtype, and their dot products with every key
+  // (computed into the slab buffer).
+  std::pair<at::Tensor, at::Tensor> slab(const at::Tensor& q, int64_t r0, int64_t s) {
+    at::Tensor qs = q.narrow(0, r0, s).to(st).contiguous();
     at::Tensor Ls = buf.narrow(0, 0, s * C).view({s, C});
     at::mm_out(Ls, qs, kf.t());
+    return {qs, Ls};
+  }
+
+  template <class A>
+  void set(A& P, double scale, double bias, bool exclude_diag, bool decoupled, bool pos_lse) const {
+    P.set(R, C, scale, bias, exclude_diag, decoupled, pos_lse, labels, tg, rid, cid);
+  }
+};
+
+// The forward over slabs: row statistics per slab, column statistics merged at the end.
+template <class T>
+struct FwdSweep {
+  static constexpr int W = Lanes<T>::W;
+  Slabs<T>& sl;
+  bool exclude_diag, decoupled, col_stats;
+  at::Tensor lse, pos, npos, mean, col_lse, col_mean;
+  at::Tensor ksum, qsum;
+  std::vector<double> sdiag;
+  int64_t nchunks, per_chunk;
+  std::vector<T> cstate;
+  FwdArgs<T> P;
+  Kernels<T> K;
+
+  FwdSweep(Slabs<T>& s, double scale, double bias, bool exclude_diag_, bool decoupled_,
+           bool pos_lse, bool col_stats_)
+      : sl(s), exclude_diag(exclude_diag_), decoupled(decoupled_), col_stats(col_stats_),
+        K(kernels<T>()) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const int64_t R = sl.R, C = sl.C;
+    lse = at::empty({R}, sl.opt);
+    pos = at::empty({R}, sl.opt);
+    npos = at::empty({R}, sl.opt);
+    mean = at::empty({R}, sl.opt);
+    col_lse = at::empty({col_stats ? C : 0}, sl.opt);
+    col_mean = at::empty({col_stats ? C : 0}, sl.opt);
+    // Sum of the keys in fp64: row sums of s (for the means) are q_r . ksum, no pass over s.
+    const auto dopt = sl.opt.dtype(at::kDouble);
+    ksum = at::zeros({sl.D}, dopt);
+    for (int64_t c0 = 0; c0 < C; c0 += 4096)
+      ksum.add_(sl.kf.narrow(0, c0, std::min<int64_t>(4096, C - c0)).to(at::kDouble).sum(0));
+    qsum = at::zeros({sl.D}, dopt);
+    sdiag.resize(static_cast<size_t>(exclude_diag ? std::min(R, C) : 0));
+    sl.set(P, scale, bias, exclude_diag, decoupled, pos_lse);
+    P.col_stats = col_stats;
+    P.L = nullptr;
+    P.lse = lse.data_ptr<T>();
+    P.pos = pos.data_ptr<T>();
+    P.npos = npos.data_ptr<T>();
+    P.mean = mean.data_ptr<T>();
+    // Per chunk: running column max and sum (C + W each), tile scratch (kColBlock + W each).
+    nchunks = num_chunks(sl.S);
+    per_chunk = 2 * (C + W) + 2 * (kColBlock + W);
+    cstate.resize(static_cast<size_t>(col_stats ? nchunks * per_chunk : 0));
+    for (int64_t t = 0; t < (col_stats ? nchunks : 0); ++t) {
+      T* base = cstate.data() + t * per_chunk;
+      std::fill(base, base + C + W, ninf);
+      std::fill(base + C + W, base + per_chunk, T(0));
+    }
+  }
+
+  // Statistics of rows r0 .. r0 + s from their slab (qs, Ls) of raw dot products.
+  void slab(int64_t r0, int64_t s, const at::Tensor& qs, const at::Tensor& Ls) {
+    const int64_t C = sl.C;
     P.r0 = r0;
     P.L = Ls.data_ptr<T>();
     const int64_t nc = std::min(nchunks, s);
@@ -273,12 +311,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     // Means: sum over the denominator set = sum over all columns (q_r . ksum, fp64) minus the
     // excluded diagonal and, decoupled, the positives (the kernel left their sum in mean).
+    const double a = static_cast<double>(P.a), b = static_cast<double>(P.b);
     const at::Tensor qd = qs.to(at::kDouble);
     const at::Tensor rs = at::mv(qd, ksum).contiguous();
     qsum.add_(qd.sum(0));
     const int64_t nd = exclude_diag ? std::max<int64_t>(0, std::min(s, C - r0)) : 0;
     at::Tensor dd;
-    if (nd > 0) dd = (qd.narrow(0, 0, nd) * kf.narrow(0, r0, nd).to(at::kDouble)).sum(1).contiguous();
+    if (nd > 0)
+      dd = (qd.narrow(0, 0, nd) * sl.kf.narrow(0, r0, nd).to(at::kDouble)).sum(1).contiguous();
     const double* rsp = rs.data_ptr<double>();
     T* mp = P.mean;
     const T* np = P.npos;
@@ -300,26 +340,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   }
 
-  if (col_stats) {
+  // Column statistics from the chunks' running states (after the last slab).
+  void finish() {
+    if (!col_stats) return;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const int64_t R = sl.R, C = sl.C;
+    const double a = static_cast<double>(P.a), b = static_cast<double>(P.b);
     T* cl = col_lse.data_ptr<T>();
     T* cmn = col_mean.data_ptr<T>();
     const int64_t nc = std::min(nchunks, R);
     // Column sums of s: k_c . qsum (fp64) in blocks of rows of k.
-    at::Tensor csum = at::empty({C}, q.options().dtype(at::kDouble));
+    at::Tensor csum = at::empty({C}, sl.opt.dtype(at::kDouble));
     for (int64_t c0 = 0; c0 < C; c0 += 4096) {
       const int64_t n = std::min<int64_t>(4096, C - c0);
-      csum.narrow(0, c0, n).copy_(at::mv(kf.narrow(0, c0, n).to(at::kDouble), qsum));
+      csum.narrow(0, c0, n).copy_(at::mv(sl.kf.narrow(0, c0, n).to(at::kDouble), qsum));
     }
     const double* csp = csum.data_ptr<double>();
     const T* cs = cstate.data();
+    const int64_t pc = per_chunk;
     at::parallel_for(0, C, 2048, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         T m = ninf, e = T(0);
         for (int64_t t = 0; t < nc; ++t) {
-          const T* base = cs + t * per_chunk;
+          const T* base = cs + t * pc;
           lse_merge_scalar<T>(m, e, base[c], base[C + W + c]);
         }
-        cl[c] = m > ninf ? static_cast<T>((static_cast<double>(m) + std::log2(static_cast<double>(e))) * kLn2)
+        cl[c] = m > ninf ? static_cast<T>((static_cast<double>(m) +
+                                           std::log2(static_cast<double>(e))) * kLn2)
                          : ninf;
         double sum = a * csp[c] + b * static_cast<double>(R);
         double cnt = static_cast<double>(R);
@@ -331,121 +378,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   }
-  return {lse, pos, npos, mean, col_lse, col_mean};
-}
+};
 
+// The backward over slabs: each slab of raw dot products turned into G in place, then
+// dq_slab = scale * G @ k and dk += scale * G.T @ q_slab. dq and dk are accumulated in the
+// statistics dtype (in dq / dk themselves when their dtype and layout allow) and scaled by
+// `norm` when finished.
 template <class T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
-    const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
-    const std::optional<at::Tensor>& g_mean, const std::optional<at::Tensor>& g_col_lse,
-    const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& scale_t, const at::Tensor& bias_t, double scale, double bias,
-    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
-    const std::optional<at::Tensor>& col_labels, const at::Tensor& lse, const at::Tensor& pos,
-    const at::Tensor& npos, const at::Tensor& col_lse, bool exclude_diag, bool decoupled,
-    bool pos_lse, bool col_stats) {
-  using I = typename Lanes<T>::I;
-  constexpr int W = Lanes<T>::W;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t R = q.size(0), C = k.size(0), D = q.size(1);
-  const at::ScalarType st = scalar_type_of<T>();
-  const auto opt = q.options().dtype(st);
-  auto acc = [&](const std::optional<at::Tensor>& t) -> at::Tensor {
-    return t.has_value() ? t->to(st).contiguous() : at::Tensor();
-  };
-  const at::Tensor gl = acc(g_lse), gp = acc(g_pos), gm = acc(g_mean);
-  const at::Tensor gcl = col_stats ? acc(g_col_lse) : at::Tensor();
-  const at::Tensor gcm = col_stats ? acc(g_col_mean) : at::Tensor();
+struct BwdSweep {
+  static constexpr int W = Lanes<T>::W;
+  Slabs<T>& sl;
+  const at::Tensor& q;
+  const at::Tensor& k;
+  double scale;
+  at::Tensor dq, dk, dq_acc, dk_acc;
+  std::vector<T> clse_v, gcl_v, gcm_v, cb_max, cb_min, scratch;
+  std::vector<double> db, ds;
+  double dscale_acc = 0.0, dbias_acc = 0.0;
+  int64_t nchunks;
+  BwdArgs<T> P;
+  Kernels<T> K;
 
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
-  at::Tensor dscale = at::empty_like(scale_t), dbias = at::empty_like(bias_t);
-  const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() || gcm.defined();
-  if (!any || R == 0 || C == 0) {
-    dq.zero_();
-    dk.zero_();
-    dscale.zero_();
-    dbias.zero_();
-    return {dq, dk, dscale, dbias};
-  }
-
-  const at::Tensor lse_a = lse.to(st).contiguous(), pos_a = pos.to(st).contiguous();
-  const at::Tensor npos_a = npos.to(st).contiguous();
-  // Per-column terms, padded by one vector; an empty column (LSE -inf) has no gradient.
-  std::vector<T> clse_v(static_cast<size_t>(C + W), T(0)), gcl_v, gcm_v(C + W, T(0));
-  const int64_t nblocks = (C + kBwdColBlock - 1) / kBwdColBlock;
-  std::vector<T> cb_max(static_cast<size_t>(nblocks), ninf), cb_min(nblocks, ninf);
-  if (gcl.defined()) {
-    gcl_v.assign(static_cast<size_t>(C + W), T(0));
-    const at::Tensor cl = col_lse.to(st).contiguous();
-    const T* clp = cl.data_ptr<T>();
-    const T* g = gcl.data_ptr<T>();
-    for (int64_t c = 0; c < C; ++c) {
-      const bool ok = clp[c] > ninf;
-      clse_v[c] = ok ? static_cast<T>(static_cast<double>(clp[c]) * kLog2e) : T(0);
-      gcl_v[c] = ok ? g[c] : T(0);
-      if (gcl_v[c] != T(0)) {
-        T& mx = cb_max[c / kBwdColBlock];
-        T& mn = cb_min[c / kBwdColBlock];
-        if (!(mx > ninf)) {
-          mx = mn = clse_v[c];
-        } else {
-          mx = clse_v[c] > mx ? clse_v[c] : mx;
-          mn = clse_v[c] < mn ? clse_v[c] : mn;
+  // g_* are in the statistics dtype (or undefined); lse, pos and npos too, and are read only
+  // when slab() runs, so a fused caller may fill them slab by slab.
+  BwdSweep(Slabs<T>& s, const at::Tensor& q_, const at::Tensor& k_, double scale_, double bias,
+           const at::Tensor& gl, const at::Tensor& gp, const at::Tensor& gm,
+           const at::Tensor& gcl, const at::Tensor& gcm, const at::Tensor& lse,
+           const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
+           bool exclude_diag, bool decoupled, bool pos_lse)
+      : sl(s), q(q_), k(k_), scale(scale_), K(kernels<T>()) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const int64_t R = sl.R, C = sl.C, D = sl.D;
+    // Per-column terms, padded by one vector; an empty column (LSE -inf) has no gradient.
+    clse_v.assign(static_cast<size_t>(C + W), T(0));
+    gcm_v.assign(static_cast<size_t>(C + W), T(0));
+    const int64_t nblocks = (C + kBwdColBlock - 1) / kBwdColBlock;
+    cb_max.assign(static_cast<size_t>(nblocks), ninf);
+    cb_min.assign(static_cast<size_t>(nblocks), ninf);
+    if (gcl.defined()) {
+      gcl_v.assign(static_cast<size_t>(C + W), T(0));
+      const at::Tensor cl = col_lse.to(sl.st).contiguous();
+      const T* clp = cl.data_ptr<T>();
+      const T* g = gcl.data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) {
+        const bool ok = clp[c] > ninf;
+        clse_v[c] = ok ? static_cast<T>(static_cast<double>(clp[c]) * kLog2e) : T(0);
+        gcl_v[c] = ok ? g[c] : T(0);
+        if (gcl_v[c] != T(0)) {
+          T& mx = cb_max[c / kBwdColBlock];
+          T& mn = cb_min[c / kBwdColBlock];
+          if (!(mx > ninf)) {
+            mx = mn = clse_v[c];
+          } else {
+            mx = clse_v[c] > mx ? clse_v[c] : mx;
+            mn = clse_v[c] < mn ? clse_v[c] : mn;
+          }
         }
       }
     }
-  }
-  if (gcm.defined()) {
-    const T* g = gcm.data_ptr<T>();
-    for (int64_t c = 0; c < C; ++c) {
-      const double cnt = static_cast<double>(R) - ((exclude_diag && c < R) ? 1.0 : 0.0);
-      gcm_v[c] = cnt > 0 ? static_cast<T>(g[c] / cnt) : T(0);
+    if (gcm.defined()) {
+      const T* g = gcm.data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) {
+        const double cnt = static_cast<double>(R) - ((exclude_diag && c < R) ? 1.0 : 0.0);
+        gcm_v[c] = cnt > 0 ? static_cast<T>(g[c] / cnt) : T(0);
+      }
     }
+    dq = at::empty_like(q);
+    dk = at::empty_like(k);
+    dq_acc = (q.scalar_type() == sl.st && dq.is_contiguous()) ? dq : at::empty({R, D}, sl.opt);
+    dk_acc = (k.scalar_type() == sl.st && dk.is_contiguous()) ? dk : at::empty({C, D}, sl.opt);
+    dk_acc.zero_();
+
+    sl.set(P, scale, bias, exclude_diag, decoupled, pos_lse);
+    P.L = nullptr;
+    P.g_lse = gl.defined() ? gl.data_ptr<T>() : nullptr;
+    P.g_pos = gp.defined() ? gp.data_ptr<T>() : nullptr;
+    P.g_mean = gm.defined() ? gm.data_ptr<T>() : nullptr;
+    P.lse = lse.data_ptr<T>();
+    P.pos = pos.data_ptr<T>();
+    P.npos = npos.data_ptr<T>();
+    P.col_lse = clse_v.data();
+    P.g_col_lse = gcl.defined() ? gcl_v.data() : nullptr;
+    P.g_col_mean = gcm_v.data();
+    P.cb_max = cb_max.data();
+    P.cb_min = cb_min.data();
+    nchunks = num_chunks(sl.S);
+    scratch.resize(static_cast<size_t>(nchunks * (kBwdColBlock + W)));
+    db.resize(static_cast<size_t>(sl.S));
+    ds.resize(static_cast<size_t>(sl.S));
   }
 
-  const bool labels = row_labels.has_value() && col_labels.has_value();
-  std::vector<I> rid, cid;
-  if (labels) {
-    label_ids<I>(*row_labels, *col_labels, rid, cid);
-    cid.resize(static_cast<size_t>(C + W), I(-1));
-  }
-  at::Tensor tg;
-  if (!labels && targets.has_value()) tg = targets->to(at::kLong).contiguous();
-
-  const at::Tensor kf = k.to(st).contiguous();
-  const int64_t S = slab_rows(R, C, sizeof(T));
-  at::Tensor buf = at::empty({S * C + W}, opt);
-  buf.narrow(0, S * C, W).zero_();
-  at::Tensor dk_acc =
-      (k.scalar_type() == st && dk.is_contiguous()) ? dk : at::empty({C, D}, opt);
-  dk_acc.zero_();
-
-  BwdArgs<T> P;
-  P.set(R, C, scale, bias, exclude_diag, decoupled, pos_lse, labels, tg, rid, cid);
-  P.L = nullptr;
-  P.g_lse = gl.defined() ? gl.data_ptr<T>() : nullptr;
-  P.g_pos = gp.defined() ? gp.data_ptr<T>() : nullptr;
-  P.g_mean = gm.defined() ? gm.data_ptr<T>() : nullptr;
-  P.lse = lse_a.data_ptr<T>();
-  P.pos = pos_a.data_ptr<T>();
-  P.npos = npos_a.data_ptr<T>();
-  P.col_lse = clse_v.data();
-  P.g_col_lse = gcl.defined() ? gcl_v.data() : nullptr;
-  P.g_col_mean = gcm_v.data();
-  P.cb_max = cb_max.data();
-  P.cb_min = cb_min.data();
-
-  const int64_t nchunks = num_chunks(S);
-  std::vector<T> scratch(static_cast<size_t>(nchunks * (kBwdColBlock + W)));
-  std::vector<double> db(static_cast<size_t>(S)), ds(static_cast<size_t>(S));
-  double dscale_acc = 0.0, dbias_acc = 0.0;
-  const Kernels<T> K = kernels<T>();
-
-  for (int64_t r0 = 0; r0 < R; r0 += S) {
-    const int64_t s = std::min(S, R - r0);
-    const at::Tensor qs = q.narrow(0, r0, s).to(st).contiguous();
-    at::Tensor Ls = buf.narrow(0, 0, s * C).view({s, C});
-    at::mm_out(Ls, qs, kf.t());
+  // Rows r0 .. r0 + s: Ls (raw dot products) becomes G; their gradient terms are accumulated.
+  void slab(int64_t r0, int64_t s, const at::Tensor& qs, const at::Tensor& Ls) {
     P.r0 = r0;
     P.L = Ls.data_ptr<T>();
     const int64_t nc = std::min(nchunks, s);
@@ -459,14 +483,138 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
       dbias_acc += db[i];
       dscale_acc += ds[i];
     }
-    at::Tensor U = at::mm(Ls, kf);  // G @ k
-    dq.narrow(0, r0, s).copy_(U.mul_(scale));
+    at::Tensor dqs = dq_acc.narrow(0, r0, s);
+    at::mm_out(dqs, Ls, sl.kf);  // G @ k
+    dqs.mul_(scale);
     dk_acc.addmm_(Ls.t(), qs, 1.0, scale);
   }
-  if (!dk_acc.is_same(dk)) dk.copy_(dk_acc);
-  dscale.fill_(dscale_acc);
-  dbias.fill_(dbias_acc);
-  return {dq, dk, dscale, dbias};
+
+  // (dq, dk, dscale, dbias), every term multiplied by norm.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& scale_t,
+                                                                   const at::Tensor& bias_t,
+                                                                   double norm) {
+    if (norm != 1.0) {
+      dq_acc.mul_(norm);
+      dk_acc.mul_(norm);
+    }
+    if (!dq_acc.is_same(dq)) dq.copy_(dq_acc);
+    if (!dk_acc.is_same(dk)) dk.copy_(dk_acc);
+    at::Tensor dscale = at::empty_like(scale_t), dbias = at::empty_like(bias_t);
+    dscale.fill_(dscale_acc * norm);
+    dbias.fill_(dbias_acc * norm);
+    return {dq, dk, dscale, dbias};
+  }
+};
+
+template <class T>
+at::Tensor stat_vec(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->to(scalar_type_of<T>()).contiguous() : at::Tensor();
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_impl(
+    const at::Tensor& q, const at::Tensor& k, double scale, double bias,
+    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
+    const std::optional<at::Tensor>& col_labels, bool exclude_diag, bool decoupled, bool pos_lse,
+    bool col_stats) {
+  Slabs<T> sl(q, k, targets, row_labels, col_labels);
+  FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, col_stats);
+  for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
+    const int64_t s = std::min(sl.S, sl.R - r0);
+    const auto qL = sl.slab(q, r0, s);
+    F.slab(r0, s, qL.first, qL.second);
+  }
+  F.finish();
+  return {F.lse, F.pos, F.npos, F.mean, F.col_lse, F.col_mean};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zero_grads(const at::Tensor& q,
+                                                                      const at::Tensor& k,
+                                                                      const at::Tensor& scale_t,
+                                                                      const at::Tensor& bias_t) {
+  return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(scale_t), at::zeros_like(bias_t)};
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
+    const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
+    const std::optional<at::Tensor>& g_mean, const std::optional<at::Tensor>& g_col_lse,
+    const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& scale_t, const at::Tensor& bias_t, double scale, double bias,
+    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
+    const std::optional<at::Tensor>& col_labels, const at::Tensor& lse, const at::Tensor& pos,
+    const at::Tensor& npos, const at::Tensor& col_lse, bool exclude_diag, bool decoupled,
+    bool pos_lse, bool col_stats) {
+  const at::Tensor gl = stat_vec<T>(g_lse), gp = stat_vec<T>(g_pos), gm = stat_vec<T>(g_mean);
+  const at::Tensor gcl = col_stats ? stat_vec<T>(g_col_lse) : at::Tensor();
+  const at::Tensor gcm = col_stats ? stat_vec<T>(g_col_mean) : at::Tensor();
+  const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() || gcm.defined();
+  if (!any || q.size(0) == 0 || k.size(0) == 0) return zero_grads(q, k, scale_t, bias_t);
+
+  Slabs<T> sl(q, k, targets, row_labels, col_labels);
+  const at::ScalarType st = sl.st;
+  const at::Tensor lse_a = lse.to(st).contiguous(), pos_a = pos.to(st).contiguous();
+  const at::Tensor npos_a = npos.to(st).contiguous();
+  BwdSweep<T> B(sl, q, k, scale, bias, gl, gp, gm, gcl, gcm, lse_a, pos_a, npos_a, col_lse,
+                exclude_diag, decoupled, pos_lse);
+  for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
+    const int64_t s = std::min(sl.S, sl.R - r0);
+    const auto qL = sl.slab(q, r0, s);
+    B.slab(r0, s, qL.first, qL.second);
+  }
+  return B.finish(scale_t, bias_t, 1.0);
+}
+
+// Forward and backward in one sweep, for a loss whose gradients with respect to the row
+// statistics are known before the forward: loss = norm * sum over rows with a positive of
+// g_lse lse + g_pos pos + g_mean mean. Each slab of dot products serves the row statistics and
+// then, in place, the gradient tile: no slab is computed twice.
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_impl(
+    const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
+    const std::optional<at::Tensor>& g_mean, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& scale_t, const at::Tensor& bias_t, double scale, double bias,
+    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
+    const std::optional<at::Tensor>& col_labels, bool exclude_diag, bool decoupled, bool pos_lse,
+    bool mean) {
+  Slabs<T> sl(q, k, targets, row_labels, col_labels);
+  FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, false);
+  // The coefficients are masked slab by slab: rows without a positive count for nothing.
+  at::Tensor gl = stat_vec<T>(g_lse), gp = stat_vec<T>(g_pos), gm = stat_vec<T>(g_mean);
+  for (at::Tensor* g : {&gl, &gp, &gm})
+    if (g->defined()) *g = g->clone();
+  const at::Tensor none;
+  BwdSweep<T> B(sl, q, k, scale, bias, gl, gp, gm, none, none, F.lse, F.pos, F.npos, none,
+                exclude_diag, decoupled, pos_lse);
+  const T* np = F.npos.template data_ptr<T>();
+  const bool run_bwd = sl.R > 0 && sl.C > 0 && (gl.defined() || gp.defined() || gm.defined());
+  for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
+    const int64_t s = std::min(sl.S, sl.R - r0);
+    const auto qL = sl.slab(q, r0, s);
+    F.slab(r0, s, qL.first, qL.second);
+    if (!run_bwd) continue;
+    for (at::Tensor* g : {&gl, &gp, &gm}) {
+      if (!g->defined()) continue;
+      T* gv = g->template data_ptr<T>();
+      for (int64_t r = r0; r < r0 + s; ++r)
+        if (!(np[r] > T(0))) gv[r] = T(0);
+    }
+    B.slab(r0, s, qL.first, qL.second);
+  }
+  const at::Tensor has_pos = F.npos > 0;
+  const double count = static_cast<double>(has_pos.sum().item<int64_t>());
+  const double norm = mean ? 1.0 / std::max(count, 1.0) : 1.0;
+  // Masked rows hold zero coefficients but possibly infinite statistics: select, not multiply.
+  at::Tensor rows = at::zeros({sl.R}, sl.opt.dtype(at::kDouble));
+  const std::pair<const at::Tensor*, const at::Tensor*> terms[] = {
+      {&gl, &F.lse}, {&gp, &F.pos}, {&gm, &F.mean}};
+  for (const auto& t : terms)
+    if (t.first->defined()) rows.add_(t.first->to(at::kDouble) * t.second->to(at::kDouble));
+  rows = at::where(has_pos, rows, at::zeros_like(rows));
+  at::Tensor loss = (rows.sum() * norm).to(sl.st);
+  auto grads = run_bwd ? B.finish(scale_t, bias_t, norm) : zero_grads(q, k, scale_t, bias_t);
+  return {loss, F.npos, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
+          std::get<3>(grads)};
 }
 
 }  // namespace
@@ -516,6 +664,23 @@ contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<
   return bwd_impl<float>(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, a, b,
                          targets, row_labels, col_labels, lse, pos, npos, col_lse, exclude_diag,
                          decoupled, pos_lse, col_stats);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_fused_cpu(const std::optional<at::Tensor>& g_lse,
+                      const std::optional<at::Tensor>& g_pos,
+                      const std::optional<at::Tensor>& g_mean, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                      const std::optional<at::Tensor>& targets,
+                      const std::optional<at::Tensor>& row_labels,
+                      const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                      bool decoupled, bool pos_lse, bool mean) {
+  const double a = scalar_value(scale), b = scalar_value(bias);
+  if (q.scalar_type() == at::kDouble)
+    return fused_impl<double>(g_lse, g_pos, g_mean, q, k, scale, bias, a, b, targets, row_labels,
+                              col_labels, exclude_diag, decoupled, pos_lse, mean);
+  return fused_impl<float>(g_lse, g_pos, g_mean, q, k, scale, bias, a, b, targets, row_labels,
+                           col_labels, exclude_diag, decoupled, pos_lse, mean);
 }
 
 }  // namespace cpu

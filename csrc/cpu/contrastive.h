@@ -34,5 +34,20 @@ contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<
                     const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
                     bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats);
 
+// Forward and backward of the row statistics in one sweep, for a loss linear in them with
+// coefficients known in advance: loss = norm * sum_r [npos_r > 0] (g_lse_r lse_r + g_pos_r pos_r
+// + g_mean_r mean_r), norm = 1 / max(#{r: npos_r > 0}, 1) when mean, else 1. Returns
+// (loss, npos, dq, dk, dscale, dbias): the loss (0-dim, statistics dtype), npos [R] and the
+// gradients of the loss (dtypes as in contrastive_bwd_cpu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_fused_cpu(const std::optional<at::Tensor>& g_lse,
+                      const std::optional<at::Tensor>& g_pos,
+                      const std::optional<at::Tensor>& g_mean, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                      const std::optional<at::Tensor>& targets,
+                      const std::optional<at::Tensor>& row_labels,
+                      const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                      bool decoupled, bool pos_lse, bool mean);
+
 }  // namespace cpu
 }  // namespace fastcl

@@ -3,10 +3,14 @@
 ``fastcl::contrastive_fwd`` returns the per-row / per-column statistics defined in
 :mod:`fastcl.reference.contrastive`; ``fastcl::contrastive_bwd`` turns the gradients of those
 statistics into gradients of ``q``, ``k``, the logit scale and the bias, recomputing the logits
-tile by tile. Both take the name of the kernel backend (``"triton"``, ``"cuda"`` or ``"cpu"``)
-as their last argument; the functional layer picks it through :mod:`fastcl.dispatch`.
+tile by tile. ``fastcl::contrastive_fused`` serves losses that are linear in the row statistics
+with coefficients known before the forward (InfoNCE in one direction, NT-Xent, SupCon, DCL with
+``mean`` or ``sum``): it returns the loss and its gradients from one sweep, and its backward
+only multiplies them by the upstream scalar. Every op takes the name of the kernel backend
+(``"triton"``, ``"cuda"``, ``"cpu"`` or the materializing ``"torch"``) as its last argument;
+the functional layer picks it through :mod:`fastcl.dispatch`.
 
-Both ops have fake (meta) kernels, so ``torch.compile(fullgraph=True)`` traces through them.
+Every op has a fake (meta) kernel, so ``torch.compile(fullgraph=True)`` traces through them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from torch import Tensor
 
 from .. import _backends
 
-__all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_stats"]
+__all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrastive_stats",
+           "FUSED_BACKENDS"]
+
+#: Backends whose ``contrastive_fused`` saves work: their slabs hold whole rows, so one sweep
+#: gives the statistics and then the gradients (three GEMMs, not the four of a forward and a
+#: backward that recomputes the logits). The op runs on the others too, as a forward and a
+#: backward. A static list: it is consulted while tracing, when nothing may be imported.
+FUSED_BACKENDS = ("cpu",)
 
 
 def _stat_dtype(q: Tensor) -> torch.dtype:
@@ -125,6 +136,94 @@ def _backward(ctx, g_lse, g_pos, _g_npos, g_mean, g_col_lse, g_col_mean):
 
 
 contrastive_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastcl::contrastive_fused", mutates_args=())
+def contrastive_fused(
+    g_lse: Optional[Tensor],
+    g_pos: Optional[Tensor],
+    g_mean: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    targets: Optional[Tensor],
+    row_labels: Optional[Tensor],
+    col_labels: Optional[Tensor],
+    exclude_diag: bool,
+    decoupled: bool,
+    pos_lse: bool,
+    mean: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, npos, dq, dk, dscale, dbias)`` of a loss linear in the row statistics.
+
+    ``loss = norm * sum_r [npos_r > 0] (g_lse_r lse_r + g_pos_r pos_r + g_mean_r mean_r)``
+    (absent coefficients are zero) with ``norm = 1 / max(#{r: npos_r > 0}, 1)`` when ``mean``,
+    else 1: rows without a positive count for nothing, as in every loss of the family. The
+    statistics are those of :func:`contrastive_fwd` without column statistics.
+    """
+    if _backends.has_kernel(backend, "contrastive_fused"):
+        fused = _backends.kernel(backend, "contrastive_fused")
+        return fused(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels, col_labels,
+                     exclude_diag, decoupled, pos_lse, mean)
+    return _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels,
+                           col_labels, exclude_diag, decoupled, pos_lse, mean, backend)
+
+
+def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels, col_labels,
+                    exclude_diag, decoupled, pos_lse, mean, backend):
+    """``contrastive_fused`` as the backend's forward then its backward (no work saved)."""
+    lse, pos, npos, avg, _cl, _cm = _backends.kernel(backend, "contrastive_fwd")(
+        q, k, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse,
+        False)
+    has_pos = npos > 0
+    norm = 1.0 / has_pos.sum().clamp_min(1).to(lse.dtype) if mean else 1.0
+    rows = torch.zeros_like(lse)
+    gs = []
+    for g, stat in ((g_lse, lse), (g_pos, pos), (g_mean, avg)):
+        if g is not None:
+            g = torch.where(has_pos, g.to(lse.dtype), torch.zeros_like(lse))
+            rows = rows + torch.where(has_pos, g * stat, torch.zeros_like(lse))
+            g = g * norm
+        gs.append(g)
+    loss = rows.sum() * norm
+    if not any(g is not None for g in gs) or q.shape[0] == 0 or k.shape[0] == 0:
+        grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale),
+                 torch.zeros_like(bias))
+    else:
+        grads = _backends.kernel(backend, "contrastive_bwd")(
+            *gs, None, None, q, k, scale, bias, targets, row_labels, col_labels, lse, pos, npos,
+            torch.empty(0, dtype=lse.dtype, device=q.device), exclude_diag, decoupled, pos_lse,
+            False)
+    return (loss, npos, *grads)
+
+
+@contrastive_fused.register_fake
+def _(g_lse, g_pos, g_mean, q, k, scale, bias, *rest):
+    dt = _stat_dtype(q)
+    return (q.new_empty((), dtype=dt), q.new_empty(q.shape[0], dtype=dt), torch.empty_like(q),
+            torch.empty_like(k), torch.empty_like(scale), torch.empty_like(bias))
+
+
+def _setup_fused(ctx, inputs, output):
+    _loss, npos, dq, dk, dscale, dbias = output
+    ctx.save_for_backward(dq, dk, dscale, dbias)
+    ctx.mark_non_differentiable(npos, dq, dk, dscale, dbias)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_fused(ctx, g_loss, *_unused):
+    need = ctx.needs_input_grad[3:7]
+    if g_loss is None or not any(need):
+        return (None,) * 15
+    g = g_loss.detach()
+    # a 0-dim factor keeps each gradient's dtype; the product is rounded once
+    grads = tuple((t * g).to(t.dtype) if n else None for t, n in zip(ctx.saved_tensors, need))
+    return (None, None, None, *grads) + (None,) * 8
+
+
+contrastive_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
 
 
 def contrastive_stats(
