@@ -5,9 +5,10 @@
     python -m benchmarks.report --full     # CPU: also N = 16384 and 32768 (the CPU targets)
 
 CPU suite: the symmetric CLIP loss, forward + backward, fp32, D = 256: eager PyTorch,
-torch.compile, open_clip's ClipLoss, plain-PyTorch row slabs and fastcl's fused C++ kernels, each
-implementation in its own subprocess so that its peak RSS is its own (see
-:mod:`benchmarks.bench_cpu_contrastive`). GPU suite: the same loss in bf16 at D = 1024 against
+torch.compile, open_clip's ClipLoss, plain-PyTorch row slabs and fastcl's fused C++ kernels; and
+InfoNCE in one direction (``eager-one`` against ``fastcl-one``, whose ratios are taken to
+``eager-one``). Each implementation runs in its own subprocess so that its peak RSS is its own
+(see :mod:`benchmarks.bench_cpu_contrastive`). GPU suite: the same loss in bf16 at D = 1024 against
 eager PyTorch, torch.compile, open_clip and Inf-CL when installed (:mod:`benchmarks.bench_clip`).
 Both end with the targets of PERFORMANCE.md for their device: met or not, and by how much.
 
@@ -30,7 +31,7 @@ DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 IMG = os.path.join(ROOT, "docs", "img")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
-CPU_IMPLS = ("eager", "compile", "open_clip", "slabs", "fastcl")
+CPU_IMPLS = ("eager", "compile", "open_clip", "slabs", "fastcl", "eager-one", "fastcl-one")
 # the N^2-memory baselines are skipped above this N in the full CPU suite (one 32768^2 fp32
 # logit matrix and its softmax already take 16 GB of the machine's 24)
 CPU_QUADRATIC = ("compile", "open_clip")
@@ -46,7 +47,7 @@ def cpu_suite(quick: bool, full: bool) -> list[dict]:
     for n in sizes:
         for impl in CPU_IMPLS:
             rec = {"impl": "fastcl-cpu" if impl == "fastcl" else impl, "n": n, "d": 256,
-                   "dtype": "float32"}
+                   "dtype": "float32", "loss": "info_nce" if impl.endswith("-one") else "clip"}
             if n > 16384 and impl in CPU_QUADRATIC + ("slabs",):
                 continue
             r = run_one(impl, n, 256, reps=1 if n >= 8192 else 2, seed=0, timeout=1800)
@@ -85,8 +86,14 @@ def _ok(r: dict) -> bool:
     return "seconds" in r
 
 
-def _best_fastcl(group: dict) -> dict:
-    fast = [r for i, r in group.items() if i.startswith("fastcl") and _ok(r)]
+def _baseline(impl: str) -> str:
+    """The eager implementation that ``impl``'s ratios are taken to (same loss)."""
+    return "eager-one" if impl.endswith("-one") else "eager"
+
+
+def _best_fastcl(group: dict, one: bool = False) -> dict:
+    fast = [r for i, r in group.items()
+            if i.startswith("fastcl") and i.endswith("-one") == one and _ok(r)]
     return min(fast, key=lambda r: r["seconds"]) if fast else {}
 
 
@@ -97,20 +104,23 @@ def cpu_targets(records: list[dict]) -> list[tuple[str, str, str]]:
     for n in sorted(groups):
         if n < 16384 and n != max(groups):
             continue
-        group = groups[n]
-        eager, fast = group.get("eager", {}), _best_fastcl(group)
-        if not (_ok(eager) and fast):
-            continue
-        scope = "" if n == 32768 else f" (at N = {n}; the target is set at 32768)"
-        t = fast["seconds"] / eager["seconds"]
-        rows.append((f"time <= 0.5x eager, N = {n}", f"{t:.2f}x ({fast['seconds']:.2f} s vs "
-                     f"{eager['seconds']:.2f} s)", ("met" if t <= 0.5 else "not met") + scope))
-        if eager.get("extra_bytes") and fast.get("extra_bytes") is not None:
-            m = fast["extra_bytes"] / eager["extra_bytes"]
-            rows.append((f"peak extra memory < 5% of eager, N = {n}",
-                         f"{100 * m:.1f}% ({fast['extra_bytes'] / 2**20:.0f} MiB vs "
-                         f"{eager['extra_bytes'] / 2**20:.0f} MiB)",
-                         ("met" if m < 0.05 else "not met") + scope))
+        for one, what in ((False, "symmetric"), (True, "one direction")):
+            group = groups[n]
+            eager, fast = group.get(_baseline("-one" if one else ""), {}), _best_fastcl(group, one)
+            if not (_ok(eager) and fast):
+                continue
+            scope = ("" if n in (16384, 32768)
+                     else f" (at N = {n}; the targets are set at 16384 and 32768)")
+            t = fast["seconds"] / eager["seconds"]
+            rows.append((f"{what}: time <= 0.5x eager, N = {n}",
+                         f"{t:.2f}x ({fast['seconds']:.2f} s vs {eager['seconds']:.2f} s)",
+                         ("met" if t <= 0.5 else "not met") + scope))
+            if eager.get("extra_bytes") and fast.get("extra_bytes") is not None:
+                m = fast["extra_bytes"] / eager["extra_bytes"]
+                rows.append((f"{what}: peak extra memory < 5% of eager, N = {n}",
+                             f"{100 * m:.1f}% ({fast['extra_bytes'] / 2**20:.0f} MiB vs "
+                             f"{eager['extra_bytes'] / 2**20:.0f} MiB)",
+                             ("met" if m < 0.05 else "not met") + scope))
     return rows
 
 
@@ -179,17 +189,19 @@ def markdown(records: list[dict], env: dict) -> str:
     gpu = any(r.get("tflops") is not None for r in records)
     lines = [f"Measured {env['date']} on {env['device']}; torch {env['torch']}"
              + (f", triton {env['triton']}" if "triton" in env else "")
-             + f", fastcl {env['fastcl']}. Symmetric CLIP loss, forward + backward, "
+             + f", fastcl {env['fastcl']}. Symmetric CLIP loss"
+             + ("" if gpu else " (InfoNCE in one direction: the `-one` rows, ratios to "
+                "`eager-one`)") + ", forward + backward, "
              f"D = {records[0]['d']}, {records[0]['dtype']}"
              + ("" if gpu else f", {env.get('threads', '?')} threads") + ".", "",
              "| N | implementation | time | peak extra memory | eager's time / this |"
              " this memory / eager's |" + (" TFLOP/s |" if gpu else ""),
              "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for n, group in sorted(_groups(records).items()):
-        eager = group.get("eager", {})
-        order = sorted(group, key=lambda i: (i.startswith("fastcl"), i != "eager", i))
+        order = sorted(group, key=lambda i: (i.endswith("-one"), i.startswith("fastcl"),
+                                             i != _baseline(i), i))
         for impl in order:
-            r = group[impl]
+            r, eager = group[impl], group.get(_baseline(impl), {})
             if not _ok(r):
                 lines.append(f"| {n} | {impl} | {r.get('error', '')} | | | |"
                              + (" |" if gpu else ""))
