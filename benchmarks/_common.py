@@ -4,8 +4,9 @@
 - :func:`timed`: warm-up, then the median of ``reps`` calls (CUDA events on a GPU, wall time on
   a CPU) and the peak memory beyond what was allocated before (GPU: the caching allocator's
   counters; CPU: ``None``, measured per process by :mod:`benchmarks.bench_cpu_contrastive`);
-- :func:`eager_clip`, :func:`infcl_clip`, :func:`open_clip_clip`: the symmetric CLIP loss as the
-  baselines compute it, each ``None`` where its package is not installed; :func:`eager_siglip`
+- :func:`eager_clip`, :func:`infcl_clip`, :func:`open_clip_clip`, :func:`pml_clip`: the symmetric
+  CLIP loss as the baselines compute it, each ``None`` where its package is not installed
+  (:func:`pml_info_nce`: pytorch-metric-learning's loss in one direction); :func:`eager_siglip`
   the sigmoid loss with materialized logits.
 """
 
@@ -161,6 +162,73 @@ def open_clip_clip() -> Optional[Callable]:
 
     def loss(x, y, scale):
         return module(x, y, scale)
+
+    return loss
+
+
+# pytorch-metric-learning's NTXentLoss lists every (anchor, negative) pair and compares each anchor
+# with each pair's anchor: an N x N(M - 1) mask and its float copies, ~26 bytes per element for
+# forward + backward of both directions in fp32 (measured). Above this budget per direction the
+# baseline refuses with MemoryError instead of exhausting the machine (N ~ 400 with fp32).
+PML_NTXENT_MAX_BYTES = 1 << 30
+PML_LOSSES = ("ntxent", "supcon")
+
+
+def pml_info_nce(kind: str = "ntxent") -> Optional[Callable]:
+    """InfoNCE query -> key with a pytorch-metric-learning loss, or ``None`` without the package.
+
+    ``kind`` is ``"ntxent"`` (``NTXentLoss``) or ``"supcon"`` (``SupConLoss``, which builds
+    N x M masks instead of a list of pairs). Both are used in their cross-batch form: the queries
+    as ``embeddings`` with labels ``arange(N)``, the keys as ``ref_emb`` with their own labels
+    ``arange(M)``, so that row ``i``'s only positive is key ``i`` and every other key is a
+    negative. Two distinct label tensors are required: given the same object, the library drops
+    the diagonal from the positives. The result equals :func:`fastcl.info_nce` with
+    ``logit_scale=scale`` in value and in gradients (q, k and the scale) because:
+
+    - the similarity is ``DotProductSimilarity(normalize_embeddings=False)``: the library's
+      default ``CosineSimilarity`` gives the same value on unit-norm inputs but differentiates
+      through the normalization, projecting each row's gradient off that row;
+    - the temperature is ``1 / scale`` (a tensor when ``scale`` is one, so the scale gets its
+      gradient through it);
+    - the reducer is ``MeanReducer``: NTXentLoss reduces per positive pair and SupConLoss
+      averages the log-probabilities of each row's positives, both one per row here, so the
+      mean over pairs is the mean over rows (SupConLoss's default ``AvgNonZeroReducer`` would
+      only differ for a row whose loss is exactly 0);
+    - both add ``finfo.tiny`` inside a logarithm or a count, which rounds away in fp32 and fp64.
+    """
+    if kind not in PML_LOSSES:
+        raise ValueError(f"kind must be one of {PML_LOSSES}, got {kind!r}")
+    try:
+        from pytorch_metric_learning.distances import DotProductSimilarity
+        from pytorch_metric_learning.losses import NTXentLoss, SupConLoss
+        from pytorch_metric_learning.reducers import MeanReducer
+    except Exception:
+        return None
+    cls = NTXentLoss if kind == "ntxent" else SupConLoss
+
+    def loss(x, y, scale):
+        n, m = x.shape[0], y.shape[0]
+        need = 4 * x.element_size() * n * m * (m - 1)
+        if kind == "ntxent" and need > PML_NTXENT_MAX_BYTES:
+            raise MemoryError(f"NTXentLoss would hold ~{need / 2**30:.0f} GiB of pair masks at "
+                              f"N = {n} (limit {PML_NTXENT_MAX_BYTES / 2**30:.0f} GiB)")
+        module = cls(temperature=1 / scale, reducer=MeanReducer(),
+                     distance=DotProductSimilarity(normalize_embeddings=False))
+        return module(x, torch.arange(n, device=x.device), ref_emb=y,
+                      ref_labels=torch.arange(m, device=y.device))
+
+    return loss
+
+
+def pml_clip(kind: str = "ntxent") -> Optional[Callable]:
+    """The symmetric CLIP loss as the mean of :func:`pml_info_nce` in both directions, or
+    ``None`` without pytorch-metric-learning."""
+    one = pml_info_nce(kind)
+    if one is None:
+        return None
+
+    def loss(x, y, scale):
+        return (one(x, y, scale) + one(y, x, scale)) / 2
 
     return loss
 

@@ -7,6 +7,9 @@ Implementations (each skipped with a note where it cannot run):
 - ``compile``: the same function under ``torch.compile``;
 - ``infcl``: Inf-CL's Triton loss (``pip install inf-cl``), both directions;
 - ``open_clip``: open_clip's ``ClipLoss`` where open_clip is installed;
+- ``pml`` and ``pml-supcon``: pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss`` in their
+  cross-batch form, both directions, where the package is installed
+  (:func:`benchmarks._common.pml_info_nce`; ``NTXentLoss`` refuses above a few hundred rows);
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` on each available backend.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
@@ -30,8 +33,8 @@ import torch.nn.functional as F
 import fastcl
 from fastcl import dispatch
 
-from ._common import (DTYPES, eager_clip, eager_siglip, environment, infcl_clip,
-                      open_clip_clip, timed)
+from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_siglip, environment, infcl_clip,
+                      open_clip_clip, pml_clip, timed)
 
 
 def implementations(device: torch.device, dtype: torch.dtype, which, loss: str = "clip"):
@@ -47,6 +50,10 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
         oc = open_clip_clip()
         if oc is not None:
             impls["open_clip"] = oc
+        for kind in PML_LOSSES:
+            pml = pml_clip(kind)
+            if pml is not None:
+                impls["pml" if kind == "ntxent" else f"pml-{kind}"] = pml
     op = "info_nce" if loss == "clip" else "siglip_loss"
     for backend in ("triton", "cuda", "cpu"):
         if dispatch.why_not(backend, op, device, dtype) is None:
@@ -111,7 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--impl", nargs="*", default=None, help="subset of implementations to run")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-eager-n", type=int, default=None,
-                   help="skip eager/compile above this N (they need N^2 memory)")
+                   help="skip the materializing baselines (eager, compile, open_clip, "
+                   "pml*) above this N (they need N^2 memory)")
     p.add_argument("--json", default=None, help="write the records and environment here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
     for d in args.d:
         for n in args.n:
             for name, fn in impls.items():
-                if (args.max_eager_n and name in ("eager", "compile") and n > args.max_eager_n):
+                if (args.max_eager_n and n > args.max_eager_n
+                        and (name in ("eager", "compile", "open_clip") or name.startswith("pml"))):
                     rec = {"error": "skipped (N^2 memory)"}
                 else:
                     rec = measure(fn, n, d, dtype, device, args.reps, gemms=gemms)

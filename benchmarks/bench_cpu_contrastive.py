@@ -9,8 +9,14 @@ Implementations:
 - ``open_clip``: open_clip's ``ClipLoss`` (where open_clip is installed);
 - ``slabs``: what a careful user writes without custom kernels: row slabs of plain PyTorch ops
   (1024 rows), logits recomputed in the backward;
-- ``eager-one`` and ``fastcl-one``: one direction only (InfoNCE, query -> key), eager
-  ``F.cross_entropy`` against :func:`fastcl.info_nce`; their ratios are taken to ``eager-one``.
+- ``pml`` and ``pml-supcon``: pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss`` in
+  their cross-batch form, both directions (where the package is installed; see
+  :func:`benchmarks._common.pml_info_nce`). ``NTXentLoss`` holds N x N(N - 1) pair masks and
+  refuses above a few hundred rows; ``SupConLoss`` holds several N x N buffers and int64 pair
+  indices (~70 bytes per logit);
+- ``eager-one``, ``fastcl-one``, ``pml-one`` and ``pml-supcon-one``: one direction only (InfoNCE,
+  query -> key), eager ``F.cross_entropy`` and pytorch-metric-learning against
+  :func:`fastcl.info_nce`; their ratios are taken to ``eager-one``.
 
 Each implementation runs in a fresh subprocess (so its peak RSS is its own): one warm-up at a
 small size, then ``--reps`` timed forward + backward passes on unit-norm fp32 inputs with logit
@@ -36,10 +42,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ._common import RssPeak, eager_clip, open_clip_clip
+from ._common import RssPeak, eager_clip, open_clip_clip, pml_clip, pml_info_nce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs", "eager-one", "fastcl-one")
+# pytorch-metric-learning's losses by implementation name: (kind, symmetric)
+PML = {"pml": ("ntxent", True), "pml-supcon": ("supcon", True),
+       "pml-one": ("ntxent", False), "pml-supcon-one": ("supcon", False)}
+IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs", "eager-one", "fastcl-one", *PML)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +126,12 @@ def _loss(impl: str):
         if fn is None:
             raise RuntimeError("open_clip is not installed")
         return fn
+    if impl in PML:
+        kind, symmetric = PML[impl]
+        fn = (pml_clip if symmetric else pml_info_nce)(kind)
+        if fn is None:
+            raise RuntimeError("pytorch-metric-learning is not installed")
+        return fn
     return {"eager": eager_clip, "fastcl": fastcl_clip, "slabs": slab_clip,
             "eager-one": eager_one_direction, "fastcl-one": fastcl_one_direction}[impl]
 
@@ -176,8 +191,9 @@ def run_one(impl: str, n: int, d: int, reps: int, seed: int, timeout: float) -> 
     except subprocess.TimeoutExpired:
         return dict(impl=impl, n=n, d=d, error=f"timed out after {timeout:.0f} s")
     if out.returncode != 0:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return dict(impl=impl, n=n, d=d, error=" | ".join(tail) or f"exit {out.returncode}")
+        # a traceback's last line names the exception (kept short: it goes into table cells)
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:]
+        return dict(impl=impl, n=n, d=d, error=tail[0] if tail else f"exit {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

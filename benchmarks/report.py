@@ -5,11 +5,13 @@
     python -m benchmarks.report --full     # CPU: also N = 16384 and 32768 (the CPU targets)
 
 CPU suite: the symmetric CLIP loss, forward + backward, fp32, D = 256: eager PyTorch,
-torch.compile, open_clip's ClipLoss, plain-PyTorch row slabs and fastcl's fused C++ kernels; and
-InfoNCE in one direction (``eager-one`` against ``fastcl-one``, whose ratios are taken to
-``eager-one``). Each implementation runs in its own subprocess so that its peak RSS is its own
-(see :mod:`benchmarks.bench_cpu_contrastive`). GPU suite: the same loss in bf16 at D = 1024 against
-eager PyTorch, torch.compile, open_clip and Inf-CL when installed (:mod:`benchmarks.bench_clip`).
+torch.compile, open_clip's ClipLoss, plain-PyTorch row slabs, pytorch-metric-learning's
+NTXentLoss (``pml``) and SupConLoss (``pml-supcon``) where installed, and fastcl's fused C++
+kernels; and InfoNCE in one direction (``eager-one``, ``pml-one`` and ``pml-supcon-one`` against
+``fastcl-one``, whose ratios are taken to ``eager-one``). Each implementation runs in its own
+subprocess so that its peak RSS is its own (see :mod:`benchmarks.bench_cpu_contrastive`). GPU
+suite: the same loss in bf16 at D = 1024 against eager PyTorch, torch.compile, open_clip, Inf-CL
+and pytorch-metric-learning when installed (:mod:`benchmarks.bench_clip`).
 Both end with the targets of PERFORMANCE.md for their device: met or not, and by how much.
 
 Outputs: ``benchmarks/results/<suite>.json``, ``docs/benchmarks.md`` (the section of this suite
@@ -19,6 +21,7 @@ replaced) and ``docs/img/<suite>_{time,memory}.png`` (log-log, one line per impl
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 
@@ -32,9 +35,25 @@ IMG = os.path.join(ROOT, "docs", "img")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 CPU_IMPLS = ("eager", "compile", "open_clip", "slabs", "fastcl", "eager-one", "fastcl-one")
+CPU_PML = ("pml", "pml-supcon", "pml-one", "pml-supcon-one")
+if importlib.util.find_spec("pytorch_metric_learning") is not None:
+    CPU_IMPLS += CPU_PML
 # the N^2-memory baselines are skipped above this N in the full CPU suite (one 32768^2 fp32
-# logit matrix and its softmax already take 16 GB of the machine's 24)
-CPU_QUADRATIC = ("compile", "open_clip")
+# logit matrix and its softmax already take 16 GB of the machine's 24); eager and eager-one, the
+# ratios' baselines, still run there
+CPU_QUADRATIC = ("compile", "open_clip", *CPU_PML)
+QUADRATIC_MAX_N = 16384
+# baselines with a lower ceiling: SupConLoss holds ~35 bytes per logit and direction (masks, int64
+# pair indices), 19 GB for both directions at N = 16384 (NTXentLoss refuses by itself above a few
+# hundred rows: benchmarks._common.PML_NTXENT_MAX_BYTES)
+CPU_MAX_N = {"pml-supcon": 8192, "pml-supcon-one": 8192}
+
+
+def _cpu_max_n(impl: str) -> float:
+    """The largest N at which the CPU suite runs ``impl`` (unbounded for fastcl and eager)."""
+    if impl in CPU_MAX_N:
+        return CPU_MAX_N[impl]
+    return QUADRATIC_MAX_N if impl in CPU_QUADRATIC + ("slabs",) else float("inf")
 
 
 def cpu_suite(quick: bool, full: bool) -> list[dict]:
@@ -48,13 +67,14 @@ def cpu_suite(quick: bool, full: bool) -> list[dict]:
         for impl in CPU_IMPLS:
             rec = {"impl": "fastcl-cpu" if impl == "fastcl" else impl, "n": n, "d": 256,
                    "dtype": "float32", "loss": "info_nce" if impl.endswith("-one") else "clip"}
-            if n > 16384 and impl in CPU_QUADRATIC + ("slabs",):
+            if n > _cpu_max_n(impl):
                 continue
             r = run_one(impl, n, 256, reps=1 if n >= 8192 else 2, seed=0, timeout=1800)
             if "error" in r:
                 rec["error"] = r["error"]
             else:
-                rec.update(seconds=r["time_s"], extra_bytes=r["peak_extra_bytes"], loss=r["loss"])
+                rec.update(seconds=r["time_s"], extra_bytes=r["peak_extra_bytes"],
+                           loss_value=r["loss"])
             records.append(rec)
             print(f"N={n:<6d} {rec['impl']:<11s} "
                   + (f"{rec['seconds']:.3f} s  {rec['extra_bytes'] / 2**20:.0f} MiB"
