@@ -403,9 +403,13 @@ def _worker(plan_path: str, out_path: str) -> None:
     per scenario, largest first) that no other worker has claimed; one JSON line per task."""
     os.environ.pop("TRITON_INTERPRET", None)
     import contextlib
+    import importlib
+    import pkgutil
 
     import torch
+    import triton
 
+    import fastcl.kernels as pkg
     from fastcl.kernels import contrastive as C
     from fastcl.kernels import siglip as S
     from fastcl.kernels import topk as T
@@ -417,13 +421,6 @@ def _worker(plan_path: str, out_path: str) -> None:
     launches = []
     tables = {}
     kernels = set()
-    import importlib
-    import pkgutil
-
-    import triton
-
-    import fastcl.kernels as pkg
-
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
         kernels |= {name for name, obj in vars(mod).items()
@@ -578,9 +575,11 @@ def test_compiles(task, compiled):
         assert not e["first"], (f"{e['what']}: {e['shared']} bytes of shared memory, more than "
                                 f"the {limit} of a block on sm_{task.arch}")
     if task.select == "all":
-        for n in {e["launch"] for e in entries}:
-            assert any(e["shared"] <= limit for e in entries if e["launch"] == n), (
-                f"no configuration of {entries[0]['what']} fits sm_{task.arch}")
+        for n in sorted({e["launch"] for e in entries}):
+            launch = [e for e in entries if e["launch"] == n]
+            assert any(e["shared"] <= limit for e in launch), (
+                f"no configuration of {launch[0]['what'].split(' config ')[0]} fits the shared "
+                f"memory of sm_{task.arch}")
     notes = [f"{e['what']}: {e['shared']} bytes of shared memory (limit {limit}); the "
              "autotuner will skip it" for e in over]
     notes += [f"{e['what']}: {e['stack']} bytes of stack frame (register spills), "
