@@ -498,8 +498,10 @@ def compiled(request, tmp_path_factory):
     The launches of every task are recorded (cheap); only the tasks of the selected tests are
     compiled.
     """
-    selected = {item.callspec.params["task"].id for item in request.session.items
-                if hasattr(item, "callspec") and "task" in item.callspec.params}
+    # the compile tests of this module only (other modules may have a parameter named "task")
+    params = (getattr(item, "callspec", None) for item in request.session.items)
+    selected = {p.params["task"].id for p in params
+                if p is not None and isinstance(p.params.get("task"), Task)}
     root = tmp_path_factory.mktemp("triton_compile")
     jobs = int(os.environ.get("FASTCL_COMPILE_JOBS", min(2, os.cpu_count() or 1)))
     # one group per scenario (its launches are recorded once per task, and a compilation
