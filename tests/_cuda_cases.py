@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from _cases import SLAB_SHAPES  # noqa: F401 - the CUDA tests take it from here
 
 DEVICE = "cuda"
 
@@ -23,23 +24,6 @@ def cuda_build_expected() -> bool:
     """Whether ``pip install -e .`` here builds the CUDA kernels (setup.py's condition)."""
     return (torch.version.cuda is not None and nvcc_found()
             and os.environ.get("FASTCL_BUILD_CUDA", "1") != "0")
-
-
-# (R, C, D, rows per slab or None for the default budget): R = 1, C = 1, slab boundaries, R != C,
-# D not a multiple of 8, one-row slabs.
-SLAB_SHAPES = [
-    (1, 1, 3, None),
-    (1, 5, 3, None),
-    (5, 1, 3, 1),
-    (97, 97, 100, 32),
-    (97, 61, 3, 1),
-    (61, 97, 100, 96),
-    (1025, 33, 7, 512),
-    (1026, 9, 5, 1025),
-    (130, 1030, 17, None),
-    (45, 4500, 8, 40),
-    (300, 257, 1000, 64),
-]
 
 
 def extension_with(name: str, what: str):

@@ -16,6 +16,7 @@ import itertools
 
 import pytest
 import torch
+from _cases import SLAB_SHAPES
 from _memory import peak_rss_growth
 
 from fastcl.reference.contrastive import contrastive_stats_ref
@@ -262,18 +263,7 @@ def test_low_precision(dtype, mode, flags, shift, slab_bytes, monkeypatch):
 # Shapes: R = 1, slab boundaries, C != R, odd D, one-row slabs
 
 
-@pytest.mark.parametrize("R,C,D,slab_rows", [
-    (1, 1, 3, None),
-    (1, 5, 3, None),
-    (5, 1, 3, 1),
-    (97, 97, 100, 32),
-    (97, 61, 3, 1),
-    (61, 97, 100, 96),
-    (1025, 33, 7, 512),
-    (1026, 9, 5, 1025),
-    (130, 1030, 17, None),
-    (45, 4500, 8, 40),
-])
+@pytest.mark.parametrize("R,C,D,slab_rows", SLAB_SHAPES)
 @pytest.mark.parametrize("dtype", (F64, F32), ids=str)
 def test_shapes(R, C, D, slab_rows, dtype, slab_bytes):
     esize = 8 if dtype == F64 else 4

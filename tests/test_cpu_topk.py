@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _cases import expected, int_inputs, similarities
 from _memory import peak_rss_growth
 
 try:
@@ -24,28 +25,6 @@ if _C is None or not hasattr(_C, "topk_fwd_cpu"):
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPES = (F64, F32, BF16, F16)
-
-
-def int_inputs(R, C, D, dtype=F32, lo=-3, hi=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(lo, hi + 1, (R, D), generator=g).to(dtype)
-    k = torch.randint(lo, hi + 1, (C, D), generator=g).to(dtype)
-    return q, k
-
-
-def similarities(q, k, exclude_self):
-    sim = q.double() @ k.double().T
-    if exclude_self:
-        n = min(q.shape[0], k.shape[0])
-        sim[torch.arange(n), torch.arange(n)] = float("-inf")
-    return sim
-
-
-def expected(q, k, kk, exclude_self):
-    """Values and indices under "larger value, then smaller index" (fp64 similarities)."""
-    sim = similarities(q, k, exclude_self)
-    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :kk]
-    return sim.gather(1, order), order
 
 
 def check_exact(q, k, kk, exclude_self):
@@ -223,7 +202,6 @@ MEMORY_SCRIPT = """
     assert torch.allclose(values[:100], ref, atol=1e-5)
     print(peak_growth())
 """
-
 
 
 def test_peak_memory_is_linear():

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from _cases import expected, int_inputs_on, similarities  # noqa: E402
 from _memory import LargestAllocation  # noqa: E402
 
 import fastcl  # noqa: E402
@@ -45,28 +46,7 @@ def _fixed_config(monkeypatch):
 # helpers
 # --------------------------------------------------------------------------------------------
 
-def int_inputs(N, M, D, dtype=torch.float32, lo=-3, hi=3, seed=0):
-    """Small integers: exact dot products and many tied similarities."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(lo, hi + 1, (N, D), generator=g).to(dtype).to(DEVICE)
-    k = torch.randint(lo, hi + 1, (M, D), generator=g).to(dtype).to(DEVICE)
-    return q, k
-
-
-def similarities(q, k, exclude_self):
-    sim = q.double() @ k.double().T
-    if exclude_self:
-        n = min(q.shape[0], k.shape[0])
-        sim[torch.arange(n), torch.arange(n)] = float("-inf")
-    return sim
-
-
-def expected(q, k, kk, exclude_self):
-    """Values and indices under the tie order "larger value, then smaller index" (fp64 sim)."""
-    sim = similarities(q, k, exclude_self)
-    # stable sort by decreasing value keeps increasing index among ties
-    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :kk]
-    return sim.gather(1, order), order
+int_inputs = int_inputs_on(DEVICE)
 
 
 def check_exact(q, k, kk, exclude_self, **kw):
