@@ -2,8 +2,10 @@
 
 Every function validates its inputs, picks a backend through :mod:`fastcl.dispatch`, and either
 composes the fused statistics of :func:`fastcl.ops.contrastive.contrastive_stats` (no N x M
-matrix in memory, forward or backward) or, with ``backend="reference"``, calls the oracle in
-:mod:`fastcl.reference`. The math of each loss is in the docstrings and in ``LOSSES.md``.
+matrix in memory, forward or backward; a reduced one-direction loss with gradients on a backend
+of :data:`fastcl.ops.contrastive.FUSED_BACKENDS` takes the one-sweep
+:func:`fastcl.ops.contrastive.contrastive_fused`) or, with ``backend="reference"``, calls the
+oracle in :mod:`fastcl.reference`. The math of each loss is in the docstrings and in ``LOSSES.md``.
 
 Conventions shared by all functions:
 
@@ -34,9 +36,9 @@ from . import _validate as V
 from . import dispatch
 from . import reference as ref
 from .distributed import Shard, shard
+from .ops import contrastive as contrastive_ops
 from .ops import siglip as siglip_ops
 from .ops import topk as topk_ops
-from .ops import contrastive as contrastive_ops
 from .ops.contrastive import contrastive_stats
 
 __all__ = [
