@@ -104,14 +104,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
     const OptT& g_lse, const OptT& g_pos, const OptT& g_mean, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias, const OptT& targets,
+    const OptT& k, const at::Tensor& scale, const at::Tensor& bias, const OptT& targets,
     const OptT& row_labels, const OptT& col_labels, bool exclude_diag, bool decoupled,
     bool pos_lse, bool mean) {
   const char* fn = "contrastive_fused_cpu";
-  check_features(fn, q, k);
+  const at::Tensor& keys = k.has_value() ? *k : q;  // none: the keys are q (self-similarity)
+  check_features(fn, q, keys);
   check_scalar(fn, "scale", scale);
   check_scalar(fn, "bias", bias);
-  check_masks(fn, q, k, targets, row_labels, col_labels);
+  check_masks(fn, q, keys, targets, row_labels, col_labels);
   const int64_t R = q.size(0);
   check_vec(fn, "g_lse", g_lse, R, "R");
   check_vec(fn, "g_pos", g_pos, R, "R");
@@ -194,7 +195,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("contrastive_fused_cpu", &fused_cpu,
         "(loss, npos, dq, dk, dscale, dbias) on CPU: the loss sum_r [npos_r > 0] (g_lse lse + "
         "g_pos pos + g_mean mean)_r (divided by the number of such rows when mean) and its "
-        "gradients, from one sweep over the logits.",
+        "gradients, from one sweep over the logits. k=None: the keys are q (self-similarity); "
+        "dq is then the whole gradient of q and dk is empty.",
         py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("q"), py::arg("k"),
         py::arg("scale"), py::arg("bias"), py::arg("targets"), py::arg("row_labels"),
         py::arg("col_labels"), py::arg("exclude_diag"), py::arg("decoupled"), py::arg("pos_lse"),

@@ -125,13 +125,15 @@ def _fusable(be: str, sh: Optional[Shard], reduction: str, *tensors: Optional[Te
             and _wants_grad(*tensors))
 
 
-def _fused(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor, targets: Optional[Tensor] = None,
+def _fused(rows: Tensor, cols: Optional[Tensor], a: Tensor, b: Tensor,
+           targets: Optional[Tensor] = None,
            row_labels: Optional[Tensor] = None, col_labels: Optional[Tensor] = None, *,
            g_pos: Union[float, Tensor] = -1.0, g_mean: Optional[float] = None, reduction: str,
            backend: str, exclude_diag: bool = False, decoupled: bool = False,
            pos_lse: bool = False) -> tuple[Tensor, Tensor]:
     """``(loss, npos)``: ``lse_r + g_pos pos_r + g_mean mean_r`` over the rows with a positive,
     summed or averaged by ``reduction``, with its gradients from one sweep (see :func:`_fusable`).
+    ``cols=None``: the columns are the rows themselves (symmetric logits).
     """
     n, dt = rows.shape[0], _stat_dtype(rows)
 
@@ -362,7 +364,7 @@ def nt_xent(
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
     a, targets = _pair_scale(scale, z), _two_view_targets(z1.shape[0], z.device)
     if _fusable(be, sh, reduction, z, a):  # every row has its positive: the mean is over 2N
-        return _fused(z, z, a, zero, targets, reduction=reduction, backend=be,
+        return _fused(z, None, a, zero, targets, reduction=reduction, backend=be,
                       exclude_diag=True)[0]
     lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True, backend=be)
     return _reduce(lse - pos, None, reduction, sh)
@@ -424,7 +426,7 @@ def supcon(
     a = _pair_scale(scale, anchors)
     factor = None if base_temperature is None else 1.0 / (a * base_temperature)
     if _fusable(be, sh, reduction, anchors, a):
-        loss, npos = _fused(anchors, anchors, a, zero, None, anchor_labels, anchor_labels,
+        loss, npos = _fused(anchors, None, a, zero, None, anchor_labels, anchor_labels,
                             reduction=reduction, backend=be, exclude_diag=True,
                             pos_lse=(variant == "in"))
         if variant == "in":  # + log |P(r)| over the rows with a positive
@@ -487,7 +489,7 @@ def dcl(
     a, targets = _pair_scale(scale, z), _two_view_targets(n, z.device)
     w = _dclw_weights(z1, z2, sigma, sh) if weighted else None
     if _fusable(be, sh, reduction, z, a):  # every row has its positive: the mean is over 2N
-        return _fused(z, z, a, zero, targets, g_pos=-1.0 if w is None else -w.repeat(2),
+        return _fused(z, None, a, zero, targets, g_pos=-1.0 if w is None else -w.repeat(2),
                       reduction=reduction, backend=be, exclude_diag=True, decoupled=True)[0]
     lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True,
                                     decoupled=True, backend=be)

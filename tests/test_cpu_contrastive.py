@@ -550,6 +550,134 @@ def test_fused_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
+# The fused sweep over self-similarity (k=None: the keys are q): G + G.T on the blocks on and
+# below the diagonal. The oracle runs with k = q as a second leaf; the gradient of q is the sum.
+
+
+def self_case(R, D, dtype, mode, **kw):
+    case = make_case(R, R, D, dtype, mode, **kw)
+    case["k"] = case["q"]
+    return case
+
+
+def kernel_fused_self(case, grads, mean, **flags):
+    return _C.contrastive_fused_cpu(*grads, case["q"], None, case["scale"], case["bias"],
+                                    case["targets"], case["row_labels"], case["col_labels"],
+                                    flags.get("exclude_diag", False),
+                                    flags.get("decoupled", False), flags.get("pos_lse", False),
+                                    mean)
+
+
+def check_self_grads(case, scaled, got, dtype, **flags):
+    """(dz, dk, dscale, dbias) of the self sweep against the oracle's dq + dk, dscale, dbias
+    (fp64: tight; lower precision: the 2x-oracle-error rule of check_grads)."""
+    dz, dk, dscale, dbias = got
+    q = case["q"]
+    assert dk.shape == (0, q.shape[1]) and dz.shape == q.shape and dz.dtype == q.dtype
+    assert torch.isfinite(dz).all()
+    g64 = [None if g is None else g.to(F64) for g in scaled] + [None, None]
+    exact = ref_grads(case, g64, F64, **flags)
+    exact = [exact[0] + exact[1], exact[2], exact[3]]
+    if dtype == F64:
+        for name, a, b in zip(("dz", "dscale", "dbias"), (dz, dscale, dbias), exact):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        return
+    plain = ref_grads(case, [None if g is None else g.to(_stat_dtype(dtype)) for g in scaled]
+                      + [None, None], dtype, **flags)
+    plain = [plain[0].to(F64) + plain[1].to(F64), plain[2], plain[3]]
+    for name, a, p, b in zip(("dz", "dscale", "dbias"), (dz, dscale, dbias), plain, exact):
+        mag = max(b.abs().max().item(), 1e-3)
+        err = (a.to(F64) - b).abs().max().item()
+        bound = 2 * (p.to(F64) - b).abs().max().item() + GRAD_ATOL[dtype] * mag
+        assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e}"
+
+
+@pytest.mark.parametrize("mean", (True, False), ids=("mean", "sum"))
+@pytest.mark.parametrize("mode,flags", [(m, f) for m in MODES for f in FUSED_FLAGS],
+                         ids=[f"{m}-{_id(f)}" for m in MODES for f in FUSED_FLAGS])
+def test_fused_self_fp64(mode, flags, mean, slab_bytes):
+    R, D = 37, 6
+    slab_bytes(7 * R * 8)  # 7 rows -> slabs of 4 (a multiple of the fp64 vector), ragged last
+    case = self_case(R, D, F64, mode, scale=4.0, bias=-0.5)
+    grads = random_grads(R, R, F64, False)[:3]
+    loss, npos, *got = kernel_fused_self(case, grads, mean, **flags)
+    want_loss, want_npos, scaled = fused_oracle(case, grads, mean, **flags)
+    torch.testing.assert_close(npos, want_npos)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
+    check_self_grads(case, scaled, got, F64, **flags)
+
+
+@pytest.mark.parametrize("isa", ("generic", "auto"))
+@pytest.mark.parametrize("rows", (1, 8, 13, 200), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fused_self_slab_sizes(mode, rows, isa, slab_bytes, monkeypatch):
+    """Slabs of one vector, of a few vectors with a ragged last one, and one slab for all."""
+    monkeypatch.setenv("FASTCL_CPU_ISA", isa)
+    R, D = 61, 5
+    slab_bytes(rows * R * 4)
+    flags = dict(exclude_diag=True, decoupled=(mode == "targets"), pos_lse=(mode == "labels"))
+    case = self_case(R, D, F32, mode, scale=6.0)
+    case = dict(case, q=case["q"].double(), k=case["q"].double(), scale=case["scale"].double(),
+                bias=case["bias"].double())
+    grads = random_grads(R, R, F64, False)[:3]
+    loss, _npos, *got = kernel_fused_self(case, grads, True, **flags)
+    want_loss, _, scaled = fused_oracle(case, grads, True, **flags)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
+    check_self_grads(case, scaled, got, F64, **flags)
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, F16), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fused_self_low_precision(dtype, mode, slab_bytes):
+    R, D = 70, 24
+    slab_bytes(20 * R * 4)  # 20 rows -> slabs of 16 (a multiple of the fp32 vector)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+    case = self_case(R, D, dtype, mode, scale=8.0)
+    grads = random_grads(R, R, dtype, False)[:3]
+    loss, _npos, *got = kernel_fused_self(case, grads, True, **flags)
+    want_loss, _, scaled = fused_oracle(case, grads, True, **flags)
+    assert loss.dtype == F32 and loss.dim() == 0
+    torch.testing.assert_close(loss.to(F64), want_loss, rtol=2e-5, atol=5e-5)
+    check_self_grads(case, scaled, got, dtype, **flags)
+
+
+def test_fused_self_equals_two_feature_sets():
+    """k=None gives the loss of k = q and the sum of its two gradients."""
+    R = 45
+    case = self_case(R, 16, F32, "labels")
+    flags = dict(exclude_diag=True)
+    grads = random_grads(R, R, F32, False)[:3]
+    loss, npos, dz, dk, ds, db = kernel_fused_self(case, grads, True, **flags)
+    two = kernel_fused(dict(case, k=case["q"].clone()), grads, True, **flags)
+    torch.testing.assert_close(loss, two[0])
+    torch.testing.assert_close(npos, two[1], rtol=0, atol=0)
+    torch.testing.assert_close(dz, two[2] + two[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ds, two[4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db, two[5], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("R", (0, 1))
+def test_fused_self_empty_and_tiny(R):
+    case = self_case(R, 3, F64, "targets" if R > 0 else "none")
+    grads = random_grads(R, R, F64, False)[:3]
+    loss, npos, dz, dk, ds, db = kernel_fused_self(case, grads, True)
+    want_loss, _, _ = fused_oracle(case, grads, True)
+    torch.testing.assert_close(loss, want_loss)
+    assert dz.shape == (R, 3) and dk.shape == (0, 3)
+
+
+def test_fused_self_bad_input():
+    case = self_case(6, 4, F32, "targets")
+    grads = random_grads(6, 6, F32, False)[:3]
+    with pytest.raises(RuntimeError, match=r"g_lse must be a 1-D tensor of length R"):
+        kernel_fused_self(case, [torch.ones(5), grads[1], grads[2]], True)
+    with pytest.raises(RuntimeError, match=r"col_labels"):
+        kernel_fused_self(dict(case, targets=None, row_labels=torch.zeros(6, dtype=torch.long),
+                               col_labels=torch.zeros(5, dtype=torch.long)), grads, True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: a clear error, never a crash
 
 
@@ -646,8 +774,28 @@ FUSED_MEMORY_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("script", (MEMORY_SCRIPT, FUSED_MEMORY_SCRIPT), ids=("fwd-bwd", "fused"))
-def test_peak_memory_is_linear(script):
+SELF_MEMORY_SCRIPT = """
+    from fastcl import _C
+
+    n, d = int(sys.argv[1]), int(sys.argv[2])
+    z = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    scale, bias = torch.tensor(14.0), torch.tensor(0.0)
+    t = torch.arange(n).roll(n // 2)
+    ones = torch.ones(n)
+    small = _C.contrastive_fused_cpu(ones[:64], -ones[:64], None, z[:64], None, scale, bias,
+                                     t[:64] % 64, None, None, True, False, False, True)
+    reset_peak()
+    loss, npos, dz, dk, ds, db = _C.contrastive_fused_cpu(ones, -ones, None, z, None, scale, bias,
+                                                          t, None, None, True, False, False, True)
+    assert torch.isfinite(dz).all() and dk.numel() == 0
+    print(peak_growth())
+"""
+
+
+@pytest.mark.parametrize("script,slabs", ((MEMORY_SCRIPT, 1), (FUSED_MEMORY_SCRIPT, 1),
+                                          (SELF_MEMORY_SCRIPT, 2)),
+                         ids=("fwd-bwd", "fused", "fused-self"))
+def test_peak_memory_is_linear(script, slabs):
     n, d = 8192, 64
     slab = 16 << 20
     growth = peak_rss_growth(script, n, d, env={"FASTCL_CPU_SLAB_BYTES": str(slab)},
@@ -656,6 +804,7 @@ def test_peak_memory_is_linear(script):
     assert growth < 0.25 * logits_bytes, (
         f"peak RSS grew by {growth / 2**20:.1f} MiB during fwd+bwd at N={n}: not far below the "
         f"{logits_bytes / 2**20:.0f} MiB of the logits")
-    # one slab plus O((R + C) * D): gradients, an fp32 q slab, statistics, allocator slack
-    linear = slab + 4 * n * d * 4 + (24 << 20)
+    # one slab (self-similarity: and its transposed left part) plus O((R + C) * D): gradients,
+    # an fp32 q slab, statistics, allocator slack
+    linear = slabs * slab + 4 * n * d * 4 + (24 << 20)
     assert growth < linear, f"peak RSS grew by {growth / 2**20:.1f} MiB, expected < {linear / 2**20:.0f} MiB"

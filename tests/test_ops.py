@@ -45,12 +45,35 @@ def test_opcheck_contrastive(backend, labels, col):
 
 
 @pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("self_sim", [False, True], ids=("two-sets", "self"))
 @pytest.mark.parametrize("labels", [False, True])
-def test_opcheck_contrastive_fused(backend, labels):
+def test_opcheck_contrastive_fused(backend, labels, self_sim):
     q, k, scale, bias, targets, rl, cl, _l, _d, plse, _c, be = _fwd_args(backend, labels=labels)
     g = [torch.randn(6), -torch.ones(6), torch.randn(6) if not labels else None]
+    k = None if self_sim else k
     torch.library.opcheck(contrastive_fused,
                           (*g, q, k, scale, bias, targets, rl, cl, labels, False, plse, True, be))
+
+
+@pytest.mark.parametrize("backend", op_backends())
+def test_fused_op_self_similarity(backend):
+    """k=None: the loss of k = q, and the gradient of q in both roles in dq (dk empty)."""
+    q, _k, scale, bias, targets, *_ = _fwd_args(backend)
+    g = (torch.ones(6), torch.full((6,), -0.9), torch.full((6,), -0.1))
+    z = q.detach().clone().requires_grad_(True)
+    loss = contrastive_fused(*g, z, None, scale, bias, targets, None, None, True, False, False,
+                             True, backend)[0]
+    (dz,) = torch.autograd.grad(2.0 * loss, (z,))
+    z2 = q.detach().clone().requires_grad_(True)
+    want = contrastive_fused(*g, z2, z2, scale, bias, targets, None, None, True, False, False,
+                             True, backend)[0]
+    (want_dz,) = torch.autograd.grad(2.0 * want, (z2,))
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(dz, want_dz)
+    with torch.no_grad():
+        out = contrastive_fused(*g, z, None, scale, bias, targets, None, None, True, False,
+                                False, True, backend)
+    assert out[3].shape == (0, 5)
 
 
 @pytest.mark.parametrize("backend", op_backends())

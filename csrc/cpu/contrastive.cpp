@@ -106,7 +106,10 @@ struct FwdArgs : TileArgs<T> {
 
 template <class T>
 struct BwdArgs : TileArgs<T> {
-  T* L;                             // slab: raw dot products in, G out
+  // Slab: raw dot products in, G out; row b at L + b * ld holds columns [cbeg, cend), column c
+  // at index c - cbeg (cbeg a multiple of the vector width).
+  T* L;
+  int64_t ld, cbeg, cend;
   const T *g_lse, *g_pos, *g_mean;  // [R] or nullptr
   const T *lse, *pos, *npos;        // [R]
   // Per column, padded by one vector:
@@ -209,8 +212,10 @@ struct Slabs {
   std::vector<I> rid, cid;
   at::Tensor tg, kf, buf;
 
+  // align: a multiple the slab size must be (unless one slab holds every row).
   Slabs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& targets,
-        const std::optional<at::Tensor>& row_labels, const std::optional<at::Tensor>& col_labels)
+        const std::optional<at::Tensor>& row_labels, const std::optional<at::Tensor>& col_labels,
+        int64_t align = 1)
       : R(q.size(0)), C(k.size(0)), D(q.size(1)), st(scalar_type_of<T>()),
         opt(q.options().dtype(st)),
         labels(row_labels.has_value() && col_labels.has_value()) {
@@ -222,6 +227,7 @@ struct Slabs {
     }
     kf = k.to(st).contiguous();
     S = slab_rows(R, C, sizeof(T));
+    if (S < R) S = std::max(align, S / align * align);
     buf = at::empty({R > 0 ? S * C + W : 0}, opt);
     if (buf.numel() > 0) buf.narrow(0, S * C, W).zero_();  // read by the last vector, masked
   }
@@ -384,6 +390,14 @@ struct FwdSweep {
 // dq_slab = scale * G @ k and dk += scale * G.T @ q_slab. dq and dk are accumulated in the
 // statistics dtype (in dq / dk themselves when their dtype and layout allow) and scaled by
 // `norm` when finished.
+//
+// Self-similarity (`self`: the keys are the queries, so the logits are symmetric and
+// dz = scale * (G + G.T) @ z): a slab of rows I, once its row statistics are known, yields
+// H = G + G.T on the blocks (I, J) with J <= I only, since every row before the slab has its
+// statistics already: G(I, <=I) from the slab's rows, G(<I, I) from the transposed left part of
+// the slab run through the same row kernel (rows < I against columns I), H(I, <I) = G(I, <I) +
+// G(<I, I).T and H(I, I) = G(I, I) + G(I, I).T. Then dz_I = scale * H(I, <=I) @ z_<=I and
+// dz_<I += scale * H(I, <I).T @ z_I: half of the gradient GEMMs of two separate feature sets.
 template <class T>
 struct BwdSweep {
   static constexpr int W = Lanes<T>::W;
@@ -391,7 +405,8 @@ struct BwdSweep {
   const at::Tensor& q;
   const at::Tensor& k;
   double scale;
-  at::Tensor dq, dk, dq_acc, dk_acc;
+  bool self;
+  at::Tensor dq, dk, dq_acc, dk_acc, tbuf;
   std::vector<T> clse_v, gcl_v, gcm_v, cb_max, cb_min, scratch;
   std::vector<double> db, ds;
   double dscale_acc = 0.0, dbias_acc = 0.0;
@@ -405,8 +420,8 @@ struct BwdSweep {
            const at::Tensor& gl, const at::Tensor& gp, const at::Tensor& gm,
            const at::Tensor& gcl, const at::Tensor& gcm, const at::Tensor& lse,
            const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
-           bool exclude_diag, bool decoupled, bool pos_lse)
-      : sl(s), q(q_), k(k_), scale(scale_), K(kernels<T>()) {
+           bool exclude_diag, bool decoupled, bool pos_lse, bool self_ = false)
+      : sl(s), q(q_), k(k_), scale(scale_), self(self_), K(kernels<T>()) {
     const T ninf = -std::numeric_limits<T>::infinity();
     const int64_t R = sl.R, C = sl.C, D = sl.D;
     // Per-column terms, padded by one vector; an empty column (LSE -inf) has no gradient.
@@ -444,13 +459,21 @@ struct BwdSweep {
       }
     }
     dq = at::empty_like(q);
-    dk = at::empty_like(k);
     dq_acc = (q.scalar_type() == sl.st && dq.is_contiguous()) ? dq : at::empty({R, D}, sl.opt);
-    dk_acc = (k.scalar_type() == sl.st && dk.is_contiguous()) ? dk : at::empty({C, D}, sl.opt);
-    dk_acc.zero_();
+    if (self) {
+      // G(<I, I) of the slab's transposed left part: at most R rows of round_up(S, W) columns.
+      tbuf = at::empty({R * round_up(sl.S, W) + W}, sl.opt);
+    } else {
+      dk = at::empty_like(k);
+      dk_acc = (k.scalar_type() == sl.st && dk.is_contiguous()) ? dk : at::empty({C, D}, sl.opt);
+      dk_acc.zero_();
+    }
 
     sl.set(P, scale, bias, exclude_diag, decoupled, pos_lse);
     P.L = nullptr;
+    P.ld = C;
+    P.cbeg = 0;
+    P.cend = C;
     P.g_lse = gl.defined() ? gl.data_ptr<T>() : nullptr;
     P.g_pos = gp.defined() ? gp.data_ptr<T>() : nullptr;
     P.g_mean = gm.defined() ? gm.data_ptr<T>() : nullptr;
@@ -464,29 +487,100 @@ struct BwdSweep {
     P.cb_min = cb_min.data();
     nchunks = num_chunks(sl.S);
     scratch.resize(static_cast<size_t>(nchunks * (kBwdColBlock + W)));
-    db.resize(static_cast<size_t>(sl.S));
-    ds.resize(static_cast<size_t>(sl.S));
+    db.resize(static_cast<size_t>(self ? std::max(sl.S, R) : sl.S));
+    ds.resize(db.size());
+  }
+
+  // G of n rows, rows r0 .. r0 + n of q, from P's slab and column range; their sums of G and of
+  // G * l go to dbias and dscale.
+  void rows(int64_t r0, int64_t n) {
+    P.r0 = r0;
+    const int64_t nc = std::min(nchunks, n);
+    T* scr = scratch.data();
+    at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t t = cb; t < ce; ++t)
+        K.bwd(P, n * t / nc, n * (t + 1) / nc, db.data(), ds.data(),
+              scr + t * (kBwdColBlock + W));
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      dbias_acc += db[i];
+      dscale_acc += ds[i];
+    }
   }
 
   // Rows r0 .. r0 + s: Ls (raw dot products) becomes G; their gradient terms are accumulated.
   void slab(int64_t r0, int64_t s, const at::Tensor& qs, const at::Tensor& Ls) {
-    P.r0 = r0;
+    if (self) return self_slab(r0, s, qs, Ls);
     P.L = Ls.data_ptr<T>();
-    const int64_t nc = std::min(nchunks, s);
-    T* scr = scratch.data();
-    at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t t = cb; t < ce; ++t)
-        K.bwd(P, s * t / nc, s * (t + 1) / nc, db.data(), ds.data(),
-              scr + t * (kBwdColBlock + W));
-    });
-    for (int64_t i = 0; i < s; ++i) {
-      dbias_acc += db[i];
-      dscale_acc += ds[i];
-    }
+    rows(r0, s);
     at::Tensor dqs = dq_acc.narrow(0, r0, s);
     at::mm_out(dqs, Ls, sl.kf);  // G @ k
     dqs.mul_(scale);
     dk_acc.addmm_(Ls.t(), qs, 1.0, scale);
+  }
+
+  // Self-similarity, rows I = r0 .. r0 + s (r0 a multiple of W): Ls becomes H(I, <=I).
+  void self_slab(int64_t r0, int64_t s, const at::Tensor& qs, const at::Tensor& Ls) {
+    const int64_t C = sl.C, e = r0 + s, lt = round_up(s, W);
+    T* L = Ls.data_ptr<T>();
+    T* Tb = tbuf.data_ptr<T>();
+    if (r0 > 0) transpose<false>(L, C, Tb, lt, s, r0);  // Tb[j][i] = l(I_i, j), j < r0
+    P.L = L;
+    P.ld = C;
+    P.cend = e;
+    rows(r0, s);  // G(I, <=I)
+    if (r0 > 0) {
+      P.L = Tb;
+      P.ld = lt;
+      P.cbeg = r0;
+      rows(0, r0);  // G(<I, I)
+      transpose<true>(Tb, lt, L, C, r0, s);  // H(I, <I)
+    }
+    P.ld = C;
+    P.cbeg = 0;
+    P.cend = C;
+    symmetrize(L + r0, C, s);  // H(I, I)
+    at::Tensor dzs = dq_acc.narrow(0, r0, s);
+    at::mm_out(dzs, Ls.narrow(1, 0, e), sl.kf.narrow(0, 0, e));
+    dzs.mul_(scale);
+    if (r0 > 0) dq_acc.narrow(0, 0, r0).addmm_(Ls.narrow(1, 0, r0).t(), qs, 1.0, scale);
+  }
+
+  // dst[j][i] (+)= src[i][j] for i < n, j < m (row strides lds, ldd), in cache blocks.
+  template <bool ADD>
+  static void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t n, int64_t m) {
+    constexpr int64_t B = 32;
+    at::parallel_for(0, (m + B - 1) / B, 1, [&](int64_t jb0, int64_t jb1) {
+      for (int64_t j0 = jb0 * B; j0 < std::min(m, jb1 * B); j0 += B) {
+        const int64_t j1 = std::min(m, j0 + B);
+        for (int64_t i0 = 0; i0 < n; i0 += B) {
+          const int64_t i1 = std::min(n, i0 + B);
+          for (int64_t j = j0; j < j1; ++j) {
+            T* d = dst + j * ldd;
+            for (int64_t i = i0; i < i1; ++i) {
+              if (ADD)
+                d[i] += src[i * lds + j];
+              else
+                d[i] = src[i * lds + j];
+            }
+          }
+        }
+      }
+    });
+  }
+
+  // The s x s block at X (row stride ld) becomes X + X.T.
+  static void symmetrize(T* X, int64_t ld, int64_t s) {
+    at::parallel_for(0, s, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        X[i * ld + i] *= T(2);
+        for (int64_t j = i + 1; j < s; ++j) {
+          const T v = X[i * ld + j] + X[j * ld + i];
+          X[i * ld + j] = v;
+          X[j * ld + i] = v;
+        }
+      }
+    });
   }
 
   // (dq, dk, dscale, dbias), every term multiplied by norm.
@@ -495,10 +589,14 @@ struct BwdSweep {
                                                                    double norm) {
     if (norm != 1.0) {
       dq_acc.mul_(norm);
-      dk_acc.mul_(norm);
+      if (!self) dk_acc.mul_(norm);
     }
     if (!dq_acc.is_same(dq)) dq.copy_(dq_acc);
-    if (!dk_acc.is_same(dk)) dk.copy_(dk_acc);
+    if (self) {
+      dk = at::empty({0, sl.D}, q.options());
+    } else if (!dk_acc.is_same(dk)) {
+      dk.copy_(dk_acc);
+    }
     at::Tensor dscale = at::empty_like(scale_t), dbias = at::empty_like(bias_t);
     dscale.fill_(dscale_acc * norm);
     dbias.fill_(dbias_acc * norm);
@@ -568,16 +666,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
 // Forward and backward in one sweep, for a loss whose gradients with respect to the row
 // statistics are known before the forward: loss = norm * sum over rows with a positive of
 // g_lse lse + g_pos pos + g_mean mean. Each slab of dot products serves the row statistics and
-// then, in place, the gradient tile: no slab is computed twice.
+// then, in place, the gradient tile: no slab is computed twice. Without k the keys are the
+// queries (self-similarity, see BwdSweep): dq is then the whole gradient and dk is empty.
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_impl(
     const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
-    const std::optional<at::Tensor>& g_mean, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& scale_t, const at::Tensor& bias_t, double scale, double bias,
-    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
-    const std::optional<at::Tensor>& col_labels, bool exclude_diag, bool decoupled, bool pos_lse,
-    bool mean) {
-  Slabs<T> sl(q, k, targets, row_labels, col_labels);
+    const std::optional<at::Tensor>& g_mean, const at::Tensor& q,
+    const std::optional<at::Tensor>& k_opt, const at::Tensor& scale_t, const at::Tensor& bias_t,
+    double scale, double bias, const std::optional<at::Tensor>& targets,
+    const std::optional<at::Tensor>& row_labels, const std::optional<at::Tensor>& col_labels,
+    bool exclude_diag, bool decoupled, bool pos_lse, bool mean) {
+  const bool self = !k_opt.has_value();
+  const at::Tensor& k = self ? q : *k_opt;
+  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
   FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, false);
   // The coefficients are masked slab by slab: rows without a positive count for nothing.
   at::Tensor gl = stat_vec<T>(g_lse), gp = stat_vec<T>(g_pos), gm = stat_vec<T>(g_mean);
@@ -585,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (g->defined()) *g = g->clone();
   const at::Tensor none;
   BwdSweep<T> B(sl, q, k, scale, bias, gl, gp, gm, none, none, F.lse, F.pos, F.npos, none,
-                exclude_diag, decoupled, pos_lse);
+                exclude_diag, decoupled, pos_lse, self);
   const T* np = F.npos.template data_ptr<T>();
   const bool run_bwd = sl.R > 0 && sl.C > 0 && (gl.defined() || gp.defined() || gm.defined());
   for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
@@ -613,6 +714,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   rows = at::where(has_pos, rows, at::zeros_like(rows));
   at::Tensor loss = (rows.sum() * norm).to(sl.st);
   auto grads = run_bwd ? B.finish(scale_t, bias_t, norm) : zero_grads(q, k, scale_t, bias_t);
+  if (self && !run_bwd) std::get<1>(grads) = at::empty({0, sl.D}, q.options());
   return {loss, F.npos, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
           std::get<3>(grads)};
 }
@@ -670,7 +772,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 contrastive_fused_cpu(const std::optional<at::Tensor>& g_lse,
                       const std::optional<at::Tensor>& g_pos,
                       const std::optional<at::Tensor>& g_mean, const at::Tensor& q,
-                      const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                      const std::optional<at::Tensor>& k, const at::Tensor& scale,
+                      const at::Tensor& bias,
                       const std::optional<at::Tensor>& targets,
                       const std::optional<at::Tensor>& row_labels,
                       const std::optional<at::Tensor>& col_labels, bool exclude_diag,

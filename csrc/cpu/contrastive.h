@@ -38,12 +38,15 @@ contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<
 // coefficients known in advance: loss = norm * sum_r [npos_r > 0] (g_lse_r lse_r + g_pos_r pos_r
 // + g_mean_r mean_r), norm = 1 / max(#{r: npos_r > 0}, 1) when mean, else 1. Returns
 // (loss, npos, dq, dk, dscale, dbias): the loss (0-dim, statistics dtype), npos [R] and the
-// gradients of the loss (dtypes as in contrastive_bwd_cpu).
+// gradients of the loss (dtypes as in contrastive_bwd_cpu). Without k the keys are q itself
+// (self-similarity: symmetric logits, half of the gradient GEMMs); dq is then the gradient with
+// respect to q in both roles and dk is an empty [0, D] tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contrastive_fused_cpu(const std::optional<at::Tensor>& g_lse,
                       const std::optional<at::Tensor>& g_pos,
                       const std::optional<at::Tensor>& g_mean, const at::Tensor& q,
-                      const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                      const std::optional<at::Tensor>& k, const at::Tensor& scale,
+                      const at::Tensor& bias,
                       const std::optional<at::Tensor>& targets,
                       const std::optional<at::Tensor>& row_labels,
                       const std::optional<at::Tensor>& col_labels, bool exclude_diag,

@@ -349,7 +349,8 @@ struct BwdOp {
   using M = typename Lanes<T>::M;
   using I = typename Lanes<T>::I;
   const RowConst<T>& K;
-  T* x;
+  T* x;             // the row's G / dot product of column c at x[c - xoff]
+  int64_t xoff;
   const I* cid;
   const T* clse;    // DUAL: column LSE (safe)
   const T* gclc;    // DUAL: gcl; SINGLE: gcl * 2^(M - col_lse2)
@@ -390,16 +391,16 @@ struct BwdOp {
 
   template <bool MASKED>
   FASTCL_FN void step(int64_t c, const M& valid) {
-    step_at<MASKED>(c, valid, x + c);
+    step_at<MASKED>(c, valid, x + (c - xoff));
   }
 
   // G is written in place and other threads write the next rows: the row's last partial vector
   // goes through a local copy.
   FASTCL_FN void tail(int64_t c, const M& valid, int n) {
     T buf[Lanes<T>::W] = {};
-    std::memcpy(buf, x + c, sizeof(T) * n);
+    std::memcpy(buf, x + (c - xoff), sizeof(T) * n);
     step_at<true>(c, valid, buf);
-    std::memcpy(x + c, buf, sizeof(T) * n);
+    std::memcpy(x + (c - xoff), buf, sizeof(T) * n);
   }
 };
 
@@ -422,15 +423,17 @@ FASTCL_TGT void bwd_row(const BwdArgs<T>& P, const BwdRow<T>& br, T* x, int64_t 
     lse = shared_max;
   }
   BwdOp<T, LABELS, REXP, CEXP, SINGLE, PEXP> op{
-      K, x, P.col_id, P.col_lse, gclc, P.g_col_mean, vsplat<V>(gl), vsplat<V>(lse),
+      K, x, P.cbeg, P.col_id, P.col_lse, gclc, P.g_col_mean, vsplat<V>(gl), vsplat<V>(lse),
       vsplat<V>(br.gmd), vsplat<V>(br.gpc), vsplat<V>(br.posr), K.zero, K.zero};
-  for_vectors<T, LABELS>(op, K, c0, c1, P.C, vec_of<T>(br.geom.dcol), vec_of<T>(br.geom.tcol));
+  for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(br.geom.dcol),
+                         vec_of<T>(br.geom.tcol));
   db += hsum(op.db);  // per tile: float lanes sum at most kBwdColBlock / W terms
   ds += hsum(op.ds);
 }
 
-// Backward over rows [i0, i1) of the slab, G written in place; db[i] and ds[i] receive row i's
-// sums of G and of G * l. fcg: scratch of kBwdColBlock + W entries.
+// Backward over rows [i0, i1) of the slab (row b at P.L + b * P.ld), columns [P.cbeg, P.cend),
+// G written in place; db[i] and ds[i] receive row i's sums of G and of G * l over those columns.
+// fcg: scratch of kBwdColBlock + W entries.
 template <class T>
 FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db, double* ds,
                          T* fcg) {
@@ -477,9 +480,9 @@ FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db
       db[b0 + j] = 0.0;
       ds[b0 + j] = 0.0;
     }
-    for (int64_t c0 = 0; c0 < C; c0 += kBwdColBlock) {
-      const int64_t c1 = std::min<int64_t>(C, c0 + kBwdColBlock);
-      const int64_t cb = c0 / kBwdColBlock;
+    for (int64_t c0 = P.cbeg; c0 < P.cend; c0 += kBwdColBlock) {
+      const int64_t c1 = std::min<int64_t>(P.cend, c0 + kBwdColBlock);
+      const int64_t cb = c0 / kBwdColBlock;  // column-LSE terms come with cbeg = 0
       // One exp per element when the row and column LSEs of the tile lie within the span.
       bool single = false;
       T big = ninf;
@@ -499,7 +502,7 @@ FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db
       }
       for (int j = 0; j < nr; ++j) {
         const BwdRow<T>& br = rows[j];
-        T* x = P.L + (b0 + j) * C;
+        T* x = P.L + (b0 + j) * P.ld;
         const bool re = br.rexp;
         double& dbr = db[b0 + j];
         double& dsr = ds[b0 + j];

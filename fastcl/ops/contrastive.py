@@ -144,7 +144,7 @@ def contrastive_fused(
     g_pos: Optional[Tensor],
     g_mean: Optional[Tensor],
     q: Tensor,
-    k: Tensor,
+    k: Optional[Tensor],
     scale: Tensor,
     bias: Tensor,
     targets: Optional[Tensor],
@@ -162,6 +162,10 @@ def contrastive_fused(
     (absent coefficients are zero) with ``norm = 1 / max(#{r: npos_r > 0}, 1)`` when ``mean``,
     else 1: rows without a positive count for nothing, as in every loss of the family. The
     statistics are those of :func:`contrastive_fwd` without column statistics.
+
+    ``k=None`` means the keys are ``q`` itself (NT-Xent, SupCon, DCL: a symmetric logit matrix,
+    which the CPU kernel exploits for half of the gradient GEMMs): ``dq`` is then the whole
+    gradient of ``q`` (as queries and as keys) and ``dk`` an empty ``[0, D]`` tensor.
     """
     if _backends.has_kernel(backend, "contrastive_fused"):
         fused = _backends.kernel(backend, "contrastive_fused")
@@ -174,6 +178,11 @@ def contrastive_fused(
 def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels, col_labels,
                     exclude_diag, decoupled, pos_lse, mean, backend):
     """``contrastive_fused`` as the backend's forward then its backward (no work saved)."""
+    if k is None:
+        loss, npos, dq, dk, dscale, dbias = _fused_by_parts(
+            g_lse, g_pos, g_mean, q, q, scale, bias, targets, row_labels, col_labels,
+            exclude_diag, decoupled, pos_lse, mean, backend)
+        return loss, npos, dq + dk, q.new_empty((0, q.shape[1])), dscale, dbias
     lse, pos, npos, avg, _cl, _cm = _backends.kernel(backend, "contrastive_fwd")(
         q, k, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse,
         False)
@@ -202,8 +211,9 @@ def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels
 @contrastive_fused.register_fake
 def _(g_lse, g_pos, g_mean, q, k, scale, bias, *rest):
     dt = _stat_dtype(q)
+    dk = q.new_empty((0, q.shape[1])) if k is None else torch.empty_like(k)
     return (q.new_empty((), dtype=dt), q.new_empty(q.shape[0], dtype=dt), torch.empty_like(q),
-            torch.empty_like(k), torch.empty_like(scale), torch.empty_like(bias))
+            dk, torch.empty_like(scale), torch.empty_like(bias))
 
 
 def _setup_fused(ctx, inputs, output):
