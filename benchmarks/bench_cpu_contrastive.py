@@ -16,7 +16,11 @@ Implementations:
   indices (~70 bytes per logit);
 - ``eager-one``, ``fastcl-one``, ``pml-one`` and ``pml-supcon-one``: one direction only (InfoNCE,
   query -> key), eager ``F.cross_entropy`` and pytorch-metric-learning against
-  :func:`fastcl.info_nce`; their ratios are taken to ``eager-one``.
+  :func:`fastcl.info_nce`; their ratios are taken to ``eager-one``;
+- ``eager-ntxent`` and ``fastcl-ntxent``: NT-Xent (SimCLR) over two views of N / 2 samples, so
+  that its logit matrix is N x N like the others': eager ``F.cross_entropy`` on the concatenated
+  views with the diagonal masked, against :func:`fastcl.nt_xent` (whose CPU kernel uses the
+  symmetry of that matrix); their ratios are taken to ``eager-ntxent``.
 
 Each implementation runs in a fresh subprocess (so its peak RSS is its own): one warm-up at a
 small size, then ``--reps`` timed forward + backward passes on unit-norm fp32 inputs with logit
@@ -48,7 +52,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pytorch-metric-learning's losses by implementation name: (kind, symmetric)
 PML = {"pml": ("ntxent", True), "pml-supcon": ("supcon", True),
        "pml-one": ("ntxent", False), "pml-supcon-one": ("supcon", False)}
-IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs", "eager-one", "fastcl-one", *PML)
+IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs", "eager-one", "fastcl-one",
+         "eager-ntxent", "fastcl-ntxent", *PML)
+# losses other than the symmetric CLIP loss, by the suffix of their implementations' names
+SUFFIXES = ("-one", "-ntxent")
+
+
+def suffix(impl: str) -> str:
+    """``"-one"`` (InfoNCE, one direction), ``"-ntxent"`` or ``""`` (symmetric CLIP)."""
+    return next((x for x in SUFFIXES if impl.endswith(x)), "")
+
+
+def baseline(impl: str) -> str:
+    """The eager implementation of ``impl``'s loss, which its ratios are taken to."""
+    return "eager" + suffix(impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +135,19 @@ def fastcl_one_direction(q, k, scale):
     return fastcl.info_nce(q, k, logit_scale=scale, backend="cpu")
 
 
+def eager_nt_xent(z1, z2, scale):
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])
+    s = (scale * z @ z.T).fill_diagonal_(float("-inf"))
+    return F.cross_entropy(s, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+
+
+def fastcl_nt_xent(z1, z2, scale):
+    import fastcl
+
+    return fastcl.nt_xent(z1, z2, logit_scale=scale, backend="cpu")
+
+
 def _loss(impl: str):
     if impl == "compile":
         return torch.compile(eager_clip)
@@ -133,7 +163,8 @@ def _loss(impl: str):
             raise RuntimeError("pytorch-metric-learning is not installed")
         return fn
     return {"eager": eager_clip, "fastcl": fastcl_clip, "slabs": slab_clip,
-            "eager-one": eager_one_direction, "fastcl-one": fastcl_one_direction}[impl]
+            "eager-one": eager_one_direction, "fastcl-one": fastcl_one_direction,
+            "eager-ntxent": eager_nt_xent, "fastcl-ntxent": fastcl_nt_xent}[impl]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +189,10 @@ def _step(loss_fn, q, k, scale):
 
 def worker(impl: str, n: int, d: int, reps: int, seed: int) -> dict:
     loss_fn = _loss(impl)
+    rows = n // 2 if suffix(impl) == "-ntxent" else n  # two views: N logit rows in all
     # warm-up: libraries, thread pools, the extension; torch.compile at the measured size
     _step(loss_fn, *_inputs(n if impl == "compile" else 256, d, seed))
-    q, k, scale = _inputs(n, d, seed)
+    q, k, scale = _inputs(rows, d, seed)
     times, peaks = [], []
     loss = None
     can_reset = True
@@ -205,7 +237,7 @@ def table(results: list) -> str:
     rows = ["| N x D | impl | fwd+bwd (s) | peak extra RSS | GFLOP/s | time / eager | memory / eager |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
-        eager = "eager-one" if r["impl"].endswith("-one") else "eager"
+        eager = baseline(r["impl"])
         base = next((x for x in results if x["impl"] == eager and x["n"] == r["n"]
                      and "error" not in x), None)
         if "error" in r:
@@ -250,11 +282,12 @@ def main(argv=None) -> int:
     for n in args.n:
         losses = {r["impl"]: r["loss"] for r in ok if r["n"] == n}
         for impl, v in losses.items():
-            eager = "eager-one" if impl.endswith("-one") else "eager"
+            eager = baseline(impl)
             if eager in losses and abs(v - losses[eager]) > 1e-4 * max(1.0, abs(losses[eager])):
                 print(f"WARNING: N={n} {impl} loss {v} differs from {eager} {losses[eager]}")
     print()
-    print(f"Symmetric CLIP loss (-one: one direction), fp32, forward + backward, {platform.machine()} "
+    print(f"Symmetric CLIP loss (-one: one direction, -ntxent: NT-Xent), fp32, forward + backward, "
+          f"{platform.machine()} "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {ok[0]['threads'] if ok else '?'} "
           f"threads, median of {args.reps}")
     print(table(results))

@@ -7,8 +7,9 @@
 CPU suite: the symmetric CLIP loss, forward + backward, fp32, D = 256: eager PyTorch,
 torch.compile, open_clip's ClipLoss, plain-PyTorch row slabs, pytorch-metric-learning's
 NTXentLoss (``pml``) and SupConLoss (``pml-supcon``) where installed, and fastcl's fused C++
-kernels; and InfoNCE in one direction (``eager-one``, ``pml-one`` and ``pml-supcon-one`` against
-``fastcl-one``, whose ratios are taken to ``eager-one``). Each implementation runs in its own
+kernels; InfoNCE in one direction (``eager-one``, ``pml-one`` and ``pml-supcon-one`` against
+``fastcl-one``, whose ratios are taken to ``eager-one``); and NT-Xent over two views of N / 2
+samples (``eager-ntxent`` against ``fastcl-ntxent``). Each implementation runs in its own
 subprocess so that its peak RSS is its own (see :mod:`benchmarks.bench_cpu_contrastive`). GPU
 suite: the same loss in bf16 at D = 1024 against eager PyTorch, torch.compile, open_clip, Inf-CL
 and pytorch-metric-learning when installed (:mod:`benchmarks.bench_clip`).
@@ -28,13 +29,17 @@ import os
 import torch
 
 from ._common import environment
+from .bench_cpu_contrastive import baseline, suffix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 IMG = os.path.join(ROOT, "docs", "img")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
-CPU_IMPLS = ("eager", "compile", "open_clip", "slabs", "fastcl", "eager-one", "fastcl-one")
+CPU_IMPLS = ("eager", "compile", "open_clip", "slabs", "fastcl", "eager-one", "fastcl-one",
+             "eager-ntxent", "fastcl-ntxent")
+# the loss of each group of implementations (by the suffix of their names)
+LOSSES = {"": "clip", "-one": "info_nce", "-ntxent": "nt_xent"}
 CPU_PML = ("pml", "pml-supcon", "pml-one", "pml-supcon-one")
 if importlib.util.find_spec("pytorch_metric_learning") is not None:
     CPU_IMPLS += CPU_PML
@@ -66,7 +71,7 @@ def cpu_suite(quick: bool, full: bool) -> list[dict]:
     for n in sizes:
         for impl in CPU_IMPLS:
             rec = {"impl": "fastcl-cpu" if impl == "fastcl" else impl, "n": n, "d": 256,
-                   "dtype": "float32", "loss": "info_nce" if impl.endswith("-one") else "clip"}
+                   "dtype": "float32", "loss": LOSSES[suffix(impl)]}
             if n > _cpu_max_n(impl):
                 continue
             r = run_one(impl, n, 256, reps=1 if n >= 8192 else 2, seed=0, timeout=1800)
@@ -106,14 +111,10 @@ def _ok(r: dict) -> bool:
     return "seconds" in r
 
 
-def _baseline(impl: str) -> str:
-    """The eager implementation that ``impl``'s ratios are taken to (same loss)."""
-    return "eager-one" if impl.endswith("-one") else "eager"
-
-
-def _best_fastcl(group: dict, one: bool = False) -> dict:
+def _best_fastcl(group: dict, sfx: str = "") -> dict:
+    """The fastest fastcl record of ``group`` for the loss named by ``sfx`` (see LOSSES)."""
     fast = [r for i, r in group.items()
-            if i.startswith("fastcl") and i.endswith("-one") == one and _ok(r)]
+            if i.startswith("fastcl") and suffix(i) == sfx and _ok(r)]
     return min(fast, key=lambda r: r["seconds"]) if fast else {}
 
 
@@ -124,9 +125,9 @@ def cpu_targets(records: list[dict]) -> list[tuple[str, str, str]]:
     for n in sorted(groups):
         if n < 16384 and n != max(groups):
             continue
-        for one, what in ((False, "symmetric"), (True, "one direction")):
+        for sfx, what in (("", "symmetric"), ("-one", "one direction")):
             group = groups[n]
-            eager, fast = group.get(_baseline("-one" if one else ""), {}), _best_fastcl(group, one)
+            eager, fast = group.get("eager" + sfx, {}), _best_fastcl(group, sfx)
             if not (_ok(eager) and fast):
                 continue
             scope = ("" if n in (16384, 32768)
@@ -211,17 +212,18 @@ def markdown(records: list[dict], env: dict) -> str:
              + (f", triton {env['triton']}" if "triton" in env else "")
              + f", fastcl {env['fastcl']}. Symmetric CLIP loss"
              + ("" if gpu else " (InfoNCE in one direction: the `-one` rows, ratios to "
-                "`eager-one`)") + ", forward + backward, "
+                "`eager-one`; NT-Xent over two views of N / 2 samples: the `-ntxent` rows, "
+                "ratios to `eager-ntxent`)") + ", forward + backward, "
              f"D = {records[0]['d']}, {records[0]['dtype']}"
              + ("" if gpu else f", {env.get('threads', '?')} threads") + ".", "",
              "| N | implementation | time | peak extra memory | eager's time / this |"
              " this memory / eager's |" + (" TFLOP/s |" if gpu else ""),
              "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for n, group in sorted(_groups(records).items()):
-        order = sorted(group, key=lambda i: (i.endswith("-one"), i.startswith("fastcl"),
-                                             i != _baseline(i), i))
+        order = sorted(group, key=lambda i: (list(LOSSES).index(suffix(i)),
+                                             i.startswith("fastcl"), i != baseline(i), i))
         for impl in order:
-            r, eager = group[impl], group.get(_baseline(impl), {})
+            r, eager = group[impl], group.get(baseline(impl), {})
             if not _ok(r):
                 lines.append(f"| {n} | {impl} | {r.get('error', '')} | | | |"
                              + (" |" if gpu else ""))

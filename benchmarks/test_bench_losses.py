@@ -99,6 +99,23 @@ def test_baseline_matches_fastcl(name):
         torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol)
 
 
+def test_eager_nt_xent_matches_fastcl():
+    """The CPU suite's eager NT-Xent computes fastcl.nt_xent's loss (value and gradients)."""
+    from .bench_cpu_contrastive import eager_nt_xent
+
+    g = torch.Generator().manual_seed(2)
+    z1 = torch.randn(48, 16, generator=g, dtype=torch.float64)
+    z2 = torch.randn(48, 16, generator=g, dtype=torch.float64)
+    z2 = z2 * 2 * torch.rand(48, 1, generator=g, dtype=torch.float64)
+    scale = torch.tensor(1.5, dtype=torch.float64)
+    want = _loss_and_grads(lambda a, b, s: fastcl.nt_xent(a, b, logit_scale=s), z1, z2, scale)
+    other = _loss_and_grads(lambda a, b, s: fastcl.clip_loss(a, b, s), z1, z2, scale)
+    got = _loss_and_grads(eager_nt_xent, z1, z2, scale)
+    for what, a, b, c in zip(("loss", "dz1", "dz2", "dscale"), got, want, other):
+        assert (b - c).abs().max() > 1e-3, what
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_pml_ntxent_refuses_cubic_memory():
     fn = pml_clip()
     if fn is None:

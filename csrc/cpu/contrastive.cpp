@@ -53,6 +53,8 @@ constexpr int64_t kColBlock = 2048;
 // Backward tiles: one pass; the sizes set how often the per-row / per-column factors are made.
 constexpr int kBwdRowBlock = 64;
 constexpr int64_t kBwdColBlock = 1024;
+// Self-similarity: columns per chunk of the slab's part before the diagonal block.
+constexpr int64_t kSelfChunk = 32;
 
 // Columns of row gr that are special: the excluded diagonal (dcol), the target (tcol, target
 // mode), the row's label class (rid, label mode); -1 when absent.
@@ -406,7 +408,7 @@ struct BwdSweep {
   const at::Tensor& k;
   double scale;
   bool self;
-  at::Tensor dq, dk, dq_acc, dk_acc, tbuf;
+  at::Tensor dq, dk, dq_acc, dk_acc;
   std::vector<T> clse_v, gcl_v, gcm_v, cb_max, cb_min, scratch;
   std::vector<double> db, ds;
   double dscale_acc = 0.0, dbias_acc = 0.0;
@@ -460,10 +462,7 @@ struct BwdSweep {
     }
     dq = at::empty_like(q);
     dq_acc = (q.scalar_type() == sl.st && dq.is_contiguous()) ? dq : at::empty({R, D}, sl.opt);
-    if (self) {
-      // G(<I, I) of the slab's transposed left part: at most R rows of round_up(S, W) columns.
-      tbuf = at::empty({R * round_up(sl.S, W) + W}, sl.opt);
-    } else {
+    if (!self) {
       dk = at::empty_like(k);
       dk_acc = (k.scalar_type() == sl.st && dk.is_contiguous()) ? dk : at::empty({C, D}, sl.opt);
       dk_acc.zero_();
@@ -487,7 +486,7 @@ struct BwdSweep {
     P.cb_min = cb_min.data();
     nchunks = num_chunks(sl.S);
     scratch.resize(static_cast<size_t>(nchunks * (kBwdColBlock + W)));
-    db.resize(static_cast<size_t>(self ? std::max(sl.S, R) : sl.S));
+    db.resize(static_cast<size_t>(sl.S));
     ds.resize(db.size());
   }
 
@@ -520,23 +519,55 @@ struct BwdSweep {
   }
 
   // Self-similarity, rows I = r0 .. r0 + s (r0 a multiple of W): Ls becomes H(I, <=I).
+  // The columns before the slab go in chunks of kSelfChunk, each thread with its own: the
+  // chunk's raw dot products transposed into a scratch block, G(I, chunk) in place, G(chunk, I)
+  // in the scratch block, which is then added transposed; all of it while the chunk is in
+  // cache. Partial sums of G per chunk are added in chunk order (results do not depend on
+  // scheduling).
   void self_slab(int64_t r0, int64_t s, const at::Tensor& qs, const at::Tensor& Ls) {
-    const int64_t C = sl.C, e = r0 + s, lt = round_up(s, W);
+    const int64_t C = sl.C, e = r0 + s;
+    const int64_t lt = round_up(s, W) + 2 * W;  // padded: no power-of-two stride in the cache
     T* L = Ls.data_ptr<T>();
-    T* Tb = tbuf.data_ptr<T>();
-    if (r0 > 0) transpose<false>(L, C, Tb, lt, s, r0);  // Tb[j][i] = l(I_i, j), j < r0
-    P.L = L;
-    P.ld = C;
-    P.cend = e;
-    rows(r0, s);  // G(I, <=I)
-    if (r0 > 0) {
-      P.L = Tb;
-      P.ld = lt;
-      P.cbeg = r0;
-      rows(0, r0);  // G(<I, I)
-      transpose<true>(Tb, lt, L, C, r0, s);  // H(I, <I)
+    const int64_t nch = (r0 + kSelfChunk - 1) / kSelfChunk;
+    std::vector<double> cdb(static_cast<size_t>(nch)), cds(static_cast<size_t>(nch));
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<T> tt(static_cast<size_t>(kSelfChunk * lt + W));
+      std::vector<T> fcg(static_cast<size_t>(kBwdColBlock + W));
+      std::vector<double> rdb(static_cast<size_t>(std::max(s, kSelfChunk)));
+      std::vector<double> rds(rdb.size());
+      BwdArgs<T> Q = P;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = c * kSelfChunk, nj = std::min(kSelfChunk, r0 - j0);
+        transpose<false>(L + j0, C, tt.data(), lt, s, nj);
+        double db_c = 0.0, ds_c = 0.0;
+        // G(I, chunk) in place, then G(chunk, I) in the scratch block
+        const std::pair<T*, int64_t> passes[2] = {{L + j0, C}, {tt.data(), lt}};
+        for (int pass = 0; pass < 2; ++pass) {
+          Q.L = passes[pass].first;
+          Q.ld = passes[pass].second;
+          Q.r0 = pass == 0 ? r0 : j0;
+          Q.cbeg = pass == 0 ? j0 : r0;
+          Q.cend = pass == 0 ? j0 + nj : e;
+          const int64_t n = pass == 0 ? s : nj;
+          K.bwd(Q, 0, n, rdb.data(), rds.data(), fcg.data());
+          for (int64_t i = 0; i < n; ++i) {
+            db_c += rdb[i];
+            ds_c += rds[i];
+          }
+        }
+        transpose<true>(tt.data(), lt, L + j0, C, nj, s);
+        cdb[c] = db_c;
+        cds[c] = ds_c;
+      }
+    });
+    for (int64_t c = 0; c < nch; ++c) {
+      dbias_acc += cdb[c];
+      dscale_acc += cds[c];
     }
-    P.ld = C;
+    P.L = L + r0;
+    P.cbeg = r0;
+    P.cend = e;
+    rows(r0, s);  // G(I, I)
     P.cbeg = 0;
     P.cend = C;
     symmetrize(L + r0, C, s);  // H(I, I)
@@ -549,24 +580,19 @@ struct BwdSweep {
   // dst[j][i] (+)= src[i][j] for i < n, j < m (row strides lds, ldd), in cache blocks.
   template <bool ADD>
   static void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t n, int64_t m) {
-    constexpr int64_t B = 32;
-    at::parallel_for(0, (m + B - 1) / B, 1, [&](int64_t jb0, int64_t jb1) {
-      for (int64_t j0 = jb0 * B; j0 < std::min(m, jb1 * B); j0 += B) {
-        const int64_t j1 = std::min(m, j0 + B);
-        for (int64_t i0 = 0; i0 < n; i0 += B) {
-          const int64_t i1 = std::min(n, i0 + B);
-          for (int64_t j = j0; j < j1; ++j) {
-            T* d = dst + j * ldd;
-            for (int64_t i = i0; i < i1; ++i) {
-              if (ADD)
-                d[i] += src[i * lds + j];
-              else
-                d[i] = src[i * lds + j];
-            }
-          }
+    constexpr int64_t B = 16;
+    for (int64_t i0 = 0; i0 < n; i0 += B) {
+      const int64_t i1 = std::min(n, i0 + B);
+      for (int64_t j = 0; j < m; ++j) {
+        T* d = dst + j * ldd;
+        for (int64_t i = i0; i < i1; ++i) {
+          if (ADD)
+            d[i] += src[i * lds + j];
+          else
+            d[i] = src[i * lds + j];
         }
       }
-    });
+    }
   }
 
   // The s x s block at X (row stride ld) becomes X + X.T.
