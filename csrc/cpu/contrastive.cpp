@@ -15,7 +15,9 @@
 //   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm).
 // - fused (row statistics only, gradients of the statistics known before the forward): each
 //   slab serves the forward row kernel and then, in place, the backward one, since a slab holds
-//   whole rows; three GEMMs per slab instead of the four of a forward and a backward.
+//   whole rows; three GEMMs per slab instead of the four of a forward and a backward. Without k
+//   (self-similarity, q . q^T symmetric) the gradient GEMMs run on the blocks on and below the
+//   diagonal only, with G + G.T (BwdSweep): two GEMMs' worth in all.
 //
 // Logits are handled in log2 units (scale and bias premultiplied by log2 e) so that every
 // exponential is a 2^x; where the maxima of a tile are close enough, one 2^(s - M) per element

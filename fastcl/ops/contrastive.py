@@ -27,7 +27,7 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 
 #: Backends whose ``contrastive_fused`` saves work: their slabs hold whole rows, so one sweep
 #: gives the statistics and then the gradients (three GEMMs, not the four of a forward and a
-#: backward that recomputes the logits). The op runs on the others too, as a forward and a
+#: backward that recomputes the logits; two with ``k=None``, on the symmetric logits). The op runs on the others too, as a forward and a
 #: backward. A static list: it is consulted while tracing, when nothing may be imported.
 FUSED_BACKENDS = ("cpu",)
 
