@@ -139,6 +139,18 @@ def eager_clip(x, y, scale):
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
 
 
+def eager_nt_xent(z1, z2, scale):
+    """NT-Xent (SimCLR) with materialized logits: ``F.cross_entropy`` over the concatenated
+    views, the diagonal masked, each anchor's positive its other view (fp16 / bf16 logits in
+    fp32)."""
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])
+    s = scale * z @ z.T
+    s = (s.float() if s.dtype in (torch.float16, torch.bfloat16) else s).fill_diagonal_(-torch.inf)
+    idx = torch.arange(n, device=z.device)
+    return F.cross_entropy(s, torch.cat([idx + n, idx]))
+
+
 def infcl_clip() -> Optional[Callable]:
     """Inf-CL's Triton loss in both directions, or ``None`` without ``inf-cl`` (GPU only)."""
     try:

@@ -1,5 +1,6 @@
-"""Symmetric CLIP loss (or, with ``--loss siglip``, the sigmoid loss), forward + backward:
-fastcl against its baselines, in one process.
+"""Symmetric CLIP loss (or, with ``--loss siglip``, the sigmoid loss; with ``--loss ntxent``,
+NT-Xent over two views of N samples, 2N anchors), forward + backward: fastcl against its
+baselines, in one process.
 
 Implementations (each skipped with a note where it cannot run):
 
@@ -10,16 +11,19 @@ Implementations (each skipped with a note where it cannot run):
 - ``pml`` and ``pml-supcon``: pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss`` in their
   cross-batch form, both directions, where the package is installed
   (:func:`benchmarks._common.pml_info_nce`; ``NTXentLoss`` refuses above a few hundred rows);
-- ``fastcl-<backend>``: :func:`fastcl.clip_loss` on each available backend.
+- ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``) on each
+  available backend.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
-known in the forward) and ratios to eager and to Inf-CL, as a
+known in the forward; ``32 N^2 D / s`` for NT-Xent, four GEMMs over its 2N x 2N logits) and
+ratios to eager and to Inf-CL, as a
 Markdown table and as JSON (``--json``). GPU: CUDA events around ``triton.testing.do_bench``-like
 repeats, memory from ``torch.cuda.max_memory_allocated``. CPU: wall time only.
 
     python -m benchmarks.bench_clip --n 4096 8192 16384 32768 65536 --d 1024 --dtype bf16
     python -m benchmarks.bench_clip --loss siglip --n 16384 65536 --d 1024
+    python -m benchmarks.bench_clip --loss ntxent --n 16384 32768 --d 1024
 """
 
 from __future__ import annotations
@@ -33,13 +37,25 @@ import torch.nn.functional as F
 import fastcl
 from fastcl import dispatch
 
-from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_siglip, environment, infcl_clip,
-                      open_clip_clip, pml_clip, timed)
+from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_nt_xent, eager_siglip, environment,
+                      infcl_clip, open_clip_clip, pml_clip, timed)
+
+# per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
+# dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
+# 2 N^2 D)
+LOSSES = {
+    "clip": (eager_clip, lambda x, y, s, be: fastcl.clip_loss(x, y, s, backend=be),
+             "info_nce", 4),
+    "siglip": (eager_siglip, lambda x, y, s, be: fastcl.siglip_loss(x, y, s, -10.0, backend=be),
+               "siglip_loss", 3),
+    "ntxent": (eager_nt_xent, lambda x, y, s, be: fastcl.nt_xent(x, y, logit_scale=s, backend=be),
+               "nt_xent", 16),
+}
 
 
 def implementations(device: torch.device, dtype: torch.dtype, which, loss: str = "clip"):
     """``{name: f(x, y, scale) -> loss}`` of every implementation that can run here."""
-    eager = eager_clip if loss == "clip" else eager_siglip
+    eager, fast, op, _gemms = LOSSES[loss]
     impls = {"eager": eager}
     if device.type == "cuda":
         impls["compile"] = torch.compile(eager)
@@ -54,14 +70,9 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
             pml = pml_clip(kind)
             if pml is not None:
                 impls["pml" if kind == "ntxent" else f"pml-{kind}"] = pml
-    op = "info_nce" if loss == "clip" else "siglip_loss"
     for backend in ("triton", "cuda", "cpu"):
         if dispatch.why_not(backend, op, device, dtype) is None:
-            if loss == "clip":
-                fn = (lambda x, y, s, _b=backend: fastcl.clip_loss(x, y, s, backend=_b))
-            else:
-                fn = (lambda x, y, s, _b=backend: fastcl.siglip_loss(x, y, s, -10.0, backend=_b))
-            impls[f"fastcl-{backend}"] = fn
+            impls[f"fastcl-{backend}"] = (lambda x, y, s, _b=backend: fast(x, y, s, _b))
     return {k: v for k, v in impls.items() if not which or k in which}
 
 
@@ -110,7 +121,7 @@ def table(records: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--loss", choices=("clip", "siglip"), default="clip")
+    p.add_argument("--loss", choices=tuple(LOSSES), default="clip")
     p.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--d", type=int, nargs="+", default=[512])
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -125,7 +136,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     impls = implementations(device, dtype, args.impl, args.loss)
-    gemms = 4 if args.loss == "clip" else 3
+    gemms = LOSSES[args.loss][3]
     records = []
     for d in args.d:
         for n in args.n:

@@ -46,7 +46,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ._common import RssPeak, eager_clip, open_clip_clip, pml_clip, pml_info_nce
+from ._common import RssPeak, eager_clip, eager_nt_xent, open_clip_clip, pml_clip, pml_info_nce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pytorch-metric-learning's losses by implementation name: (kind, symmetric)
@@ -133,13 +133,6 @@ def fastcl_one_direction(q, k, scale):
     import fastcl
 
     return fastcl.info_nce(q, k, logit_scale=scale, backend="cpu")
-
-
-def eager_nt_xent(z1, z2, scale):
-    n = z1.shape[0]
-    z = torch.cat([z1, z2])
-    s = (scale * z @ z.T).fill_diagonal_(float("-inf"))
-    return F.cross_entropy(s, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
 
 
 def fastcl_nt_xent(z1, z2, scale):

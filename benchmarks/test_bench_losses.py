@@ -101,7 +101,7 @@ def test_baseline_matches_fastcl(name):
 
 def test_eager_nt_xent_matches_fastcl():
     """The CPU suite's eager NT-Xent computes fastcl.nt_xent's loss (value and gradients)."""
-    from .bench_cpu_contrastive import eager_nt_xent
+    from ._common import eager_nt_xent
 
     g = torch.Generator().manual_seed(2)
     z1 = torch.randn(48, 16, generator=g, dtype=torch.float64)

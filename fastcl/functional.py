@@ -114,15 +114,19 @@ def _wants_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _fusable(be: str, sh: Optional[Shard], reduction: str, *tensors: Optional[Tensor]) -> bool:
+def _fusable(be: str, sh: Optional[Shard], reduction: str, *tensors: Optional[Tensor],
+             self_sim: bool = False) -> bool:
     """Whether the loss and its gradients come from one sweep of ``contrastive_fused``.
 
     On one process, for a reduced loss whose gradients are wanted, on a backend where the
-    fused sweep saves work (:data:`fastcl.ops.contrastive.FUSED_BACKENDS`). The gradients are
-    then computed in the forward, even if no backward follows.
+    fused sweep saves work (:data:`fastcl.ops.contrastive.FUSED_BACKENDS`; with ``self_sim``,
+    a loss over the logits of one feature set with itself,
+    :data:`fastcl.ops.contrastive.SELF_FUSED_BACKENDS`). The gradients are then computed in the
+    forward, even if no backward follows.
     """
-    return (sh is None and reduction != "none" and be in contrastive_ops.FUSED_BACKENDS
-            and _wants_grad(*tensors))
+    backends = (contrastive_ops.SELF_FUSED_BACKENDS if self_sim
+                else contrastive_ops.FUSED_BACKENDS)
+    return sh is None and reduction != "none" and be in backends and _wants_grad(*tensors)
 
 
 def _fused(rows: Tensor, cols: Optional[Tensor], a: Tensor, b: Tensor,
@@ -363,7 +367,7 @@ def nt_xent(
     z = torch.cat([z1, z2], dim=0)
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
     a, targets = _pair_scale(scale, z), _two_view_targets(z1.shape[0], z.device)
-    if _fusable(be, sh, reduction, z, a):  # every row has its positive: the mean is over 2N
+    if _fusable(be, sh, reduction, z, a, self_sim=True):  # each row has a positive: 2N rows
         return _fused(z, None, a, zero, targets, reduction=reduction, backend=be,
                       exclude_diag=True)[0]
     lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True, backend=be)
@@ -425,7 +429,7 @@ def supcon(
     zero = torch.zeros((), dtype=_stat_dtype(anchors), device=anchors.device)
     a = _pair_scale(scale, anchors)
     factor = None if base_temperature is None else 1.0 / (a * base_temperature)
-    if _fusable(be, sh, reduction, anchors, a):
+    if _fusable(be, sh, reduction, anchors, a, self_sim=True):
         loss, npos = _fused(anchors, None, a, zero, None, anchor_labels, anchor_labels,
                             reduction=reduction, backend=be, exclude_diag=True,
                             pos_lse=(variant == "in"))
@@ -488,7 +492,7 @@ def dcl(
     zero = torch.zeros((), dtype=_stat_dtype(z), device=z.device)
     a, targets = _pair_scale(scale, z), _two_view_targets(n, z.device)
     w = _dclw_weights(z1, z2, sigma, sh) if weighted else None
-    if _fusable(be, sh, reduction, z, a):  # every row has its positive: the mean is over 2N
+    if _fusable(be, sh, reduction, z, a, self_sim=True):  # each row has a positive: 2N rows
         return _fused(z, None, a, zero, targets, g_pos=-1.0 if w is None else -w.repeat(2),
                       reduction=reduction, backend=be, exclude_diag=True, decoupled=True)[0]
     lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True,

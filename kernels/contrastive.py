@@ -20,7 +20,10 @@ recomputes each logit tile, builds ``G`` from the saved statistics and accumulat
 ``dscale`` and ``dbias``). Column-parallel (``TRANSPOSED=True``): a program owns ``BLOCK_M``
 columns and accumulates ``G.T @ q`` into ``dk``. Each output tile is written once; extra memory
 is ``O(R + C)``. When ``D`` is wider than one ``BLOCK_DV`` slice, the logit tiles are recomputed
-once per slice (``ceil(D / BLOCK_DV)`` times).
+once per slice (``ceil(D / BLOCK_DV)`` times). Self-similarity (``k=None``: the keys are the
+queries, as in NT-Xent, SupCon and DCL): one row-parallel launch (``SELF``) builds both
+orientations of ``G`` from each logit tile and accumulates ``(G + G.T) @ q`` into the whole
+gradient of ``q``: two GEMMs' worth of work instead of the four of the two launches.
 
 Precision of fp32 inputs: ``tl.dot`` of fp32 tiles uses exact fp32 (``input_precision="ieee"``,
 CUDA cores) by default. Set the environment variable ``FASTCL_TF32=1`` before import, or assign
@@ -391,7 +394,7 @@ def _contrastive_bwd_kernel(
     ds_ptr, db_ptr,
     NA, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, SELF: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
     DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr,
@@ -405,6 +408,9 @@ def _contrastive_bwd_kernel(
 
     ``TRANSPOSED=False``: ``A = q`` (outer = rows of ``s``), ``B = k``, ``OUT = dq``.
     ``TRANSPOSED=True``: ``A = k`` (outer = columns of ``s``), ``B = q``, ``OUT = dk``.
+    ``SELF`` (with ``TRANSPOSED=False``): ``A = B = q`` (the keys are the queries, so ``s`` is
+    symmetric) and ``OUT`` receives the whole gradient of ``q``, ``G + G.T`` per tile: both
+    orientations of ``G`` from one logit tile (the partial sums count ``G`` once).
     Program ``(i, j)`` owns outer rows ``[i*BLOCK_M, (i+1)*BLOCK_M)`` and output columns
     ``[j*BLOCK_DV, (j+1)*BLOCK_DV)``. With ``SINGLE_D`` the whole of ``D`` fits one
     ``BLOCK_D == BLOCK_DV`` tile and the ``B`` tile of the logits is reused for the update.
@@ -440,11 +446,11 @@ def _contrastive_bwd_kernel(
                          mask=o_in[:, None] & d_in[None, :], other=0.0)
 
     # statistics of the outer index, loaded once
-    if TRANSPOSED:
+    if TRANSPOSED or SELF:
         g_cl_o, cl2_o, g_cm_o, clab_o = _col_coefs(
             offs_o, o_in, R, col_lse_ptr, g_col_lse_ptr, g_col_mean_ptr, clab_ptr,
             HAS_LABELS, EXCLUDE_DIAG, HAS_G_COL_LSE, HAS_G_COL_MEAN)
-    else:
+    if not TRANSPOSED:
         g_l_o, lse2_o, g_p_o, pos2_o, g_m_o, tgt_o, rlab_o = _row_coefs(
             offs_o, o_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
             tgt_ptr, rlab_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE,
@@ -475,18 +481,20 @@ def _contrastive_bwd_kernel(
                              BLOCK_M, BLOCK_N, BLOCK_D, TF32)
         s2 = qk * scale2 + bias2
 
-        if TRANSPOSED:
+        if TRANSPOSED or SELF:  # G of the inner rows against the outer columns
             g_l, lse2, g_p, pos2, g_m, tgt, rlab = _row_coefs(
                 offs_n, n_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
                 tgt_ptr, rlab_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE,
                 HAS_G_LSE, HAS_G_POS, HAS_G_MEAN)
-            g = _grad_tile(
+            g_t = _grad_tile(
                 s2, offs_n[None, :], offs_o[:, None], n_in[None, :], o_in[:, None],
                 g_l[None, :], lse2[None, :], g_p[None, :], pos2[None, :], g_m[None, :],
                 tgt[None, :], rlab[None, :],
                 g_cl_o[:, None], cl2_o[:, None], g_cm_o[:, None], clab_o[:, None],
                 HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE, HAS_G_LSE,
                 HAS_G_POS, HAS_G_MEAN, HAS_G_COL_LSE, HAS_G_COL_MEAN)
+        if TRANSPOSED:
+            g = g_t
         else:
             g_cl, cl2, g_cm, clab = _col_coefs(
                 offs_n, n_in, R, col_lse_ptr, g_col_lse_ptr, g_col_mean_ptr, clab_ptr,
@@ -502,6 +510,8 @@ def _contrastive_bwd_kernel(
         if WRITE_PARTIALS:
             ds_acc += tl.sum(g * qk, 1)
             db_acc += tl.sum(g, 1)
+        if SELF:
+            g = g + g_t
 
         if SINGLE_D:
             tl.static_assert(BLOCK_DV == BLOCK_D)
@@ -585,7 +595,7 @@ def _prune_chunked(configs, named_args, **kwargs):
 _FWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
              "WRITE_POS", "TF32", "SINGLE_D", "BLOCK_D"]
 _BWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
-             "TRANSPOSED", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN", "HAS_G_COL_LSE",
+             "TRANSPOSED", "SELF", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN", "HAS_G_COL_LSE",
              "HAS_G_COL_MEAN", "TF32", "SINGLE_D", "BLOCK_D"]
 
 # autotuned launchers, one per (kernel, tiling family); the autotuner also keys on dtypes
@@ -743,7 +753,13 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     Same signature and return conventions as :func:`fastcl.ops._reference_impl.contrastive_bwd`:
     ``dq`` / ``dk`` in the input dtype shaped like ``q`` / ``k``, ``dscale`` / ``dbias`` 0-dim
     fp32. Any ``g_*`` may be ``None`` (a zero gradient; its term of ``G`` is compiled out).
+    ``k=None`` (no column statistics): the keys are ``q`` itself; ``dq`` is then the gradient of
+    ``q`` in both roles (one launch, ``G + G.T`` per tile) and ``dk`` an empty ``[0, D]`` tensor.
     """
+    self_sim = k is None
+    if self_sim:
+        assert not col_stats, "self-similarity takes row statistics only"
+        k = q
     _check_inputs(q, k, scale, bias, targets, row_labels, col_labels)
     R, C = q.shape[0], k.shape[0]
     dev = q.device
@@ -756,14 +772,14 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     if not (has_labels or has_targets):
         g_pos = None  # no positives: the term is zero
     f32 = torch.float32
+    no_dk = q.new_empty((0, q.shape[1])) if self_sim else None
     if g_lse is None and g_pos is None and g_mean is None and g_col_lse is None \
             and g_col_mean is None:
         return (torch.zeros(q.shape, dtype=q.dtype, device=dev),
-                torch.zeros(k.shape, dtype=k.dtype, device=dev),
+                no_dk if self_sim else torch.zeros(k.shape, dtype=k.dtype, device=dev),
                 torch.zeros((), dtype=f32, device=dev), torch.zeros((), dtype=f32, device=dev))
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     ds_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G * (q . k)
     db_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G
 
@@ -777,6 +793,8 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
         parts = [torch.linalg.vector_norm(t.detach().float(), float("inf"))
                  for t in present if t.numel() > 0]
         g_bound = torch.stack(parts).sum() if parts else torch.ones((), dtype=f32, device=dev)
+        if self_sim:
+            g_bound = 2 * g_bound  # |G + G.T|
     else:
         g_bound = ds_part
 
@@ -794,6 +812,10 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
         HAS_G_MEAN=g_mean is not None, HAS_G_COL_LSE=g_col_lse is not None,
         HAS_G_COL_MEAN=g_col_mean is not None, RESCALE_G=rescale,
     )
-    _launch_bwd(q, k, dq, rest, dict(flags, TRANSPOSED=False, WRITE_PARTIALS=True))
-    _launch_bwd(k, q, dk, rest, dict(flags, TRANSPOSED=True, WRITE_PARTIALS=False))
+    _launch_bwd(q, k, dq, rest, dict(flags, TRANSPOSED=False, SELF=self_sim,
+                                     WRITE_PARTIALS=True))
+    if self_sim:
+        return dq, no_dk, ds_part.sum(), db_part.sum()
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    _launch_bwd(k, q, dk, rest, dict(flags, TRANSPOSED=True, SELF=False, WRITE_PARTIALS=False))
     return dq, dk, ds_part.sum(), db_part.sum()

@@ -299,3 +299,41 @@ def test_one_sweep_path_taken_exactly_where_it_applies(monkeypatch):
         fastcl.nt_xent(x, y, backend="cpu")
     fastcl.nt_xent(x.detach(), y.detach(), backend="cpu")
     assert calls == []
+
+
+def test_self_similarity_path_on_triton(monkeypatch):
+    """On the Triton backend the losses over one feature set (NT-Xent, SupCon, DCL) take
+    contrastive_fused with k=None (one backward launch for G + G.T) and agree with the
+    reference; InfoNCE over two feature sets keeps the statistics op."""
+    from fastcl.ops import contrastive as contrastive_ops
+
+    if dispatch.why_not("triton", "info_nce", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the Triton backend cannot run here")
+    calls = []
+    real = contrastive_ops.contrastive_fused
+
+    def counting(*args):
+        calls.append((args[4] is None, args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(contrastive_ops, "contrastive_fused", counting)
+    x = torch.randn(10, 6, requires_grad=True)
+    y = torch.randn(10, 6, requires_grad=True)
+    f = torch.randn(10, 2, 6, requires_grad=True)
+    labels = torch.arange(10) % 3
+    for fn in (lambda be: fastcl.nt_xent(x, y, backend=be),
+               lambda be: fastcl.supcon(f, labels, variant="in", backend=be),
+               lambda be: fastcl.dcl(x, y, weighted=True, backend=be)):
+        calls.clear()
+        got, want = fn("triton"), fn("reference")
+        assert calls == [(True, "triton")]
+        _assert_close(got, want.float(), torch.float32)
+        gs = torch.autograd.grad(got, [x, y, f], allow_unused=True)
+        ws = torch.autograd.grad(want, [x, y, f], allow_unused=True)
+        for g, w in zip(gs, ws):
+            assert (g is None) == (w is None)
+            if g is not None:
+                _assert_close(g, w.float(), torch.float32)
+    calls.clear()
+    fastcl.info_nce(x, y, temperature=0.2, backend="triton")
+    assert calls == []

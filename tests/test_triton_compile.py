@@ -125,6 +125,11 @@ _MODES = [
     _sc("contrastive_bwd", "bf16", 128, labels=True, grads="mean"),
     _sc("contrastive_bwd", "fp32", 768, tf32=True, labels=True, exclude_diag=True, pos_lse=True,
         grads="pos"),
+    # self-similarity (NT-Xent, SupCon): one launch with both orientations of G per tile
+    _sc("contrastive_bwd", "bf16", 128, labels=True, exclude_diag=True, pos_lse=True,
+        self_sim=True, grads="lse,pos"),
+    _sc("contrastive_bwd", "fp32", 768, tf32=True, targets=True, exclude_diag=True,
+        decoupled=True, self_sim=True, grads="lse,pos"),
     _sc("siglip_fwd", "bf16", 768, diag_pos=False),
     _sc("siglip_bwd", "fp16", 64, diag_pos=False),
     _sc("siglip_fused", "bf16", 128, diag_pos=False, mean=False),
@@ -232,8 +237,8 @@ def _call(mods, sc: Scenario):
             return vec if name in grads else None
 
         C.contrastive_bwd(grad("lse"), grad("pos"), grad("mean"), grad("col_lse"),
-                          grad("col_mean"), q, k, scale, bias, targets, labels, labels,
-                          vec, vec, vec, vec, *flags)
+                          grad("col_mean"), q, None if kw.get("self_sim") else k, scale, bias,
+                          targets, labels, labels, vec, vec, vec, vec, *flags)
     elif sc.op == "siglip_fwd":
         S.siglip_fwd(q, k, scale, bias, kw["diag_pos"])
     elif sc.op == "siglip_bwd":

@@ -257,6 +257,45 @@ def test_flag_combinations(mode, exclude_diag, decoupled, pos_lse, col_stats):
     check_against_oracle(*inputs, flags, make_grads(R, C, ALL_G))
 
 
+# Self-similarity (k=None): one launch accumulates (G + G.T) @ q, the gradient of q as queries
+# and as keys; the oracle runs with k = q as a second leaf and sums the two gradients.
+
+SELF_COMBOS = [(mode, *bits) for mode in ("none", "targets", "labels")
+               for bits in itertools.product((False, True), repeat=3)
+               if mode != "none" or not (bits[1] or bits[2])]
+
+
+def check_self(R, D, dtype, mode, flags, present, **kw):
+    q, _k, scale, bias, targets, rl, cl = make_inputs(R, R, D, dtype, mode, **kw)
+    if rl is not None:
+        cl = rl  # one feature set: one label per sample
+    grads = make_grads(R, R, present)
+    stats = tk.contrastive_fwd(q, q, scale, bias, targets, rl, cl, flags["exclude_diag"],
+                               flags["decoupled"], flags["pos_lse"], False)
+    lse, pos, npos = stats[:3]
+    dz, dk, ds, db = tk.contrastive_bwd(*grads, q, None, scale, bias, targets, rl, cl, lse, pos,
+                                        npos, stats[4], flags["exclude_diag"],
+                                        flags["decoupled"], flags["pos_lse"], False)
+    assert dk.shape == (0, D) and dz.shape == q.shape and dz.dtype == q.dtype
+    _stats, ref = oracle(q, q, scale, bias, targets, rl, cl, flags, grads)
+    tol = BWD_TOL[dtype]
+    for name, a, e in zip(("dz", "dscale", "dbias"), (dz, ds, db), (ref[0] + ref[1], *ref[2:])):
+        assert_close(a, e, tol, name)
+
+
+@pytest.mark.parametrize("mode,exclude_diag,decoupled,pos_lse", SELF_COMBOS)
+def test_self_similarity_flag_combinations(mode, exclude_diag, decoupled, pos_lse):
+    flags = flags_of(exclude_diag, decoupled, pos_lse)
+    check_self(23, 8, torch.float32, mode, flags, ("lse", "pos", "mean"), scale=5.0, n_labels=3)
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 100), (torch.bfloat16, 20),
+                                     (torch.float16, 40)], ids=("fp32-chunked", "bf16", "fp16"))
+def test_self_similarity_dtypes_and_chunked_d(dtype, D):
+    flags = flags_of(exclude_diag=True, pos_lse=True)
+    check_self(37, D, dtype, "labels", flags, ("lse", "pos"))
+
+
 @pytest.mark.parametrize("dtype,R,C,D", [(torch.bfloat16, 37, 45, 20),
                                          (torch.float16, 37, 45, 20),
                                          (torch.bfloat16, 24, 19, 100)])

@@ -23,13 +23,18 @@ from torch import Tensor
 from .. import _backends
 
 __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrastive_stats",
-           "FUSED_BACKENDS"]
+           "FUSED_BACKENDS", "SELF_BWD_BACKENDS", "SELF_FUSED_BACKENDS"]
 
 #: Backends whose ``contrastive_fused`` saves work: their slabs hold whole rows, so one sweep
 #: gives the statistics and then the gradients (three GEMMs, not the four of a forward and a
 #: backward that recomputes the logits; two with ``k=None``, on the symmetric logits). The op runs on the others too, as a forward and a
 #: backward. A static list: it is consulted while tracing, when nothing may be imported.
 FUSED_BACKENDS = ("cpu",)
+#: Backends whose backward kernel takes ``k=None`` (the keys are the queries): one pass builds
+#: ``G + G.T`` per logit tile for the whole gradient (two GEMMs' worth instead of four).
+SELF_BWD_BACKENDS = ("triton",)
+#: Backends where ``contrastive_fused`` with ``k=None`` saves work.
+SELF_FUSED_BACKENDS = FUSED_BACKENDS + SELF_BWD_BACKENDS
 
 
 def _stat_dtype(q: Tensor) -> torch.dtype:
@@ -177,14 +182,16 @@ def contrastive_fused(
 
 def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels, col_labels,
                     exclude_diag, decoupled, pos_lse, mean, backend):
-    """``contrastive_fused`` as the backend's forward then its backward (no work saved)."""
-    if k is None:
+    """``contrastive_fused`` as the backend's forward then its backward (no work saved, but
+    with ``k=None`` on :data:`SELF_BWD_BACKENDS`)."""
+    if k is None and backend not in SELF_BWD_BACKENDS:
         loss, npos, dq, dk, dscale, dbias = _fused_by_parts(
             g_lse, g_pos, g_mean, q, q, scale, bias, targets, row_labels, col_labels,
             exclude_diag, decoupled, pos_lse, mean, backend)
         return loss, npos, dq + dk, q.new_empty((0, q.shape[1])), dscale, dbias
+    keys = q if k is None else k
     lse, pos, npos, avg, _cl, _cm = _backends.kernel(backend, "contrastive_fwd")(
-        q, k, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse,
+        q, keys, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse,
         False)
     has_pos = npos > 0
     norm = 1.0 / has_pos.sum().clamp_min(1).to(lse.dtype) if mean else 1.0
@@ -197,9 +204,10 @@ def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels
             g = g * norm
         gs.append(g)
     loss = rows.sum() * norm
-    if not any(g is not None for g in gs) or q.shape[0] == 0 or k.shape[0] == 0:
-        grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale),
-                 torch.zeros_like(bias))
+    if not any(g is not None for g in gs) or q.shape[0] == 0 or keys.shape[0] == 0:
+        grads = (torch.zeros_like(q),
+                 q.new_empty((0, q.shape[1])) if k is None else torch.zeros_like(k),
+                 torch.zeros_like(scale), torch.zeros_like(bias))
     else:
         grads = _backends.kernel(backend, "contrastive_bwd")(
             *gs, None, None, q, k, scale, bias, targets, row_labels, col_labels, lse, pos, npos,
