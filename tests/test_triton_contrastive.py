@@ -421,6 +421,19 @@ def test_no_quadratic_allocation():
     assert rec.largest[0] < R * C, rec.largest
 
 
+def test_no_quadratic_allocation_self_similarity():
+    """Nor in the self-similarity backward (k=None)."""
+    R, D = 70, 3
+    q, _k, scale, bias, _t, rl, _cl = make_inputs(R, R, D, torch.float32, "labels")
+    grads = make_grads(R, R, ("lse", "pos"))
+    with LargestAllocation() as rec:
+        lse, pos, npos, *_ = tk.contrastive_fwd(q, q, scale, bias, None, rl, rl, True, False,
+                                                True, False)
+        tk.contrastive_bwd(*grads, q, None, scale, bias, None, rl, rl, lse, pos, npos, lse,
+                           True, False, True, False)
+    assert rec.largest[0] < R * R, rec.largest
+
+
 def test_custom_op_backend():
     """Through the ``fastcl::contrastive_fwd`` op with autograd, backend ``"triton"``."""
     ops = pytest.importorskip("fastcl.ops.contrastive")
@@ -495,3 +508,29 @@ class TestGPU:
         grads_bytes = (R + C) * D * 2
         assert extra <= grads_bytes + 64 * (R + C) + (1 << 20), extra
         del out
+
+    @pytest.mark.parametrize("R,D,dtype,mode,flags", [
+        (16384, 1024, torch.bfloat16, "targets", flags_of(exclude_diag=True)),
+        (8192, 768, torch.float16, "labels", flags_of(exclude_diag=True, pos_lse=True)),
+        (4096, 256, torch.float32, "targets", flags_of(exclude_diag=True, decoupled=True)),
+    ])
+    def test_self_similarity_real_sizes(self, R, D, dtype, mode, flags):
+        """k=None at real sizes: the gradient of q equals the sum of the two launches'."""
+        q, _k, scale, bias, targets, rl, _cl = make_inputs(R, R, D, dtype, mode, n_labels=100)
+        if mode == "targets":
+            targets = torch.arange(R, device=DEVICE).roll(R // 2)  # NT-Xent's pairs
+        grads = [g / R for g in make_grads(R, R, ("lse", "pos"))[:2]] + [None] * 3
+        lse, pos, npos, *_ = tk.contrastive_fwd(q, q, scale, bias, targets, rl, rl,
+                                                flags["exclude_diag"], flags["decoupled"],
+                                                flags["pos_lse"], False)
+        args = (scale, bias, targets, rl, rl, lse, pos, npos, lse, flags["exclude_diag"],
+                flags["decoupled"], flags["pos_lse"], False)
+        dz, dk, ds, db = tk.contrastive_bwd(*grads, q, None, *args)
+        dq2, dk2, ds2, db2 = tk.contrastive_bwd(*grads, q, q, *args)
+        torch.cuda.synchronize()
+        want = dq2.float() + dk2.float()
+        assert dk.numel() == 0 and not torch.isnan(dz).any()
+        tol = BWD_TOL[dtype] * want.abs().max().item() + 1e-6
+        assert (dz.float() - want).abs().max().item() <= tol
+        torch.testing.assert_close(ds, ds2, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(db, db2, rtol=1e-4, atol=1e-6)
