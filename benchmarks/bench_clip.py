@@ -12,7 +12,8 @@ Implementations (each skipped with a note where it cannot run):
   cross-batch form, both directions, where the package is installed
   (:func:`benchmarks._common.pml_info_nce`; ``NTXentLoss`` refuses above a few hundred rows);
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``) on each
-  available backend.
+  available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss without
+  the one-launch self-similarity backward (separate dq and dk launches), to compare the two.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 import fastcl
 from fastcl import dispatch
+from fastcl.ops import contrastive as contrastive_ops
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_nt_xent, eager_siglip, environment,
                       infcl_clip, open_clip_clip, pml_clip, timed)
@@ -73,7 +75,24 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
     for backend in ("triton", "cuda", "cpu"):
         if dispatch.why_not(backend, op, device, dtype) is None:
             impls[f"fastcl-{backend}"] = (lambda x, y, s, _b=backend: fast(x, y, s, _b))
+            if loss == "ntxent" and backend in contrastive_ops.SELF_BWD_BACKENDS:
+                impls[f"fastcl-{backend}-pairs"] = _pairs(fast, backend)
     return {k: v for k, v in impls.items() if not which or k in which}
+
+
+def _pairs(fast, backend):
+    """fastcl's loss without the self-similarity backward of ``backend`` (``-pairs``): the
+    statistics op, with separate dq and dk launches as for two feature sets, for an A/B
+    comparison in the same process."""
+
+    def fn(x, y, s):
+        saved = contrastive_ops.SELF_FUSED_BACKENDS
+        contrastive_ops.SELF_FUSED_BACKENDS = contrastive_ops.FUSED_BACKENDS
+        try:
+            return fast(x, y, s, backend)
+        finally:
+            contrastive_ops.SELF_FUSED_BACKENDS = saved
+    return fn
 
 
 def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0, gemms: int = 4) -> dict:

@@ -28,8 +28,8 @@ cp docs/benchmarks.md benchmarks/results/gpu.json docs/img/gpu_*.png "$OUT/docs/
 # SigLIP on every GPU backend (Triton, CUDA C++) against eager and torch.compile; top-k search.
 python3 -m benchmarks.bench_clip --loss siglip --n ${SIGLIP_N:-16384 65536} --d 1024 --dtype bf16 \
   --reps 5 --json "$OUT/bench_siglip.json" 2>&1 | tee "$OUT/bench_siglip.txt" | tail -12
-# NT-Xent: the Triton self-similarity backward (one launch, G + G.T per tile) against eager and
-# torch.compile.
+# NT-Xent: the Triton self-similarity backward (one launch, G + G.T per tile) against eager,
+# torch.compile and the two-launch backward it replaces (fastcl-triton-pairs).
 python3 -m benchmarks.bench_clip --loss ntxent --n ${NTXENT_N:-8192 32768} --d 1024 --dtype bf16 \
   --reps 5 --json "$OUT/bench_ntxent.json" 2>&1 | tee "$OUT/bench_ntxent.txt" | tail -8
 python3 -m benchmarks.bench_topk --json "$OUT/bench_topk.json" 2>&1 | tee "$OUT/bench_topk.txt" | tail -8
