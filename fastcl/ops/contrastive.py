@@ -27,8 +27,9 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 
 #: Backends whose ``contrastive_fused`` saves work: their slabs hold whole rows, so one sweep
 #: gives the statistics and then the gradients (three GEMMs, not the four of a forward and a
-#: backward that recomputes the logits; two with ``k=None``, on the symmetric logits). The op runs on the others too, as a forward and a
-#: backward. A static list: it is consulted while tracing, when nothing may be imported.
+#: backward that recomputes the logits; two with ``k=None``, on the symmetric logits). The op
+#: runs on the others too, as a forward and a backward. Static lists: they are consulted while
+#: tracing, when nothing may be imported.
 FUSED_BACKENDS = ("cpu",)
 #: Backends whose backward kernel takes ``k=None`` (the keys are the queries): one pass builds
 #: ``G + G.T`` per logit tile for the whole gradient (two GEMMs' worth instead of four).
@@ -169,8 +170,9 @@ def contrastive_fused(
     statistics are those of :func:`contrastive_fwd` without column statistics.
 
     ``k=None`` means the keys are ``q`` itself (NT-Xent, SupCon, DCL: a symmetric logit matrix,
-    which the CPU kernel exploits for half of the gradient GEMMs): ``dq`` is then the whole
-    gradient of ``q`` (as queries and as keys) and ``dk`` an empty ``[0, D]`` tensor.
+    which the CPU sweep and the Triton backward exploit, see :data:`SELF_FUSED_BACKENDS`):
+    ``dq`` is then the whole gradient of ``q`` (as queries and as keys) and ``dk`` an empty
+    ``[0, D]`` tensor.
     """
     if _backends.has_kernel(backend, "contrastive_fused"):
         fused = _backends.kernel(backend, "contrastive_fused")
