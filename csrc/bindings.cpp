@@ -74,16 +74,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const OptT& g_lse, const OptT& g_pos, const OptT& g_mean, const OptT& g_col_lse,
-    const OptT& g_col_mean, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+    const OptT& g_col_mean, const at::Tensor& q, const OptT& k, const at::Tensor& scale,
     const at::Tensor& bias, const OptT& targets, const OptT& row_labels, const OptT& col_labels,
     const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
     const at::Tensor& col_lse, bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
   const char* fn = "contrastive_bwd_cpu";
-  check_features(fn, q, k);
+  const at::Tensor& keys = k.has_value() ? *k : q;  // none: the keys are q (self-similarity)
+  check_features(fn, q, keys);
   check_scalar(fn, "scale", scale);
   check_scalar(fn, "bias", bias);
-  check_masks(fn, q, k, targets, row_labels, col_labels);
-  const int64_t R = q.size(0), C = k.size(0);
+  check_masks(fn, q, keys, targets, row_labels, col_labels);
+  TORCH_CHECK(k.has_value() || !col_stats, fn,
+              ": column statistics need k (with k=None the keys are q: use the row statistics)");
+  const int64_t R = q.size(0), C = keys.size(0);
   check_vec(fn, "g_lse", g_lse, R, "R");
   check_vec(fn, "g_pos", g_pos, R, "R");
   check_vec(fn, "g_mean", g_mean, R, "R");
@@ -186,7 +189,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
   m.def("contrastive_bwd_cpu", &bwd_cpu,
         "Gradients (dq, dk, dscale, dbias) of the contrastive statistics on CPU, recomputing the "
-        "logits slab by slab.",
+        "logits slab by slab. k=None: the keys are q (self-similarity); dq is then the whole "
+        "gradient of q and dk is empty.",
         py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("g_col_lse"),
         py::arg("g_col_mean"), py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"),
         py::arg("targets"), py::arg("row_labels"), py::arg("col_labels"), py::arg("lse"),

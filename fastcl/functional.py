@@ -94,7 +94,7 @@ def _pair_scale(scale: Tensor, x: Tensor) -> Tensor:
     return scale.to(_stat_dtype(x))
 
 
-def _stats(sh: Optional[Shard], rows: Tensor, cols: Tensor, a: Tensor, b: Tensor,
+def _stats(sh: Optional[Shard], rows: Tensor, cols: Optional[Tensor], a: Tensor, b: Tensor,
            targets: Optional[Tensor] = None, row_labels: Optional[Tensor] = None,
            col_labels: Optional[Tensor] = None, extra: Optional[Tensor] = None,
            **flags) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -102,8 +102,11 @@ def _stats(sh: Optional[Shard], rows: Tensor, cols: Tensor, a: Tensor, b: Tensor
 
     On one process (``sh`` None) the fused op on the given columns; with a shard, against the
     ``cols`` of every rank by the shard's strategy (:meth:`fastcl.distributed.Shard.stats`).
+    ``cols=None``: the columns are the rows themselves (symmetric logits; on one process the op
+    then takes ``k=None``, whose backward exploits the symmetry).
     """
     if sh is not None:
+        cols = rows if cols is None else cols
         return sh.stats(rows, cols, a, b, targets, row_labels, col_labels, extra, **flags)
     if extra is not None:
         cols = torch.cat([cols, extra], dim=0)
@@ -370,7 +373,8 @@ def nt_xent(
     if _fusable(be, sh, reduction, z, a, self_sim=True):  # each row has a positive: 2N rows
         return _fused(z, None, a, zero, targets, reduction=reduction, backend=be,
                       exclude_diag=True)[0]
-    lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True, backend=be)
+    lse, pos, _npos, _mean = _stats(sh, z, None, a, zero, targets, exclude_diag=True,
+                                    backend=be)
     return _reduce(lse - pos, None, reduction, sh)
 
 
@@ -439,7 +443,7 @@ def supcon(
             loss = loss + _reduce(logs, has_pos, reduction)
         return loss if factor is None else loss * factor
     lse, pos, npos, _mean = _stats(
-        sh, anchors, anchors, a, zero, None, anchor_labels, anchor_labels, exclude_diag=True,
+        sh, anchors, None, a, zero, None, anchor_labels, anchor_labels, exclude_diag=True,
         pos_lse=(variant == "in"), backend=be)
     has_pos = npos > 0
     per = lse - pos
@@ -495,7 +499,7 @@ def dcl(
     if _fusable(be, sh, reduction, z, a, self_sim=True):  # each row has a positive: 2N rows
         return _fused(z, None, a, zero, targets, g_pos=-1.0 if w is None else -w.repeat(2),
                       reduction=reduction, backend=be, exclude_diag=True, decoupled=True)[0]
-    lse, pos, _npos, _mean = _stats(sh, z, z, a, zero, targets, exclude_diag=True,
+    lse, pos, _npos, _mean = _stats(sh, z, None, a, zero, targets, exclude_diag=True,
                                     decoupled=True, backend=be)
     if w is not None:
         pos = pos * w.repeat(2)
@@ -561,13 +565,13 @@ def multiview_loss(
         ids = (torch.arange(n, device=views.device) if sh is None
                else sh.block_ids(n, views.device)[:n])
         sample = ids.repeat(nv)
-        lse, pos, _np, _m = _stats(sh, anchors, anchors, a, zero, None, sample, sample,
+        lse, pos, _np, _m = _stats(sh, anchors, None, a, zero, None, sample, sample,
                                    exclude_diag=True, pos_lse=True, backend=be)
         per = torch.logsumexp(lse.view(nv, n), 0) - torch.logsumexp(pos.view(nv, n), 0)
     elif method == "mv_dhel":
         uniform = 0
         for v in range(nv):
-            lse, *_ = _stats(sh, views[v], views[v], a, zero, exclude_diag=True, backend=be)
+            lse, *_ = _stats(sh, views[v], None, a, zero, exclude_diag=True, backend=be)
             uniform = uniform + lse
         pairs = [(l, m) for l in range(nv) for m in range(l + 1, nv)]
         pair_logits = torch.stack(
@@ -642,8 +646,8 @@ def hard_negative_nce(
     if be == "reference":
         return ref.hard_negative_nce_ref(z1, z2, scale=scale, beta=beta, tau_plus=tau_plus,
                                          layout=layout, reduction=reduction)
-    if layout == "two_view":
-        q = k = torch.cat([z1, z2], dim=0)
+    if layout == "two_view":  # the keys are the anchors themselves (k None: symmetric logits)
+        q, k = torch.cat([z1, z2], dim=0), None
         targets = _two_view_targets(n, q.device)
     else:
         q, k = z1, z2
@@ -655,7 +659,7 @@ def hard_negative_nce(
     if beta and sh is not None and sh.strategy == "all_gather":
         # two statistics passes over the same keys: gather them once (own block first, as
         # Shard.stats lays them out), then both passes run on one process's layout
-        k, cols_sh = sh.columns(k), None
+        k, cols_sh = sh.columns(q if k is None else k), None
 
     def negatives_lse(mult: float):
         lse, pos, *_ = _stats(cols_sh, q, k, a * mult, zero, targets,

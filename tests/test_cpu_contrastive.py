@@ -678,6 +678,91 @@ def test_fused_self_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
+# The backward kernel with k=None: any gradients of the row statistics (rows without a positive
+# included), through the same G + G.T sweep as the fused one.
+
+
+def kernel_bwd_self(case, grads, stats, **flags):
+    lse, pos, npos = stats[:3]
+    return _C.contrastive_bwd_cpu(*grads[:3], None, None, case["q"], None, case["scale"],
+                                  case["bias"], case["targets"], case["row_labels"],
+                                  case["col_labels"], lse, pos, npos,
+                                  torch.empty(0, dtype=lse.dtype),
+                                  flags.get("exclude_diag", False), flags.get("decoupled", False),
+                                  flags.get("pos_lse", False), False)
+
+
+@pytest.mark.parametrize("mode,flags", [(m, f) for m in MODES for f in FUSED_FLAGS],
+                         ids=[f"{m}-{_id(f)}" for m in MODES for f in FUSED_FLAGS])
+def test_bwd_self_fp64(mode, flags, slab_bytes):
+    R, D = 37, 6
+    slab_bytes(7 * R * 8)  # slabs of 4 rows, a ragged last one
+    case = self_case(R, D, F64, mode, scale=4.0, bias=-0.5)
+    stats = kernel_fwd(case, **flags)
+    grads = random_grads(R, R, F64, False)[:3]
+    check_self_grads(case, grads, kernel_bwd_self(case, grads, stats, **flags), F64, **flags)
+
+
+@pytest.mark.parametrize("isa", ("generic", "auto"))
+@pytest.mark.parametrize("rows", (1, 8, 13, 200), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("dtype", (F64, F32), ids=str)
+def test_bwd_self_slab_sizes(dtype, rows, isa, slab_bytes, monkeypatch):
+    monkeypatch.setenv("FASTCL_CPU_ISA", isa)
+    R, D = 61, 5
+    slab_bytes(rows * R * dtype.itemsize)
+    flags = dict(exclude_diag=True, decoupled=True)
+    case = self_case(R, D, dtype, "labels", scale=6.0)
+    stats = kernel_fwd(case, **flags)
+    grads = random_grads(R, R, dtype, False, seed=rows)[:3]
+    check_self_grads(case, grads, kernel_bwd_self(case, grads, stats, **flags), dtype, **flags)
+
+
+@pytest.mark.parametrize("dtype", (BF16, F16), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_bwd_self_low_precision(dtype, mode, slab_bytes):
+    R, D = 70, 24
+    slab_bytes(20 * R * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+    case = self_case(R, D, dtype, mode, scale=8.0)
+    stats = kernel_fwd(case, **flags)
+    grads = random_grads(R, R, dtype, False)[:3]
+    check_self_grads(case, grads, kernel_bwd_self(case, grads, stats, **flags), dtype, **flags)
+
+
+@pytest.mark.parametrize("drop", [(0,), (1, 2), (0, 2), (0, 1, 2)])
+def test_bwd_self_missing_grads_and_tiny(drop):
+    for R in (0, 1, 9):
+        case = self_case(R, 3, F64, "targets" if R > 0 else "none")
+        stats = kernel_fwd(case, exclude_diag=True)
+        grads = random_grads(R, R, F64, False, drop=drop)[:3]
+        got = kernel_bwd_self(case, grads, stats, exclude_diag=True)
+        check_self_grads(case, grads, got, F64, exclude_diag=True)
+
+
+def test_bwd_self_equals_two_feature_sets():
+    R = 45
+    case = self_case(R, 16, F32, "labels")
+    flags = dict(exclude_diag=True, pos_lse=True)
+    stats = kernel_fwd(case, **flags)
+    grads = random_grads(R, R, F32, False)[:3]
+    dz, dk, ds, db = kernel_bwd_self(case, grads, stats, **flags)
+    two = kernel_bwd(dict(case, k=case["q"].clone()), grads + [None, None], stats, **flags)
+    assert dk.shape == (0, 16)
+    torch.testing.assert_close(dz, two[0] + two[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ds, two[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db, two[3], rtol=1e-5, atol=1e-6)
+
+
+def test_bwd_self_refuses_column_statistics():
+    case = self_case(6, 4, F32, "targets")
+    lse, pos, npos, _m, _cl, _cm = kernel_fwd(case)
+    with pytest.raises(RuntimeError, match=r"column statistics need k"):
+        _C.contrastive_bwd_cpu(torch.ones(6), None, None, torch.ones(6), None, case["q"], None,
+                               case["scale"], case["bias"], case["targets"], None, None, lse, pos,
+                               npos, lse, False, False, False, True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: a clear error, never a crash
 
 

@@ -337,3 +337,47 @@ def test_self_similarity_path_on_triton(monkeypatch):
     calls.clear()
     fastcl.info_nce(x, y, temperature=0.2, backend="triton")
     assert calls == []
+
+
+def test_statistics_op_takes_self_similarity(backend, monkeypatch):
+    """Losses over the logits of one feature set that go through the statistics op (no
+    reduction, the multi-view losses, the two-view hard-negative loss) pass k=None, whose
+    backward exploits the symmetry; loss and gradients agree with the reference."""
+    from fastcl import functional
+
+    calls = []
+    real = functional.contrastive_stats
+
+    def counting(q, k, *args, **kw):
+        calls.append(k is None)
+        return real(q, k, *args, **kw)
+
+    monkeypatch.setattr(functional, "contrastive_stats", counting)
+    dt = _dtype_for(backend)
+    x, y = _leaf(9, 5, dtype=dt), _leaf(9, 5, dtype=dt)
+    views = _leaf(3, 7, 5, dtype=dt)
+    feats = _leaf(8, 2, 5, dtype=dt)
+    labels = torch.arange(8) % 3
+    cases = [
+        lambda be: fastcl.nt_xent(x, y, reduction="none", backend=be),
+        lambda be: fastcl.supcon(feats, labels, reduction="none", backend=be),
+        lambda be: fastcl.dcl(x, y, reduction="none", backend=be),
+        lambda be: fastcl.multiview_loss(views, temperature=0.5, backend=be),
+        lambda be: fastcl.multiview_loss(views, temperature=0.5, method="mv_dhel", backend=be),
+        lambda be: fastcl.hard_negative_nce(x, y, temperature=0.5, beta=0.5, tau_plus=0.1,
+                                            backend=be),
+    ]
+    leaves = [x, y, views, feats]
+    for fn in cases:
+        calls.clear()
+        got = fn(backend)
+        assert calls and all(calls), calls
+        want = fn("reference")
+        _assert_close(got, want, dt)
+        w = torch.randn_like(got)
+        gs = torch.autograd.grad((got * w).sum(), leaves, allow_unused=True)
+        ws = torch.autograd.grad((want * w).sum(), leaves, allow_unused=True)
+        for g, r in zip(gs, ws):
+            assert (g is None) == (r is None)
+            if g is not None:
+                _assert_close(g, r, dt)

@@ -45,6 +45,49 @@ def test_opcheck_contrastive(backend, labels, col):
 
 
 @pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("labels", [False, True])
+def test_opcheck_contrastive_self(backend, labels):
+    """The statistics op and its backward with k=None (the keys are q)."""
+    q, _k, scale, bias, targets, rl, cl, ex, dec, plse, _c, be = _fwd_args(backend, labels=labels)
+    args = (q, None, scale, bias, targets, rl, cl, True, dec, plse, False, be)
+    torch.library.opcheck(contrastive_fwd, args)
+    with torch.no_grad():
+        lse, pos, npos, mean, col_lse, _cm = contrastive_fwd(*args)
+    g = [torch.randn_like(lse), torch.randn_like(pos), torch.randn_like(mean), None, None]
+    bwd_args = (*g, q.detach(), None, scale.detach(), bias.detach(), targets, rl, cl,
+                lse, pos, npos, col_lse, True, dec, plse, False, be)
+    torch.library.opcheck(contrastive_bwd, bwd_args)
+    assert contrastive_bwd(*bwd_args)[1].shape == (0, q.shape[1])
+
+
+@pytest.mark.parametrize("backend", op_backends())
+def test_stats_op_self_similarity(backend):
+    """k=None: the statistics of k = q, and the gradient of q in both roles."""
+    q, _k, scale, bias, targets, *_ = _fwd_args(backend)
+    gen = torch.Generator().manual_seed(3)
+    g = [torch.randn(6, generator=gen) for _ in range(3)]
+
+    def run(self_sim):
+        z = q.detach().clone().requires_grad_(True)
+        leaves = [z, scale.detach().clone().requires_grad_(True),
+                  bias.detach().clone().requires_grad_(True)]
+        out = contrastive_fwd(z, None if self_sim else z, leaves[1], leaves[2], targets, None,
+                              None, True, True, False, False, backend)
+        total = sum(((o.masked_fill(torch.isinf(o), 0) * w).sum()
+                     for o, w in zip((out[0], out[1], out[3]), g)))
+        return out, torch.autograd.grad(total, leaves)
+
+    (got, got_g), (want, want_g) = run(True), run(False)
+    for a, b in zip(got[:4], want[:4]):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="col_stats needs k"):
+        contrastive_fwd(q, None, scale, bias, targets, None, None, True, False, False, True,
+                        backend)
+
+
+@pytest.mark.parametrize("backend", op_backends())
 @pytest.mark.parametrize("self_sim", [False, True], ids=("two-sets", "self"))
 @pytest.mark.parametrize("labels", [False, True])
 def test_opcheck_contrastive_fused(backend, labels, self_sim):

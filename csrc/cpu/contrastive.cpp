@@ -12,7 +12,10 @@
 //   sum_c s_rc = scale * q_r . sum_c k_c + C * bias (fp64), minus the excluded entries.
 // - backward: the slab's logits are recomputed and turned in place into G (one pass, the formula
 //   of fastcl/reference/contrastive.py, also summing G and G * l for dbias and dscale), then
-//   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm).
+//   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm). Without k (self-similarity,
+//   q . q^T symmetric) the gradient GEMMs run on the blocks on and below the diagonal only,
+//   with G + G.T (BwdSweep): one GEMM's worth for the gradient instead of two, and the logits
+//   are recomputed on those blocks only (half a GEMM).
 // - fused (row statistics only, gradients of the statistics known before the forward): each
 //   slab serves the forward row kernel and then, in place, the backward one, since a slab holds
 //   whole rows; three GEMMs per slab instead of the four of a forward and a backward. Without k
@@ -237,11 +240,17 @@ struct Slabs {
   }
 
   // Rows r0 .. r0 + s of q in the statistics dtype, and their dot products with every key
-  // (computed into the slab buffer).
-  std::pair<at::Tensor, at::Tensor> slab(const at::Tensor& q, int64_t r0, int64_t s) {
+  // (computed into the slab buffer, row stride C), or with the first `ncols` keys only.
+  std::pair<at::Tensor, at::Tensor> slab(const at::Tensor& q, int64_t r0, int64_t s,
+                                         int64_t ncols = -1) {
     at::Tensor qs = q.narrow(0, r0, s).to(st).contiguous();
     at::Tensor Ls = buf.narrow(0, 0, s * C).view({s, C});
-    at::mm_out(Ls, qs, kf.t());
+    if (ncols >= 0 && ncols < C) {
+      at::Tensor part = Ls.narrow(1, 0, ncols);
+      at::mm_out(part, qs, kf.narrow(0, 0, ncols).t());
+    } else {
+      at::mm_out(Ls, qs, kf.t());
+    }
     return {qs, Ls};
   }
 
@@ -654,38 +663,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {F.lse, F.pos, F.npos, F.mean, F.col_lse, F.col_mean};
 }
 
+// Gradients when nothing flows back; self: dk is the empty [0, D] of self-similarity.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zero_grads(const at::Tensor& q,
                                                                       const at::Tensor& k,
                                                                       const at::Tensor& scale_t,
-                                                                      const at::Tensor& bias_t) {
-  return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(scale_t), at::zeros_like(bias_t)};
+                                                                      const at::Tensor& bias_t,
+                                                                      bool self) {
+  return {at::zeros_like(q), self ? at::empty({0, q.size(1)}, q.options()) : at::zeros_like(k),
+          at::zeros_like(scale_t), at::zeros_like(bias_t)};
 }
 
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
     const std::optional<at::Tensor>& g_mean, const std::optional<at::Tensor>& g_col_lse,
-    const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& scale_t, const at::Tensor& bias_t, double scale, double bias,
-    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
-    const std::optional<at::Tensor>& col_labels, const at::Tensor& lse, const at::Tensor& pos,
-    const at::Tensor& npos, const at::Tensor& col_lse, bool exclude_diag, bool decoupled,
-    bool pos_lse, bool col_stats) {
+    const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
+    const std::optional<at::Tensor>& k_opt, const at::Tensor& scale_t, const at::Tensor& bias_t,
+    double scale, double bias, const std::optional<at::Tensor>& targets,
+    const std::optional<at::Tensor>& row_labels, const std::optional<at::Tensor>& col_labels,
+    const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
+    const at::Tensor& col_lse, bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
+  const bool self = !k_opt.has_value();
+  const at::Tensor& k = self ? q : *k_opt;
   const at::Tensor gl = stat_vec<T>(g_lse), gp = stat_vec<T>(g_pos), gm = stat_vec<T>(g_mean);
   const at::Tensor gcl = col_stats ? stat_vec<T>(g_col_lse) : at::Tensor();
   const at::Tensor gcm = col_stats ? stat_vec<T>(g_col_mean) : at::Tensor();
   const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() || gcm.defined();
-  if (!any || q.size(0) == 0 || k.size(0) == 0) return zero_grads(q, k, scale_t, bias_t);
+  if (!any || q.size(0) == 0 || k.size(0) == 0) return zero_grads(q, k, scale_t, bias_t, self);
 
-  Slabs<T> sl(q, k, targets, row_labels, col_labels);
+  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
   const at::ScalarType st = sl.st;
   const at::Tensor lse_a = lse.to(st).contiguous(), pos_a = pos.to(st).contiguous();
   const at::Tensor npos_a = npos.to(st).contiguous();
   BwdSweep<T> B(sl, q, k, scale, bias, gl, gp, gm, gcl, gcm, lse_a, pos_a, npos_a, col_lse,
-                exclude_diag, decoupled, pos_lse);
+                exclude_diag, decoupled, pos_lse, self);
   for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
     const int64_t s = std::min(sl.S, sl.R - r0);
-    const auto qL = sl.slab(q, r0, s);
+    // self: the sweep reads the columns up to the slab's end only (half of the logits)
+    const auto qL = sl.slab(q, r0, s, self ? r0 + s : -1);
     B.slab(r0, s, qL.first, qL.second);
   }
   return B.finish(scale_t, bias_t, 1.0);
@@ -741,8 +756,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (t.first->defined()) rows.add_(t.first->to(at::kDouble) * t.second->to(at::kDouble));
   rows = at::where(has_pos, rows, at::zeros_like(rows));
   at::Tensor loss = (rows.sum() * norm).to(sl.st);
-  auto grads = run_bwd ? B.finish(scale_t, bias_t, norm) : zero_grads(q, k, scale_t, bias_t);
-  if (self && !run_bwd) std::get<1>(grads) = at::empty({0, sl.D}, q.options());
+  auto grads =
+      run_bwd ? B.finish(scale_t, bias_t, norm) : zero_grads(q, k, scale_t, bias_t, self);
   return {loss, F.npos, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
           std::get<3>(grads)};
 }
@@ -780,8 +795,8 @@ contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<
                     const std::optional<at::Tensor>& g_mean,
                     const std::optional<at::Tensor>& g_col_lse,
                     const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
-                    const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
-                    const std::optional<at::Tensor>& targets,
+                    const std::optional<at::Tensor>& k, const at::Tensor& scale,
+                    const at::Tensor& bias, const std::optional<at::Tensor>& targets,
                     const std::optional<at::Tensor>& row_labels,
                     const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,
                     const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,

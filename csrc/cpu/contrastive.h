@@ -22,12 +22,15 @@ contrastive_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 // (dq, dk, dscale, dbias) from the gradients of the statistics (any of them may be absent).
 // dq/dk have the dtype (and, where dense, the strides) of q/k; dscale/dbias those of scale/bias.
+// Without k the keys are q itself (self-similarity, no column statistics): dq is then the
+// gradient with respect to q in both roles and dk is an empty [0, D] tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<at::Tensor>& g_pos,
                     const std::optional<at::Tensor>& g_mean,
                     const std::optional<at::Tensor>& g_col_lse,
                     const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
-                    const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                    const std::optional<at::Tensor>& k, const at::Tensor& scale,
+                    const at::Tensor& bias,
                     const std::optional<at::Tensor>& targets,
                     const std::optional<at::Tensor>& row_labels,
                     const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,

@@ -3,7 +3,10 @@
 ``fastcl::contrastive_fwd`` returns the per-row / per-column statistics defined in
 :mod:`fastcl.reference.contrastive`; ``fastcl::contrastive_bwd`` turns the gradients of those
 statistics into gradients of ``q``, ``k``, the logit scale and the bias, recomputing the logits
-tile by tile. ``fastcl::contrastive_fused`` serves losses that are linear in the row statistics
+tile by tile. ``k=None`` means the keys are ``q`` itself (NT-Xent, SupCon, DCL, the multi-view
+losses: a symmetric logit matrix, which the backward kernels of :data:`SELF_BWD_BACKENDS`
+exploit); there are no column statistics then, ``dq`` is the whole gradient of ``q`` (as
+queries and as keys) and ``dk`` an empty ``[0, D]`` tensor. ``fastcl::contrastive_fused`` serves losses that are linear in the row statistics
 with coefficients known before the forward (InfoNCE in one direction, NT-Xent, SupCon, DCL with
 ``mean`` or ``sum``): it returns the loss and its gradients from one sweep, and its backward
 only multiplies them by the upstream scalar. Every op takes the name of the kernel backend
@@ -31,11 +34,14 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 #: runs on the others too, as a forward and a backward. Static lists: they are consulted while
 #: tracing, when nothing may be imported.
 FUSED_BACKENDS = ("cpu",)
-#: Backends whose backward kernel takes ``k=None`` (the keys are the queries): one pass builds
-#: ``G + G.T`` per logit tile for the whole gradient (two GEMMs' worth instead of four).
-SELF_BWD_BACKENDS = ("triton",)
+#: Backends whose backward kernel takes ``k=None`` (the keys are the queries) and builds
+#: ``G + G.T`` for the whole gradient from half of the logit tiles (CPU: the slab's blocks on
+#: and below the diagonal) or from each tile in both orientations (Triton: one launch instead of
+#: the dq and dk launches): two GEMMs' worth instead of four. The others get ``k = q`` and
+#: return ``dq + dk``.
+SELF_BWD_BACKENDS = ("cpu", "triton")
 #: Backends where ``contrastive_fused`` with ``k=None`` saves work.
-SELF_FUSED_BACKENDS = FUSED_BACKENDS + SELF_BWD_BACKENDS
+SELF_FUSED_BACKENDS = tuple(dict.fromkeys(FUSED_BACKENDS + SELF_BWD_BACKENDS))
 
 
 def _stat_dtype(q: Tensor) -> torch.dtype:
@@ -45,7 +51,7 @@ def _stat_dtype(q: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastcl::contrastive_fwd", mutates_args=())
 def contrastive_fwd(
     q: Tensor,
-    k: Tensor,
+    k: Optional[Tensor],
     scale: Tensor,
     bias: Tensor,
     targets: Optional[Tensor],
@@ -57,9 +63,13 @@ def contrastive_fwd(
     col_stats: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Statistics ``(lse, pos, npos, mean, col_lse, col_mean)`` of ``scale * q @ k.T + bias``."""
+    """Statistics ``(lse, pos, npos, mean, col_lse, col_mean)`` of ``scale * q @ k.T + bias``
+    (``k=None``: of ``scale * q @ q.T + bias``, without column statistics)."""
+    if k is None and col_stats:
+        raise ValueError("fastcl::contrastive_fwd: col_stats needs k; with k=None the logits "
+                         "are symmetric and the column statistics are the row statistics")
     fwd = _backends.kernel(backend, "contrastive_fwd")
-    return fwd(q, k, scale, bias, targets, row_labels, col_labels,
+    return fwd(q, q if k is None else k, scale, bias, targets, row_labels, col_labels,
                exclude_diag, decoupled, pos_lse, col_stats)
 
 
@@ -67,7 +77,7 @@ def contrastive_fwd(
 def _(q, k, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse,
       col_stats, backend):
     dt = _stat_dtype(q)
-    R, C = q.shape[0], k.shape[0]
+    R, C = q.shape[0], (q if k is None else k).shape[0]
     rows = [q.new_empty(R, dtype=dt) for _ in range(4)]
     cols = [q.new_empty(C if col_stats else 0, dtype=dt) for _ in range(2)]
     return (*rows, *cols)
@@ -81,7 +91,7 @@ def contrastive_bwd(
     g_col_lse: Optional[Tensor],
     g_col_mean: Optional[Tensor],
     q: Tensor,
-    k: Tensor,
+    k: Optional[Tensor],
     scale: Tensor,
     bias: Tensor,
     targets: Optional[Tensor],
@@ -97,16 +107,31 @@ def contrastive_bwd(
     col_stats: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dq, dk, dscale, dbias)`` from the gradients of the statistics."""
+    """Gradients ``(dq, dk, dscale, dbias)`` from the gradients of the statistics
+    (``k=None``: ``dq`` is the whole gradient of ``q`` and ``dk`` is empty)."""
+    return _bwd_kernel(backend, g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias,
+                       targets, row_labels, col_labels, lse, pos, npos, col_lse,
+                       exclude_diag, decoupled, pos_lse, col_stats)
+
+
+def _bwd_kernel(backend, g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, *rest):
+    """The backend's backward kernel; ``k=None`` on a backend outside
+    :data:`SELF_BWD_BACKENDS` runs as ``k = q`` with ``dq + dk``."""
     bwd = _backends.kernel(backend, "contrastive_bwd")
-    return bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, targets,
-               row_labels, col_labels, lse, pos, npos, col_lse,
-               exclude_diag, decoupled, pos_lse, col_stats)
+    if k is None and backend not in SELF_BWD_BACKENDS:
+        dq, dk, dscale, dbias = bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, q, *rest)
+        return dq + dk, _no_keys(q), dscale, dbias
+    return bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, *rest)
+
+
+def _no_keys(q: Tensor) -> Tensor:
+    """The ``dk`` of ``k=None``: an empty ``[0, D]`` tensor."""
+    return q.new_empty((0, q.shape[1]))
 
 
 @contrastive_bwd.register_fake
 def _(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, *rest):
-    return (torch.empty_like(q), torch.empty_like(k),
+    return (torch.empty_like(q), _no_keys(q) if k is None else torch.empty_like(k),
             torch.empty_like(scale), torch.empty_like(bias))
 
 
@@ -186,11 +211,6 @@ def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels
                     exclude_diag, decoupled, pos_lse, mean, backend):
     """``contrastive_fused`` as the backend's forward then its backward (no work saved, but
     with ``k=None`` on :data:`SELF_BWD_BACKENDS`)."""
-    if k is None and backend not in SELF_BWD_BACKENDS:
-        loss, npos, dq, dk, dscale, dbias = _fused_by_parts(
-            g_lse, g_pos, g_mean, q, q, scale, bias, targets, row_labels, col_labels,
-            exclude_diag, decoupled, pos_lse, mean, backend)
-        return loss, npos, dq + dk, q.new_empty((0, q.shape[1])), dscale, dbias
     keys = q if k is None else k
     lse, pos, npos, avg, _cl, _cm = _backends.kernel(backend, "contrastive_fwd")(
         q, keys, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse,
@@ -207,21 +227,20 @@ def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels
         gs.append(g)
     loss = rows.sum() * norm
     if not any(g is not None for g in gs) or q.shape[0] == 0 or keys.shape[0] == 0:
-        grads = (torch.zeros_like(q),
-                 q.new_empty((0, q.shape[1])) if k is None else torch.zeros_like(k),
+        grads = (torch.zeros_like(q), _no_keys(q) if k is None else torch.zeros_like(k),
                  torch.zeros_like(scale), torch.zeros_like(bias))
     else:
-        grads = _backends.kernel(backend, "contrastive_bwd")(
-            *gs, None, None, q, k, scale, bias, targets, row_labels, col_labels, lse, pos, npos,
-            torch.empty(0, dtype=lse.dtype, device=q.device), exclude_diag, decoupled, pos_lse,
-            False)
+        grads = _bwd_kernel(
+            backend, *gs, None, None, q, k, scale, bias, targets, row_labels, col_labels, lse,
+            pos, npos, torch.empty(0, dtype=lse.dtype, device=q.device), exclude_diag, decoupled,
+            pos_lse, False)
     return (loss, npos, *grads)
 
 
 @contrastive_fused.register_fake
 def _(g_lse, g_pos, g_mean, q, k, scale, bias, *rest):
     dt = _stat_dtype(q)
-    dk = q.new_empty((0, q.shape[1])) if k is None else torch.empty_like(k)
+    dk = _no_keys(q) if k is None else torch.empty_like(k)
     return (q.new_empty((), dtype=dt), q.new_empty(q.shape[0], dtype=dt), torch.empty_like(q),
             dk, torch.empty_like(scale), torch.empty_like(bias))
 
@@ -248,7 +267,7 @@ contrastive_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
 
 def contrastive_stats(
     q: Tensor,
-    k: Tensor,
+    k: Optional[Tensor],
     scale: Tensor,
     bias: Tensor,
     targets: Optional[Tensor] = None,
@@ -261,6 +280,7 @@ def contrastive_stats(
     col_stats: bool = False,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Keyword-friendly front of :func:`contrastive_fwd` (differentiable)."""
+    """Keyword-friendly front of :func:`contrastive_fwd` (differentiable; ``k=None``: the keys
+    are ``q``)."""
     return contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
                            exclude_diag, decoupled, pos_lse, col_stats, backend)
