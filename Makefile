@@ -35,6 +35,7 @@ test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(VPY) -m pytest -q tests/test_benchmark_baselines.py
 	$(VPY) -m pytest -q benchmarks/test_bench_losses.py --benchmark-enable --benchmark-columns=min,median,rounds
 	$(VPY) -m benchmarks.report --quick
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from fastcl import dispatch
+from fastcl import dispatch, functional
 from fastcl.ops import contrastive as contrastive_ops
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_nt_xent, eager_siglip, environment,
@@ -75,23 +75,29 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
     for backend in ("triton", "cuda", "cpu"):
         if dispatch.why_not(backend, op, device, dtype) is None:
             impls[f"fastcl-{backend}"] = (lambda x, y, s, _b=backend: fast(x, y, s, _b))
-            if loss == "ntxent" and backend in contrastive_ops.SELF_BWD_BACKENDS:
+            if loss == "ntxent" and backend == "triton":
                 impls[f"fastcl-{backend}-pairs"] = _pairs(fast, backend)
     return {k: v for k, v in impls.items() if not which or k in which}
 
 
 def _pairs(fast, backend):
-    """fastcl's loss without the self-similarity backward of ``backend`` (``-pairs``): the
-    statistics op, with separate dq and dk launches as for two feature sets, for an A/B
-    comparison in the same process."""
+    """fastcl's loss without the self-similarity backward (``-pairs``): the statistics op with
+    the keys passed as a second feature set (``k = z``, not ``None``), so that its backward runs
+    the separate dq and dk launches of two feature sets, for an A/B comparison in the same
+    process. The functional layer makes both choices in the forward."""
 
     def fn(x, y, s):
-        saved = contrastive_ops.SELF_FUSED_BACKENDS
-        contrastive_ops.SELF_FUSED_BACKENDS = contrastive_ops.FUSED_BACKENDS
+        saved = contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats
+
+        def two_sets(q, k, *args, **kw):
+            return saved[1](q, q if k is None else k, *args, **kw)
+
+        contrastive_ops.SELF_FUSED_BACKENDS = ()
+        functional.contrastive_stats = two_sets
         try:
             return fast(x, y, s, backend)
         finally:
-            contrastive_ops.SELF_FUSED_BACKENDS = saved
+            contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats = saved
     return fn
 
 

@@ -4,9 +4,9 @@
     pytest benchmarks/test_bench_losses.py --benchmark-enable --benchmark-json out.json
     FASTCL_BENCH_GRID=full pytest benchmarks/test_bench_losses.py --benchmark-enable
 
-Before them, ``test_baseline_matches_fastcl`` checks that every baseline of
-:mod:`benchmarks._common` computes the loss fastcl computes (value and gradients, fp64), so that
-the timings compare the same work.
+That every baseline of :mod:`benchmarks._common` computes the loss fastcl computes (value and
+gradients, fp64), so that the timings compare the same work, is checked by
+``tests/test_benchmark_baselines.py`` (run in the test suite, and by ``make bench`` first).
 Two suites: ``test_loss`` runs every loss on every backend at one size per device, in every
 phase; ``test_scaling`` runs the symmetric CLIP loss forward + backward over a grid of N, D and
 dtype (on a GPU N from 1k to 1M where memory allows, D from 128 to 4096; on a CPU a small grid,
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import fastcl
 from fastcl import dispatch
 
-from ._common import RssPeak, eager_clip, open_clip_clip, pml_clip, pml_info_nce
+from ._common import RssPeak
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -48,81 +48,6 @@ LOSSES = {
     "uniformity": lambda x, y, be: fastcl.uniformity(x, backend=be),
 }
 OPS = {"clip_loss": "info_nce"}
-
-
-# --------------------------------------------------------------------------------------------
-# the baselines compute the loss fastcl computes
-# --------------------------------------------------------------------------------------------
-
-# name -> (factory of f(q, k, scale) or None where not installed, symmetric, tolerance);
-# eager casts its logits to fp32, hence its looser tolerance; torch.compile runs the eager
-# function itself (and compiles for ~15 s on a CPU), so it is not repeated here
-BASELINES = {
-    "eager": (lambda: eager_clip, True, 1e-5),
-    "open_clip": (open_clip_clip, True, 1e-10),
-    "pml": (pml_clip, True, 1e-10),
-    "pml-supcon": (lambda: pml_clip("supcon"), True, 1e-10),
-    "pml-one": (pml_info_nce, False, 1e-10),
-    "pml-supcon-one": (lambda: pml_info_nce("supcon"), False, 1e-10),
-}
-
-
-def _loss_and_grads(fn, q, k, scale):
-    q, k, scale = (t.detach().clone().requires_grad_(True) for t in (q, k, scale))
-    loss = fn(q, k, scale)
-    return [loss.detach(), *torch.autograd.grad(loss, (q, k, scale))]
-
-
-@pytest.mark.parametrize("name", list(BASELINES))
-def test_baseline_matches_fastcl(name):
-    factory, symmetric, tol = BASELINES[name]
-    fn = factory()
-    if fn is None:
-        pytest.skip(f"{name}: its package is not installed")
-    # rows of unequal norms: the two directions then differ by far more than the tolerance, and
-    # a baseline that normalizes its inputs (a cosine similarity) gets other gradients
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(64, 16, generator=g, dtype=torch.float64)
-    k = torch.randn(64, 16, generator=g, dtype=torch.float64)
-    k = k * 2 * torch.rand(64, 1, generator=g, dtype=torch.float64)
-    scale = torch.tensor(1.5, dtype=torch.float64)
-    clip = lambda q, k, s: fastcl.clip_loss(q, k, s)  # noqa: E731
-    one = lambda q, k, s: fastcl.info_nce(q, k, logit_scale=s)  # noqa: E731
-    want = _loss_and_grads(clip if symmetric else one, q, k, scale)
-    other = _loss_and_grads(one if symmetric else clip, q, k, scale)
-    got = _loss_and_grads(fn, q, k, scale)
-    for what, a, b, c in zip(("loss", "dq", "dk", "dscale"), got, want, other):
-        # the other direction's figures differ well beyond the tolerance: a baseline computing
-        # the wrong one of the two losses cannot pass
-        assert (b - c).abs().max() > 1e3 * tol, what
-        # (eager returns its loss in fp32)
-        torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol)
-
-
-def test_eager_nt_xent_matches_fastcl():
-    """The CPU suite's eager NT-Xent computes fastcl.nt_xent's loss (value and gradients)."""
-    from ._common import eager_nt_xent
-
-    g = torch.Generator().manual_seed(2)
-    z1 = torch.randn(48, 16, generator=g, dtype=torch.float64)
-    z2 = torch.randn(48, 16, generator=g, dtype=torch.float64)
-    z2 = z2 * 2 * torch.rand(48, 1, generator=g, dtype=torch.float64)
-    scale = torch.tensor(1.5, dtype=torch.float64)
-    want = _loss_and_grads(lambda a, b, s: fastcl.nt_xent(a, b, logit_scale=s), z1, z2, scale)
-    other = _loss_and_grads(lambda a, b, s: fastcl.clip_loss(a, b, s), z1, z2, scale)
-    got = _loss_and_grads(eager_nt_xent, z1, z2, scale)
-    for what, a, b, c in zip(("loss", "dz1", "dz2", "dscale"), got, want, other):
-        assert (b - c).abs().max() > 1e-3, what
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-def test_pml_ntxent_refuses_cubic_memory():
-    fn = pml_clip()
-    if fn is None:
-        pytest.skip("pytorch-metric-learning is not installed")
-    x = torch.zeros(4096, 1)
-    with pytest.raises(MemoryError, match="NTXentLoss would hold"):
-        fn(x, x, 1.0)
 
 
 def _backends():

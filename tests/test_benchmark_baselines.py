@@ -1,0 +1,114 @@
+"""The baselines of the benchmarks compute the losses fastcl computes (value and gradients,
+fp64), so that their timings compare the same work; and bench_clip's A/B variant of NT-Xent
+takes the path it claims to take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcl
+from benchmarks._common import (eager_clip, eager_nt_xent, open_clip_clip, pml_clip,
+                                pml_info_nce)
+from benchmarks.bench_clip import LOSSES, _pairs
+from fastcl import dispatch
+
+# --------------------------------------------------------------------------------------------
+# the baselines compute the loss fastcl computes
+# --------------------------------------------------------------------------------------------
+
+# name -> (factory of f(q, k, scale) or None where not installed, symmetric, tolerance);
+# eager casts its logits to fp32, hence its looser tolerance; torch.compile runs the eager
+# function itself (and compiles for ~15 s on a CPU), so it is not repeated here
+BASELINES = {
+    "eager": (lambda: eager_clip, True, 1e-5),
+    "open_clip": (open_clip_clip, True, 1e-10),
+    "pml": (pml_clip, True, 1e-10),
+    "pml-supcon": (lambda: pml_clip("supcon"), True, 1e-10),
+    "pml-one": (pml_info_nce, False, 1e-10),
+    "pml-supcon-one": (lambda: pml_info_nce("supcon"), False, 1e-10),
+}
+
+
+def _loss_and_grads(fn, q, k, scale):
+    q, k, scale = (t.detach().clone().requires_grad_(True) for t in (q, k, scale))
+    loss = fn(q, k, scale)
+    return [loss.detach(), *torch.autograd.grad(loss, (q, k, scale))]
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baseline_matches_fastcl(name):
+    factory, symmetric, tol = BASELINES[name]
+    fn = factory()
+    if fn is None:
+        pytest.skip(f"{name}: its package is not installed")
+    # rows of unequal norms: the two directions then differ by far more than the tolerance, and
+    # a baseline that normalizes its inputs (a cosine similarity) gets other gradients
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    k = k * 2 * torch.rand(64, 1, generator=g, dtype=torch.float64)
+    scale = torch.tensor(1.5, dtype=torch.float64)
+    clip = lambda q, k, s: fastcl.clip_loss(q, k, s)  # noqa: E731
+    one = lambda q, k, s: fastcl.info_nce(q, k, logit_scale=s)  # noqa: E731
+    want = _loss_and_grads(clip if symmetric else one, q, k, scale)
+    other = _loss_and_grads(one if symmetric else clip, q, k, scale)
+    got = _loss_and_grads(fn, q, k, scale)
+    for what, a, b, c in zip(("loss", "dq", "dk", "dscale"), got, want, other):
+        # the other direction's figures differ well beyond the tolerance: a baseline computing
+        # the wrong one of the two losses cannot pass
+        assert (b - c).abs().max() > 1e3 * tol, what
+        # (eager returns its loss in fp32)
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol)
+
+
+def test_eager_nt_xent_matches_fastcl():
+    """The CPU suite's eager NT-Xent computes fastcl.nt_xent's loss (value and gradients)."""
+    g = torch.Generator().manual_seed(2)
+    z1 = torch.randn(48, 16, generator=g, dtype=torch.float64)
+    z2 = torch.randn(48, 16, generator=g, dtype=torch.float64)
+    z2 = z2 * 2 * torch.rand(48, 1, generator=g, dtype=torch.float64)
+    scale = torch.tensor(1.5, dtype=torch.float64)
+    want = _loss_and_grads(lambda a, b, s: fastcl.nt_xent(a, b, logit_scale=s), z1, z2, scale)
+    other = _loss_and_grads(lambda a, b, s: fastcl.clip_loss(a, b, s), z1, z2, scale)
+    got = _loss_and_grads(eager_nt_xent, z1, z2, scale)
+    for what, a, b, c in zip(("loss", "dz1", "dz2", "dscale"), got, want, other):
+        assert (b - c).abs().max() > 1e-3, what
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_ntxent_pairs_variant_skips_the_self_backward(monkeypatch):
+    """bench_clip's fastcl-triton-pairs: the same NT-Xent loss and gradients as fastcl-triton,
+    with a backward over two feature sets (k given) where fastcl-triton passes k=None."""
+    from fastcl.kernels import contrastive as triton_kernels
+
+    if dispatch.why_not("triton", "nt_xent", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the Triton backend cannot run here")
+    keys = []
+    real = triton_kernels.contrastive_bwd
+
+    def recording(*args, **kw):
+        keys.append(args[6] is None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(triton_kernels, "contrastive_bwd", recording)
+    fast = LOSSES["ntxent"][1]
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)
+    scale = torch.tensor(3.0)
+    want = _loss_and_grads(lambda a, b, s: fast(a, b, s, "triton"), z1, z2, scale)
+    assert keys and all(keys)
+    keys.clear()
+    got = _loss_and_grads(_pairs(fast, "triton"), z1, z2, scale)
+    assert keys and not any(keys)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pml_ntxent_refuses_cubic_memory():
+    fn = pml_clip()
+    if fn is None:
+        pytest.skip("pytorch-metric-learning is not installed")
+    x = torch.zeros(4096, 1)
+    with pytest.raises(MemoryError, match="NTXentLoss would hold"):
+        fn(x, x, 1.0)
