@@ -101,7 +101,8 @@ def _pairs(fast, backend):
     return fn
 
 
-def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0, gemms: int = 4) -> dict:
+def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0, gemms: int = 4,
+            warmup: int = 2) -> dict:
     """Median time, peak extra memory and effective TFLOP/s of forward + backward."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
@@ -116,7 +117,7 @@ def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0, gemms: 
         loss.backward()
         return loss.detach()
 
-    r = timed(step, device, reps, warmup=2)
+    r = timed(step, device, reps, warmup=warmup)
     if "error" in r:
         return r
     return {"seconds": r["seconds"], "extra_bytes": r["extra_bytes"], "loss": float(r["out"]),

@@ -12,7 +12,9 @@ kernels; InfoNCE in one direction (``eager-one``, ``pml-one`` and ``pml-supcon-o
 samples (``eager-ntxent`` against ``fastcl-ntxent``). Each implementation runs in its own
 subprocess so that its peak RSS is its own (see :mod:`benchmarks.bench_cpu_contrastive`). GPU
 suite: the same loss in bf16 at D = 1024 against eager PyTorch, torch.compile, open_clip, Inf-CL
-and pytorch-metric-learning when installed (:mod:`benchmarks.bench_clip`).
+and pytorch-metric-learning when installed (:mod:`benchmarks.bench_clip`), then fastcl alone at
+N = 1,048,576 (the linear-memory target; skipped when the time at 65536 predicts more than a
+minute per step).
 Both end with the targets of PERFORMANCE.md for their device: met or not, and by how much.
 
 Outputs: ``benchmarks/results/<suite>.json``, ``docs/benchmarks.md`` (the section of this suite
@@ -87,19 +89,41 @@ def cpu_suite(quick: bool, full: bool) -> list[dict]:
     return records
 
 
+#: PERFORMANCE.md: memory grows linearly in N, and N = 1,048,576 x 1024 runs on one 80 GB GPU
+LINEAR_N = 1 << 20
+#: the run at LINEAR_N is skipped when the time measured at 65536, scaled by (N / 65536)^2,
+#: predicts more than this many seconds for one forward + backward
+LINEAR_MAX_SECONDS = 60.0
+
+
 def gpu_suite(quick: bool) -> list[dict]:
     from benchmarks.bench_clip import implementations, measure
 
     sizes = [4096, 8192, 16384] if quick else [4096, 8192, 16384, 32768, 65536]
-    impls = implementations(torch.device("cuda"), torch.bfloat16, None)
+    dev = torch.device("cuda")
+    impls = implementations(dev, torch.bfloat16, None)
     records = []
+
+    def run(name, n, **kw):
+        r = measure(impls[name], n, 1024, torch.bfloat16, dev, **kw)
+        r.update(impl=name, n=n, d=1024, dtype="bfloat16")
+        records.append(r)
+        print(f"N={n:<7d} {name:<14s} "
+              + (f"{r['seconds'] * 1e3:.2f} ms" if "seconds" in r else r["error"]), flush=True)
+        return r
+
     for n in sizes:
-        for name, fn in impls.items():
-            r = measure(fn, n, 1024, torch.bfloat16, torch.device("cuda"), reps=5)
-            r.update(impl=name, n=n, d=1024, dtype="bfloat16")
-            records.append(r)
-            print(f"N={n:<6d} {name:<14s} "
-                  + (f"{r['seconds'] * 1e3:.2f} ms" if "seconds" in r else r["error"]), flush=True)
+        for name in impls:
+            run(name, n, reps=5)
+    # the linear-memory target: fastcl's default GPU backend at N = 1,048,576, one timed run
+    base = next((r for r in records if r["impl"] == "fastcl-triton" and r["n"] == 65536
+                 and "seconds" in r), None)
+    if base is not None:
+        predicted = base["seconds"] * (LINEAR_N / 65536) ** 2
+        if predicted <= LINEAR_MAX_SECONDS:
+            run("fastcl-triton", LINEAR_N, reps=1, warmup=1)
+        else:
+            print(f"N={LINEAR_N}: skipped (predicted {predicted:.0f} s per step)", flush=True)
     return records
 
 
@@ -167,6 +191,22 @@ def gpu_targets(records: list[dict]) -> list[tuple[str, str, str]]:
                              "met" if x >= factor else "not met"))
     else:
         rows.append(("N = 65536, D = 1024 bf16: <= 60 ms", "not run at N = 65536", "unknown"))
+    huge = groups.get(LINEAR_N, {}).get("fastcl-triton")
+    what = f"N = {LINEAR_N:,}, D = 1024 bf16 runs on one 80 GB GPU (linear memory)"
+    if huge is None:
+        rows.append((what, "not run", "unknown"))
+    elif _ok(huge):
+        # inputs and their gradients (4 N D bf16) plus the peak beyond them
+        total = 4 * LINEAR_N * 1024 * 2 + huge["extra_bytes"]
+        small = big.get("fastcl-triton", {})
+        growth = (f"; x{huge['extra_bytes'] / small['extra_bytes']:.1f} the extra memory of "
+                  f"N = 65536 (linear: x{LINEAR_N // 65536})"
+                  if _ok(small) and small.get("extra_bytes") else "")
+        rows.append((what, f"{huge['seconds']:.1f} s, peak {total / 1e9:.1f} GB "
+                     f"({huge['extra_bytes'] / 1e9:.2f} GB beyond the inputs and their "
+                     f"gradients{growth})", "met" if total <= 80e9 else "not met"))
+    else:
+        rows.append((what, huge["error"], "not met"))
     for n, group in sorted(groups.items()):
         if n < 4096:
             continue
