@@ -163,6 +163,29 @@ def test_compile_fullgraph_loss_and_backward(compile_backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_fullgraph_statistics_op_self_similarity():
+    """The statistics op with k=None (NT-Xent per anchor, the multi-view loss) traces as one
+    graph, forward and backward."""
+    be = dispatch.select("nt_xent", torch.device("cpu"), torch.float32)
+    if be not in contrastive_ops.SELF_BWD_BACKENDS:
+        pytest.skip("no CPU kernel with the self-similarity backward built")
+    views = torch.randn(3, 10, 6, requires_grad=True)
+    w = torch.rand(20)
+
+    def fn(v):
+        per = fastcl.nt_xent(v[0], v[1], reduction="none")
+        return (per * w).sum() + fastcl.multiview_loss(v, temperature=0.5)
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(views)
+    (got_g,) = torch.autograd.grad(got, (views,))
+    v64 = views.detach().double().requires_grad_(True)
+    want = fn(v64)
+    (want_g,) = torch.autograd.grad(want, (v64,))
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_g, want_g.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["info_nce", "nt_xent"])
 def test_compile_fullgraph_fused_sweep(loss):
     """The one-sweep losses trace as one graph; the backward multiplies the saved gradients."""
