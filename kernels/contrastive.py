@@ -529,9 +529,9 @@ def _contrastive_bwd_kernel(
     tl.store(OUT + o_rows[:, None] + offs_v64[None, :] * stride_od,
              out.to(OUT.dtype.element_ty), mask=o_in[:, None] & v_in[None, :])
     if WRITE_PARTIALS:
-        first = o_in & (pid_v == 0)
-        tl.store(ds_ptr + offs_o, ds_acc, mask=first)
-        tl.store(db_ptr + offs_o, db_acc, mask=first)
+        if pid_v == 0:  # the per-row sums once, from the first output slice
+            tl.store(ds_ptr + offs_o, ds_acc, mask=o_in)
+            tl.store(db_ptr + offs_o, db_acc, mask=o_in)
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,17 +170,17 @@ def _siglip_kernel(
             else:
                 acc = _mma(_lowp(g, v_tile.dtype), v_tile, acc, TF32)
 
-    first = o_in & (pid_v == 0)
-    if WRITE_LOSS:
-        tl.store(loss_ptr + offs_o, loss_acc, mask=first)
     if HAS_GRAD:
         out = acc * (scale / g_mul)
         o_rows = offs_o.to(tl.int64) * stride_om
         tl.store(OUT + o_rows[:, None] + offs_v64[None, :] * stride_od,
                  _lowp(out, OUT.dtype.element_ty), mask=o_in[:, None] & v_in[None, :])
-        if not TRANSPOSED:
-            tl.store(ds_ptr + offs_o, ds_acc, mask=first)
-            tl.store(db_ptr + offs_o, db_acc, mask=first)
+    if pid_v == 0:  # the per-row sums once, from the first output slice
+        if WRITE_LOSS:
+            tl.store(loss_ptr + offs_o, loss_acc, mask=o_in)
+        if HAS_GRAD and not TRANSPOSED:
+            tl.store(ds_ptr + offs_o, ds_acc, mask=o_in)
+            tl.store(db_ptr + offs_o, db_acc, mask=o_in)
 
 
 # --------------------------------------------------------------------------------------------
