@@ -11,7 +11,7 @@ VPY   := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcl-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: demo test install bench info clean
+.PHONY: demo test install bench info clean triton-compat
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,19 @@ bench: $(STAMP)
 	$(VPY) -m pytest -q tests/test_benchmark_baselines.py
 	$(VPY) -m pytest -q benchmarks/test_bench_losses.py --benchmark-enable --benchmark-columns=min,median,rounds
 	$(VPY) -m benchmarks.report --quick
+
+# The Triton kernels under other Triton releases than torch's own (the GPU image's 3.6, the
+# newest): each is installed beside .venv's torch into build/triton-<version> (with a NumPy its
+# interpreter accepts) and put first on the path; then every kernel is compiled for sm_80 and
+# sm_90 and run under the interpreter.
+TRITON_VERSIONS ?= 3.6.0 3.9.0
+triton-compat: $(STAMP)
+	for v in $(TRITON_VERSIONS); do \
+	  $(VPY) -m pip install -q --no-deps --target build/triton-$$v "triton==$$v" "numpy<2.3" \
+	  && PYTHONPATH=build/triton-$$v $(VPY) -m pytest -q $(PYTEST_ARGS) tests/test_triton_compile.py \
+	     tests/test_triton_contrastive.py tests/test_triton_siglip.py tests/test_triton_topk.py \
+	  || exit 1; \
+	done
 
 info: $(STAMP)
 	$(VPY) -m fastcl info
