@@ -6,10 +6,11 @@ statistics into gradients of ``q``, ``k``, the logit scale and the bias, recompu
 tile by tile. ``k=None`` means the keys are ``q`` itself (NT-Xent, SupCon, DCL, the multi-view
 losses: a symmetric logit matrix, which the backward kernels of :data:`SELF_BWD_BACKENDS`
 exploit); there are no column statistics then, ``dq`` is the whole gradient of ``q`` (as
-queries and as keys) and ``dk`` an empty ``[0, D]`` tensor. ``fastcl::contrastive_fused`` serves losses that are linear in the row statistics
-with coefficients known before the forward (InfoNCE in one direction, NT-Xent, SupCon, DCL with
-``mean`` or ``sum``): it returns the loss and its gradients from one sweep, and its backward
-only multiplies them by the upstream scalar. Every op takes the name of the kernel backend
+queries and as keys) and ``dk`` an empty ``[0, D]`` tensor. ``fastcl::contrastive_fused``
+serves losses that are linear in the row statistics with coefficients known before the forward
+(InfoNCE in one direction, NT-Xent, SupCon, DCL with ``mean`` or ``sum``): it returns the loss
+and its gradients from one sweep, and its backward only multiplies them by the upstream
+scalar. Every op takes the name of the kernel backend
 (``"triton"``, ``"cuda"``, ``"cpu"`` or the materializing ``"torch"``) as its last argument;
 the functional layer picks it through :mod:`fastcl.dispatch`.
 
@@ -35,10 +36,10 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 #: tracing, when nothing may be imported.
 FUSED_BACKENDS = ("cpu",)
 #: Backends whose backward kernel takes ``k=None`` (the keys are the queries) and builds
-#: ``G + G.T`` for the whole gradient from half of the logit tiles (CPU: the slab's blocks on
-#: and below the diagonal) or from each tile in both orientations (Triton: one launch instead of
-#: the dq and dk launches): two GEMMs' worth instead of four. The others get ``k = q`` and
-#: return ``dq + dk``.
+#: ``G + G.T`` for the whole gradient: the CPU sweep on the blocks on and below the diagonal only
+#: (half a GEMM to recompute them, one for the gradient, instead of three), Triton from each
+#: recomputed tile in both orientations (one launch, two GEMMs' worth, instead of the four of
+#: the dq and dk launches). The others get ``k = q`` and return ``dq + dk``.
 SELF_BWD_BACKENDS = ("cpu", "triton")
 #: Backends where ``contrastive_fused`` with ``k=None`` saves work.
 SELF_FUSED_BACKENDS = tuple(dict.fromkeys(FUSED_BACKENDS + SELF_BWD_BACKENDS))
