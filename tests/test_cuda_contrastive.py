@@ -565,30 +565,48 @@ def _dcl(x, y, s, backend):
     return fastcl.dcl(x, y, logit_scale=s, backend=backend)
 
 
+def _nt_xent_per_anchor(x, y, s, backend):
+    """The statistics op with k=None (no reduction), weighted per anchor."""
+    per = fastcl.nt_xent(x, y, logit_scale=s, reduction="none", backend=backend)
+    return (per * torch.linspace(0.5, 1.5, per.numel(), device=per.device)).sum()
+
+
+def _multiview(x, y, s, backend):
+    """mv_infonce over three views: the statistics op with k=None over 3N anchors."""
+    return fastcl.multiview_loss(torch.stack([x, y, x.flip(0)]), logit_scale=s,
+                                 backend=backend)
+
+
 LOSSES = dict(clip=_clip, info_nce_negatives=_info_nce_negatives, nt_xent=_nt_xent,
-              supcon_in=_supcon_in, dcl=_dcl)
+              supcon_in=_supcon_in, dcl=_dcl, nt_xent_per_anchor=_nt_xent_per_anchor,
+              multiview=_multiview)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
-def test_losses_end_to_end(loss, dtype):
-    _ext()
-    assert dispatch.why_not("cuda", "info_nce", torch.device(DEVICE), dtype) is None
+def test_losses_end_to_end(loss, dtype, backend):
+    """Every loss on the GPU backends against the reference (the CUDA C++ backend gets k = q
+    where the losses pass k=None; Triton runs its one-launch symmetric backward)."""
+    if backend == "cuda":
+        _ext()
+    assert dispatch.why_not(backend, "info_nce", torch.device(DEVICE), dtype) is None
     N, D = 257, 96
     g = torch.Generator().manual_seed(0)
     x0 = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(DEVICE, dtype)
     y0 = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(DEVICE, dtype)
     results = {}
-    for backend in ("cuda", "reference"):
+    for be in (backend, "reference"):
         x = x0.clone().requires_grad_(True)
         y = y0.clone().requires_grad_(True)
         s = torch.tensor(14.0, device=DEVICE, requires_grad=True)
-        out = LOSSES[loss](x, y, s, backend)
+        out = LOSSES[loss](x, y, s, be)
         out.backward()
-        results[backend] = (out.detach(), x.grad, y.grad, s.grad)
+        results[be] = (out.detach(), x.grad, y.grad, s.grad)
     rel = 1e-4 if dtype == F32 else 2e-2
-    for name, a, b in zip(("loss", "dx", "dy", "dscale"), results["cuda"], results["reference"]):
+    for name, a, b in zip(("loss", "dx", "dy", "dscale"), results[backend],
+                          results["reference"]):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{loss} {name}: {a.dtype} {a.shape}"
         err = (a.double() - b.double()).abs().max().item()
         bound = rel * b.double().abs().max().item() + 1e-6
