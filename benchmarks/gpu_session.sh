@@ -57,7 +57,8 @@ stage_build() {
   built && python3 -m fastcl info
 }
 stage_test() {
-  FASTCL_AUTOTUNE=0 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TEST_ARGS:-} 2>&1
+  FASTCL_AUTOTUNE=0 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+    ${GPU_TEST_ARGS:-} 2>&1
 }
 stage_report() {
   python3 -m benchmarks.report --device cuda ${REPORT_ARGS:-} 2>&1 || return
