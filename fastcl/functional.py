@@ -105,8 +105,9 @@ def _stats(sh: Optional[Shard], rows: Tensor, cols: Optional[Tensor], a: Tensor,
     ``cols=None``: the columns are the rows themselves (symmetric logits; on one process the op
     then takes ``k=None``, whose backward exploits the symmetry).
     """
-    if sh is not None:
+    if sh is not None or extra is not None:  # the columns are not the rows alone
         cols = rows if cols is None else cols
+    if sh is not None:
         return sh.stats(rows, cols, a, b, targets, row_labels, col_labels, extra, **flags)
     if extra is not None:
         cols = torch.cat([cols, extra], dim=0)
