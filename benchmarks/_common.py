@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -85,6 +86,29 @@ class RssPeak:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def keys_given():
+    """Within: fastcl's losses over one feature set pass their keys to the statistics op as a
+    second feature set (``k = z``, not ``None``) and skip the fused self-similarity sweep, so
+    that their backward is the two-feature-set one: the B side of an A/B comparison of the
+    symmetric backward, in the same process. (The functional layer makes both choices in the
+    forward; the backward then follows what the forward saved.)"""
+    from fastcl import functional
+    from fastcl.ops import contrastive as contrastive_ops
+
+    saved = contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats
+
+    def two_sets(q, k, *args, **kw):
+        return saved[1](q, q if k is None else k, *args, **kw)
+
+    contrastive_ops.SELF_FUSED_BACKENDS = ()
+    functional.contrastive_stats = two_sets
+    try:
+        yield
+    finally:
+        contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats = saved
 
 
 def timed(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> dict:

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from fastcl import dispatch, functional
-from fastcl.ops import contrastive as contrastive_ops
+from fastcl import dispatch
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_nt_xent, eager_siglip, environment,
-                      infcl_clip, open_clip_clip, pml_clip, timed)
+                      infcl_clip, keys_given, open_clip_clip, pml_clip, timed)
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -82,22 +81,13 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
 
 def _pairs(fast, backend):
     """fastcl's loss without the self-similarity backward (``-pairs``): the statistics op with
-    the keys passed as a second feature set (``k = z``, not ``None``), so that its backward runs
-    the separate dq and dk launches of two feature sets, for an A/B comparison in the same
-    process. The functional layer makes both choices in the forward."""
+    the keys passed as a second feature set (:func:`benchmarks._common.keys_given`), so that its
+    backward runs the separate dq and dk launches of two feature sets, for an A/B comparison in
+    the same process."""
 
     def fn(x, y, s):
-        saved = contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats
-
-        def two_sets(q, k, *args, **kw):
-            return saved[1](q, q if k is None else k, *args, **kw)
-
-        contrastive_ops.SELF_FUSED_BACKENDS = ()
-        functional.contrastive_stats = two_sets
-        try:
+        with keys_given():
             return fast(x, y, s, backend)
-        finally:
-            contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats = saved
     return fn
 
 

@@ -20,7 +20,12 @@ Implementations:
 - ``eager-ntxent`` and ``fastcl-ntxent``: NT-Xent (SimCLR) over two views of N / 2 samples, so
   that its logit matrix is N x N like the others': eager ``F.cross_entropy`` on the concatenated
   views with the diagonal masked, against :func:`fastcl.nt_xent` (whose CPU kernel uses the
-  symmetry of that matrix); their ratios are taken to ``eager-ntxent``.
+  symmetry of that matrix); their ratios are taken to ``eager-ntxent``;
+- ``fastcl-stats-ntxent`` and ``fastcl-pairs-ntxent``: the same loss through the statistics op
+  and its backward (the per-anchor losses, ``reduction="none"``, then averaged; the path of the
+  multi-view losses and of the unreduced ones), with ``k=None`` (the symmetric backward) and
+  with the keys passed as a second feature set (``k = z``: the two-feature-set backward), an
+  A/B of the symmetric backward in the same run.
 
 Each implementation runs in a fresh subprocess (so its peak RSS is its own): one warm-up at a
 small size, then ``--reps`` timed forward + backward passes on unit-norm fp32 inputs with logit
@@ -46,14 +51,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ._common import RssPeak, eager_clip, eager_nt_xent, open_clip_clip, pml_clip, pml_info_nce
+from ._common import (RssPeak, eager_clip, eager_nt_xent, keys_given, open_clip_clip,
+                      pml_clip, pml_info_nce)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pytorch-metric-learning's losses by implementation name: (kind, symmetric)
 PML = {"pml": ("ntxent", True), "pml-supcon": ("supcon", True),
        "pml-one": ("ntxent", False), "pml-supcon-one": ("supcon", False)}
 IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs", "eager-one", "fastcl-one",
-         "eager-ntxent", "fastcl-ntxent", *PML)
+         "eager-ntxent", "fastcl-ntxent", "fastcl-stats-ntxent", "fastcl-pairs-ntxent", *PML)
 # losses other than the symmetric CLIP loss, by the suffix of their implementations' names
 SUFFIXES = ("-one", "-ntxent")
 
@@ -141,6 +147,18 @@ def fastcl_nt_xent(z1, z2, scale):
     return fastcl.nt_xent(z1, z2, logit_scale=scale, backend="cpu")
 
 
+def fastcl_nt_xent_stats(z1, z2, scale):
+    import fastcl
+
+    return fastcl.nt_xent(z1, z2, logit_scale=scale, reduction="none", backend="cpu").mean()
+
+
+def fastcl_nt_xent_pairs(z1, z2, scale):
+    """fastcl_nt_xent_stats with the keys given as a second feature set (k = z, not None)."""
+    with keys_given():
+        return fastcl_nt_xent_stats(z1, z2, scale)
+
+
 def _loss(impl: str):
     if impl == "compile":
         return torch.compile(eager_clip)
@@ -157,7 +175,9 @@ def _loss(impl: str):
         return fn
     return {"eager": eager_clip, "fastcl": fastcl_clip, "slabs": slab_clip,
             "eager-one": eager_one_direction, "fastcl-one": fastcl_one_direction,
-            "eager-ntxent": eager_nt_xent, "fastcl-ntxent": fastcl_nt_xent}[impl]
+            "eager-ntxent": eager_nt_xent, "fastcl-ntxent": fastcl_nt_xent,
+            "fastcl-stats-ntxent": fastcl_nt_xent_stats,
+            "fastcl-pairs-ntxent": fastcl_nt_xent_pairs}[impl]
 
 
 # ---------------------------------------------------------------------------------------------

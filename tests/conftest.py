@@ -23,3 +23,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def stats_keys(monkeypatch):
+    """A list that records, for each call of the statistics op by fastcl's losses, whether the
+    keys were passed as ``None`` (the symmetric path) or as a feature set."""
+    from fastcl import functional
+
+    calls = []
+    real = functional.contrastive_stats
+
+    def recording(q, k, *args, **kw):
+        calls.append(k is None)
+        return real(q, k, *args, **kw)
+
+    monkeypatch.setattr(functional, "contrastive_stats", recording)
+    return calls

@@ -112,3 +112,24 @@ def test_pml_ntxent_refuses_cubic_memory():
     x = torch.zeros(4096, 1)
     with pytest.raises(MemoryError, match="NTXentLoss would hold"):
         fn(x, x, 1.0)
+
+
+def test_cpu_statistics_path_variants(stats_keys):
+    """bench_cpu_contrastive's fastcl-stats-ntxent (k=None) and fastcl-pairs-ntxent (k given)
+    compute fastcl.nt_xent's loss and gradients, through the statistics op they claim."""
+    from benchmarks.bench_cpu_contrastive import fastcl_nt_xent_pairs, fastcl_nt_xent_stats
+
+    if dispatch.why_not("cpu", "nt_xent", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the CPU backend is not built")
+    keys = stats_keys
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    scale = torch.tensor(2.0)
+    want = _loss_and_grads(lambda a, b, s: fastcl.nt_xent(a, b, logit_scale=s, backend="cpu"),
+                           z1, z2, scale)
+    for fn, self_keys in ((fastcl_nt_xent_stats, True), (fastcl_nt_xent_pairs, False)):
+        keys.clear()
+        got = _loss_and_grads(fn, z1, z2, scale)
+        assert keys == [self_keys]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
