@@ -111,6 +111,25 @@ def keys_given():
         contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats = saved
 
 
+@contextlib.contextmanager
+def one_launch_backward():
+    """Within: the Triton contrastive backward never goes by slabs (``SLAB_MIN_D`` of
+    :mod:`fastcl.kernels.contrastive` out of reach): one launch per orientation, the logits
+    recomputed once per output slice; the B side of the A/B comparison of the two backward
+    schedules at wide features, in the same process. It must cover the backward, where the
+    schedule is chosen."""
+    name = "FASTCL_TRITON_SLAB_MIN_D"
+    saved = os.environ.get(name)
+    os.environ[name] = str(1 << 30)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def timed(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> dict:
     """``{"seconds": median, "times": [...], "extra_bytes": peak beyond the start or None,
     "out": the last result}``, or ``{"error": ...}`` when ``step`` raises (out of memory, a

@@ -13,7 +13,10 @@ Implementations (each skipped with a note where it cannot run):
   (:func:`benchmarks._common.pml_info_nce`; ``NTXentLoss`` refuses above a few hundred rows);
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``) on each
   available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss without
-  the one-launch self-similarity backward (separate dq and dk launches), to compare the two.
+  the one-launch self-similarity backward (separate dq and dk launches), to compare the two;
+  for CLIP and NT-Xent on Triton ``fastcl-triton-noslabs``, the backward without slabs of ``G``
+  (one launch per orientation at every ``D``), against the default, which goes by slabs of
+  ``G`` and GEMMs from ``SLAB_MIN_D`` features on.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
@@ -30,6 +33,7 @@ repeats, memory from ``torch.cuda.max_memory_allocated``. CPU: wall time only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -39,7 +43,8 @@ import fastcl
 from fastcl import dispatch
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_nt_xent, eager_siglip, environment,
-                      infcl_clip, keys_given, open_clip_clip, pml_clip, timed)
+                      infcl_clip, keys_given, one_launch_backward, open_clip_clip, pml_clip,
+                      timed)
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -76,6 +81,8 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
             impls[f"fastcl-{backend}"] = (lambda x, y, s, _b=backend: fast(x, y, s, _b))
             if loss == "ntxent" and backend == "triton":
                 impls[f"fastcl-{backend}-pairs"] = _pairs(fast, backend)
+            if loss in ("clip", "ntxent") and backend == "triton":
+                impls[f"fastcl-{backend}-noslabs"] = _no_slabs(fast, backend)
     return {k: v for k, v in impls.items() if not which or k in which}
 
 
@@ -91,9 +98,21 @@ def _pairs(fast, backend):
     return fn
 
 
+def _no_slabs(fast, backend):
+    """fastcl's loss with the one-launch Triton backward at every feature width
+    (:func:`benchmarks._common.one_launch_backward` around forward and backward: its
+    ``step_context``), against the backward by slabs of wide features, in the same process."""
+
+    def fn(x, y, s):
+        return fast(x, y, s, backend)
+    fn.step_context = one_launch_backward
+    return fn
+
+
 def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0, gemms: int = 4,
             warmup: int = 2) -> dict:
-    """Median time, peak extra memory and effective TFLOP/s of forward + backward."""
+    """Median time, peak extra memory and effective TFLOP/s of forward + backward (under
+    ``fn.step_context()`` where ``fn`` has one)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
     y = F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1)
@@ -101,10 +120,13 @@ def measure(fn, n: int, d: int, dtype, device, reps: int, seed: int = 0, gemms: 
     y = y.to(dtype).requires_grad_(True)
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
 
+    context = getattr(fn, "step_context", contextlib.nullcontext)
+
     def step():
         x.grad = y.grad = scale.grad = None
-        loss = fn(x, y, scale)
-        loss.backward()
+        with context():
+            loss = fn(x, y, scale)
+            loss.backward()
         return loss.detach()
 
     r = timed(step, device, reps, warmup=warmup)

@@ -20,10 +20,15 @@ recomputes each logit tile, builds ``G`` from the saved statistics and accumulat
 ``dscale`` and ``dbias``). Column-parallel (``TRANSPOSED=True``): a program owns ``BLOCK_M``
 columns and accumulates ``G.T @ q`` into ``dk``. Each output tile is written once; extra memory
 is ``O(R + C)``. When ``D`` is wider than one ``BLOCK_DV`` slice, the logit tiles are recomputed
-once per slice (``ceil(D / BLOCK_DV)`` times). Self-similarity (``k=None``: the keys are the
+once per slice (``ceil(D / BLOCK_DV)`` times); from ``SLAB_MIN_D`` on (wide features) the
+backward goes by slabs instead (``_bwd_slabs``): the same kernel with ``STORE_G`` writes ``G``
+for a slab of rows (one tile per program, the logits recomputed once, at most ``SLAB_BYTES``)
+and a GEMM multiplies it by the features, so the logits are recomputed once per orientation
+whatever ``D``. Self-similarity (``k=None``: the keys are the
 queries, as in NT-Xent, SupCon and DCL): one row-parallel launch (``SELF``) builds both
 orientations of ``G`` from each logit tile and accumulates ``(G + G.T) @ q`` into the whole
-gradient of ``q``: two GEMMs' worth of work instead of the four of the two launches.
+gradient of ``q``: two GEMMs' worth of work instead of the four of the two launches (by
+slabs too: ``G + G.T`` is stored).
 
 Precision of fp32 inputs: ``tl.dot`` of fp32 tiles uses exact fp32 (``input_precision="ieee"``,
 CUDA cores) by default. Set the environment variable ``FASTCL_TF32=1`` before import, or assign
@@ -49,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["contrastive_fwd", "contrastive_bwd", "ALLOW_TF32", "AUTOTUNE"]
+__all__ = ["contrastive_fwd", "contrastive_bwd", "ALLOW_TF32", "AUTOTUNE", "SLAB_MIN_D",
+           "SLAB_BYTES"]
 
 #: fp32 inputs run ``tl.dot`` on TF32 tensor cores when True (exact fp32 "ieee" when False).
 ALLOW_TF32: bool = os.environ.get("FASTCL_TF32", "0") == "1"
@@ -115,6 +121,43 @@ else:  # pragma: no cover - triton < 3.0
         else:
             acc = tl.dot(a, b, acc)
         return acc
+
+
+if _INTERPRET:
+
+    @triton.jit
+    def _lowp(x, dtype: tl.constexpr):
+        """``x.to(dtype)`` rounded to nearest even (the interpreter truncates fp32 to bf16)."""
+        if dtype == tl.bfloat16:
+            b = x.to(tl.int32, bitcast=True)
+            b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+            x = b.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+else:
+
+    @triton.jit
+    def _lowp(x, dtype: tl.constexpr):
+        """``x.to(dtype)`` (round to nearest even)."""
+        return x.to(dtype)
+
+
+@triton.jit
+def _accumulate_gv(acc, g, g_mul, b_tile, B, b_rows, offs_v64, n_in, v_in, stride_bd,
+                   SINGLE_D: tl.constexpr, RESCALE_G: tl.constexpr, TF32: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``acc + G @ B[inner, slice]``: ``G`` (times ``g_mul`` with ``RESCALE_G``) rounded to the
+    features' dtype, as FlashAttention rounds ``P``. With ``SINGLE_D`` the slice is the whole
+    of ``D``, the ``b_tile`` the logits were computed from."""
+    if SINGLE_D:
+        tl.static_assert(BLOCK_DV == BLOCK_D)
+        v_tile = b_tile
+    else:
+        v_tile = tl.load(B + b_rows[:, None] + offs_v64[None, :] * stride_bd,
+                         mask=n_in[:, None] & v_in[None, :], other=0.0)
+    if RESCALE_G:
+        g = g * g_mul
+    return _mma(_lowp(g, v_tile.dtype), v_tile, acc, TF32)
 
 
 @triton.jit
@@ -390,11 +433,11 @@ def _contrastive_fwd_kernel(
 def _contrastive_bwd_kernel(
     A, B, OUT, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
     lse_ptr, pos_ptr, npos_ptr, col_lse_ptr,
-    g_lse_ptr, g_pos_ptr, g_mean_ptr, g_col_lse_ptr, g_col_mean_ptr, g_bound_ptr,
+    g_lse_ptr, g_pos_ptr, g_mean_ptr, g_col_lse_ptr, g_col_mean_ptr, g_mul_ptr,
     ds_ptr, db_ptr,
-    NA, NB, D,
+    O0, O_END, PART_STRIDE, NA, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
-    TRANSPOSED: tl.constexpr, SELF: tl.constexpr,
+    TRANSPOSED: tl.constexpr, SELF: tl.constexpr, STORE_G: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
     DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr,
@@ -402,37 +445,58 @@ def _contrastive_bwd_kernel(
     WRITE_PARTIALS: tl.constexpr, RESCALE_G: tl.constexpr, TF32: tl.constexpr,
     SINGLE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``OUT[outer, slice] = scale * sum_inner G(outer, inner) B[inner, slice]``.
+    """``OUT[outer, slice] = scale * sum_inner G(outer, inner) B[inner, slice]``, or ``G`` itself.
 
     ``TRANSPOSED=False``: ``A = q`` (outer = rows of ``s``), ``B = k``, ``OUT = dq``.
     ``TRANSPOSED=True``: ``A = k`` (outer = columns of ``s``), ``B = q``, ``OUT = dk``.
     ``SELF`` (with ``TRANSPOSED=False``): ``A = B = q`` (the keys are the queries, so ``s`` is
     symmetric) and ``OUT`` receives the whole gradient of ``q``, ``G + G.T`` per tile: both
     orientations of ``G`` from one logit tile (the partial sums count ``G`` once).
-    Program ``(i, j)`` owns outer rows ``[i*BLOCK_M, (i+1)*BLOCK_M)`` and output columns
+    The outer rows are ``[O0, O_END)`` (the whole of ``A`` except in ``STORE_G``).
+    Program ``(i, j)`` owns outer rows ``O0 + [i*BLOCK_M, (i+1)*BLOCK_M)`` and output columns
     ``[j*BLOCK_DV, (j+1)*BLOCK_DV)``. With ``SINGLE_D`` the whole of ``D`` fits one
     ``BLOCK_D == BLOCK_DV`` tile and the ``B`` tile of the logits is reused for the update.
-    ``RESCALE_G`` (fp16 inputs): ``G`` is multiplied by a power of two that maps the bound
-    ``|G| <= *g_bound`` near 2**14 before its cast to fp16, and divided out of the fp32
-    accumulator, so small upstream gradients neither underflow nor overflow fp16.
+    ``STORE_G`` (one slab of outer rows, see ``_bwd_slabs``): program ``(i, j)`` (from one
+    grouped program id) computes the single tile ``(i, j)`` of ``G`` (``SELF``: of ``G + G.T``)
+    and writes it, times ``*g_mul``, to ``OUT[outer - O0, inner]`` in ``OUT``'s dtype; the
+    product with ``B`` is left to a GEMM, and the partial sums go to
+    ``ds_ptr[j * PART_STRIDE + outer - O0]``.
+    ``RESCALE_G`` (fp16 inputs): ``G`` is multiplied by ``*g_mul``, a power of two that maps
+    the bound of ``|G|`` near 2**14 (``_g_multiplier``), before its cast to fp16, and divided
+    out of the fp32 accumulator, so small upstream gradients neither underflow nor overflow
+    fp16.
     """
-    pid = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    if STORE_G:  # grouped order: GROUP_M row blocks share their column tiles in the L2 cache
+        num_m = tl.cdiv(O_END - O0, BLOCK_M)
+        num_n = tl.cdiv(NB, BLOCK_N)
+        pid_all = tl.program_id(0)
+        per_group = GROUP_M * num_n
+        first_m = (pid_all // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid = first_m + (pid_all % per_group) % group_rows
+        pid_1 = (pid_all % per_group) // group_rows   # the inner tile
+        n_lo = pid_1 * BLOCK_N
+        n_hi = n_lo + BLOCK_N
+    else:
+        pid = tl.program_id(0)
+        pid_1 = tl.program_id(1)                       # the output slice
+        n_lo = 0
+        n_hi = NB
     if TRANSPOSED:
         R = NB
         C = NA
     else:
         R = NA
         C = NB
-    offs_o = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_in = offs_o < NA
+    offs_o = O0 + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_in = offs_o < O_END
     a_rows = offs_o.to(tl.int64) * stride_am
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
     offs_d64 = offs_d.to(tl.int64)
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_v = pid_1 * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_in = offs_v < D
     offs_v64 = offs_v.to(tl.int64)
 
@@ -457,9 +521,7 @@ def _contrastive_bwd_kernel(
             HAS_G_LSE, HAS_G_POS, HAS_G_MEAN)
 
     if RESCALE_G:
-        g_bound = tl.load(g_bound_ptr).to(tl.float32)
-        g_exp = 14.0 - tl.ceil(tl.log2(tl.maximum(g_bound, 1e-30)))
-        g_mul = tl.exp2(tl.minimum(tl.maximum(g_exp, -100.0), 100.0))
+        g_mul = tl.load(g_mul_ptr).to(tl.float32)
     else:
         g_mul = 1.0
 
@@ -467,7 +529,7 @@ def _contrastive_bwd_kernel(
     ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    for start_n in range(0, NB, BLOCK_N):
+    for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_in = offs_n < NB
         b_rows = offs_n.to(tl.int64) * stride_bn
@@ -513,23 +575,28 @@ def _contrastive_bwd_kernel(
         if SELF:
             g = g + g_t
 
-        if SINGLE_D:
-            tl.static_assert(BLOCK_DV == BLOCK_D)
-            v_tile = b_tile
+        if STORE_G:
+            if RESCALE_G:
+                g = g * g_mul
+            g_rows = (offs_o - O0).to(tl.int64) * stride_om
+            tl.store(OUT + g_rows[:, None] + offs_n.to(tl.int64)[None, :] * stride_od,
+                     _lowp(g, OUT.dtype.element_ty), mask=o_in[:, None] & n_in[None, :])
         else:
-            v_tile = tl.load(B + b_rows[:, None] + offs_v64[None, :] * stride_bd,
-                             mask=n_in[:, None] & v_in[None, :], other=0.0)
-        if RESCALE_G:
-            acc = _mma((g * g_mul).to(v_tile.dtype), v_tile, acc, TF32)
-        else:
-            acc = _mma(g.to(v_tile.dtype), v_tile, acc, TF32)
+            acc = _accumulate_gv(acc, g, g_mul, b_tile if SINGLE_D else None, B, b_rows,
+                                 offs_v64, n_in, v_in, stride_bd, SINGLE_D, RESCALE_G, TF32,
+                                 BLOCK_D, BLOCK_DV)
 
-    out = acc * (scale / g_mul)
-    o_rows = offs_o.to(tl.int64) * stride_om
-    tl.store(OUT + o_rows[:, None] + offs_v64[None, :] * stride_od,
-             out.to(OUT.dtype.element_ty), mask=o_in[:, None] & v_in[None, :])
+    if not STORE_G:
+        out = acc * (scale / g_mul)
+        o_rows = offs_o.to(tl.int64) * stride_om
+        tl.store(OUT + o_rows[:, None] + offs_v64[None, :] * stride_od,
+                 out.to(OUT.dtype.element_ty), mask=o_in[:, None] & v_in[None, :])
     if WRITE_PARTIALS:
-        if pid_v == 0:  # the per-row sums once, from the first output slice
+        if STORE_G:  # per row and inner tile, summed on the host
+            part = pid_1 * PART_STRIDE + (offs_o - O0)
+            tl.store(ds_ptr + part, ds_acc, mask=o_in)
+            tl.store(db_ptr + part, db_acc, mask=o_in)
+        elif pid_1 == 0:  # the per-row sums once, from the first output slice
             tl.store(ds_ptr + offs_o, ds_acc, mask=o_in)
             tl.store(db_ptr + offs_o, db_acc, mask=o_in)
 
@@ -578,7 +645,18 @@ _CONFIGS = {
                              _cfg(64, 32, 8, 2, 512), _cfg(64, 64, 4, 3, 64)],
     ("bwd_chunked", "fma"): [_cfg(64, 32, 4, 2, 64), _cfg(64, 32, 8, 2, 128),
                              _cfg(32, 64, 4, 2, 128), _cfg(64, 64, 8, 2, 64)],
+    # one tile of G per program (STORE_G); BLOCK_N is fixed per family, as the partial sums
+    # are laid out per inner tile (_GRAD_BLOCK_N)
+    ("grad", "mma"): [_cfg(64, 128, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
+                      _cfg(64, 128, 8, 4), _cfg(128, 128, 8, 4)],
+    ("grad", "fma"): [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2)],
 }
+
+#: BLOCK_N of the STORE_G launches per family (every configuration of ("grad", family) has it)
+_GRAD_BLOCK_N = {"mma": 128, "fma": 64}
+assert all(c.kwargs["BLOCK_N"] == _GRAD_BLOCK_N[f]
+           for (kind, f), cs in _CONFIGS.items() if kind == "grad" for c in cs)
+_GROUP_M = 8
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -595,8 +673,8 @@ def _prune_chunked(configs, named_args, **kwargs):
 _FWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
              "WRITE_POS", "TF32", "SINGLE_D", "BLOCK_D"]
 _BWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
-             "TRANSPOSED", "SELF", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN", "HAS_G_COL_LSE",
-             "HAS_G_COL_MEAN", "TF32", "SINGLE_D", "BLOCK_D"]
+             "TRANSPOSED", "SELF", "STORE_G", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN",
+             "HAS_G_COL_LSE", "HAS_G_COL_MEAN", "TF32", "SINGLE_D", "BLOCK_D"]
 
 # autotuned launchers, one per (kernel, tiling family); the autotuner also keys on dtypes
 _TUNED = {}
@@ -604,7 +682,7 @@ for (_kind, _family), _configs in _CONFIGS.items():
     if _kind == "fwd":
         _TUNED[_kind, _family] = triton.autotune(_configs, key=_FWD_KEYS)(
             _contrastive_fwd_kernel)
-    elif _kind == "bwd_single":
+    elif _kind in ("bwd_single", "grad"):
         _TUNED[_kind, _family] = triton.autotune(_configs, key=_BWD_KEYS)(
             _contrastive_bwd_kernel)
     else:
@@ -616,7 +694,8 @@ for (_kind, _family), _configs in _CONFIGS.items():
 # position of D among the kernels' arguments
 _D_ARG = {"fwd": _contrastive_fwd_kernel.arg_names.index("D"),
           "bwd_single": _contrastive_bwd_kernel.arg_names.index("D"),
-          "bwd_chunked": _contrastive_bwd_kernel.arg_names.index("D")}
+          "bwd_chunked": _contrastive_bwd_kernel.arg_names.index("D"),
+          "grad": _contrastive_bwd_kernel.arg_names.index("D")}
 
 
 def _tiling(D: int, dtype: torch.dtype, tf32: bool):
@@ -674,16 +753,18 @@ def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags)
             lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]),), args, flags)
 
 
-def _launch_bwd(a, b, out, rest, flags):
+def _launch_bwd(a, b, out, rest, parts, flags):
+    """``out = scale * G @ b`` (the outer rows of ``G`` are the rows of ``a``) in one launch."""
     NA, D = a.shape
     NB = b.shape[0]
     if NA == 0:
         return
     tf32 = bool(ALLOW_TF32)
     family, single, block_d = _tiling(D, a.dtype, tf32)
-    args = (a, b, out, *rest, NA, NB, D,
+    args = (a, b, out, *rest, *parts, 0, NA, 0, NA, NB, D,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    flags = dict(flags, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
+    flags = dict(flags, STORE_G=False, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
+                 GROUP_M=_GROUP_M)
     if _INTERPRET:
         block_dv = block_d if single else _INTERP_BLOCK_DV
         grid = (triton.cdiv(NA, _INTERP_BLOCK), max(1, triton.cdiv(D, block_dv)))
@@ -698,6 +779,105 @@ def _launch_bwd(a, b, out, rest, flags):
                 lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]),
                               max(1, triton.cdiv(D, meta["BLOCK_DV"]))),
                 args, flags)
+
+
+# --------------------------------------------------------------------------------------------
+# the backward by slabs (wide D)
+# --------------------------------------------------------------------------------------------
+
+#: Feature widths from which the backward materializes ``G`` one slab of rows at a time and
+#: leaves its products to GEMMs (``_bwd_slabs``), per tiling family; below, the one-launch
+#: kernels, which recompute the logits once per ``BLOCK_DV`` slice of the output. The
+#: environment variable ``FASTCL_TRITON_SLAB_MIN_D`` (read at each call) sets both.
+SLAB_MIN_D = {"mma": 512, "fma": 128}
+
+#: Byte budget of the slab of ``G`` (rows x columns in the inputs' dtype); the environment
+#: variable ``FASTCL_TRITON_SLAB_BYTES`` (read at each call) overrides it. It does not grow
+#: with the number of rows.
+SLAB_BYTES = 256 << 20
+
+_ROW_PAD = 8  # slab rows padded to 16-byte multiples (GEMM operand alignment)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def _use_slabs(D: int, dtype: torch.dtype) -> bool:
+    family = _tiling(D, dtype, bool(ALLOW_TF32))[0]
+    limit = SLAB_MIN_D["fma" if family == "fma" else "mma"]
+    return D >= _env_int("FASTCL_TRITON_SLAB_MIN_D", limit)
+
+
+def _g_multiplier(bound: torch.Tensor) -> torch.Tensor:
+    """The power of two that maps ``bound`` (an upper bound of ``|G|``) near 2**14 (fp16 G)."""
+    g_exp = 14.0 - torch.ceil(torch.log2(bound.float().clamp_min(1e-30)))
+    return torch.exp2(g_exp.clamp(-100.0, 100.0))
+
+
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=float32) works for 16-bit CUDA operands
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32 (16-bit operands are not rounded to 16 bits
+    at the output; their products are exact in fp32)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    return a.float() @ b.float()
+
+
+def _bwd_slabs(a, b, out, rest, flags, factor, want_parts):
+    """``out = factor * (G' @ b)`` with ``G' = G * g_mul``, one slab of outer rows at a time.
+
+    Per slab of ``S`` rows of ``a`` (``S x C`` in the inputs' dtype within ``SLAB_BYTES``),
+    one ``STORE_G`` launch writes the slab of ``G'`` (one tile per program, the logits
+    recomputed once), then one GEMM multiplies it by ``b`` in fp32 and the rows of ``out`` are
+    written once. Logit work: one recompute per orientation, whatever ``D``, against
+    ``ceil(D / BLOCK_DV)`` for the one-launch kernels. Returns the sums of the partials
+    ``(sum G * (q . k), sum G)`` when ``want_parts``.
+    """
+    NA, D = a.shape
+    NB = b.shape[0]
+    dev = a.device
+    f32 = torch.float32
+    zero = torch.zeros((), dtype=f32, device=dev)
+    if NA == 0:
+        return zero, zero
+    tf32 = bool(ALLOW_TF32)
+    family, single, block_d = _tiling(D, a.dtype, tf32)
+    block_n = _INTERP_BLOCK if _INTERPRET else _GRAD_BLOCK_N[family]
+    cols = -(-NB // _ROW_PAD) * _ROW_PAD
+    budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
+    S = max(1, min(NA, budget // (cols * a.element_size())))
+    g_slab = torch.empty((S, cols), dtype=a.dtype, device=dev)
+    n_tiles = triton.cdiv(NB, block_n)
+    parts = torch.empty((2, n_tiles, S) if want_parts else (2, 1, 1), dtype=f32, device=dev)
+    ds, db = zero.clone(), zero.clone()
+    flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
+                 BLOCK_DV=block_d, GROUP_M=_GROUP_M, WRITE_PARTIALS=want_parts)
+    for o0 in range(0, NA, S):
+        s = min(S, NA - o0)
+        args = (a, b, g_slab, *rest, parts[0], parts[1], o0, o0 + s, S, NA, NB, D,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), g_slab.stride(0), 1)
+        if _INTERPRET:
+            grid = (triton.cdiv(s, _INTERP_BLOCK) * n_tiles,)
+            _contrastive_bwd_kernel[grid](*args, **flags, BLOCK_M=_INTERP_BLOCK,
+                                          BLOCK_N=_INTERP_BLOCK)
+        else:
+            _launch("grad", family, _contrastive_bwd_kernel,
+                    lambda meta: (triton.cdiv(s, meta["BLOCK_M"]) * n_tiles,), args, flags)
+        product = _mm_f32(g_slab[:s, :NB], b)
+        out[o0:o0 + s].copy_(product.mul_(factor))
+        if want_parts:
+            ds += parts[0, :, :s].sum()
+            db += parts[1, :, :s].sum()
+    return ds, db
 
 
 def _check_inputs(q, k, scale, bias, targets, row_labels, col_labels):
@@ -755,6 +935,8 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     fp32. Any ``g_*`` may be ``None`` (a zero gradient; its term of ``G`` is compiled out).
     ``k=None`` (no column statistics): the keys are ``q`` itself; ``dq`` is then the gradient of
     ``q`` in both roles (one launch, ``G + G.T`` per tile) and ``dk`` an empty ``[0, D]`` tensor.
+    From ``SLAB_MIN_D`` features on, by slabs of ``G`` and GEMMs (``_bwd_slabs``); their fp32
+    products follow ATen's matmul precision (``torch.backends.cuda.matmul.allow_tf32``).
     """
     self_sim = k is None
     if self_sim:
@@ -780,11 +962,10 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
                 torch.zeros((), dtype=f32, device=dev), torch.zeros((), dtype=f32, device=dev))
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    ds_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G * (q . k)
-    db_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G
+    dummy = torch.empty(1, dtype=f32, device=dev)   # for the absent vectors (never read)
 
     def v(t):
-        return _vec(t, ds_part)
+        return _vec(t, dummy)
 
     present = [t for t in (g_lse, g_pos, g_mean, g_col_lse, g_col_mean) if t is not None]
     rescale = q.dtype == torch.float16
@@ -795,16 +976,16 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
         g_bound = torch.stack(parts).sum() if parts else torch.ones((), dtype=f32, device=dev)
         if self_sim:
             g_bound = 2 * g_bound  # |G + G.T|
+        g_mul = _g_multiplier(g_bound)
     else:
-        g_bound = ds_part
+        g_mul = torch.ones((), dtype=f32, device=dev)
 
     rest = (scale, bias, v(targets if has_targets else None),
             v(row_labels if has_labels else None), v(col_labels if has_labels else None),
             v(lse if g_lse is not None else None), v(pos if g_pos is not None else None),
             v(npos if (has_labels or has_targets) else None),
             v(col_lse if g_col_lse is not None else None),
-            v(g_lse), v(g_pos), v(g_mean), v(g_col_lse), v(g_col_mean), g_bound,
-            ds_part, db_part)
+            v(g_lse), v(g_pos), v(g_mean), v(g_col_lse), v(g_col_mean), g_mul)
     flags = dict(
         HAS_TARGETS=has_targets, HAS_LABELS=has_labels, EXCLUDE_DIAG=bool(exclude_diag),
         DECOUPLED=bool(decoupled), POS_LSE=bool(pos_lse),
@@ -812,10 +993,18 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
         HAS_G_MEAN=g_mean is not None, HAS_G_COL_LSE=g_col_lse is not None,
         HAS_G_COL_MEAN=g_col_mean is not None, RESCALE_G=rescale,
     )
-    _launch_bwd(q, k, dq, rest, dict(flags, TRANSPOSED=False, SELF=self_sim,
-                                     WRITE_PARTIALS=True))
-    if self_sim:
-        return dq, no_dk, ds_part.sum(), db_part.sum()
-    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
-    _launch_bwd(k, q, dk, rest, dict(flags, TRANSPOSED=True, SELF=False, WRITE_PARTIALS=False))
+    row_flags = dict(flags, TRANSPOSED=False, SELF=self_sim, WRITE_PARTIALS=True)
+    col_flags = dict(flags, TRANSPOSED=True, SELF=False, WRITE_PARTIALS=False)
+    dk = no_dk if self_sim else torch.empty(k.shape, dtype=k.dtype, device=dev)
+    if _use_slabs(q.shape[1], q.dtype):
+        factor = scale.to(device=dev, dtype=f32).reshape(()) / g_mul
+        ds, db = _bwd_slabs(q, k, dq, rest, row_flags, factor, want_parts=True)
+        if not self_sim:
+            _bwd_slabs(k, q, dk, rest, col_flags, factor, want_parts=False)
+        return dq, dk, ds, db
+    ds_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G * (q . k)
+    db_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G
+    _launch_bwd(q, k, dq, rest, (ds_part, db_part), row_flags)
+    if not self_sim:
+        _launch_bwd(k, q, dk, rest, (ds_part, db_part), col_flags)
     return dq, dk, ds_part.sum(), db_part.sum()

@@ -41,35 +41,16 @@ import triton
 import triton.language as tl
 
 from . import contrastive as _c
-from .contrastive import _LN2, _LOG2E, _mma, _qk_chunked
+from .contrastive import _LN2, _LOG2E, _accumulate_gv, _lowp, _mma, _qk_chunked
 
 __all__ = ["siglip_fwd", "siglip_bwd", "siglip_fused"]
 
 _INTERPRET = _c._INTERPRET
 
 
-if _INTERPRET:
-
-    @triton.jit
-    def _lowp(x, dtype: tl.constexpr):
-        """``x.to(dtype)`` rounded to nearest even (the interpreter truncates fp32 to bf16)."""
-        if dtype == tl.bfloat16:
-            b = x.to(tl.int32, bitcast=True)
-            b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
-            x = b.to(tl.float32, bitcast=True)
-        return x.to(dtype)
-
-else:
-
-    @triton.jit
-    def _lowp(x, dtype: tl.constexpr):
-        """``x.to(dtype)`` (round to nearest even)."""
-        return x.to(dtype)
-
-
 @triton.jit
 def _siglip_kernel(
-    A, B, OUT, scale_ptr, bias_ptr, g_ptr, g_bound_ptr, loss_ptr, ds_ptr, db_ptr,
+    A, B, OUT, scale_ptr, bias_ptr, g_ptr, g_mul_ptr, loss_ptr, ds_ptr, db_ptr,
     NA, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
     TRANSPOSED: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_GRAD: tl.constexpr,
@@ -112,9 +93,7 @@ def _siglip_kernel(
         elif not TRANSPOSED:
             g_o = tl.load(g_ptr + offs_o, mask=o_in, other=0.0).to(tl.float32)
         if RESCALE_G:
-            g_bound = tl.load(g_bound_ptr).to(tl.float32)
-            g_exp = 14.0 - tl.ceil(tl.log2(tl.maximum(g_bound, 1e-30)))
-            g_mul = tl.exp2(tl.minimum(tl.maximum(g_exp, -100.0), 100.0))
+            g_mul = tl.load(g_mul_ptr).to(tl.float32)
         else:
             g_mul = 1.0
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -159,16 +138,9 @@ def _siglip_kernel(
             if not TRANSPOSED:
                 ds_acc += tl.sum(g * qk, 1)
                 db_acc += tl.sum(g, 1)
-            if SINGLE_D:
-                tl.static_assert(BLOCK_DV == BLOCK_D)
-                v_tile = b_tile
-            else:
-                v_tile = tl.load(B + b_rows[:, None] + offs_v64[None, :] * stride_bd,
-                                 mask=n_in[:, None] & v_in[None, :], other=0.0)
-            if RESCALE_G:
-                acc = _mma(_lowp(g * g_mul, v_tile.dtype), v_tile, acc, TF32)
-            else:
-                acc = _mma(_lowp(g, v_tile.dtype), v_tile, acc, TF32)
+            acc = _accumulate_gv(acc, g, g_mul, b_tile if SINGLE_D else None, B, b_rows,
+                                 offs_v64, n_in, v_in, stride_bd, SINGLE_D, RESCALE_G, TF32,
+                                 BLOCK_D, BLOCK_DV)
 
     if HAS_GRAD:
         out = acc * (scale / g_mul)
@@ -192,6 +164,8 @@ _KEYS = ["D", "TRANSPOSED", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "RESCALE_G", 
 
 _TUNED = {}
 for (_kind, _family), _configs in _c._CONFIGS.items():
+    if _kind == "grad":  # the contrastive backward by slabs only
+        continue
     if _kind == "bwd_chunked":
         _TUNED[_kind, _family] = triton.autotune(
             _configs, key=_KEYS, prune_configs_by={"early_config_prune": _c._prune_chunked})(
@@ -268,14 +242,14 @@ def _grad_launches(x, y, scale, bias, g, uniform, loss, diag_pos):
     rescale = x.dtype == torch.float16
     if rescale:
         # |G| <= max |g| (a sigmoid is at most 1)
-        g_bound = torch.linalg.vector_norm(g.detach().float(), float("inf"))
+        g_mul = _c._g_multiplier(torch.linalg.vector_norm(g.detach().float(), float("inf")))
     else:
-        g_bound = ds_part
+        g_mul = ds_part  # never read
     flags = dict(HAS_GRAD=True, UNIFORM_G=uniform, RESCALE_G=rescale, DIAG_POS=bool(diag_pos))
-    _launch(x, y, dx, (scale, bias, g, g_bound, ds_part if loss is None else loss,
+    _launch(x, y, dx, (scale, bias, g, g_mul, ds_part if loss is None else loss,
                        ds_part, db_part),
             dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None))
-    _launch(y, x, dy, (scale, bias, g, g_bound, ds_part, ds_part, db_part),
+    _launch(y, x, dy, (scale, bias, g, g_mul, ds_part, ds_part, db_part),
             dict(flags, TRANSPOSED=True, WRITE_LOSS=False))
     return dx, dy, ds_part.sum().to(scale.dtype), db_part.sum().to(bias.dtype)
 

@@ -4,13 +4,15 @@ takes the path it claims to take."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import fastcl
 from benchmarks._common import (eager_clip, eager_nt_xent, open_clip_clip, pml_clip,
                                 pml_info_nce)
-from benchmarks.bench_clip import LOSSES, _pairs
+from benchmarks.bench_clip import LOSSES, _no_slabs, _pairs, measure
 from fastcl import dispatch
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +105,46 @@ def test_ntxent_pairs_variant_skips_the_self_backward(monkeypatch):
     assert keys and not any(keys)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["clip", "ntxent"])
+def test_noslabs_variant_takes_the_one_launch_backward(loss, monkeypatch):
+    """bench_clip's fastcl-triton-noslabs: through ``measure``, its backward never goes by
+    slabs of G where the default does (every width by slabs here), with the same loss and
+    gradients; the setting is restored afterwards."""
+    from fastcl.kernels import contrastive as triton_kernels
+
+    if dispatch.why_not("triton", "nt_xent", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the Triton backend cannot run here")
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
+    calls = []
+    real = triton_kernels._bwd_slabs
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(triton_kernels, "_bwd_slabs", counting)
+    fast = LOSSES[loss][1]
+    default = lambda a, b, s: fast(a, b, s, "triton")  # noqa: E731
+    cpu = torch.device("cpu")
+    want = measure(default, 20, 8, torch.float32, cpu, reps=1, warmup=0)
+    assert calls, "the default goes by slabs"
+    calls.clear()
+    variant = _no_slabs(fast, "triton")
+    got = measure(variant, 20, 8, torch.float32, cpu, reps=1, warmup=0)
+    assert not calls and "seconds" in got
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert os.environ["FASTCL_TRITON_SLAB_MIN_D"] == "1"
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    scale = torch.tensor(3.0)
+    with variant.step_context():
+        grads = _loss_and_grads(variant, q, k, scale)
+    assert not calls
+    for a, b in zip(grads, _loss_and_grads(default, q, k, scale)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert calls
 
 
 def test_pml_ntxent_refuses_cubic_memory():

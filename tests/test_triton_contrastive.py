@@ -452,6 +452,157 @@ def test_custom_op_backend():
 
 
 # --------------------------------------------------------------------------------------------
+# the backward by slabs (wide D): G stored per slab of rows, then a GEMM
+# --------------------------------------------------------------------------------------------
+
+SLAB_ROWS = 7  # rows of one slab at 4 bytes an element (14 at 2 bytes)
+
+
+def _padded(C):
+    return -(-C // tk._ROW_PAD) * tk._ROW_PAD
+
+
+@pytest.fixture
+def slabs(monkeypatch):
+    """Every feature width goes by slabs; ``slabs(C)`` sets a budget of ``SLAB_ROWS`` rows of
+    ``C`` fp32 columns (so the shapes of these tests take several slabs, the last one
+    partial), and the calls of ``_bwd_slabs`` are counted in ``slabs.calls``."""
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
+    calls = []
+    real = tk._bwd_slabs
+
+    def counting(a, *args, **kw):
+        calls.append(a.shape[0])
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(tk, "_bwd_slabs", counting)
+
+    def set_budget(C):
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(SLAB_ROWS * _padded(C) * 4))
+
+    set_budget.calls = calls
+    return set_budget
+
+
+@pytest.mark.parametrize("R,C,D,dtype,mode,flags,present", CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}-"
+                              + "".join(k[0] for k, v in c[5].items() if v) for c in CASES])
+def test_slabs_match_oracle(R, C, D, dtype, mode, flags, present, slabs):
+    slabs(max(R, C))
+    check_against_oracle(*make_inputs(R, C, D, dtype, mode), flags, make_grads(R, C, present))
+    assert slabs.calls == [R, C], "both orientations by slabs"
+
+
+@pytest.mark.parametrize("mode,exclude_diag,decoupled,pos_lse,col_stats", FLAG_COMBOS)
+def test_slabs_flag_combinations(mode, exclude_diag, decoupled, pos_lse, col_stats, slabs):
+    R, C, D = 19, 23, 8
+    slabs(C)
+    inputs = make_inputs(R, C, D, torch.float32, mode, scale=5.0, n_labels=3)
+    check_against_oracle(*inputs, flags_of(exclude_diag, decoupled, pos_lse, col_stats),
+                         make_grads(R, C, ALL_G))
+
+
+@pytest.mark.parametrize("mode,exclude_diag,decoupled,pos_lse", SELF_COMBOS)
+def test_slabs_self_similarity(mode, exclude_diag, decoupled, pos_lse, slabs):
+    """``G + G.T`` stored per slab: one orientation, one GEMM per slab."""
+    slabs(23)
+    check_self(23, 8, torch.float32, mode, flags_of(exclude_diag, decoupled, pos_lse),
+               ("lse", "pos", "mean"), scale=5.0, n_labels=3)
+    assert slabs.calls == [23]
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 20), (torch.float16, 40)])
+def test_slabs_self_similarity_low_precision(dtype, D, slabs):
+    slabs(37)
+    check_self(37, D, dtype, "labels", flags_of(exclude_diag=True, pos_lse=True),
+               ("lse", "pos", "mean"))
+
+
+def test_slabs_equal_one_launch(slabs):
+    """Same G, same rounding to the input dtype: the two backward schedules agree to the
+    order of the fp32 accumulations."""
+    R, C, D = 45, 38, 24
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = make_inputs(R, C, D, dtype, "labels", n_labels=5)
+        flags = flags_of(exclude_diag=True, col_stats=True)
+        grads = make_grads(R, C, ALL_G)
+        slabs(C)
+        _, by_slabs = run_kernels(*inputs, flags, grads)
+        os.environ["FASTCL_TRITON_SLAB_MIN_D"] = str(D + 1)
+        _, one_launch = run_kernels(*inputs, flags, grads)
+        os.environ["FASTCL_TRITON_SLAB_MIN_D"] = "1"
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for name, a, b in zip(GRAD_NAMES, by_slabs, one_launch):
+            assert_close(a, b, tol, name)
+    assert len(slabs.calls) == 4
+
+
+def test_slabs_fp16_small_upstream_gradients(slabs):
+    """The rescaling of fp16 G (``_g_multiplier``) holds for the stored slabs too."""
+    R, C, D = 37, 45, 20
+    slabs(C)
+    inputs = make_inputs(R, C, D, torch.float16, "targets")
+    grads = [g * 1e-5 if g is not None else None for g in make_grads(R, C, ALL_G)]
+    check_against_oracle(*inputs, flags_of(col_stats=True), grads, floor=0.0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_slabs_extreme_scale(slabs):
+    R, C, D = 40, 40, 32
+    slabs(C)
+    inputs = make_inputs(R, C, D, torch.bfloat16, "targets", scale=100.0, bias=-10.0)
+    _, g, _, _ = check_against_oracle(*inputs, flags_of(col_stats=True, pos_lse=True),
+                                      make_grads(R, C, ALL_G))
+    assert all(torch.isfinite(t).all() for t in g)
+
+
+def test_slabs_noncontiguous_inputs(slabs):
+    R, C, D = 33, 26, 20
+    slabs(R)
+    q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.float32, "targets")
+    k_big = torch.zeros(2 * C, D + 7, device=DEVICE)
+    k_big[::2, 3:3 + D] = k
+    check_against_oracle(q.T.contiguous().T, k_big[::2, 3:3 + D], scale, bias, targets, None,
+                         None, flags_of(exclude_diag=True, col_stats=True),
+                         make_grads(R, C, ALL_G))
+
+
+def test_slabs_allocation_is_bounded(slabs):
+    """The largest tensor of the backward is one slab of G, within the byte budget, however
+    many rows there are."""
+    R, C, D = 70, 60, 3
+    slabs(C)
+    budget = int(os.environ["FASTCL_TRITON_SLAB_BYTES"])
+    inputs = make_inputs(R, C, D, torch.float32, "labels")
+    flags = flags_of(exclude_diag=True, pos_lse=True, col_stats=True)
+    with LargestAllocation() as rec:
+        run_kernels(*inputs, flags, make_grads(R, C, ALL_G))
+    assert rec.largest_bytes[0] <= max(budget, R * D * 4), rec.largest_bytes
+    assert rec.largest[0] < R * C, rec.largest
+    assert slabs.calls == [R, C]
+
+
+def test_slab_threshold(monkeypatch):
+    """Wide features go by slabs (``SLAB_MIN_D`` per tiling family, or the environment)."""
+    monkeypatch.delenv("FASTCL_TRITON_SLAB_MIN_D", raising=False)
+    monkeypatch.setattr(tk, "SLAB_MIN_D", {"mma": 512, "fma": 128})
+    if tk._INTERPRET:  # the interpreter's tiling counts as the tensor-core family
+        assert tk._use_slabs(512, torch.float32) and not tk._use_slabs(511, torch.float32)
+    assert tk._use_slabs(1024, torch.bfloat16) and not tk._use_slabs(256, torch.bfloat16)
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "64")
+    assert tk._use_slabs(64, torch.bfloat16) and not tk._use_slabs(63, torch.float16)
+
+
+def test_g_multiplier():
+    """A power of two mapping the bound into [2**13, 2**14], clamped for extreme bounds."""
+    for bound in (1e-12, 3e-5, 0.5, 1.0, 7.0, 3e4):
+        m = tk._g_multiplier(torch.tensor(bound)).item()
+        assert m == 2.0 ** round(torch.log2(torch.tensor(m)).item())
+        assert 2.0 ** 13 <= bound * m <= 2.0 ** 14
+    assert tk._g_multiplier(torch.tensor(0.0)).item() == 2.0 ** 100
+
+
+# --------------------------------------------------------------------------------------------
 # real sizes on a GPU
 # --------------------------------------------------------------------------------------------
 
@@ -492,9 +643,15 @@ class TestGPU:
             else:
                 assert err <= max(2 * max_err(lo, e), tol * mag) + 1e-6, (name, err, mag)
 
-    def test_memory_is_linear(self):
+    @pytest.mark.parametrize("D", [256, 1024], ids=("one-launch", "slabs"))
+    def test_memory_is_linear(self, D, monkeypatch):
+        """Beyond the gradients: O(R + C) for the one-launch backward; one slab of G (its
+        budget) and one slab of fp32 products for the backward by slabs."""
         R = C = 32768
-        D = 512
+        budget = 64 << 20
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(budget))
+        slabbed = tk._use_slabs(D, torch.bfloat16)
+        assert slabbed == (D == 1024)
         q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.bfloat16, "targets")
         flags = flags_of(col_stats=True)
         grads = make_grads(R, C, ("lse", "pos", "col_lse"))
@@ -506,8 +663,27 @@ class TestGPU:
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
         grads_bytes = (R + C) * D * 2
-        assert extra <= grads_bytes + 64 * (R + C) + (1 << 20), extra
+        allowed = grads_bytes + 64 * (R + C) + (1 << 20)
+        if slabbed:
+            rows = budget // (C * 2)
+            allowed += budget + rows * D * 4 + 2 * rows * (C // 64 + 1) * 4
+        assert extra <= allowed, (extra, allowed)
         del out
+
+    def test_slabs_equal_one_launch(self, monkeypatch):
+        """The two backward schedules at a real size (cuBLAS products against tl.dot)."""
+        R, C, D = 8192, 6000, 1024
+        inputs = make_inputs(R, C, D, torch.bfloat16, "labels", n_labels=100)
+        flags = flags_of(exclude_diag=True, col_stats=True)
+        grads = [g / R for g in make_grads(R, C, ALL_G)]
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(32 << 20))  # several slabs
+        assert tk._use_slabs(D, torch.bfloat16)
+        _, by_slabs = run_kernels(*inputs, flags, grads)
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", str(D + 1))
+        _, one_launch = run_kernels(*inputs, flags, grads)
+        torch.cuda.synchronize()
+        for name, a, b in zip(GRAD_NAMES, by_slabs, one_launch):
+            assert_close(a, b, 1e-2, name)
 
     @pytest.mark.parametrize("R,D,dtype,mode,flags", [
         (16384, 1024, torch.bfloat16, "targets", flags_of(exclude_diag=True)),
