@@ -14,7 +14,7 @@ Implementations (each skipped with a note where it cannot run):
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``) on each
   available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss without
   the one-launch self-similarity backward (separate dq and dk launches), to compare the two;
-  for CLIP and NT-Xent on Triton ``fastcl-triton-noslabs``, the backward without slabs of ``G``
+  on Triton ``fastcl-triton-noslabs``, the backward without slabs of ``G``
   (one launch per orientation at every ``D``), against the default, which goes by slabs of
   ``G`` and GEMMs from ``SLAB_MIN_D`` features on.
 
@@ -81,7 +81,7 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
             impls[f"fastcl-{backend}"] = (lambda x, y, s, _b=backend: fast(x, y, s, _b))
             if loss == "ntxent" and backend == "triton":
                 impls[f"fastcl-{backend}-pairs"] = _pairs(fast, backend)
-            if loss in ("clip", "ntxent") and backend == "triton":
+            if backend == "triton":
                 impls[f"fastcl-{backend}-noslabs"] = _no_slabs(fast, backend)
     return {k: v for k, v in impls.items() if not which or k in which}
 

@@ -143,6 +143,31 @@ else:
 
 
 @triton.jit
+def _store_g(OUT, g, g_mul, rows, r_in, cols, c_in, stride_om, stride_od,
+             RESCALE_G: tl.constexpr):
+    """``OUT[rows, cols] = G`` (times ``g_mul`` with ``RESCALE_G``) in ``OUT``'s dtype."""
+    if RESCALE_G:
+        g = g * g_mul
+    ptrs = OUT + rows.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_od
+    tl.store(ptrs, _lowp(g, OUT.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
+
+
+@triton.jit
+def _emit_g(acc, g, g_mul, OUT, g_rows, o_in, offs_n, n_in, stride_om, stride_od,
+            b_tile, B, b_rows, offs_v64, v_in, stride_bd,
+            STORE_G: tl.constexpr, SINGLE_D: tl.constexpr, RESCALE_G: tl.constexpr,
+            TF32: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What a backward kernel does with its tile of ``G``: with ``STORE_G`` write it to the
+    slab ``OUT`` (rows ``g_rows``), else accumulate its product with ``B`` into ``acc``."""
+    if STORE_G:
+        _store_g(OUT, g, g_mul, g_rows, o_in, offs_n, n_in, stride_om, stride_od, RESCALE_G)
+    else:
+        acc = _accumulate_gv(acc, g, g_mul, b_tile, B, b_rows, offs_v64, n_in, v_in,
+                             stride_bd, SINGLE_D, RESCALE_G, TF32, BLOCK_D, BLOCK_DV)
+    return acc
+
+
+@triton.jit
 def _accumulate_gv(acc, g, g_mul, b_tile, B, b_rows, offs_v64, n_in, v_in, stride_bd,
                    SINGLE_D: tl.constexpr, RESCALE_G: tl.constexpr, TF32: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -180,6 +205,37 @@ def _qk_chunked(A, B, a_rows, a_in, b_rows, b_in, D, stride_ad, stride_bd,
                     mask=b_in[:, None] & d_in[None, :], other=0.0)
         acc = _mma(a, tl.trans(b), acc, TF32)
     return acc
+
+
+@triton.jit
+def _program_tiles(O0, O_END, NB, STORE_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(block, second, n_lo, n_hi)`` of this program: its block of outer rows (counted from
+    ``O0``), the second grid index and the range of inner columns it walks.
+
+    One launch per orientation (``STORE_G`` off): grid ``(row blocks, output slices)``, every
+    column. ``STORE_G``: one program per tile of the slab ``[O0, O_END) x [0, NB)`` from a
+    one-dimensional grid, in grouped order (``GROUP_M`` row blocks walk the column tiles
+    together, so that the column tiles they share stay in the L2 cache); ``second`` is the
+    column tile.
+    """
+    if STORE_G:
+        num_m = tl.cdiv(O_END - O0, BLOCK_M)
+        num_n = tl.cdiv(NB, BLOCK_N)
+        pid_all = tl.program_id(0)
+        per_group = GROUP_M * num_n
+        first_m = (pid_all // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        block = first_m + (pid_all % per_group) % group_rows
+        second = (pid_all % per_group) // group_rows
+        n_lo = second * BLOCK_N
+        n_hi = n_lo + BLOCK_N
+    else:
+        block = tl.program_id(0)
+        second = tl.program_id(1)
+        n_lo = 0
+        n_hi = NB
+    return block, second, n_lo, n_hi
 
 
 @triton.jit
@@ -468,22 +524,7 @@ def _contrastive_bwd_kernel(
     out of the fp32 accumulator, so small upstream gradients neither underflow nor overflow
     fp16.
     """
-    if STORE_G:  # grouped order: GROUP_M row blocks share their column tiles in the L2 cache
-        num_m = tl.cdiv(O_END - O0, BLOCK_M)
-        num_n = tl.cdiv(NB, BLOCK_N)
-        pid_all = tl.program_id(0)
-        per_group = GROUP_M * num_n
-        first_m = (pid_all // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid = first_m + (pid_all % per_group) % group_rows
-        pid_1 = (pid_all % per_group) // group_rows   # the inner tile
-        n_lo = pid_1 * BLOCK_N
-        n_hi = n_lo + BLOCK_N
-    else:
-        pid = tl.program_id(0)
-        pid_1 = tl.program_id(1)                       # the output slice
-        n_lo = 0
-        n_hi = NB
+    pid, pid_1, n_lo, n_hi = _program_tiles(O0, O_END, NB, STORE_G, BLOCK_M, BLOCK_N, GROUP_M)
     if TRANSPOSED:
         R = NB
         C = NA
@@ -575,16 +616,9 @@ def _contrastive_bwd_kernel(
         if SELF:
             g = g + g_t
 
-        if STORE_G:
-            if RESCALE_G:
-                g = g * g_mul
-            g_rows = (offs_o - O0).to(tl.int64) * stride_om
-            tl.store(OUT + g_rows[:, None] + offs_n.to(tl.int64)[None, :] * stride_od,
-                     _lowp(g, OUT.dtype.element_ty), mask=o_in[:, None] & n_in[None, :])
-        else:
-            acc = _accumulate_gv(acc, g, g_mul, b_tile if SINGLE_D else None, B, b_rows,
-                                 offs_v64, n_in, v_in, stride_bd, SINGLE_D, RESCALE_G, TF32,
-                                 BLOCK_D, BLOCK_DV)
+        acc = _emit_g(acc, g, g_mul, OUT, offs_o - O0, o_in, offs_n, n_in, stride_om, stride_od,
+                      b_tile if SINGLE_D else None, B, b_rows, offs_v64, v_in, stride_bd,
+                      STORE_G, SINGLE_D, RESCALE_G, TF32, BLOCK_D, BLOCK_DV)
 
     if not STORE_G:
         out = acc * (scale / g_mul)
@@ -832,52 +866,65 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _bwd_slabs(a, b, out, rest, flags, factor, want_parts):
-    """``out = factor * (G' @ b)`` with ``G' = G * g_mul``, one slab of outer rows at a time.
+def _bwd_slabs(a, b, out, factor, n_parts, launch_slab):
+    """``out = factor * (G' @ b)``, one slab of outer rows (rows of ``a``) at a time.
 
-    Per slab of ``S`` rows of ``a`` (``S x C`` in the inputs' dtype within ``SLAB_BYTES``),
-    one ``STORE_G`` launch writes the slab of ``G'`` (one tile per program, the logits
-    recomputed once), then one GEMM multiplies it by ``b`` in fp32 and the rows of ``out`` are
-    written once. Logit work: one recompute per orientation, whatever ``D``, against
-    ``ceil(D / BLOCK_DV)`` for the one-launch kernels. Returns the sums of the partials
-    ``(sum G * (q . k), sum G)`` when ``want_parts``.
+    Per slab of ``S`` rows (``S x C`` in the inputs' dtype within ``SLAB_BYTES``),
+    ``launch_slab(g_slab, parts, o0, s, grid_size)`` launches a kernel in its ``STORE_G`` mode:
+    ``grid_size(BLOCK_M)`` programs, one tile of ``G' = G * g_mul`` each (the logits recomputed
+    once), written to ``g_slab[: s]``, and ``n_parts`` per-row partial sums per inner tile of
+    ``BLOCK_N`` columns to ``parts[p, tile, : s]``. Then one GEMM multiplies the slab by ``b``
+    in fp32 and the rows of ``out`` are written once. Logit work: one recompute per
+    orientation, whatever ``D``, against ``ceil(D / BLOCK_DV)`` for the one-launch kernels.
+    Returns the partials summed over the tiles, ``[n_parts, NA]`` fp32.
     """
     NA, D = a.shape
     NB = b.shape[0]
     dev = a.device
     f32 = torch.float32
-    zero = torch.zeros((), dtype=f32, device=dev)
+    sums = torch.zeros((n_parts, NA), dtype=f32, device=dev)
     if NA == 0:
-        return zero, zero
-    tf32 = bool(ALLOW_TF32)
-    family, single, block_d = _tiling(D, a.dtype, tf32)
+        return sums
+    family = _tiling(D, a.dtype, bool(ALLOW_TF32))[0]
     block_n = _INTERP_BLOCK if _INTERPRET else _GRAD_BLOCK_N[family]
     cols = -(-NB // _ROW_PAD) * _ROW_PAD
     budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
     S = max(1, min(NA, budget // (cols * a.element_size())))
     g_slab = torch.empty((S, cols), dtype=a.dtype, device=dev)
     n_tiles = triton.cdiv(NB, block_n)
-    parts = torch.empty((2, n_tiles, S) if want_parts else (2, 1, 1), dtype=f32, device=dev)
-    ds, db = zero.clone(), zero.clone()
-    flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
-                 BLOCK_DV=block_d, GROUP_M=_GROUP_M, WRITE_PARTIALS=want_parts)
+    parts = torch.empty((max(n_parts, 1), n_tiles if n_parts else 1, S if n_parts else 1),
+                        dtype=f32, device=dev)
     for o0 in range(0, NA, S):
         s = min(S, NA - o0)
-        args = (a, b, g_slab, *rest, parts[0], parts[1], o0, o0 + s, S, NA, NB, D,
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1), g_slab.stride(0), 1)
-        if _INTERPRET:
-            grid = (triton.cdiv(s, _INTERP_BLOCK) * n_tiles,)
-            _contrastive_bwd_kernel[grid](*args, **flags, BLOCK_M=_INTERP_BLOCK,
-                                          BLOCK_N=_INTERP_BLOCK)
-        else:
-            _launch("grad", family, _contrastive_bwd_kernel,
-                    lambda meta: (triton.cdiv(s, meta["BLOCK_M"]) * n_tiles,), args, flags)
+        launch_slab(g_slab, parts, o0, s, lambda block_m, _s=s: triton.cdiv(_s, block_m) * n_tiles)
         product = _mm_f32(g_slab[:s, :NB], b)
         out[o0:o0 + s].copy_(product.mul_(factor))
-        if want_parts:
-            ds += parts[0, :, :s].sum()
-            db += parts[1, :, :s].sum()
-    return ds, db
+        if n_parts:
+            sums[:, o0:o0 + s] = parts[:n_parts, :, :s].sum(1)
+    return sums
+
+
+def _launch_slab(kernel, table, a, b, g_slab, head, tail, o0, s, S, grid_size, flags):
+    """One ``STORE_G`` launch of ``kernel`` (its arguments: ``head``, then ``O0, O_END,
+    PART_STRIDE, NA, NB, D``, the strides of ``a``, ``b`` and the slab, then ``tail``...)."""
+    NA, D = a.shape
+    tf32 = bool(ALLOW_TF32)
+    family, single, block_d = _tiling(D, a.dtype, tf32)
+    args = (*head, o0, o0 + s, S, NA, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0),
+            b.stride(1), g_slab.stride(0), 1, *tail)
+    flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
+                 BLOCK_DV=block_d, GROUP_M=_GROUP_M)
+    if _INTERPRET:
+        kernel[(grid_size(_INTERP_BLOCK),)](*args, **flags, BLOCK_M=_INTERP_BLOCK,
+                                            BLOCK_N=_INTERP_BLOCK)
+        return
+    with torch.cuda.device(a.device):
+        if AUTOTUNE:
+            table["grad", family][lambda meta: (grid_size(meta["BLOCK_M"]),)](*args, **flags)
+            return
+        cfg = _CONFIGS["grad", family][0]
+        kernel[(grid_size(cfg.kwargs["BLOCK_M"]),)](
+            *args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _check_inputs(q, k, scale, bias, targets, row_labels, col_labels):
@@ -998,9 +1045,18 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     dk = no_dk if self_sim else torch.empty(k.shape, dtype=k.dtype, device=dev)
     if _use_slabs(q.shape[1], q.dtype):
         factor = scale.to(device=dev, dtype=f32).reshape(()) / g_mul
-        ds, db = _bwd_slabs(q, k, dq, rest, row_flags, factor, want_parts=True)
+
+        def by_slabs(a, b, out, flags, n_parts):
+            def launch(g_slab, parts, o0, s, grid_size):
+                _launch_slab(_contrastive_bwd_kernel, _TUNED, a, b, g_slab,
+                             (a, b, g_slab, *rest, parts[0], parts[-1]), (), o0, s,
+                             parts.shape[-1], grid_size,
+                             dict(flags, WRITE_PARTIALS=n_parts > 0))
+            return _bwd_slabs(a, b, out, factor, n_parts, launch)
+
+        ds, db = (row.sum() for row in by_slabs(q, k, dq, row_flags, 2))
         if not self_sim:
-            _bwd_slabs(k, q, dk, rest, col_flags, factor, want_parts=False)
+            by_slabs(k, q, dk, col_flags, 0)
         return dq, dk, ds, db
     ds_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G * (q . k)
     db_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G

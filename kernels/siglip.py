@@ -21,7 +21,12 @@ only in what it does with a logit tile:
 - fused forward + backward (``WRITE_LOSS`` and ``HAS_GRAD`` with ``UNIFORM_G``): when the
   upstream gradient of every row is the same number (the loss is reduced by ``mean`` or
   ``sum``), the row-parallel backward launch also writes the row losses, so loss and gradients
-  cost two launches (four GEMMs) instead of three (five GEMMs).
+  cost two launches (four GEMMs) instead of three (five GEMMs);
+- backward by slabs (``STORE_G``, from ``SLAB_MIN_D`` features on, as the contrastive
+  backward): one program per tile of a slab of rows writes its tile of ``G`` (and the row sums
+  of the loss, ``G * <x, y>`` and ``G`` per column tile), and a GEMM multiplies the slab by
+  ``y`` (by ``x`` for the slabs of columns): the logits are recomputed once per orientation
+  instead of once per ``BLOCK_DV`` slice of the output.
 
 Softplus and sigmoid share one ``exp2`` and one reciprocal: with ``t = -z s``,
 ``e = exp(-|t|)``, ``u = 1 + e``, ``softplus(t) = max(t, 0) + log(u) + (e - (u - 1)) / u``
@@ -41,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import contrastive as _c
-from .contrastive import _LN2, _LOG2E, _accumulate_gv, _lowp, _mma, _qk_chunked
+from .contrastive import _LN2, _LOG2E, _emit_g, _lowp, _mma, _program_tiles, _qk_chunked
 
 __all__ = ["siglip_fwd", "siglip_bwd", "siglip_fused"]
 
@@ -51,15 +56,17 @@ _INTERPRET = _c._INTERPRET
 @triton.jit
 def _siglip_kernel(
     A, B, OUT, scale_ptr, bias_ptr, g_ptr, g_mul_ptr, loss_ptr, ds_ptr, db_ptr,
-    NA, NB, D,
+    O0, O_END, PART_STRIDE, NA, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
-    TRANSPOSED: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_GRAD: tl.constexpr,
+    TRANSPOSED: tl.constexpr, STORE_G: tl.constexpr, WRITE_LOSS: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
     UNIFORM_G: tl.constexpr, RESCALE_G: tl.constexpr, DIAG_POS: tl.constexpr,
     TF32: tl.constexpr, SINGLE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Row losses and / or ``OUT[outer, slice] = scale * sum_inner G(outer, inner) B[inner, :]``.
+    """Row losses and / or ``OUT[outer, slice] = scale * sum_inner G(outer, inner) B[inner, :]``,
+    or ``G`` itself.
 
     ``TRANSPOSED=False``: ``A = x`` (outer = rows of ``s``), ``B = y``, ``OUT = dx``.
     ``TRANSPOSED=True``: ``A = y`` (outer = columns of ``s``), ``B = x``, ``OUT = dy``.
@@ -67,16 +74,19 @@ def _siglip_kernel(
     number for every row. ``loss_ptr`` (``WRITE_LOSS``), ``ds_ptr`` and ``db_ptr`` (``HAS_GRAD``
     and not ``TRANSPOSED``) are ``[R]`` fp32 outputs written by the programs of slice 0.
     ``DIAG_POS``: the pairs ``i == j`` are positives (``z = +1``); else every pair is negative.
+    The outer rows are ``[O0, O_END)``; ``STORE_G`` (a slab of them, see
+    :func:`fastcl.kernels.contrastive._bwd_slabs`): one tile per program, ``G`` times
+    ``*g_mul`` written to ``OUT[outer - O0, inner]``, the per-row sums to
+    ``ptr[tile * PART_STRIDE + outer - O0]``.
     """
-    pid = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_o = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_in = offs_o < NA
+    pid, pid_1, n_lo, n_hi = _program_tiles(O0, O_END, NB, STORE_G, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_o = O0 + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_in = offs_o < O_END
     a_rows = offs_o.to(tl.int64) * stride_am
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
     offs_d64 = offs_d.to(tl.int64)
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_v = pid_1 * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_in = offs_v < D
     offs_v64 = offs_v.to(tl.int64)
 
@@ -101,7 +111,7 @@ def _siglip_kernel(
         db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     loss_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    for start_n in range(0, NB, BLOCK_N):
+    for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_in = offs_n < NB
         b_rows = offs_n.to(tl.int64) * stride_bn
@@ -138,34 +148,36 @@ def _siglip_kernel(
             if not TRANSPOSED:
                 ds_acc += tl.sum(g * qk, 1)
                 db_acc += tl.sum(g, 1)
-            acc = _accumulate_gv(acc, g, g_mul, b_tile if SINGLE_D else None, B, b_rows,
-                                 offs_v64, n_in, v_in, stride_bd, SINGLE_D, RESCALE_G, TF32,
-                                 BLOCK_D, BLOCK_DV)
+            acc = _emit_g(acc, g, g_mul, OUT, offs_o - O0, o_in, offs_n, n_in, stride_om,
+                          stride_od, b_tile if SINGLE_D else None, B, b_rows, offs_v64, v_in,
+                          stride_bd, STORE_G, SINGLE_D, RESCALE_G, TF32, BLOCK_D, BLOCK_DV)
 
-    if HAS_GRAD:
+    if HAS_GRAD and not STORE_G:
         out = acc * (scale / g_mul)
         o_rows = offs_o.to(tl.int64) * stride_om
         tl.store(OUT + o_rows[:, None] + offs_v64[None, :] * stride_od,
                  _lowp(out, OUT.dtype.element_ty), mask=o_in[:, None] & v_in[None, :])
-    if pid_v == 0:  # the per-row sums once, from the first output slice
+    if STORE_G:  # per row and column tile, summed on the host
+        part = pid_1 * PART_STRIDE + (offs_o - O0)
+    else:
+        part = offs_o
+    if STORE_G or pid_1 == 0:  # else once, from the first output slice
         if WRITE_LOSS:
-            tl.store(loss_ptr + offs_o, loss_acc, mask=o_in)
+            tl.store(loss_ptr + part, loss_acc, mask=o_in)
         if HAS_GRAD and not TRANSPOSED:
-            tl.store(ds_ptr + offs_o, ds_acc, mask=o_in)
-            tl.store(db_ptr + offs_o, db_acc, mask=o_in)
+            tl.store(ds_ptr + part, ds_acc, mask=o_in)
+            tl.store(db_ptr + part, db_acc, mask=o_in)
 
 
 # --------------------------------------------------------------------------------------------
 # autotuning: the configuration lists of the contrastive kernels (same tiles, same pressure)
 # --------------------------------------------------------------------------------------------
 
-_KEYS = ["D", "TRANSPOSED", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "RESCALE_G", "DIAG_POS",
-         "TF32", "SINGLE_D", "BLOCK_D"]
+_KEYS = ["D", "TRANSPOSED", "STORE_G", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "RESCALE_G",
+         "DIAG_POS", "TF32", "SINGLE_D", "BLOCK_D"]
 
 _TUNED = {}
 for (_kind, _family), _configs in _c._CONFIGS.items():
-    if _kind == "grad":  # the contrastive backward by slabs only
-        continue
     if _kind == "bwd_chunked":
         _TUNED[_kind, _family] = triton.autotune(
             _configs, key=_KEYS, prune_configs_by={"early_config_prune": _c._prune_chunked})(
@@ -182,9 +194,10 @@ def _launch(a, b, out, rest, flags):
         return
     tf32 = bool(_c.ALLOW_TF32)
     family, single, block_d = _c._tiling(D, a.dtype, tf32)
-    args = (a, b, out, *rest, NA, NB, D,
+    args = (a, b, out, *rest, 0, NA, 0, NA, NB, D,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    flags = dict(flags, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
+    flags = dict(flags, STORE_G=False, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
+                 GROUP_M=_c._GROUP_M)
     has_grad = flags["HAS_GRAD"]
     if _INTERPRET:
         block_dv = block_d if (single or not has_grad) else _c._INTERP_BLOCK_DV
@@ -246,12 +259,40 @@ def _grad_launches(x, y, scale, bias, g, uniform, loss, diag_pos):
     else:
         g_mul = ds_part  # never read
     flags = dict(HAS_GRAD=True, UNIFORM_G=uniform, RESCALE_G=rescale, DIAG_POS=bool(diag_pos))
+    if _c._use_slabs(x.shape[1], x.dtype):
+        return _grad_by_slabs(x, y, dx, dy, scale, bias, g, g_mul if rescale else None, loss,
+                              flags)
     _launch(x, y, dx, (scale, bias, g, g_mul, ds_part if loss is None else loss,
                        ds_part, db_part),
             dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None))
     _launch(y, x, dy, (scale, bias, g, g_mul, ds_part, ds_part, db_part),
             dict(flags, TRANSPOSED=True, WRITE_LOSS=False))
     return dx, dy, ds_part.sum().to(scale.dtype), db_part.sum().to(bias.dtype)
+
+
+def _grad_by_slabs(x, y, dx, dy, scale, bias, g, g_mul, loss, flags):
+    """:func:`_grad_launches` for wide features: slabs of ``G`` and GEMMs
+    (:func:`fastcl.kernels.contrastive._bwd_slabs`), the row losses and the partial sums of
+    ``dscale`` / ``dbias`` from the row-orientation slabs."""
+    f32 = torch.float32
+    if g_mul is None:
+        g_mul = torch.ones((), dtype=f32, device=x.device)
+    factor = scale.to(device=x.device, dtype=f32).reshape(()) / g_mul
+
+    def by_slabs(a, b, out, flags, n_parts):
+        def launch(g_slab, parts, o0, s, grid_size):
+            _c._launch_slab(_siglip_kernel, _TUNED, a, b, g_slab,
+                            (a, b, g_slab, scale, bias, g, g_mul, parts[-1], parts[0],
+                             parts[min(1, len(parts) - 1)]), (), o0, s, parts.shape[-1],
+                            grid_size, flags)
+        return _c._bwd_slabs(a, b, out, factor, n_parts, launch)
+
+    # partial sums of the rows: dscale, dbias and (with ``loss``) the row losses
+    sums = by_slabs(x, y, dx, dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None), 3)
+    by_slabs(y, x, dy, dict(flags, TRANSPOSED=True, WRITE_LOSS=False), 0)
+    if loss is not None:
+        loss.copy_(sums[2])
+    return dx, dy, sums[0].sum().to(scale.dtype), sums[1].sum().to(bias.dtype)
 
 
 def siglip_fwd(x, y, scale, bias, diag_pos):

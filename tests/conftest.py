@@ -40,3 +40,35 @@ def stats_keys(monkeypatch):
 
     monkeypatch.setattr(functional, "contrastive_stats", recording)
     return calls
+
+
+#: rows of one slab of G in the ``slabs`` fixture at 4 bytes an element (14 at 2 bytes)
+SLAB_ROWS = 7
+
+
+@pytest.fixture
+def slabs(monkeypatch):
+    """The Triton backward by slabs of G at every feature width (contrastive and SigLIP).
+
+    ``slabs(C)`` sets a budget of ``SLAB_ROWS`` rows of ``C`` fp32 columns (so that the small
+    shapes of the tests take several slabs, the last one partial); the calls of
+    ``fastcl.kernels.contrastive._bwd_slabs`` are counted in ``slabs.calls`` (the number of
+    outer rows of each)."""
+    from fastcl.kernels import contrastive as tk  # after the test module chose interpretation
+
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
+    calls = []
+    real = tk._bwd_slabs
+
+    def counting(a, *args, **kw):
+        calls.append(a.shape[0])
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(tk, "_bwd_slabs", counting)
+
+    def set_budget(C):
+        padded = -(-C // tk._ROW_PAD) * tk._ROW_PAD
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(SLAB_ROWS * padded * 4))
+
+    set_budget.calls = calls
+    return set_budget

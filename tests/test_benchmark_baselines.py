@@ -107,7 +107,7 @@ def test_ntxent_pairs_variant_skips_the_self_backward(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["clip", "ntxent"])
+@pytest.mark.parametrize("loss", ["clip", "ntxent", "siglip"])
 def test_noslabs_variant_takes_the_one_launch_backward(loss, monkeypatch):
     """bench_clip's fastcl-triton-noslabs: through ``measure``, its backward never goes by
     slabs of G where the default does (every width by slabs here), with the same loss and

@@ -16,7 +16,19 @@ def op_backends():
     for name in ("cpu", "triton"):
         if dispatch.why_not(name, "info_nce", torch.device("cpu"), torch.float32) is None:
             out.append(name)
+    if "triton" in out:
+        out.append("triton-slabs")  # the Triton backward by slabs of G
     return out
+
+
+@pytest.fixture
+def backend(request):
+    """The op backend of ``op_backends()``; ``"triton-slabs"`` runs ``"triton"`` with the
+    backward by slabs at every feature width (two slabs of the tests' six rows)."""
+    if request.param == "triton-slabs":
+        request.getfixturevalue("slabs")(3)
+        return "triton"
+    return request.param
 
 
 def _fwd_args(backend, *, labels=False, col=False, dtype=torch.float32):
@@ -29,7 +41,7 @@ def _fwd_args(backend, *, labels=False, col=False, dtype=torch.float32):
     return (q, k, scale, bias, targets, lab, lab, labels, False, labels, col, backend)
 
 
-@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
 @pytest.mark.parametrize("labels,col", [(False, True), (True, False)])
 def test_opcheck_contrastive(backend, labels, col):
     args = _fwd_args(backend, labels=labels, col=col)
@@ -44,7 +56,7 @@ def test_opcheck_contrastive(backend, labels, col):
     torch.library.opcheck(contrastive_bwd, bwd_args)
 
 
-@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
 @pytest.mark.parametrize("labels", [False, True])
 def test_opcheck_contrastive_self(backend, labels):
     """The statistics op and its backward with k=None (the keys are q)."""
@@ -60,7 +72,7 @@ def test_opcheck_contrastive_self(backend, labels):
     assert contrastive_bwd(*bwd_args)[1].shape == (0, q.shape[1])
 
 
-@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
 def test_stats_op_self_similarity(backend):
     """k=None: the statistics of k = q, and the gradient of q in both roles."""
     q, _k, scale, bias, targets, *_ = _fwd_args(backend)
@@ -87,7 +99,7 @@ def test_stats_op_self_similarity(backend):
                         backend)
 
 
-@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
 @pytest.mark.parametrize("self_sim", [False, True], ids=("two-sets", "self"))
 @pytest.mark.parametrize("labels", [False, True])
 def test_opcheck_contrastive_fused(backend, labels, self_sim):
@@ -98,7 +110,7 @@ def test_opcheck_contrastive_fused(backend, labels, self_sim):
                           (*g, q, k, scale, bias, targets, rl, cl, labels, False, plse, True, be))
 
 
-@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
 def test_fused_op_self_similarity(backend):
     """k=None: the loss of k = q, and the gradient of q in both roles in dq (dk empty)."""
     q, _k, scale, bias, targets, *_ = _fwd_args(backend)
@@ -119,7 +131,7 @@ def test_fused_op_self_similarity(backend):
     assert out[3].shape == (0, 5)
 
 
-@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
 def test_fused_op_matches_forward_and_backward(backend):
     """contrastive_fused's loss and gradients equal those of the two ops it stands for."""
     q, k, scale, bias, targets, rl, cl, *_ = _fwd_args(backend)

@@ -92,9 +92,9 @@ BF16_SINGLE, BF16_CHUNKED = ("bf16", 128, False), ("bf16", 768, False)
 FP16_SINGLE, FP16_CHUNKED = ("fp16", 64, False), ("fp16", 768, False)
 TILINGS = [FMA_SINGLE, FMA_CHUNKED, TF32_SINGLE, TF32_CHUNKED, BF16_SINGLE, BF16_CHUNKED,
            FP16_SINGLE, FP16_CHUNKED]
-# The contrastive backward at D = 768 goes by slabs (kernels.contrastive.SLAB_MIN_D: the kernel
-# with STORE_G writes tiles of G); between the resident width and SLAB_MIN_D it is the
-# one-launch kernel over BLOCK_DV slices of the output, compiled on these tilings.
+# The contrastive and SigLIP backward at D = 768 go by slabs (kernels.contrastive.SLAB_MIN_D:
+# the kernels with STORE_G write tiles of G); between the resident width and SLAB_MIN_D they are
+# the one-launch kernels over BLOCK_DV slices of the output, compiled on these tilings.
 FMA_MID, TF32_MID = ("fp32", 96, False), ("fp32", 256, True)
 BF16_MID, FP16_MID = ("bf16", 256, False), ("fp16", 256, False)
 MID_TILINGS = [FMA_MID, TF32_MID, BF16_MID, FP16_MID]
@@ -147,7 +147,8 @@ _MODES = [
 
 # Every heavy scenario on every tiling, and the modes (the full sweep uses them all).
 SCENARIOS = ([_heavy(op, t) for op in _HEAVY for t in TILINGS]
-             + [_heavy("contrastive_bwd", t) for t in MID_TILINGS] + _MODES
+             + [_heavy(op, t) for op in ("contrastive_bwd", "siglip_fused")
+                for t in MID_TILINGS] + _MODES
              + [_sc("topk", "bf16", 128, k=1024, exclude_self=False)])
 assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
 
@@ -173,9 +174,10 @@ def _default_plan():
     - the largest configuration (``_footprint``) of every launch of these heavy modes on the
       tilings with the biggest tiles of each family (fp32 resident and chunked, on CUDA cores
       and with TF32);
-    - the one-launch contrastive backward between the resident width and ``SLAB_MIN_D``
-      (the wide tilings above take the backward by slabs): first configuration on the four
-      ``MID_TILINGS``, largest on the fp32 ones;
+    - the one-launch backward between the resident width and ``SLAB_MIN_D`` (the wide
+      tilings above take the backward by slabs): contrastive, first configuration on the four
+      ``MID_TILINGS`` and largest on the fp32 ones; fused SigLIP, first on two, largest with
+      TF32;
     - the other modes (first configuration);
     - top-k, whose merge network keeps ptxas busy for tens of seconds (above a minute for an
       fp32 tile on sm_80): the first configuration of both families and of the widest merge
@@ -198,6 +200,8 @@ def _default_plan():
     plan += [(_heavy(op, t), "largest", both) for op, ts in big.items() for t in ts]
     plan += [(_heavy("contrastive_bwd", t), "first", both) for t in MID_TILINGS]
     plan += [(_heavy("contrastive_bwd", t), "largest", both) for t in (FMA_MID, TF32_MID)]
+    plan += [(_heavy("siglip_fused", t), "first", both) for t in (FMA_MID, BF16_MID)]
+    plan += [(_heavy("siglip_fused", TF32_MID), "largest", both)]
     plan += [(sc, "first", both) for sc in _MODES]
     plan += [(_heavy("topk", FMA_CHUNKED), "first", [90]),
              (_sc("topk", "bf16", 128, k=1024, exclude_self=False), "first", [90]),

@@ -434,10 +434,14 @@ def test_no_quadratic_allocation_self_similarity():
     assert rec.largest[0] < R * R, rec.largest
 
 
-def test_custom_op_backend():
-    """Through the ``fastcl::contrastive_fwd`` op with autograd, backend ``"triton"``."""
+@pytest.mark.parametrize("by_slabs", [False, True], ids=("one-launch", "slabs"))
+def test_custom_op_backend(by_slabs, request):
+    """Through the ``fastcl::contrastive_fwd`` op with autograd, backend ``"triton"`` (the op
+    checks, among others, that no output aliases an input or another output)."""
     ops = pytest.importorskip("fastcl.ops.contrastive")
     R, C, D = 21, 18, 10
+    if by_slabs:
+        request.getfixturevalue("slabs")(C)
     q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.float32, "targets")
     leaves = [t.clone().requires_grad_(True) for t in (q, k, scale, bias)]
     out = ops.contrastive_stats(*leaves, targets, exclude_diag=True, col_stats=True,
@@ -454,35 +458,6 @@ def test_custom_op_backend():
 # --------------------------------------------------------------------------------------------
 # the backward by slabs (wide D): G stored per slab of rows, then a GEMM
 # --------------------------------------------------------------------------------------------
-
-SLAB_ROWS = 7  # rows of one slab at 4 bytes an element (14 at 2 bytes)
-
-
-def _padded(C):
-    return -(-C // tk._ROW_PAD) * tk._ROW_PAD
-
-
-@pytest.fixture
-def slabs(monkeypatch):
-    """Every feature width goes by slabs; ``slabs(C)`` sets a budget of ``SLAB_ROWS`` rows of
-    ``C`` fp32 columns (so the shapes of these tests take several slabs, the last one
-    partial), and the calls of ``_bwd_slabs`` are counted in ``slabs.calls``."""
-    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
-    calls = []
-    real = tk._bwd_slabs
-
-    def counting(a, *args, **kw):
-        calls.append(a.shape[0])
-        return real(a, *args, **kw)
-
-    monkeypatch.setattr(tk, "_bwd_slabs", counting)
-
-    def set_budget(C):
-        monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(SLAB_ROWS * _padded(C) * 4))
-
-    set_budget.calls = calls
-    return set_budget
-
 
 @pytest.mark.parametrize("R,C,D,dtype,mode,flags,present", CASES,
                          ids=[f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}-"

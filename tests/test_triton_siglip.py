@@ -307,13 +307,78 @@ def test_no_quadratic_allocation():
 
 
 # --------------------------------------------------------------------------------------------
+# the backward by slabs (wide D): G stored per slab of rows, then a GEMM
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N,D,dtype,scale,bias", CASES,
+                         ids=[f"{c[0]}x{c[1]}-{str(c[2])[6:]}" for c in CASES])
+def test_slabs_match_oracle(N, D, dtype, scale, bias, slabs):
+    slabs(N)
+    x, y, a, b = make_inputs(N, D, dtype, scale=scale, bias=bias)
+    check(x, y, a, b, make_g(N))
+    assert slabs.calls == [N, N], "both orientations by slabs"
+    check_fused(x, y, a, b, True)
+
+
+@pytest.mark.parametrize("R,C,D,dtype,diag_pos", RECT_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{'diag' if c[4] else 'neg'}"
+                              for c in RECT_CASES])
+def test_slabs_rectangular_blocks(R, C, D, dtype, diag_pos, slabs):
+    slabs(max(R, C))
+    x, y, a, b = make_inputs(R, D, dtype, C=C)
+    check(x, y, a, b, make_g(R), diag_pos=diag_pos)
+    for mean in (True, False):
+        check_fused(x, y, a, b, mean, diag_pos=diag_pos)
+
+
+def test_slabs_equal_one_launch(slabs):
+    """Loss, row sums and gradients of the two backward schedules agree."""
+    N, D = 45, 24
+    slabs(N)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, y, a, b = make_inputs(N, D, dtype)
+        g = make_g(N)
+        by_slabs = (*sk.siglip_bwd(g, x, y, a, b, True), *sk.siglip_fused(x, y, a, b, True, True))
+        os.environ["FASTCL_TRITON_SLAB_MIN_D"] = str(D + 1)
+        one_launch = (*sk.siglip_bwd(g, x, y, a, b, True),
+                      *sk.siglip_fused(x, y, a, b, True, True))
+        os.environ["FASTCL_TRITON_SLAB_MIN_D"] = "1"
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for name, p, q in zip(GRAD_NAMES + ("loss",) + GRAD_NAMES, by_slabs, one_launch):
+            assert_close(p, q, tol, name)
+
+
+def test_slabs_fp16_small_upstream_gradients(slabs):
+    N, D = 37, 20
+    slabs(N)
+    x, y, a, b = make_inputs(N, D, torch.float16)
+    check(x, y, a, b, make_g(N) * 1e-5, floor=0.0)
+
+
+def test_slabs_allocation_is_bounded(slabs):
+    N, D = 70, 3
+    slabs(N)
+    budget = int(os.environ["FASTCL_TRITON_SLAB_BYTES"])
+    x, y, a, b = make_inputs(N, D, torch.float32)
+    with LargestAllocation() as rec:
+        sk.siglip_bwd(make_g(N), x, y, a, b, True)
+        sk.siglip_fused(x, y, a, b, False, True)
+    assert rec.largest_bytes[0] <= max(budget, 3 * N * 4 * 4), rec.largest_bytes
+    assert rec.largest[0] < N * N, rec.largest
+    assert slabs.calls == [N, N, N, N]
+
+
+# --------------------------------------------------------------------------------------------
 # the custom ops
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-slabs"])
 @pytest.mark.parametrize("C,diag_pos", [(6, True), (9, False)])
-def test_opcheck(backend, C, diag_pos):
+def test_opcheck(backend, C, diag_pos, request):
     N, D = 6, 5
+    if backend == "triton-slabs":
+        request.getfixturevalue("slabs")(3)   # two slabs of 3 rows
+        backend = "triton"
     x, y, a, b = make_inputs(N, D, torch.float32, C=C)
     leaves = [t.clone().requires_grad_(True) for t in (x, y, a, b)]
     torch.library.opcheck(ops.siglip_fwd, (*leaves, diag_pos, backend))
@@ -322,11 +387,14 @@ def test_opcheck(backend, C, diag_pos):
         torch.library.opcheck(ops.siglip_fused, (*leaves, diag_pos, mean, backend))
 
 
+@pytest.mark.parametrize("by_slabs", [False, True], ids=("one-launch", "slabs"))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_loss_and_gradients_through_the_op(reduction):
+def test_loss_and_gradients_through_the_op(reduction, by_slabs, request):
     """``fastcl.siglip_loss`` with ``backend="triton"``: loss and every gradient (the fused
     one-pass path for mean / sum, forward + backward ops for none) against the fp64 oracle."""
     N, D = 21, 10
+    if by_slabs:
+        request.getfixturevalue("slabs")(N)
     x, y, a, b = make_inputs(N, D, torch.float32, scale=8.0, bias=-4.0)
     leaves = [t.clone().requires_grad_(True) for t in (x, y, a, b)]
     loss = fastcl.siglip_loss(*leaves, reduction=reduction, backend="triton")
@@ -402,8 +470,14 @@ class TestGPU:
         for name, k, e in zip(GRAD_NAMES, fgrads, ref_grads):
             assert_close(k, e, BWD_TOL[dtype], f"fused {name}")
 
-    def test_memory_is_linear_and_timing(self):
+    def test_memory_is_linear_and_timing(self, monkeypatch):
         N, D = 32768, 512
+        budget = 64 << 20
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(budget))
+        slab_extra = 0
+        if tc._use_slabs(D, torch.bfloat16):  # one slab of G and its fp32 products
+            rows = budget // (N * 2)
+            slab_extra = budget + rows * D * 4 + 3 * rows * (N // 64 + 1) * 4 + 3 * N * 4
         x, y, a, b = make_inputs(N, D, torch.bfloat16)
         leaves = [t.clone().requires_grad_(True) for t in (x, y, a, b)]
 
@@ -441,7 +515,7 @@ class TestGPU:
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
         # the gradients (dx, dy saved by the fused pass, then returned) and O(N) vectors
-        assert extra <= 2 * (2 * N * D * 2) + 64 * N + (1 << 20), extra
+        assert extra <= 2 * (2 * N * D * 2) + 64 * N + (1 << 20) + slab_extra, extra
         t_fused = timed(step)
         n_e = 16384                                  # eager at a size that fits comfortably
         t_small, t_eager = timed(fused(n_e)), timed(eager(n_e))
