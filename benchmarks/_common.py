@@ -112,12 +112,12 @@ def keys_given():
 
 
 @contextlib.contextmanager
-def one_launch_backward():
-    """Within: the Triton contrastive backward never goes by slabs (``SLAB_MIN_D`` of
-    :mod:`fastcl.kernels.contrastive` out of reach): one launch per orientation, the logits
-    recomputed once per output slice; the B side of the A/B comparison of the two backward
-    schedules at wide features, in the same process. It must cover the backward, where the
-    schedule is chosen."""
+def without_slabs():
+    """Within: the Triton kernels never take the schedule by slabs (``SLAB_MIN_D`` of
+    :mod:`fastcl.kernels.contrastive` out of reach): the column statistics of the forward in a
+    second launch, and the backward in one launch per orientation, the logits recomputed once
+    per output slice; the B side of the A/B comparison of the two schedules at wide features,
+    in the same process. It must cover the backward, where its schedule is chosen."""
     name = "FASTCL_TRITON_SLAB_MIN_D"
     saved = os.environ.get(name)
     os.environ[name] = str(1 << 30)

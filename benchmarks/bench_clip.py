@@ -14,9 +14,10 @@ Implementations (each skipped with a note where it cannot run):
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``) on each
   available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss without
   the one-launch self-similarity backward (separate dq and dk launches), to compare the two;
-  on Triton ``fastcl-triton-noslabs``, the backward without slabs of ``G``
-  (one launch per orientation at every ``D``), against the default, which goes by slabs of
-  ``G`` and GEMMs from ``SLAB_MIN_D`` features on.
+  on Triton ``fastcl-triton-noslabs``, without the schedule by slabs (column statistics in a
+  second launch, the backward in one launch per orientation at every ``D``), against the
+  default, which from ``SLAB_MIN_D`` features on takes the column statistics from the row pass
+  and the backward by slabs of ``G`` and GEMMs.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
@@ -43,8 +44,7 @@ import fastcl
 from fastcl import dispatch
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_nt_xent, eager_siglip, environment,
-                      infcl_clip, keys_given, one_launch_backward, open_clip_clip, pml_clip,
-                      timed)
+                      infcl_clip, keys_given, open_clip_clip, pml_clip, timed, without_slabs)
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -99,13 +99,14 @@ def _pairs(fast, backend):
 
 
 def _no_slabs(fast, backend):
-    """fastcl's loss with the one-launch Triton backward at every feature width
-    (:func:`benchmarks._common.one_launch_backward` around forward and backward: its
-    ``step_context``), against the backward by slabs of wide features, in the same process."""
+    """fastcl's loss without the Triton schedule by slabs at any feature width
+    (:func:`benchmarks._common.without_slabs` around forward and backward: its
+    ``step_context``), against the default, which takes it for wide features, in the same
+    process."""
 
     def fn(x, y, s):
         return fast(x, y, s, backend)
-    fn.step_context = one_launch_backward
+    fn.step_context = without_slabs
     return fn
 
 

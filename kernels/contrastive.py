@@ -10,7 +10,11 @@ targets or labels, ``decoupled``), an online log-sum-exp in base 2 (running max,
 folded into the scale and bias), running positive sums / counts (or a second online log-sum-exp
 for ``pos_lse``) and running sums over the denominator set for the mean. Column statistics are the
 same kernel launched a second time with the roles of ``q`` and ``k`` swapped (positives play no
-role there, ``allowed`` is symmetric in ``r`` and ``c``): no atomics, no ``R x C`` buffer.
+role there, ``allowed`` is symmetric in ``r`` and ``c``): no atomics, no ``R x C`` buffer. From
+``SLAB_MIN_D`` features on they come from the row launch itself (``COL_PARTIALS``), one pass
+over the logits instead of two: each row block writes the column statistics of its tiles to
+``[blocks, C]`` partials, for a slab of rows within ``SLAB_BYTES`` at a time, and the host
+merges them into running per-column states (``_fwd_col_partials``).
 
 Backward (``_contrastive_bwd_kernel``): one kernel, two launches. Row-parallel
 (``TRANSPOSED=False``): a program owns ``BLOCK_M`` rows and a ``BLOCK_DV`` slice of ``dq``,
@@ -47,6 +51,7 @@ small fixed configuration keeps CPU runs fast. On a GPU the launch goes through
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from typing import Optional
 
@@ -359,18 +364,24 @@ def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_cl,
 @triton.jit
 def _contrastive_fwd_kernel(
     A, B, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
-    lse_ptr, pos_ptr, npos_ptr, mean_ptr,
-    NA, NB, D,
+    lse_ptr, pos_ptr, npos_ptr, mean_ptr, cm_ptr, cl_ptr, cs_ptr,
+    O0, O_END, NA, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd,
     HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
     DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
-    TF32: tl.constexpr, SINGLE_D: tl.constexpr,
+    COL_PARTIALS: tl.constexpr, TF32: tl.constexpr, SINGLE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Row statistics of ``s = scale * A @ B.T + bias`` for ``BLOCK_M`` rows of ``A``."""
+    """Row statistics of ``s = scale * A @ B.T + bias`` for ``BLOCK_M`` rows of ``A``.
+
+    The rows are ``[O0, O_END)``. ``COL_PARTIALS`` (a slab of rows, see
+    ``_fwd_col_partials``): each tile also gives the column statistics of its rows over the
+    ``allowed`` set, written to row ``pid`` of ``[blocks, NB]`` buffers: the max of ``s2``
+    (``cm``), the sum of ``exp2(s2 - max)`` (``cl``) and the sum of ``q . k`` (``cs``).
+    """
     pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_in = offs_m < NA
+    offs_m = O0 + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_in = offs_m < O_END
     a_rows = offs_m.to(tl.int64) * stride_am
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
@@ -425,6 +436,15 @@ def _contrastive_fwd_kernel(
             den = allowed & (~pos)
         else:
             den = allowed
+
+        if COL_PARTIALS:
+            s_col = tl.where(allowed, s2, neg_inf)
+            c_max = tl.max(s_col, 0)
+            c_safe = tl.where(c_max == neg_inf, 0.0, c_max)
+            cp = pid.to(tl.int64) * NB + offs_n
+            tl.store(cm_ptr + cp, c_max, mask=n_in)
+            tl.store(cl_ptr + cp, tl.sum(tl.exp2(s_col - c_safe[None, :]), 0), mask=n_in)
+            tl.store(cs_ptr + cp, tl.sum(tl.where(allowed, qk, 0.0), 0), mask=n_in)
 
         s_den = tl.where(den, s2, neg_inf)
         m_new = tl.maximum(m_i, tl.max(s_den, 1))
@@ -679,6 +699,11 @@ _CONFIGS = {
                              _cfg(64, 32, 8, 2, 512), _cfg(64, 64, 4, 3, 64)],
     ("bwd_chunked", "fma"): [_cfg(64, 32, 4, 2, 64), _cfg(64, 32, 8, 2, 128),
                              _cfg(32, 64, 4, 2, 128), _cfg(64, 64, 8, 2, 64)],
+    # the forward with column partials (COL_PARTIALS): BLOCK_M fixed per family, as the
+    # partials are laid out per row block (_COLS_BLOCK_M)
+    ("fwd_cols", "mma"): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
+                          _cfg(128, 128, 8, 2)],
+    ("fwd_cols", "fma"): [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2)],
     # one tile of G per program (STORE_G); BLOCK_N is fixed per family, as the partial sums
     # are laid out per inner tile (_GRAD_BLOCK_N)
     ("grad", "mma"): [_cfg(64, 128, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
@@ -687,9 +712,13 @@ _CONFIGS = {
 }
 
 #: BLOCK_N of the STORE_G launches per family (every configuration of ("grad", family) has it)
+#: and BLOCK_M of the forward with COL_PARTIALS (one row of column partials per row block)
 _GRAD_BLOCK_N = {"mma": 128, "fma": 64}
+_COLS_BLOCK_M = {"mma": 128, "fma": 64}
 assert all(c.kwargs["BLOCK_N"] == _GRAD_BLOCK_N[f]
            for (kind, f), cs in _CONFIGS.items() if kind == "grad" for c in cs)
+assert all(c.kwargs["BLOCK_M"] == _COLS_BLOCK_M[f]
+           for (kind, f), cs in _CONFIGS.items() if kind == "fwd_cols" for c in cs)
 _GROUP_M = 8
 
 
@@ -705,7 +734,7 @@ def _prune_chunked(configs, named_args, **kwargs):
 
 
 _FWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
-             "WRITE_POS", "TF32", "SINGLE_D", "BLOCK_D"]
+             "WRITE_POS", "COL_PARTIALS", "TF32", "SINGLE_D", "BLOCK_D"]
 _BWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
              "TRANSPOSED", "SELF", "STORE_G", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN",
              "HAS_G_COL_LSE", "HAS_G_COL_MEAN", "TF32", "SINGLE_D", "BLOCK_D"]
@@ -713,7 +742,7 @@ _BWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS
 # autotuned launchers, one per (kernel, tiling family); the autotuner also keys on dtypes
 _TUNED = {}
 for (_kind, _family), _configs in _CONFIGS.items():
-    if _kind == "fwd":
+    if _kind in ("fwd", "fwd_cols"):
         _TUNED[_kind, _family] = triton.autotune(_configs, key=_FWD_KEYS)(
             _contrastive_fwd_kernel)
     elif _kind in ("bwd_single", "grad"):
@@ -727,6 +756,7 @@ for (_kind, _family), _configs in _CONFIGS.items():
 
 # position of D among the kernels' arguments
 _D_ARG = {"fwd": _contrastive_fwd_kernel.arg_names.index("D"),
+          "fwd_cols": _contrastive_fwd_kernel.arg_names.index("D"),
           "bwd_single": _contrastive_bwd_kernel.arg_names.index("D"),
           "bwd_chunked": _contrastive_bwd_kernel.arg_names.index("D"),
           "grad": _contrastive_bwd_kernel.arg_names.index("D")}
@@ -768,23 +798,83 @@ def _launch(kind, family, kernel, grid, args, flags):
                                  num_stages=cfg.num_stages)
 
 
-def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
+def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
+                o0=0, o_end=None, col_parts=None):
+    """Row statistics of the rows ``[o0, o_end)`` of ``a`` (all by default); with
+    ``col_parts = (cm, cl, cs)`` also the column partials of each row block."""
     NA, D = a.shape
     NB = b.shape[0]
-    if NA == 0:
+    o_end = NA if o_end is None else o_end
+    if o_end <= o0:
         return
     tf32 = bool(ALLOW_TF32)
     family, single, block_d = _tiling(D, a.dtype, tf32)
-    args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, NA, NB, D,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-    flags = dict(flags, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
+    cols = col_parts is not None
+    cm, cl, cs = col_parts if cols else (lse, lse, lse)
+    args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, cm, cl, cs, o0, o_end,
+            NA, NB, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    flags = dict(flags, COL_PARTIALS=cols, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
     if _INTERPRET:
-        grid = (triton.cdiv(NA, _INTERP_BLOCK),)
+        grid = (triton.cdiv(o_end - o0, _INTERP_BLOCK),)
         _contrastive_fwd_kernel[grid](*args, **flags, BLOCK_M=_INTERP_BLOCK,
                                       BLOCK_N=_INTERP_BLOCK)
         return
-    _launch("fwd", family, _contrastive_fwd_kernel,
-            lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]),), args, flags)
+    _launch("fwd_cols" if cols else "fwd", family, _contrastive_fwd_kernel,
+            lambda meta: (triton.cdiv(o_end - o0, meta["BLOCK_M"]),), args, flags)
+
+
+#: The forward takes the column statistics from per-slab partials only when a slab has at
+#: least this many row blocks (or all of them): fewer programs would leave the GPU idle, and
+#: the second launch over the columns is used instead.
+_MIN_COL_PROGRAMS = 128
+
+
+def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
+                      exclude_diag):
+    """Row statistics and ``(col_lse, col_mean)`` in one pass over the logits, or None.
+
+    By slabs of rows: each launch writes the column statistics of every row block of the slab
+    (``[blocks, C]`` partials within ``SLAB_BYTES``), merged into running per-column states
+    (max, sum of ``exp2``, sum of ``q . k``) after each slab, as the online log-sum-exp merges
+    tiles. None when a slab would have fewer than ``_MIN_COL_PROGRAMS`` row blocks (and more
+    rows remain): the caller then launches the columns as rows of ``k @ q.T``.
+    """
+    R, C = q.shape[0], k.shape[0]
+    family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
+    block_m = _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
+    budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
+    blocks = max(1, budget // (12 * max(C, 1)))
+    if blocks < min(triton.cdiv(R, block_m), _MIN_COL_PROGRAMS):
+        return None
+    f32 = torch.float32
+    dev = q.device
+    parts = torch.empty((3, blocks, C), dtype=f32, device=dev)
+    c_max = torch.full((C,), float("-inf"), dtype=f32, device=dev)
+    c_sum = torch.zeros(C, dtype=f32, device=dev)
+    c_dot = torch.zeros(C, dtype=f32, device=dev)
+    rows = blocks * block_m
+    for o0 in range(0, R, rows):
+        o_end = min(R, o0 + rows)
+        _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
+                    o0, o_end, (parts[0], parts[1], parts[2]))
+        n = triton.cdiv(o_end - o0, block_m)
+        p_max, p_sum, p_dot = parts[0, :n], parts[1, :n], parts[2, :n]
+        new_max = torch.maximum(c_max, p_max.max(0).values)
+        safe = torch.where(new_max == float("-inf"), 0.0, new_max)
+        c_sum = c_sum * torch.exp2(c_max - safe) + (p_sum * torch.exp2(p_max - safe)).sum(0)
+        c_max = new_max
+        c_dot += p_dot.sum(0)
+    ln2 = math.log(2.0)
+    col_lse = torch.where(c_sum > 0, (c_max + torch.log2(c_sum.clamp_min(1e-38))) * ln2,
+                          torch.full_like(c_sum, float("-inf")))
+    count = torch.full((C,), float(R), dtype=f32, device=dev)
+    if exclude_diag:
+        count[:min(R, C)] -= 1.0
+    scale_f = scale.to(device=dev, dtype=f32).reshape(())
+    bias_f = bias.to(device=dev, dtype=f32).reshape(())
+    col_mean = torch.where(count > 0, scale_f * (c_dot / count.clamp_min(1.0)) + bias_f,
+                           torch.zeros_like(c_dot))
+    return col_lse, col_mean
 
 
 def _launch_bwd(a, b, out, rest, parts, flags):
@@ -955,10 +1045,15 @@ def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
     tgt = _vec(targets if has_targets else None, lse)
     rlab = _vec(row_labels if has_labels else None, lse)
     clab = _vec(col_labels if has_labels else None, lse)
-    _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean,
-                dict(HAS_TARGETS=has_targets, HAS_LABELS=has_labels,
+    row_flags = dict(HAS_TARGETS=has_targets, HAS_LABELS=has_labels,
                      EXCLUDE_DIAG=bool(exclude_diag), DECOUPLED=bool(decoupled),
-                     POS_LSE=bool(pos_lse), WRITE_POS=True))
+                     POS_LSE=bool(pos_lse), WRITE_POS=True)
+    if col_stats and _use_slabs(q.shape[1], q.dtype):
+        cols = _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean,
+                                 row_flags, exclude_diag)
+        if cols is not None:
+            return (lse, pos, npos, mean, *cols)
+    _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, row_flags)
     if col_stats:
         col_lse = torch.empty(C, dtype=f32, device=dev)
         col_mean = torch.empty(C, dtype=f32, device=dev)

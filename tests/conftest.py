@@ -48,7 +48,8 @@ SLAB_ROWS = 7
 
 @pytest.fixture
 def slabs(monkeypatch):
-    """The Triton backward by slabs of G at every feature width (contrastive and SigLIP).
+    """The Triton schedule by slabs at every feature width: the backward by slabs of G
+    (contrastive and SigLIP) and the forward's column statistics from per-slab partials.
 
     ``slabs(C)`` sets a budget of ``SLAB_ROWS`` rows of ``C`` fp32 columns (so that the small
     shapes of the tests take several slabs, the last one partial); the calls of
@@ -57,6 +58,7 @@ def slabs(monkeypatch):
     from fastcl.kernels import contrastive as tk  # after the test module chose interpretation
 
     monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
+    monkeypatch.setattr(tk, "_MIN_COL_PROGRAMS", 1)  # column partials even with few row blocks
     calls = []
     real = tk._bwd_slabs
 

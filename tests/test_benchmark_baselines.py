@@ -108,7 +108,7 @@ def test_ntxent_pairs_variant_skips_the_self_backward(monkeypatch):
 
 
 @pytest.mark.parametrize("loss", ["clip", "ntxent", "siglip"])
-def test_noslabs_variant_takes_the_one_launch_backward(loss, monkeypatch):
+def test_noslabs_variant_takes_the_one_launch_schedule(loss, monkeypatch):
     """bench_clip's fastcl-triton-noslabs: through ``measure``, its backward never goes by
     slabs of G where the default does (every width by slabs here), with the same loss and
     gradients; the setting is restored afterwards."""

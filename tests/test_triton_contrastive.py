@@ -512,6 +512,36 @@ def test_slabs_equal_one_launch(slabs):
     assert len(slabs.calls) == 4
 
 
+@pytest.mark.parametrize("R,C,mode,exclude_diag", [(37, 29, "targets", False),
+                                                    (45, 45, "labels", True),
+                                                    (40, 70, "none", True)])
+def test_slabs_forward_column_partials(R, C, mode, exclude_diag, slabs, monkeypatch):
+    """The column statistics from per-slab partials (one pass over the logits) equal those of
+    the second launch over the columns, which the forward falls back to when a slab would have
+    too few row blocks; the row statistics are the same launch's."""
+    slabs(C)
+    inputs = make_inputs(R, C, 20, torch.float32, mode, n_labels=3)
+    flags = flags_of(exclude_diag=exclude_diag, col_stats=True)
+    launches = []
+    real = tk._launch_fwd
+
+    def recording(*args, **kw):
+        launches.append(args[-1] is not None if len(args) > 12 else kw.get("col_parts"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tk, "_launch_fwd", recording)
+    one_pass, _, ref, _ = check_against_oracle(*inputs, flags, None)
+    budget = int(os.environ["FASTCL_TRITON_SLAB_BYTES"])
+    rows = budget // (12 * C) * tk._INTERP_BLOCK
+    assert len(launches) == -(-R // rows) > 1 and all(launches), launches
+    launches.clear()
+    monkeypatch.setattr(tk, "_MIN_COL_PROGRAMS", 10 ** 6)
+    two_launches, _ = run_kernels(*inputs, flags)
+    assert len(launches) == 2 and not any(launches), launches
+    for name, a, b in zip(STAT_NAMES, one_pass, two_launches):
+        assert_close(a, b, 1e-6, name)
+
+
 def test_slabs_fp16_small_upstream_gradients(slabs):
     """The rescaling of fp16 G (``_g_multiplier``) holds for the stored slabs too."""
     R, C, D = 37, 45, 20
