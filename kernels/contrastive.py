@@ -843,8 +843,9 @@ def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, 
     family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
     block_m = _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
     budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
-    blocks = max(1, budget // (12 * max(C, 1)))
-    if blocks < min(triton.cdiv(R, block_m), _MIN_COL_PROGRAMS):
+    all_blocks = triton.cdiv(R, block_m)
+    blocks = min(all_blocks, max(1, budget // (12 * max(C, 1))))
+    if blocks < min(all_blocks, _MIN_COL_PROGRAMS):
         return None
     f32 = torch.float32
     dev = q.device

@@ -542,6 +542,19 @@ def test_slabs_forward_column_partials(R, C, mode, exclude_diag, slabs, monkeypa
         assert_close(a, b, 1e-6, name)
 
 
+def test_forward_column_partials_fit_the_problem(monkeypatch):
+    """With the default budget, the partials of a small problem are sized by its row blocks,
+    not by the budget (which would hold hundreds of thousands of them)."""
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
+    monkeypatch.delenv("FASTCL_TRITON_SLAB_BYTES", raising=False)
+    R = C = 40
+    inputs = make_inputs(R, C, 8, torch.float32, "targets")
+    with LargestAllocation() as rec:
+        run_kernels(*inputs, flags_of(col_stats=True))
+    assert rec.largest_bytes[0] < R * C * 4, rec.largest_bytes
+    check_against_oracle(*inputs, flags_of(col_stats=True), None)
+
+
 def test_slabs_fp16_small_upstream_gradients(slabs):
     """The rescaling of fp16 G (``_g_multiplier``) holds for the stored slabs too."""
     R, C, D = 37, 45, 20
