@@ -178,6 +178,8 @@ _KEYS = ["D", "TRANSPOSED", "STORE_G", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "R
 
 _TUNED = {}
 for (_kind, _family), _configs in _c._CONFIGS.items():
+    if _kind == "fwd_cols":  # the contrastive forward's column partials only
+        continue
     if _kind == "bwd_chunked":
         _TUNED[_kind, _family] = triton.autotune(
             _configs, key=_KEYS, prune_configs_by={"early_config_prune": _c._prune_chunked})(
