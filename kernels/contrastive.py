@@ -907,18 +907,20 @@ def _launch_bwd(a, b, out, rest, parts, flags):
 
 
 # --------------------------------------------------------------------------------------------
-# the backward by slabs (wide D)
+# the schedule by slabs (wide D)
 # --------------------------------------------------------------------------------------------
 
-#: Feature widths from which the backward materializes ``G`` one slab of rows at a time and
-#: leaves its products to GEMMs (``_bwd_slabs``), per tiling family; below, the one-launch
-#: kernels, which recompute the logits once per ``BLOCK_DV`` slice of the output. The
-#: environment variable ``FASTCL_TRITON_SLAB_MIN_D`` (read at each call) sets both.
+#: Feature widths from which the schedule goes by slabs of rows, per tiling family: the
+#: backward materializes ``G`` one slab at a time and leaves its products to GEMMs
+#: (``_bwd_slabs``), and the forward takes the column statistics from per-slab partials of the
+#: row pass (``_fwd_col_partials``); below, the one-launch kernels, which recompute the logits
+#: once per ``BLOCK_DV`` slice of the output, and a second forward launch over the columns.
+#: The environment variable ``FASTCL_TRITON_SLAB_MIN_D`` (read at each call) sets both.
 SLAB_MIN_D = {"mma": 512, "fma": 128}
 
-#: Byte budget of the slab of ``G`` (rows x columns in the inputs' dtype); the environment
-#: variable ``FASTCL_TRITON_SLAB_BYTES`` (read at each call) overrides it. It does not grow
-#: with the number of rows.
+#: Byte budget of a slab of ``G`` (rows x columns in the inputs' dtype) and of the forward's
+#: column partials; the environment variable ``FASTCL_TRITON_SLAB_BYTES`` (read at each call)
+#: overrides it. It does not grow with the number of rows.
 SLAB_BYTES = 256 << 20
 
 _ROW_PAD = 8  # slab rows padded to 16-byte multiples (GEMM operand alignment)
@@ -995,14 +997,15 @@ def _bwd_slabs(a, b, out, factor, n_parts, launch_slab):
     return sums
 
 
-def _launch_slab(kernel, table, a, b, g_slab, head, tail, o0, s, S, grid_size, flags):
-    """One ``STORE_G`` launch of ``kernel`` (its arguments: ``head``, then ``O0, O_END,
-    PART_STRIDE, NA, NB, D``, the strides of ``a``, ``b`` and the slab, then ``tail``...)."""
+def _launch_slab(kernel, table, a, b, g_slab, head, o0, s, S, grid_size, flags):
+    """One ``STORE_G`` launch of ``kernel`` over the rows ``[o0, o0 + s)`` of ``a`` (its
+    arguments: ``head``, then ``O0, O_END, PART_STRIDE, NA, NB, D`` and the strides of ``a``,
+    ``b`` and the slab), autotuned over ``table["grad", family]``."""
     NA, D = a.shape
     tf32 = bool(ALLOW_TF32)
     family, single, block_d = _tiling(D, a.dtype, tf32)
     args = (*head, o0, o0 + s, S, NA, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0),
-            b.stride(1), g_slab.stride(0), 1, *tail)
+            b.stride(1), g_slab.stride(0), 1)
     flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
                  BLOCK_DV=block_d, GROUP_M=_GROUP_M)
     if _INTERPRET:
@@ -1145,7 +1148,7 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
         def by_slabs(a, b, out, flags, n_parts):
             def launch(g_slab, parts, o0, s, grid_size):
                 _launch_slab(_contrastive_bwd_kernel, _TUNED, a, b, g_slab,
-                             (a, b, g_slab, *rest, parts[0], parts[-1]), (), o0, s,
+                             (a, b, g_slab, *rest, parts[0], parts[-1]), o0, s,
                              parts.shape[-1], grid_size,
                              dict(flags, WRITE_PARTIALS=n_parts > 0))
             return _bwd_slabs(a, b, out, factor, n_parts, launch)

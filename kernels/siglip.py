@@ -285,7 +285,7 @@ def _grad_by_slabs(x, y, dx, dy, scale, bias, g, g_mul, loss, flags):
         def launch(g_slab, parts, o0, s, grid_size):
             _c._launch_slab(_siglip_kernel, _TUNED, a, b, g_slab,
                             (a, b, g_slab, scale, bias, g, g_mul, parts[-1], parts[0],
-                             parts[min(1, len(parts) - 1)]), (), o0, s, parts.shape[-1],
+                             parts[min(1, len(parts) - 1)]), o0, s, parts.shape[-1],
                             grid_size, flags)
         return _c._bwd_slabs(a, b, out, factor, n_parts, launch)
 
