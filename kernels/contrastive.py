@@ -840,6 +840,8 @@ def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, 
     rows remain): the caller then launches the columns as rows of ``k @ q.T``.
     """
     R, C = q.shape[0], k.shape[0]
+    if R == 0:
+        return None
     family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
     block_m = _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
     budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
@@ -976,7 +978,8 @@ def _bwd_slabs(a, b, out, factor, n_parts, launch_slab):
     dev = a.device
     f32 = torch.float32
     sums = torch.zeros((n_parts, NA), dtype=f32, device=dev)
-    if NA == 0:
+    if NA == 0 or NB == 0:  # no logits: a zero gradient
+        out.zero_()
         return sums
     family = _tiling(D, a.dtype, bool(ALLOW_TF32))[0]
     block_n = _INTERP_BLOCK if _INTERPRET else _GRAD_BLOCK_N[family]

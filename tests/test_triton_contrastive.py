@@ -555,6 +555,19 @@ def test_forward_column_partials_fit_the_problem(monkeypatch):
     check_against_oracle(*inputs, flags_of(col_stats=True), None)
 
 
+@pytest.mark.parametrize("R,C", [(0, 5), (5, 0), (0, 0)])
+def test_slabs_empty_sides(R, C, slabs):
+    """No rows or no columns: the statistics of the empty sets, zero gradients."""
+    slabs(max(C, 1))
+    q, k, scale, bias, _, _, _ = make_inputs(max(R, 1), max(C, 1), 6, torch.float32, "none")
+    q, k = q[:R], k[:C]
+    stats, g = run_kernels(q, k, scale, bias, None, None, None, flags_of(col_stats=True),
+                           make_grads(R, C, ("lse", "col_lse", "col_mean")))
+    assert torch.isinf(stats[4]).all() and (stats[5] == 0).all()
+    assert g[0].shape == q.shape and g[1].shape == k.shape
+    assert all(torch.count_nonzero(x) == 0 for x in g)
+
+
 def test_slabs_fp16_small_upstream_gradients(slabs):
     """The rescaling of fp16 G (``_g_multiplier``) holds for the stored slabs too."""
     R, C, D = 37, 45, 20

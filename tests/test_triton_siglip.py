@@ -205,8 +205,11 @@ def test_rectangular_blocks_match_oracle(R, C, D, dtype, diag_pos):
         check_fused(x, y, a, b, mean, diag_pos=diag_pos)
 
 
+@pytest.mark.parametrize("by_slabs", [False, True], ids=("one-launch", "slabs"))
 @pytest.mark.parametrize("R,C", [(0, 7), (7, 0), (0, 0)])
-def test_empty_blocks(R, C):
+def test_empty_blocks(R, C, by_slabs, request):
+    if by_slabs:
+        request.getfixturevalue("slabs")(max(C, 1))
     x, y, a, b = make_inputs(max(R, 1), 5, torch.float32, C=max(C, 1))
     x, y = x[:R], y[:C]
     for diag_pos in (True, False):
