@@ -365,7 +365,7 @@ def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_cl,
 def _contrastive_fwd_kernel(
     A, B, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
     lse_ptr, pos_ptr, npos_ptr, mean_ptr, cm_ptr, cl_ptr, cs_ptr,
-    O0, O_END, NA, NB, D,
+    O0, O_END, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd,
     HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
     DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
@@ -754,14 +754,6 @@ for (_kind, _family), _configs in _CONFIGS.items():
             _contrastive_bwd_kernel)
 
 
-# position of D among the kernels' arguments
-_D_ARG = {"fwd": _contrastive_fwd_kernel.arg_names.index("D"),
-          "fwd_cols": _contrastive_fwd_kernel.arg_names.index("D"),
-          "bwd_single": _contrastive_bwd_kernel.arg_names.index("D"),
-          "bwd_chunked": _contrastive_bwd_kernel.arg_names.index("D"),
-          "grad": _contrastive_bwd_kernel.arg_names.index("D")}
-
-
 def _tiling(D: int, dtype: torch.dtype, tf32: bool):
     """``(family, SINGLE_D, BLOCK_D)``; the forward and the backward's logits share them."""
     if _INTERPRET:
@@ -784,15 +776,16 @@ def _vec(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     return dummy if t is None else t.contiguous()
 
 
-def _launch(kind, family, kernel, grid, args, flags):
-    """Launch on a GPU: autotuned, or the first configuration that suits ``D``."""
+def _launch(kind, family, kernel, grid, args, flags, table=None):
+    """Launch on a GPU: autotuned (through ``table``, this module's ``_TUNED`` by default), or
+    the first configuration of ``_CONFIGS[kind, family]`` that suits ``D``."""
     with torch.cuda.device(args[0].device):
         if AUTOTUNE:
-            _TUNED[kind, family][grid](*args, **flags)
+            (_TUNED if table is None else table)[kind, family][grid](*args, **flags)
             return
         configs = _CONFIGS[kind, family]
         if kind == "bwd_chunked":
-            configs = _prune_chunked(configs, {"D": args[_D_ARG[kind]]})
+            configs = _prune_chunked(configs, {"D": args[kernel.arg_names.index("D")]})
         cfg = configs[0]
         kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                  num_stages=cfg.num_stages)
@@ -812,7 +805,7 @@ def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
     cols = col_parts is not None
     cm, cl, cs = col_parts if cols else (lse, lse, lse)
     args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, cm, cl, cs, o0, o_end,
-            NA, NB, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+            NB, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     flags = dict(flags, COL_PARTIALS=cols, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
     if _INTERPRET:
         grid = (triton.cdiv(o_end - o0, _INTERP_BLOCK),)
@@ -961,17 +954,18 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _bwd_slabs(a, b, out, factor, n_parts, launch_slab):
-    """``out = factor * (G' @ b)``, one slab of outer rows (rows of ``a``) at a time.
+def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head):
+    """``out = scale * (G @ b)``, one slab of outer rows (rows of ``a``) at a time.
 
-    Per slab of ``S`` rows (``S x C`` in the inputs' dtype within ``SLAB_BYTES``),
-    ``launch_slab(g_slab, parts, o0, s, grid_size)`` launches a kernel in its ``STORE_G`` mode:
-    ``grid_size(BLOCK_M)`` programs, one tile of ``G' = G * g_mul`` each (the logits recomputed
+    Per slab of ``S`` rows (``S x C`` in the inputs' dtype within ``SLAB_BYTES``), one launch of
+    ``kernel`` in its ``STORE_G`` mode (autotuned over ``table["grad", family]``; its arguments
+    are ``head(g_slab, parts)``, then ``O0, O_END, PART_STRIDE, NA, NB, D`` and the strides of
+    ``a``, ``b`` and the slab): one program per tile of ``G * g_mul`` (the logits recomputed
     once), written to ``g_slab[: s]``, and ``n_parts`` per-row partial sums per inner tile of
     ``BLOCK_N`` columns to ``parts[p, tile, : s]``. Then one GEMM multiplies the slab by ``b``
-    in fp32 and the rows of ``out`` are written once. Logit work: one recompute per
-    orientation, whatever ``D``, against ``ceil(D / BLOCK_DV)`` for the one-launch kernels.
-    Returns the partials summed over the tiles, ``[n_parts, NA]`` fp32.
+    in fp32 and the rows of ``out`` are written once, times ``scale / g_mul``. Logit work: one
+    recompute per orientation, whatever ``D``, against ``ceil(D / BLOCK_DV)`` for the
+    one-launch kernels. Returns the partials summed over the tiles, ``[n_parts, NA]`` fp32.
     """
     NA, D = a.shape
     NB = b.shape[0]
@@ -981,7 +975,8 @@ def _bwd_slabs(a, b, out, factor, n_parts, launch_slab):
     if NA == 0 or NB == 0:  # no logits: a zero gradient
         out.zero_()
         return sums
-    family = _tiling(D, a.dtype, bool(ALLOW_TF32))[0]
+    tf32 = bool(ALLOW_TF32)
+    family, single, block_d = _tiling(D, a.dtype, tf32)
     block_n = _INTERP_BLOCK if _INTERPRET else _GRAD_BLOCK_N[family]
     cols = -(-NB // _ROW_PAD) * _ROW_PAD
     budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
@@ -990,38 +985,28 @@ def _bwd_slabs(a, b, out, factor, n_parts, launch_slab):
     n_tiles = triton.cdiv(NB, block_n)
     parts = torch.empty((max(n_parts, 1), n_tiles if n_parts else 1, S if n_parts else 1),
                         dtype=f32, device=dev)
+    factor = scale.to(device=dev, dtype=f32).reshape(()) / g_mul
+    flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
+                 BLOCK_DV=block_d, GROUP_M=_GROUP_M)
     for o0 in range(0, NA, S):
         s = min(S, NA - o0)
-        launch_slab(g_slab, parts, o0, s, lambda block_m, _s=s: triton.cdiv(_s, block_m) * n_tiles)
+        args = (*head(g_slab, parts), o0, o0 + s, S, NA, NB, D, a.stride(0), a.stride(1),
+                b.stride(0), b.stride(1), g_slab.stride(0), 1)
+
+        def programs(block_m, _s=s):
+            return triton.cdiv(_s, block_m) * n_tiles
+
+        if _INTERPRET:
+            kernel[(programs(_INTERP_BLOCK),)](*args, **flags, BLOCK_M=_INTERP_BLOCK,
+                                               BLOCK_N=_INTERP_BLOCK)
+        else:
+            _launch("grad", family, kernel, lambda meta: (programs(meta["BLOCK_M"]),), args,
+                    flags, table)
         product = _mm_f32(g_slab[:s, :NB], b)
         out[o0:o0 + s].copy_(product.mul_(factor))
         if n_parts:
             sums[:, o0:o0 + s] = parts[:n_parts, :, :s].sum(1)
     return sums
-
-
-def _launch_slab(kernel, table, a, b, g_slab, head, o0, s, S, grid_size, flags):
-    """One ``STORE_G`` launch of ``kernel`` over the rows ``[o0, o0 + s)`` of ``a`` (its
-    arguments: ``head``, then ``O0, O_END, PART_STRIDE, NA, NB, D`` and the strides of ``a``,
-    ``b`` and the slab), autotuned over ``table["grad", family]``."""
-    NA, D = a.shape
-    tf32 = bool(ALLOW_TF32)
-    family, single, block_d = _tiling(D, a.dtype, tf32)
-    args = (*head, o0, o0 + s, S, NA, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0),
-            b.stride(1), g_slab.stride(0), 1)
-    flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
-                 BLOCK_DV=block_d, GROUP_M=_GROUP_M)
-    if _INTERPRET:
-        kernel[(grid_size(_INTERP_BLOCK),)](*args, **flags, BLOCK_M=_INTERP_BLOCK,
-                                            BLOCK_N=_INTERP_BLOCK)
-        return
-    with torch.cuda.device(a.device):
-        if AUTOTUNE:
-            table["grad", family][lambda meta: (grid_size(meta["BLOCK_M"]),)](*args, **flags)
-            return
-        cfg = _CONFIGS["grad", family][0]
-        kernel[(grid_size(cfg.kwargs["BLOCK_M"]),)](
-            *args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _check_inputs(q, k, scale, bias, targets, row_labels, col_labels):
@@ -1146,19 +1131,15 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     col_flags = dict(flags, TRANSPOSED=True, SELF=False, WRITE_PARTIALS=False)
     dk = no_dk if self_sim else torch.empty(k.shape, dtype=k.dtype, device=dev)
     if _use_slabs(q.shape[1], q.dtype):
-        factor = scale.to(device=dev, dtype=f32).reshape(()) / g_mul
+        def head(a, b):  # the kernel's arguments before O0 (the partials: ds, db)
+            return lambda g_slab, parts: (a, b, g_slab, *rest, parts[0], parts[-1])
 
-        def by_slabs(a, b, out, flags, n_parts):
-            def launch(g_slab, parts, o0, s, grid_size):
-                _launch_slab(_contrastive_bwd_kernel, _TUNED, a, b, g_slab,
-                             (a, b, g_slab, *rest, parts[0], parts[-1]), o0, s,
-                             parts.shape[-1], grid_size,
-                             dict(flags, WRITE_PARTIALS=n_parts > 0))
-            return _bwd_slabs(a, b, out, factor, n_parts, launch)
-
-        ds, db = (row.sum() for row in by_slabs(q, k, dq, row_flags, 2))
+        sums = _bwd_slabs(q, k, dq, scale, g_mul, row_flags, 2, _contrastive_bwd_kernel,
+                          _TUNED, head(q, k))
         if not self_sim:
-            by_slabs(k, q, dk, col_flags, 0)
+            _bwd_slabs(k, q, dk, scale, g_mul, col_flags, 0, _contrastive_bwd_kernel, _TUNED,
+                       head(k, q))
+        ds, db = (row.sum() for row in sums)
         return dq, dk, ds, db
     ds_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G * (q . k)
     db_part = torch.empty(R, dtype=f32, device=dev)   # per-row sums of G

@@ -224,16 +224,7 @@ def _launch(a, b, out, rest, flags):
 
         def grid(meta):
             return (triton.cdiv(NA, meta["BLOCK_M"]), max(1, triton.cdiv(D, meta["BLOCK_DV"])))
-    with torch.cuda.device(a.device):
-        if _c.AUTOTUNE:
-            _TUNED[kind, family][grid](*args, **flags)
-            return
-        configs = _c._CONFIGS[kind, family]
-        if kind == "bwd_chunked":
-            configs = _c._prune_chunked(configs, {"D": D})
-        cfg = configs[0]
-        _siglip_kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs,
-                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _c._launch(kind, family, _siglip_kernel, grid, args, flags, _TUNED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,18 +243,17 @@ def _grad_launches(x, y, scale, bias, g, uniform, loss, diag_pos):
     f32 = torch.float32
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    ds_part = torch.empty(N, dtype=f32, device=x.device)
-    db_part = torch.empty(N, dtype=f32, device=x.device)
     rescale = x.dtype == torch.float16
     if rescale:
         # |G| <= max |g| (a sigmoid is at most 1)
         g_mul = _c._g_multiplier(torch.linalg.vector_norm(g.detach().float(), float("inf")))
     else:
-        g_mul = ds_part  # never read
+        g_mul = torch.ones((), dtype=f32, device=x.device)
     flags = dict(HAS_GRAD=True, UNIFORM_G=uniform, RESCALE_G=rescale, DIAG_POS=bool(diag_pos))
     if _c._use_slabs(x.shape[1], x.dtype):
-        return _grad_by_slabs(x, y, dx, dy, scale, bias, g, g_mul if rescale else None, loss,
-                              flags)
+        return _grad_by_slabs(x, y, dx, dy, scale, bias, g, g_mul, loss, flags)
+    ds_part = torch.empty(N, dtype=f32, device=x.device)
+    db_part = torch.empty(N, dtype=f32, device=x.device)
     _launch(x, y, dx, (scale, bias, g, g_mul, ds_part if loss is None else loss,
                        ds_part, db_part),
             dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None))
@@ -276,22 +266,17 @@ def _grad_by_slabs(x, y, dx, dy, scale, bias, g, g_mul, loss, flags):
     """:func:`_grad_launches` for wide features: slabs of ``G`` and GEMMs
     (:func:`fastcl.kernels.contrastive._bwd_slabs`), the row losses and the partial sums of
     ``dscale`` / ``dbias`` from the row-orientation slabs."""
-    f32 = torch.float32
-    if g_mul is None:
-        g_mul = torch.ones((), dtype=f32, device=x.device)
-    factor = scale.to(device=x.device, dtype=f32).reshape(()) / g_mul
 
-    def by_slabs(a, b, out, flags, n_parts):
-        def launch(g_slab, parts, o0, s, grid_size):
-            _c._launch_slab(_siglip_kernel, _TUNED, a, b, g_slab,
-                            (a, b, g_slab, scale, bias, g, g_mul, parts[-1], parts[0],
-                             parts[min(1, len(parts) - 1)]), o0, s, parts.shape[-1],
-                            grid_size, flags)
-        return _c._bwd_slabs(a, b, out, factor, n_parts, launch)
+    def head(a, b):  # the kernel's arguments before O0 (the partials: loss, ds, db)
+        return lambda g_slab, parts: (a, b, g_slab, scale, bias, g, g_mul, parts[-1], parts[0],
+                                      parts[min(1, len(parts) - 1)])
 
     # partial sums of the rows: dscale, dbias and (with ``loss``) the row losses
-    sums = by_slabs(x, y, dx, dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None), 3)
-    by_slabs(y, x, dy, dict(flags, TRANSPOSED=True, WRITE_LOSS=False), 0)
+    sums = _c._bwd_slabs(x, y, dx, scale, g_mul,
+                         dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None), 3,
+                         _siglip_kernel, _TUNED, head(x, y))
+    _c._bwd_slabs(y, x, dy, scale, g_mul, dict(flags, TRANSPOSED=True, WRITE_LOSS=False), 0,
+                  _siglip_kernel, _TUNED, head(y, x))
     if loss is not None:
         loss.copy_(sums[2])
     return dx, dy, sums[0].sum().to(scale.dtype), sums[1].sum().to(bias.dtype)
