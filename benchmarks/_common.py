@@ -19,6 +19,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from typing import Callable, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -111,23 +112,14 @@ def keys_given():
         contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats = saved
 
 
-@contextlib.contextmanager
 def without_slabs():
-    """Within: the Triton kernels never take the schedule by slabs (``SLAB_MIN_D`` of
-    :mod:`fastcl.kernels.contrastive` out of reach): the column statistics of the forward in a
-    second launch, and the backward in one launch per orientation, the logits recomputed once
-    per output slice; the B side of the A/B comparison of the two schedules at wide features,
-    in the same process. It must cover the backward, where its schedule is chosen."""
-    name = "FASTCL_TRITON_SLAB_MIN_D"
-    saved = os.environ.get(name)
-    os.environ[name] = str(1 << 30)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
+    """A context within which the Triton kernels never take the schedule by slabs
+    (``SLAB_MIN_D`` of :mod:`fastcl.kernels.contrastive` out of reach, through the environment,
+    restored on exit): the column statistics of the forward in a second launch, and the
+    backward in one launch per orientation, the logits recomputed once per output slice; the B
+    side of the A/B comparison of the two schedules at wide features, in the same process. It
+    must cover the backward, where its schedule is chosen."""
+    return mock.patch.dict(os.environ, {"FASTCL_TRITON_SLAB_MIN_D": str(1 << 30)})
 
 
 def timed(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> dict:

@@ -6,7 +6,8 @@ matrix in memory, forward or backward; a reduced one-direction loss with gradien
 of :data:`fastcl.ops.contrastive.FUSED_BACKENDS`, or of ``SELF_FUSED_BACKENDS`` for a loss over
 one feature set, takes the one-sweep :func:`fastcl.ops.contrastive.contrastive_fused`; a loss
 over one feature set passes ``k=None``, the keys being the anchors) or, with
-``backend="reference"``, calls the oracle in :mod:`fastcl.reference`. The math of each loss is in the docstrings and in ``LOSSES.md``.
+``backend="reference"``, calls the oracle in :mod:`fastcl.reference`. The math of each loss is
+in the docstrings and in ``LOSSES.md``.
 
 Conventions shared by all functions:
 
