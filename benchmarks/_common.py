@@ -174,6 +174,13 @@ def eager_clip(x, y, scale):
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
 
 
+def eager_info_nce(x, y, scale):
+    """InfoNCE in one direction with materialized logits: row i of ``x`` against every row of
+    ``y``, its positive the same row (fp16 / bf16 logits in fp32)."""
+    logits = scale * x @ y.T
+    return F.cross_entropy(logits.float(), torch.arange(x.shape[0], device=x.device))
+
+
 def eager_nt_xent(z1, z2, scale):
     """NT-Xent (SimCLR) with materialized logits: ``F.cross_entropy`` over the concatenated
     views, the diagonal masked, each anchor's positive its other view (fp16 / bf16 logits in

@@ -1,6 +1,6 @@
 """Symmetric CLIP loss (or, with ``--loss siglip``, the sigmoid loss; with ``--loss ntxent``,
-NT-Xent over two views of N samples, 2N anchors), forward + backward: fastcl against its
-baselines, in one process.
+NT-Xent over two views of N samples, 2N anchors; with ``--loss infonce``, InfoNCE in one
+direction), forward + backward: fastcl against its baselines, in one process.
 
 Implementations (each skipped with a note where it cannot run):
 
@@ -11,7 +11,7 @@ Implementations (each skipped with a note where it cannot run):
 - ``pml`` and ``pml-supcon``: pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss`` in their
   cross-batch form, both directions, where the package is installed
   (:func:`benchmarks._common.pml_info_nce`; ``NTXentLoss`` refuses above a few hundred rows);
-- ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``) on each
+- ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``, ``info_nce``) on each
   available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss without
   the one-launch self-similarity backward (separate dq and dk launches), to compare the two;
   on Triton ``fastcl-triton-noslabs``, without the schedule by slabs (column statistics in a
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 import fastcl
 from fastcl import dispatch
 
-from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_nt_xent, eager_siglip, environment,
-                      infcl_clip, keys_given, open_clip_clip, pml_clip, timed, without_slabs)
+from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_info_nce, eager_nt_xent,
+                      eager_siglip, environment, infcl_clip, keys_given, open_clip_clip, pml_clip, timed, without_slabs)
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -56,6 +56,9 @@ LOSSES = {
                "siglip_loss", 3),
     "ntxent": (eager_nt_xent, lambda x, y, s, be: fastcl.nt_xent(x, y, logit_scale=s, backend=be),
                "nt_xent", 16),
+    "infonce": (eager_info_nce,
+                lambda x, y, s, be: fastcl.info_nce(x, y, logit_scale=s, backend=be),
+                "info_nce", 4),
 }
 
 

@@ -51,8 +51,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ._common import (RssPeak, eager_clip, eager_nt_xent, keys_given, open_clip_clip,
-                      pml_clip, pml_info_nce)
+from ._common import (RssPeak, eager_clip, eager_info_nce, eager_nt_xent, keys_given,
+                      open_clip_clip, pml_clip, pml_info_nce)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pytorch-metric-learning's losses by implementation name: (kind, symmetric)
@@ -131,10 +131,6 @@ def slab_clip(q, k, scale):
     return _SlabCLIP.apply(q, k, scale)
 
 
-def eager_one_direction(q, k, scale):
-    return F.cross_entropy(scale * q @ k.T, torch.arange(q.shape[0]))
-
-
 def fastcl_one_direction(q, k, scale):
     import fastcl
 
@@ -174,7 +170,7 @@ def _loss(impl: str):
             raise RuntimeError("pytorch-metric-learning is not installed")
         return fn
     return {"eager": eager_clip, "fastcl": fastcl_clip, "slabs": slab_clip,
-            "eager-one": eager_one_direction, "fastcl-one": fastcl_one_direction,
+            "eager-one": eager_info_nce, "fastcl-one": fastcl_one_direction,
             "eager-ntxent": eager_nt_xent, "fastcl-ntxent": fastcl_nt_xent,
             "fastcl-stats-ntxent": fastcl_nt_xent_stats,
             "fastcl-pairs-ntxent": fastcl_nt_xent_pairs}[impl]

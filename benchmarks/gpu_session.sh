@@ -10,13 +10,15 @@
 #         siglip  SigLIP on every GPU backend against eager and torch.compile
 #         ntxent  NT-Xent: the one-launch self-similarity backward against the two launches it
 #                 replaces (fastcl-triton-pairs), eager and torch.compile
+#         infonce InfoNCE in one direction (the one-sweep fused path of the CUDA C++ backend)
+#                 on every GPU backend against eager and torch.compile
 #         topk    top-k similarity search
 #
 # Each stage runs under its own time limit (LIMIT_<stage> seconds) and all of them under
 # DEADLINE seconds in all (default 570), so a command with a 10-minute limit always ends by
 # itself: a stage that runs long is stopped and the ones after it still run or are reported
 # as skipped. Split the stages over several commands when they do not fit in one, e.g.
-# `build test`, then `report`, then `siglip ntxent topk` (a later command finds the build).
+# `build test`, then `report`, then `siglip ntxent infonce topk` (a later command finds the build).
 #
 # Logs and results are written under $WORK and packed at exit into $OUT/gpu-results.tar.gz,
 # with the stage table in $OUT/summary.txt (default OUT: ./gpu-results): two files, whatever
@@ -72,14 +74,19 @@ stage_ntxent() {
   python3 -m benchmarks.bench_clip --loss ntxent --n ${NTXENT_N:-8192 32768} --d 1024 \
     --dtype bf16 --reps 5 --json "$WORK/bench_ntxent.json" 2>&1
 }
+stage_infonce() {
+  python3 -m benchmarks.bench_clip --loss infonce --n ${INFONCE_N:-16384 65536} --d 1024 \
+    --dtype bf16 --reps 5 --json "$WORK/bench_infonce.json" 2>&1
+}
 stage_topk() {
   python3 -m benchmarks.bench_topk --json "$WORK/bench_topk.json" 2>&1
 }
 
 declare -A LIMIT=([build]=${LIMIT_build:-300} [test]=${LIMIT_test:-420} [report]=${LIMIT_report:-420}
-                  [siglip]=${LIMIT_siglip:-150} [ntxent]=${LIMIT_ntxent:-150} [topk]=${LIMIT_topk:-90})
+                  [siglip]=${LIMIT_siglip:-150} [ntxent]=${LIMIT_ntxent:-150}
+                  [infonce]=${LIMIT_infonce:-150} [topk]=${LIMIT_topk:-90})
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test report siglip ntxent topk)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test report siglip ntxent infonce topk)
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage: $s (stages: ${!LIMIT[*]})" >&2; exit 2; }
 done
@@ -89,7 +96,8 @@ done
   git log -1 --format='commit %h %s' 2>/dev/null; } > "$WORK/device.txt" 2>&1
 cat "$WORK/device.txt"
 printf '%-8s %6s %8s  %s\n' stage rc seconds log > "$WORK/summary.txt"
-export -f built stage_build stage_test stage_report stage_siglip stage_ntxent stage_topk
+export -f built stage_build stage_test stage_report stage_siglip stage_ntxent stage_infonce \
+  stage_topk
 for s in "${STAGES[@]}"; do
   left=$(( DEADLINE - ($(date +%s) - T0) - 10 ))
   lim=$(( left < ${LIMIT[$s]} ? left : ${LIMIT[$s]} ))

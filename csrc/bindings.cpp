@@ -244,6 +244,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("targets"), py::arg("row_labels"), py::arg("col_labels"), py::arg("lse"),
         py::arg("pos"), py::arg("npos"), py::arg("col_lse"), py::arg("exclude_diag"),
         py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
+  m.def("contrastive_fused_cuda", &fastcl::cuda::contrastive_fused_cuda,
+        "(loss, npos, dq, dk, dscale, dbias) of a loss linear in the row statistics on CUDA "
+        "tensors, from one sweep over the slabs (k=None: the keys are q).",
+        py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("q"), py::arg("k"),
+        py::arg("scale"), py::arg("bias"), py::arg("targets"), py::arg("row_labels"),
+        py::arg("col_labels"), py::arg("exclude_diag"), py::arg("decoupled"), py::arg("pos_lse"),
+        py::arg("mean"));
   m.def("cuda_slab_bytes", &fastcl::cuda::slab_bytes,
         "Bytes of logits per slab of the CUDA kernels (env FASTCL_CUDA_SLAB_BYTES, read per call).");
   m.def("siglip_fwd_cuda", &fastcl::cuda::siglip_fwd_cuda,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastcl
-from benchmarks._common import (eager_clip, eager_nt_xent, open_clip_clip, pml_clip,
-                                pml_info_nce)
+from benchmarks._common import (eager_clip, eager_info_nce, eager_nt_xent, open_clip_clip,
+                                pml_clip, pml_info_nce)
 from benchmarks.bench_clip import LOSSES, _no_slabs, _pairs, measure
 from fastcl import dispatch
 
@@ -24,6 +24,7 @@ from fastcl import dispatch
 # function itself (and compiles for ~15 s on a CPU), so it is not repeated here
 BASELINES = {
     "eager": (lambda: eager_clip, True, 1e-5),
+    "eager-one": (lambda: eager_info_nce, False, 1e-5),
     "open_clip": (open_clip_clip, True, 1e-10),
     "pml": (pml_clip, True, 1e-10),
     "pml-supcon": (lambda: pml_clip("supcon"), True, 1e-10),
@@ -107,7 +108,7 @@ def test_ntxent_pairs_variant_skips_the_self_backward(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["clip", "ntxent", "siglip"])
+@pytest.mark.parametrize("loss", ["clip", "ntxent", "siglip", "infonce"])
 def test_noslabs_variant_takes_the_one_launch_schedule(loss, monkeypatch):
     """bench_clip's fastcl-triton-noslabs: through ``measure``, its backward never goes by
     slabs of G where the default does (every width by slabs here), with the same loss and

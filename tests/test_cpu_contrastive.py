@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 import torch
-from _cases import SLAB_SHAPES
+from _cases import SLAB_SHAPES, fused_expected
 from _memory import peak_rss_growth
 
 from fastcl.reference.contrastive import contrastive_stats_ref
@@ -450,19 +450,7 @@ def kernel_fused(case, grads, mean, **flags):
 def fused_oracle(case, grads, mean, **flags):
     """The loss of the fused contract from the oracle's statistics, and the statistics'
     gradients that give the same gradients: masked to rows with a positive, scaled by norm."""
-    lse, pos, npos, avg, *_ = ref_stats(case, F64, **flags)
-    has = npos > 0
-    norm = 1.0 / max(int(has.sum()), 1) if mean else 1.0
-    loss = torch.zeros((), dtype=F64)
-    scaled = []
-    for g, stat in zip(grads, (lse, pos, avg)):
-        if g is None:
-            scaled.append(None)
-            continue
-        g = torch.where(has, g.to(F64), torch.zeros((), dtype=F64))
-        loss = loss + torch.where(has, g * stat, torch.zeros((), dtype=F64)).sum() * norm
-        scaled.append((g * norm).to(g.dtype))
-    return loss, npos, scaled + [None, None]
+    return fused_expected(ref_stats(case, F64, **flags), grads, mean)
 
 
 FUSED_FLAGS = [f for f in FLAG_COMBOS if not f["col_stats"]]

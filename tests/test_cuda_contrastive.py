@@ -25,6 +25,7 @@ import fastcl
 from fastcl import _backends, dispatch
 from fastcl.reference.contrastive import contrastive_stats_ref
 
+from _cases import fused_expected
 from _cuda_cases import DEVICE, SLAB_SHAPES, slab_bytes  # noqa: F401 - slab_bytes is a fixture
 from _cuda_cases import nvcc_found as _nvcc_found
 from _cuda_cases import padded as _padded
@@ -73,7 +74,8 @@ def test_extension_imports_and_reports_cuda():
         assert _C.WITH_CUDA, ("nvcc and a CUDA build of torch are present but fastcl._C was built "
                               "without CUDA: rebuild with `pip install --no-build-isolation -e .`")
     if _C.WITH_CUDA:
-        for name in ("contrastive_fwd_cuda", "contrastive_bwd_cuda", "cuda_slab_bytes"):
+        for name in ("contrastive_fwd_cuda", "contrastive_bwd_cuda", "contrastive_fused_cuda",
+                     "cuda_slab_bytes"):
             assert hasattr(_C, name), f"fastcl._C was built with CUDA but does not bind {name}"
         assert _backends.implements("cuda", "contrastive")
 
@@ -92,6 +94,11 @@ def test_cpu_tensors_are_refused_before_any_cuda_call():
     with pytest.raises(RuntimeError, match="contrastive_bwd_cuda expects CUDA tensors, got cpu"):
         C_.contrastive_bwd_cuda(g, None, None, None, None, q, k, scale, bias, targets, None, None,
                                 g, g, g, torch.empty(0), False, False, False, False)
+    for keys in (k, None):
+        with pytest.raises(RuntimeError,
+                           match="contrastive_fused_cuda expects CUDA tensors, got cpu"):
+            C_.contrastive_fused_cuda(g, None, None, q, keys, scale, bias, targets, None, None,
+                                      False, False, False, True)
 
 
 def test_slab_bytes_env(monkeypatch):
@@ -223,8 +230,10 @@ def check_stats(got, want, dtype):
                                    msg=lambda m, n=name: f"{n}: {m}", **FWD_TOL[dtype])
 
 
-def check_grads(case, grads, stats, dtype, mag_floor=1e-3, **flags):
-    got = kernel_bwd(case, grads, stats, **flags)
+def check_grads(case, grads, stats, dtype, mag_floor=1e-3, got=None, **flags):
+    """``got`` (default: the backward kernel's gradients) against the oracle's for ``grads``."""
+    if got is None:
+        got = kernel_bwd(case, grads, stats, **flags)
     exact = ref_grads(case, [None if g is None else g.to(F64) for g in grads], F64, **flags)
     for name, a, x in zip(GRAD_NAMES, got, (case["q"], case["k"], case["scale"], case["bias"])):
         assert a.dtype == x.dtype and a.shape == x.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
@@ -286,6 +295,141 @@ def test_fp64_missing_grads(mode, drop):
     stats = kernel_fwd(case, **flags)
     grads = random_grads(R, C, F64, True, drop=drop)
     check_grads(case, grads, stats, F64, **flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused sweep (row statistics, their gradients known before the forward): loss = norm * sum
+# over the rows with a positive of g . (lse, pos, mean), and its gradients
+
+
+FUSED_FLAGS = [f for f in FLAG_COMBOS if not f["col_stats"]]
+
+
+def kernel_fused(case, grads, mean, keys="k", **flags):
+    f = _flags(flags)
+    return _ext().contrastive_fused_cuda(*grads, case["q"], case[keys] if keys else None,
+                                         case["scale"], case["bias"], case["targets"],
+                                         case["row_labels"], case["col_labels"],
+                                         f["exclude_diag"], f["decoupled"], f["pos_lse"], mean)
+
+
+def check_fused(case, grads, mean, dtype, **flags):
+    loss, npos, *got = kernel_fused(case, grads, mean, **flags)
+    want_loss, want_npos, scaled = fused_expected(ref_stats(case, F64, **flags), grads, mean)
+    assert loss.dtype == _stat_dtype(dtype) and loss.dim() == 0
+    torch.testing.assert_close(npos.to(F64), want_npos)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=5e-5)
+    torch.testing.assert_close(loss.to(F64), want_loss, **tol)
+    sdt = _stat_dtype(dtype)
+    check_grads(case, [None if g is None else g.to(sdt) for g in scaled], None, dtype, got=got,
+                **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mean", (True, False), ids=("mean", "sum"))
+@pytest.mark.parametrize("mode,flags", [(m, f) for m in MODES for f in FUSED_FLAGS],
+                         ids=[f"{m}-{_id(f)}" for m in MODES for f in FUSED_FLAGS])
+def test_fused_fp64(mode, flags, mean, slab_bytes):
+    R, C, D = 37, 29, 6
+    slab_bytes(7 * _padded(C) * 8)  # several slabs and a ragged last one
+    case = make_case(R, C, D, F64, mode, scale=4.0, bias=-0.5)
+    check_fused(case, random_grads(R, C, F64, False)[:3], mean, F64, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("drop", [(0,), (1, 2), (0, 2), (0, 1, 2)])
+def test_fused_missing_coefficients(drop):
+    R, C = 23, 23
+    case = make_case(R, C, 5, F64, "targets")
+    grads = random_grads(R, C, F64, False, drop=drop)[:3]
+    check_fused(case, grads, True, F64, exclude_diag=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (F32, BF16, F16), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fused_low_precision(dtype, mode, slab_bytes):
+    R, C, D = 70, 53, 24
+    slab_bytes(16 * _padded(C) * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+    case = make_case(R, C, D, dtype, mode, scale=8.0)
+    check_fused(case, random_grads(R, C, dtype, False)[:3], True, dtype, **flags)
+
+
+@pytest.mark.gpu
+def test_fused_equals_forward_then_backward(slab_bytes):
+    """Same statistics and gradients as the two kernels given the masked, normalized
+    coefficients."""
+    R, C = 41, 41
+    slab_bytes(9 * _padded(C) * 4)
+    case = make_case(R, C, 8, F32, "labels")
+    flags = dict(exclude_diag=True, decoupled=True)
+    grads = random_grads(R, C, F32, False)[:3]
+    loss, npos, *got = kernel_fused(case, grads, True, **flags)
+    stats = kernel_fwd(case, **flags)
+    has = stats[2] > 0
+    masked = [torch.where(has, g, torch.zeros((), device=DEVICE)) / has.sum() for g in grads]
+    want = kernel_bwd(case, masked + [None, None], stats, **flags)
+    torch.testing.assert_close(npos, stats[2], rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (F64, F32, BF16), ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_self_is_the_sum_of_both_roles(mode, dtype, slab_bytes):
+    """k=None: the keys are q; dq is the gradient of q as queries plus as keys, dk is empty."""
+    R, D = 45, 12
+    slab_bytes(8 * _padded(R) * 8)
+    case = make_case(R, R, D, dtype, mode, scale=5.0)
+    case["k"] = case["q"]
+    flags = dict(exclude_diag=True, decoupled=(mode == "labels"))
+    grads = random_grads(R, R, dtype, False)[:3]
+    loss, npos, dz, dk, ds, db = kernel_fused(case, grads, True, keys=None, **flags)
+    want = kernel_fused(case, grads, True, **flags)
+    assert dk.shape == (0, D) and dz.shape == (R, D) and dz.dtype == dtype
+    torch.testing.assert_close(loss, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(npos, want[1], rtol=0, atol=0)
+    rounding = 0 if dtype != BF16 else 2 ** -7 * want[2].abs().max().item()
+    torch.testing.assert_close(dz.double(), want[2].double() + want[3].double(), rtol=1e-6,
+                               atol=1e-9 + rounding)
+    torch.testing.assert_close(ds, want[4], rtol=0, atol=0)
+    torch.testing.assert_close(db, want[5], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,C", [(0, 5), (5, 0), (1, 1)])
+def test_fused_empty_and_tiny(R, C):
+    case = make_case(R, C, 3, F64, "targets" if R > 0 else "none")
+    grads = random_grads(R, C, F64, False)[:3]
+    loss, npos, dq, dk, ds, db = kernel_fused(case, grads, True)
+    want_loss, want_npos, _ = fused_expected(ref_stats(case, F64), grads, True)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(npos, want_npos)
+    assert dq.shape == (R, 3) and dk.shape == (C, 3)
+    if R == 0 or C == 0:
+        assert loss.item() == 0 and all((t == 0).all() for t in (dq, dk, ds, db))
+
+
+@pytest.mark.gpu
+def test_fused_leaves_the_coefficients_alone():
+    """The sweep masks copies of the coefficients, not the caller's tensors."""
+    case = make_case(9, 9, 4, F32, "targets")
+    grads = random_grads(9, 9, F32, False)[:3]
+    before = [g.clone() for g in grads]
+    kernel_fused(case, grads, True)
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+
+
+@pytest.mark.gpu
+def test_fused_bad_input():
+    case = make_case(6, 5, 4, F32, "targets")
+    grads = random_grads(6, 5, F32, False)[:3]
+    with pytest.raises(RuntimeError, match=r"g_pos must be a 1-D tensor of length R"):
+        kernel_fused(case, [grads[0], torch.ones(5, device=DEVICE), grads[2]], True)
+    with pytest.raises(RuntimeError, match=r"same dtype"):
+        kernel_fused(dict(case, k=case["k"].double()), grads, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,8 +731,9 @@ LOSSES = dict(clip=_clip, info_nce_negatives=_info_nce_negatives, nt_xent=_nt_xe
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
 def test_losses_end_to_end(loss, dtype, backend):
-    """Every loss on the GPU backends against the reference (the CUDA C++ backend gets k = q
-    where the losses pass k=None; Triton runs its one-launch symmetric backward)."""
+    """Every loss on the GPU backends against the reference (the CUDA C++ backend runs the
+    reduced one-direction and self-similarity losses as one fused sweep, and gets k = q where
+    the statistics op is given k=None; Triton runs its one-launch symmetric backward)."""
     if backend == "cuda":
         _ext()
     assert dispatch.why_not(backend, "info_nce", torch.device(DEVICE), dtype) is None

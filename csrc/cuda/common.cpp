@@ -172,18 +172,22 @@ void FeatureGrads::add(const at::Tensor& tile, int64_t r0, const at::Tensor& q_s
   }
 }
 
-void FeatureGrads::finish() {
+void FeatureGrads::finish(const at::Tensor& norm) {
+  const at::Tensor factor = norm.defined() ? a_over_f_ * norm : a_over_f_;
   if (first_) {
     dk_.zero_();
   } else if (dk_acc_.is_same(dk_)) {
-    dk_.mul_(a_over_f_);
+    dk_.mul_(factor);
   } else {
-    at::mul_out(dk_, dk_acc_, a_over_f_);
+    at::mul_out(dk_, dk_acc_, factor);
   }
+  if (norm.defined()) dq_.mul_(norm);
 }
 
-void write_scalar_grads(const at::Tensor& parts, at::Tensor& dscale, at::Tensor& dbias) {
-  const at::Tensor sums = parts.narrow(0, 0, 2).sum(1);
+void write_scalar_grads(const at::Tensor& parts, at::Tensor& dscale, at::Tensor& dbias,
+                        const at::Tensor& norm) {
+  at::Tensor sums = parts.narrow(0, 0, 2).sum(1);
+  if (norm.defined()) sums = sums * norm.to(sums.scalar_type());
   dscale.copy_(sums.select(0, 0).reshape(dscale.sizes()));
   dbias.copy_(sums.select(0, 1).reshape(dbias.sizes()));
 }

@@ -91,8 +91,10 @@ class FeatureGrads {
   FeatureGrads(at::Tensor dq, at::Tensor dk, const at::Tensor& kc, at::ScalarType st,
                at::Tensor a_over_f);
   void add(const at::Tensor& tile, int64_t r0, const at::Tensor& q_slab);
-  // Scales the accumulated dk into the output; dq is complete after the last add.
-  void finish();
+  // Scales the accumulated dk into the output; dq is complete after the last add. With `norm` (a
+  // 0-dim tensor of the statistics dtype on the device) both are multiplied by it too: dk before
+  // its rounding to the output dtype, dq after (a second rounding for half-precision dq).
+  void finish(const at::Tensor& norm = at::Tensor());
 
  private:
   at::Tensor dq_, dk_, kc_, dk_acc_, a_over_f_;
@@ -100,9 +102,11 @@ class FeatureGrads {
   bool first_ = true;
 };
 
-// dscale = sum of parts[0] and dbias = sum of parts[1] (parts: [>= 2, R] fp64 row sums), written
-// into the outputs (shape, dtype and device of scale and bias).
-void write_scalar_grads(const at::Tensor& parts, at::Tensor& dscale, at::Tensor& dbias);
+// dscale = sum of parts[0] and dbias = sum of parts[1] (parts: [>= 2, R] fp64 row sums), times
+// `norm` when defined (0-dim, on the device), written into the outputs (shape, dtype and device of
+// scale and bias).
+void write_scalar_grads(const at::Tensor& parts, at::Tensor& dscale, at::Tensor& dbias,
+                        const at::Tensor& norm = at::Tensor());
 
 }  // namespace cuda
 }  // namespace fastcl

@@ -17,6 +17,11 @@
 //   the GEMMs), with the row sums of G and G * l; then U = G @ k gives dq = (scale / f) * U, and
 //   G^T @ q_slab accumulates into an fp32 dk (fp64 for fp64 inputs), scaled at the end;
 //   dscale = sum G * l and dbias = sum G from the row sums (fp64).
+// - fused (row statistics only, their gradients known before the forward: one-direction InfoNCE,
+//   NT-Xent, SupCon, DCL with mean or sum): a slab holds whole rows, so the row kernel gives the
+//   slab's final statistics and the tile kernel then turns the same logits into G: three GEMMs
+//   per slab instead of the four of a forward and a backward. The mean's divisor (rows with a
+//   positive) is known after the last slab only: it scales the gradients at the end.
 //
 // Scale and bias are read by the kernels from device memory: no host synchronization anywhere
 // (unless scale or bias live on the CPU: their values and gradients are then copied). fp32 GEMMs
@@ -36,6 +41,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <utility>
 
 #include "../checks.h"
 #include "common.h"
@@ -69,6 +76,24 @@ void check_masks(const char* fn, const at::Tensor& q, const at::Tensor& k, const
 void check_vec(const char* fn, const char* name, const OptT& t, const at::Tensor& q, int64_t n,
                const char* what) {
   checks::check_vec(fn, name, t, n, what, q.device());
+}
+
+// The features, scalars and masks of every entry point.
+void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                  const at::Tensor& bias, const OptT& targets, const OptT& row_labels,
+                  const OptT& col_labels) {
+  check_features(fn, q, k);
+  check_scalar(fn, "scale", scale, q);
+  check_scalar(fn, "bias", bias, q);
+  check_masks(fn, q, k, targets, row_labels, col_labels);
+}
+
+// The gradients of the row statistics, [R] each where given.
+void check_row_grads(const char* fn, const OptT& g_lse, const OptT& g_pos, const OptT& g_mean,
+                     const at::Tensor& q) {
+  check_vec(fn, "g_lse", g_lse, q, q.size(0), "R");
+  check_vec(fn, "g_pos", g_pos, q, q.size(0), "R");
+  check_vec(fn, "g_mean", g_mean, q, q.size(0), "R");
 }
 
 const int64_t* index_ptr(const at::Tensor& t) {
@@ -116,6 +141,125 @@ int column_splits(int64_t C, int64_t S, DType stat) {
 
 }  // namespace
 
+namespace {
+
+// Row statistics [R] of the statistics dtype, as the row kernel writes them.
+struct RowStats {
+  at::Tensor lse, pos, npos, mean;
+  RowStats(int64_t R, const at::TensorOptions& opt)
+      : lse(at::empty({R}, opt)),
+        pos(at::empty({R}, opt)),
+        npos(at::empty({R}, opt)),
+        mean(at::empty({R}, opt)) {}
+  // The statistics of rows over no column: an empty set.
+  void set_empty() {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    pos.zero_();
+    npos.zero_();
+    mean.zero_();
+  }
+};
+
+// The row kernel's arguments writing `stats` from slabs of leading dimension ldl.
+FwdRowsArgs rows_args(const MaskSpec& mask, int64_t ldl, const at::Tensor& sc,
+                      const at::Tensor& bi, RowStats& stats) {
+  FwdRowsArgs ra;
+  ra.mask = mask;
+  ra.ldl = ldl;
+  ra.scale = sc.data_ptr();
+  ra.bias = bi.data_ptr();
+  ra.lse = stats.lse.data_ptr();
+  ra.pos = stats.pos.data_ptr();
+  ra.npos = stats.npos.data_ptr();
+  ra.mean = stats.mean.data_ptr();
+  return ra;
+}
+
+// The gradients of the statistics ([R] / [C], statistics dtype, contiguous, on the device;
+// undefined when absent).
+struct GradCoefs {
+  at::Tensor g_lse, g_pos, g_mean, g_col_lse, g_col_mean;
+  bool any() const {
+    return g_lse.defined() || g_pos.defined() || g_mean.defined() || g_col_lse.defined() ||
+           g_col_mean.defined();
+  }
+};
+
+// The backward over slabs: the preparation kernel (per-column terms, the tile factor f) once,
+// then per slab the tile kernel, which turns the slab's logits into f * G in place, and the
+// GEMMs of the tile (FeatureGrads). The vectors it is given are read by kernels enqueued later:
+// they must stay alive, and hold their final values for a slab's rows when that slab is passed.
+class TileSweep {
+ public:
+  TileSweep(GradOutputs& out, const at::Tensor& q, const at::Tensor& kc, const MaskSpec& mask,
+            int64_t ldl, const at::Tensor& sc, const at::Tensor& bi, const GradCoefs& g,
+            const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
+            const at::Tensor& col_lse, cudaStream_t stream)
+      : out_(out), st_(stat_type_of(q)), gt_(q.scalar_type()), stream_(stream) {
+    const auto opt = q.options().dtype(st_);
+    if (g.g_col_lse.defined() || g.g_col_mean.defined()) cols_ = at::empty({3, ldl}, opt);
+    gscale_ = at::empty({2}, opt);
+    parts_ = at::empty({2, mask.R}, opt.dtype(at::kDouble));
+    BwdPrepArgs pa;
+    pa.R = mask.R;
+    pa.C = mask.C;
+    pa.exclude_diag = mask.exclude_diag;
+    pa.g_lse = ptr_or_null(g.g_lse);
+    pa.g_pos = ptr_or_null(g.g_pos);
+    pa.g_mean = ptr_or_null(g.g_mean);
+    pa.g_col_lse = ptr_or_null(g.g_col_lse);
+    pa.g_col_mean = ptr_or_null(g.g_col_mean);
+    pa.col_lse = ptr_or_null(col_lse);
+    pa.cols = cols_.defined() ? cols_.data_ptr() : nullptr;
+    pa.ldcol = ldl;
+    pa.gscale = gscale_.data_ptr();
+    C10_CUDA_CHECK(launch_bwd_prep(pa, dtype_of(st_), stream_));
+    grads_.emplace(out.dx, out.dy, kc, st_, sc * gscale_.select(0, 1));
+
+    ta_.mask = mask;
+    ta_.ldl = ldl;
+    ta_.scale = sc.data_ptr();
+    ta_.bias = bi.data_ptr();
+    ta_.g_lse = pa.g_lse;
+    ta_.g_pos = pa.g_pos;
+    ta_.g_mean = pa.g_mean;
+    ta_.lse = lse.data_ptr();
+    ta_.pos = pos.data_ptr();
+    ta_.npos = npos.data_ptr();
+    ta_.cols = pa.cols;
+    ta_.ldcol = ldl;
+    ta_.col_exp = g.g_col_lse.defined();
+    ta_.gscale = gscale_.data_ptr();
+    ta_.row_parts = parts_.data_ptr<double>();
+  }
+
+  // The slab of rows [r0, r0 + q_slab.size(0)) whose logits `slabs` holds (L: its view).
+  void slab(const Slabs& slabs, const at::Tensor& L, int64_t r0, const at::Tensor& q_slab) {
+    ta_.L = L.data_ptr();
+    ta_.r0 = r0;
+    ta_.rows = q_slab.size(0);
+    C10_CUDA_CHECK(launch_bwd_tile(ta_, dtype_of(st_), dtype_of(gt_), stream_));
+    grads_->add(slabs.tile(ta_.rows, gt_), r0, q_slab);
+  }
+
+  // After the last slab: the gradients in `out`, times `norm` (0-dim, statistics dtype, on the
+  // device) when it is defined.
+  void finish(const at::Tensor& norm) {
+    grads_->finish(norm);
+    write_scalar_grads(parts_, out_.dscale, out_.dbias, norm);
+  }
+
+ private:
+  GradOutputs& out_;
+  at::ScalarType st_, gt_;
+  cudaStream_t stream_;
+  at::Tensor cols_, gscale_, parts_;
+  std::optional<FeatureGrads> grads_;
+  BwdTileArgs ta_;
+};
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                      const at::Tensor& bias, const std::optional<at::Tensor>& targets,
@@ -123,10 +267,7 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const std::optional<at::Tensor>& col_labels, bool exclude_diag,
                      bool decoupled, bool pos_lse, bool col_stats) {
   const char* fn = "contrastive_fwd_cuda";
-  check_features(fn, q, k);
-  check_scalar(fn, "scale", scale, q);
-  check_scalar(fn, "bias", bias, q);
-  check_masks(fn, q, k, targets, row_labels, col_labels);
+  check_inputs(fn, q, k, scale, bias, targets, row_labels, col_labels);
   c10::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard guard(q.device());
 
@@ -134,22 +275,18 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const at::ScalarType st = stat_type_of(q);
   const DType sdt = dtype_of(st);
   const auto opt = q.options().dtype(st);
-  at::Tensor lse = at::empty({R}, opt), pos = at::empty({R}, opt);
-  at::Tensor npos = at::empty({R}, opt), mean = at::empty({R}, opt);
+  RowStats stats(R, opt);
   at::Tensor col_lse = at::empty({col_stats ? C : 0}, opt);
   at::Tensor col_mean = at::empty({col_stats ? C : 0}, opt);
   const double ninf = -std::numeric_limits<double>::infinity();
   if (C == 0) {
-    lse.fill_(ninf);
-    pos.zero_();
-    npos.zero_();
-    mean.zero_();
-    return {lse, pos, npos, mean, col_lse, col_mean};
+    stats.set_empty();
+    return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
   }
   if (R == 0) {
     col_lse.fill_(ninf);
     col_mean.zero_();
-    return {lse, pos, npos, mean, col_lse, col_mean};
+    return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -168,15 +305,8 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     st_lsum = at::zeros({nsplit, Cp}, opt.dtype(at::kDouble));
   }
 
-  FwdRowsArgs ra;
-  ra.mask = masks.spec(R, C, exclude_diag, decoupled, pos_lse);
-  ra.ldl = Cp;
-  ra.scale = sc.data_ptr();
-  ra.bias = bi.data_ptr();
-  ra.lse = lse.data_ptr();
-  ra.pos = pos.data_ptr();
-  ra.npos = npos.data_ptr();
-  ra.mean = mean.data_ptr();
+  FwdRowsArgs ra =
+      rows_args(masks.spec(R, C, exclude_diag, decoupled, pos_lse), Cp, sc, bi, stats);
   FwdColsArgs ca;
   ca.R = R;
   ca.C = C;
@@ -220,7 +350,7 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     fa.col_mean = col_mean.data_ptr();
     C10_CUDA_CHECK(launch_col_final(fa, sdt, stream));
   }
-  return {lse, pos, npos, mean, col_lse, col_mean};
+  return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -236,14 +366,9 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
                      const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
                      bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
   const char* fn = "contrastive_bwd_cuda";
-  check_features(fn, q, k);
-  check_scalar(fn, "scale", scale, q);
-  check_scalar(fn, "bias", bias, q);
-  check_masks(fn, q, k, targets, row_labels, col_labels);
+  check_inputs(fn, q, k, scale, bias, targets, row_labels, col_labels);
   const int64_t R = q.size(0), C = k.size(0);
-  check_vec(fn, "g_lse", g_lse, q, R, "R");
-  check_vec(fn, "g_pos", g_pos, q, R, "R");
-  check_vec(fn, "g_mean", g_mean, q, R, "R");
+  check_row_grads(fn, g_lse, g_pos, g_mean, q);
   check_vec(fn, "g_col_lse", g_col_lse, q, C, "C");
   check_vec(fn, "g_col_mean", g_col_mean, q, C, "C");
   TORCH_CHECK(col_stats || (!g_col_lse.has_value() && !g_col_mean.has_value()), fn,
@@ -256,80 +381,114 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   const c10::cuda::CUDAGuard guard(q.device());
 
   const at::ScalarType st = stat_type_of(q);
-  const DType sdt = dtype_of(st);
-  const auto opt = q.options().dtype(st);
   auto acc = [&](const OptT& t) -> at::Tensor {
     return t.has_value() ? t->to(st).contiguous() : at::Tensor();
   };
-  const at::Tensor gl = acc(g_lse), gp = acc(g_pos), gm = acc(g_mean);
-  const at::Tensor gcl = col_stats ? acc(g_col_lse) : at::Tensor();
-  const at::Tensor gcm = col_stats ? acc(g_col_mean) : at::Tensor();
+  GradCoefs g{acc(g_lse), acc(g_pos), acc(g_mean), col_stats ? acc(g_col_lse) : at::Tensor(),
+              col_stats ? acc(g_col_mean) : at::Tensor()};
 
   GradOutputs out(q, k, scale, bias);  // dx = dq, dy = dk
-  const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() || gcm.defined();
-  if (!any || R == 0 || C == 0) return out.zero().tuple();
+  if (!g.any() || R == 0 || C == 0) return out.zero().tuple();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor sc = device_scalar(scale, q, st), bi = device_scalar(bias, q, st);
   const Masks masks = make_masks(targets, row_labels, col_labels);
   const at::Tensor lse_a = lse.to(st).contiguous(), pos_a = pos.to(st).contiguous();
   const at::Tensor npos_a = npos.to(st).contiguous();
-  const at::Tensor col_lse_a = gcl.defined() ? col_lse.to(st).contiguous() : at::Tensor();
+  const at::Tensor col_lse_a = g.g_col_lse.defined() ? col_lse.to(st).contiguous() : at::Tensor();
   const at::Tensor kc = k.contiguous();
   Slabs slabs(R, C, q);
-  const int64_t Cp = slabs.ld(), S = slabs.rows();
-
-  // Per-column terms and the power-of-two factor f of the stored tile.
-  at::Tensor cols;
-  if (gcl.defined() || gcm.defined()) cols = at::empty({3, Cp}, opt);
-  at::Tensor gscale = at::empty({2}, opt);
-  BwdPrepArgs pa;
-  pa.R = R;
-  pa.C = C;
-  pa.exclude_diag = exclude_diag;
-  pa.g_lse = ptr_or_null(gl);
-  pa.g_pos = ptr_or_null(gp);
-  pa.g_mean = ptr_or_null(gm);
-  pa.g_col_lse = ptr_or_null(gcl);
-  pa.g_col_mean = ptr_or_null(gcm);
-  pa.col_lse = ptr_or_null(col_lse_a);
-  pa.cols = cols.defined() ? cols.data_ptr() : nullptr;
-  pa.ldcol = Cp;
-  pa.gscale = gscale.data_ptr();
-  C10_CUDA_CHECK(launch_bwd_prep(pa, sdt, stream));
-  FeatureGrads feature_grads(out.dx, out.dy, kc, st, sc * gscale.select(0, 1));
-  at::Tensor parts = at::empty({2, R}, opt.dtype(at::kDouble));
-
-  BwdTileArgs ta;
-  ta.mask = masks.spec(R, C, exclude_diag, decoupled, pos_lse);
-  ta.ldl = Cp;
-  ta.scale = sc.data_ptr();
-  ta.bias = bi.data_ptr();
-  ta.g_lse = pa.g_lse;
-  ta.g_pos = pa.g_pos;
-  ta.g_mean = pa.g_mean;
-  ta.lse = lse_a.data_ptr();
-  ta.pos = pos_a.data_ptr();
-  ta.npos = npos_a.data_ptr();
-  ta.cols = pa.cols;
-  ta.ldcol = Cp;
-  ta.col_exp = gcl.defined();
-  ta.gscale = gscale.data_ptr();
-  ta.row_parts = parts.data_ptr<double>();
-
-  for (int64_t r0 = 0; r0 < R; r0 += S) {
-    const int64_t s = std::min(S, R - r0);
-    const at::Tensor qs = q.narrow(0, r0, s);
-    const at::Tensor L = slabs.logits(qs, kc);
-    ta.L = L.data_ptr();
-    ta.r0 = r0;
-    ta.rows = s;
-    C10_CUDA_CHECK(launch_bwd_tile(ta, sdt, dtype_of(q.scalar_type()), stream));
-    feature_grads.add(slabs.tile(s, q.scalar_type()), r0, qs);
+  TileSweep sweep(out, q, kc, masks.spec(R, C, exclude_diag, decoupled, pos_lse), slabs.ld(), sc,
+                  bi, g, lse_a, pos_a, npos_a, col_lse_a, stream);
+  for (int64_t r0 = 0; r0 < R; r0 += slabs.rows()) {
+    const at::Tensor qs = q.narrow(0, r0, std::min(slabs.rows(), R - r0));
+    sweep.slab(slabs, slabs.logits(qs, kc), r0, qs);
   }
-  feature_grads.finish();
-  write_scalar_grads(parts, out.dscale, out.dbias);
+  sweep.finish(at::Tensor());
   return out.tuple();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
+                       const std::optional<at::Tensor>& g_pos,
+                       const std::optional<at::Tensor>& g_mean, const at::Tensor& q,
+                       const std::optional<at::Tensor>& k_opt, const at::Tensor& scale,
+                       const at::Tensor& bias, const std::optional<at::Tensor>& targets,
+                       const std::optional<at::Tensor>& row_labels,
+                       const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                       bool decoupled, bool pos_lse, bool mean) {
+  const char* fn = "contrastive_fused_cuda";
+  const bool self = !k_opt.has_value();
+  const at::Tensor& k = self ? q : *k_opt;  // none: the keys are q
+  check_inputs(fn, q, k, scale, bias, targets, row_labels, col_labels);
+  const int64_t R = q.size(0), C = k.size(0);
+  check_row_grads(fn, g_lse, g_pos, g_mean, q);
+  c10::NoGradGuard no_grad;
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  const at::ScalarType st = stat_type_of(q);
+  const auto opt = q.options().dtype(st);
+  // Copies (the caller's tensors stay as they are), masked slab by slab: rows without a positive
+  // count for nothing.
+  auto coef = [&](const OptT& t) -> at::Tensor {
+    return t.has_value() ? t->to(st, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                         : at::Tensor();
+  };
+  GradCoefs g{coef(g_lse), coef(g_pos), coef(g_mean), at::Tensor(), at::Tensor()};
+  RowStats stats(R, opt);
+  GradOutputs out(q, k, scale, bias);
+  std::optional<TileSweep> sweep;
+  if (C == 0) stats.set_empty();
+
+  if (R > 0 && C > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    const at::Tensor sc = device_scalar(scale, q, st), bi = device_scalar(bias, q, st);
+    const Masks masks = make_masks(targets, row_labels, col_labels);
+    const MaskSpec spec = masks.spec(R, C, exclude_diag, decoupled, pos_lse);
+    const at::Tensor kc = k.contiguous();
+    Slabs slabs(R, C, q);
+    FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
+    if (g.any())
+      sweep.emplace(out, q, kc, spec, slabs.ld(), sc, bi, g, stats.lse, stats.pos, stats.npos,
+                    at::Tensor(), stream);
+    // A slab holds whole rows: its row statistics are final after the row kernel, and the same
+    // logits then become the gradient tile (three GEMMs per slab, not the four of a forward
+    // and a backward).
+    for (int64_t r0 = 0; r0 < R; r0 += slabs.rows()) {
+      const int64_t s = std::min(slabs.rows(), R - r0);
+      const at::Tensor qs = q.narrow(0, r0, s);
+      const at::Tensor L = slabs.logits(qs, kc);
+      ra.L = L.data_ptr();
+      ra.r0 = r0;
+      ra.rows = s;
+      C10_CUDA_CHECK(launch_fwd_rows(ra, dtype_of(st), stream));
+      if (!sweep) continue;
+      const at::Tensor no_pos = stats.npos.narrow(0, r0, s).le(0);
+      for (at::Tensor* t : {&g.g_lse, &g.g_pos, &g.g_mean})
+        if (t->defined()) t->narrow(0, r0, s).masked_fill_(no_pos, 0);
+      sweep->slab(slabs, L, r0, qs);
+    }
+  }
+
+  const at::Tensor has_pos = stats.npos > 0;
+  const at::Tensor count = has_pos.sum().clamp_min(1);  // the rows of the mean
+  if (sweep)
+    sweep->finish(mean ? at::reciprocal(count.to(st)) : at::Tensor());
+  else
+    out.zero();
+  // Masked rows hold zero coefficients but possibly infinite statistics: select, not multiply.
+  at::Tensor rows = at::zeros({R}, opt.dtype(at::kDouble));
+  const std::pair<const at::Tensor*, const at::Tensor*> terms[] = {
+      {&g.g_lse, &stats.lse}, {&g.g_pos, &stats.pos}, {&g.g_mean, &stats.mean}};
+  for (const auto& t : terms)
+    if (t.first->defined()) rows.add_(t.first->to(at::kDouble) * t.second->to(at::kDouble));
+  at::Tensor loss = at::where(has_pos, rows, at::zeros_like(rows)).sum();
+  if (mean) loss = loss / count.to(at::kDouble);
+  if (self) {  // the gradient of q as queries and as keys
+    out.dx.add_(out.dy);
+    out.dy = q.new_empty({0, q.size(1)});
+  }
+  return {loss.to(st), stats.npos, out.dx, out.dy, out.dscale, out.dbias};
 }
 
 }  // namespace cuda

@@ -41,5 +41,20 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
                      const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
                      bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats);
 
+// (loss, npos, dq, dk, dscale, dbias) of a loss linear in the row statistics, from one sweep:
+// loss = norm * sum over rows with npos > 0 of g_lse lse + g_pos pos + g_mean mean (absent
+// coefficients are zero), norm = 1 / max(#{rows with npos > 0}, 1) when `mean`, else 1; the
+// gradients of that loss. Same contract as the CPU backend's contrastive_fused_cpu: k absent means
+// the keys are q (dq is then the whole gradient of q and dk an empty [0, D] tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
+                       const std::optional<at::Tensor>& g_pos,
+                       const std::optional<at::Tensor>& g_mean, const at::Tensor& q,
+                       const std::optional<at::Tensor>& k, const at::Tensor& scale,
+                       const at::Tensor& bias, const std::optional<at::Tensor>& targets,
+                       const std::optional<at::Tensor>& row_labels,
+                       const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                       bool decoupled, bool pos_lse, bool mean);
+
 }  // namespace cuda
 }  // namespace fastcl

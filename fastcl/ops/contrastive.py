@@ -31,10 +31,10 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 
 #: Backends whose ``contrastive_fused`` saves work: their slabs hold whole rows, so one sweep
 #: gives the statistics and then the gradients (three GEMMs, not the four of a forward and a
-#: backward that recomputes the logits; two with ``k=None``, on the symmetric logits). The op
-#: runs on the others too, as a forward and a backward. Static lists: they are consulted while
-#: tracing, when nothing may be imported.
-FUSED_BACKENDS = ("cpu",)
+#: backward that recomputes the logits; on the CPU two with ``k=None``, on the symmetric
+#: logits). The op runs on the others too, as a forward and a backward. Static lists: they are
+#: consulted while tracing, when nothing may be imported.
+FUSED_BACKENDS = ("cpu", "cuda")
 #: Backends whose backward kernel takes ``k=None`` (the keys are the queries) and builds
 #: ``G + G.T`` for the whole gradient: the CPU sweep on the blocks on and below the diagonal only
 #: (half a GEMM to recompute them, one for the gradient, instead of three), Triton from each
