@@ -122,6 +122,15 @@ def without_slabs():
     return mock.patch.dict(os.environ, {"FASTCL_TRITON_SLAB_MIN_D": str(1 << 30)})
 
 
+def slab_accumulate():
+    """A context within which the Triton backward by slabs accumulates the gradient of the
+    columns from the slabs of rows (``SLAB_ACCUMULATE`` of :mod:`fastcl.kernels.contrastive`,
+    through the environment, restored on exit): one logit recompute per backward instead of
+    two, for an fp32 ``C x D`` accumulator; the A side of that A/B comparison, in the same
+    process. It must cover the backward, where its schedule is chosen."""
+    return mock.patch.dict(os.environ, {"FASTCL_TRITON_SLAB_ACCUMULATE": "1"})
+
+
 def timed(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> dict:
     """``{"seconds": median, "times": [...], "extra_bytes": peak beyond the start or None,
     "out": the last result}``, or ``{"error": ...}`` when ``step`` raises (out of memory, a

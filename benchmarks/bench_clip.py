@@ -17,7 +17,9 @@ Implementations (each skipped with a note where it cannot run):
   on Triton ``fastcl-triton-noslabs``, without the schedule by slabs (column statistics in a
   second launch, the backward in one launch per orientation at every ``D``), against the
   default, which from ``SLAB_MIN_D`` features on takes the column statistics from the row pass
-  and the backward by slabs of ``G`` and GEMMs.
+  and the backward by slabs of ``G`` and GEMMs; and ``fastcl-triton-acc``, the backward by
+  slabs with ``SLAB_ACCUMULATE`` (the gradient of the columns accumulated from the slabs of
+  rows: one logit recompute instead of two, for an fp32 ``C x D`` buffer).
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
@@ -44,7 +46,8 @@ import fastcl
 from fastcl import dispatch
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_info_nce, eager_nt_xent,
-                      eager_siglip, environment, infcl_clip, keys_given, open_clip_clip, pml_clip, timed, without_slabs)
+                      eager_siglip, environment, infcl_clip, keys_given, open_clip_clip,
+                      pml_clip, slab_accumulate, timed, without_slabs)
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -85,7 +88,8 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
             if loss == "ntxent" and backend == "triton":
                 impls[f"fastcl-{backend}-pairs"] = _pairs(fast, backend)
             if backend == "triton":
-                impls[f"fastcl-{backend}-noslabs"] = _no_slabs(fast, backend)
+                impls[f"fastcl-{backend}-noslabs"] = _in_context(fast, backend, without_slabs)
+                impls[f"fastcl-{backend}-acc"] = _in_context(fast, backend, slab_accumulate)
     return {k: v for k, v in impls.items() if not which or k in which}
 
 
@@ -101,15 +105,14 @@ def _pairs(fast, backend):
     return fn
 
 
-def _no_slabs(fast, backend):
-    """fastcl's loss without the Triton schedule by slabs at any feature width
-    (:func:`benchmarks._common.without_slabs` around forward and backward: its
-    ``step_context``), against the default, which takes it for wide features, in the same
-    process."""
+def _in_context(fast, backend, context):
+    """fastcl's loss with another Triton schedule: ``context()`` (``without_slabs``,
+    ``slab_accumulate`` of :mod:`benchmarks._common`) around forward and backward, as its
+    ``step_context``, against the default in the same process."""
 
     def fn(x, y, s):
         return fast(x, y, s, backend)
-    fn.step_context = without_slabs
+    fn.step_context = context
     return fn
 
 

@@ -28,7 +28,8 @@ once per slice (``ceil(D / BLOCK_DV)`` times); from ``SLAB_MIN_D`` on (wide feat
 backward goes by slabs instead (``_bwd_slabs``): the same kernel with ``STORE_G`` writes ``G``
 for a slab of rows (one tile per program, the logits recomputed once, at most ``SLAB_BYTES``)
 and a GEMM multiplies it by the features, so the logits are recomputed once per orientation
-whatever ``D``. Self-similarity (``k=None``: the keys are the
+whatever ``D``; with ``SLAB_ACCUMULATE`` once in all, the slabs of rows also giving ``dk`` by
+GEMMs accumulated in an fp32 ``C x D`` buffer. Self-similarity (``k=None``: the keys are the
 queries, as in NT-Xent, SupCon and DCL): one row-parallel launch (``SELF``) builds both
 orientations of ``G`` from each logit tile and accumulates ``(G + G.T) @ q`` into the whole
 gradient of ``q``: two GEMMs' worth of work instead of the four of the two launches (by
@@ -60,7 +61,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["contrastive_fwd", "contrastive_bwd", "ALLOW_TF32", "AUTOTUNE", "SLAB_MIN_D",
-           "SLAB_BYTES"]
+           "SLAB_BYTES", "SLAB_ACCUMULATE"]
 
 #: fp32 inputs run ``tl.dot`` on TF32 tensor cores when True (exact fp32 "ieee" when False).
 ALLOW_TF32: bool = os.environ.get("FASTCL_TF32", "0") == "1"
@@ -918,6 +919,13 @@ SLAB_MIN_D = {"mma": 512, "fma": 128}
 #: overrides it. It does not grow with the number of rows.
 SLAB_BYTES = 256 << 20
 
+#: Whether the backward by slabs of rows also accumulates the gradient of the columns from them
+#: (``dk += G_slab.T @ q_slab``: GEMMs into an fp32 ``C x D`` buffer, ``4 C D`` more bytes for
+#: 16-bit inputs) instead of a second sweep over slabs of columns that recomputes the logits:
+#: one logit recompute per backward instead of two. The environment variable
+#: ``FASTCL_TRITON_SLAB_ACCUMULATE`` (``1`` / ``0``, read at each call) overrides it.
+SLAB_ACCUMULATE = False
+
 _ROW_PAD = 8  # slab rows padded to 16-byte multiples (GEMM operand alignment)
 
 
@@ -932,6 +940,10 @@ def _use_slabs(D: int, dtype: torch.dtype) -> bool:
     return D >= _env_int("FASTCL_TRITON_SLAB_MIN_D", limit)
 
 
+def _slab_accumulate() -> bool:
+    return _env_int("FASTCL_TRITON_SLAB_ACCUMULATE", int(SLAB_ACCUMULATE)) != 0
+
+
 def _g_multiplier(bound: torch.Tensor) -> torch.Tensor:
     """The power of two that maps ``bound`` (an upper bound of ``|G|``) near 2**14 (fp16 G)."""
     g_exp = 14.0 - torch.ceil(torch.log2(bound.float().clamp_min(1e-30)))
@@ -939,6 +951,7 @@ def _g_multiplier(bound: torch.Tensor) -> torch.Tensor:
 
 
 _MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=float32) works for 16-bit CUDA operands
+_ADDMM_OUT_DTYPE = [True]  # so does torch.addmm(..., out_dtype=float32)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -954,7 +967,21 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head):
+def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` (16-bit operands accumulated in fp32)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[0] = False
+    acc.add_(_mm_f32(a, b))
+
+
+def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head, out_b=None):
     """``out = scale * (G @ b)``, one slab of outer rows (rows of ``a``) at a time.
 
     Per slab of ``S`` rows (``S x C`` in the inputs' dtype within ``SLAB_BYTES``), one launch of
@@ -965,7 +992,10 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head):
     ``BLOCK_N`` columns to ``parts[p, tile, : s]``. Then one GEMM multiplies the slab by ``b``
     in fp32 and the rows of ``out`` are written once, times ``scale / g_mul``. Logit work: one
     recompute per orientation, whatever ``D``, against ``ceil(D / BLOCK_DV)`` for the
-    one-launch kernels. Returns the partials summed over the tiles, ``[n_parts, NA]`` fp32.
+    one-launch kernels. With ``out_b`` (shaped like ``b``), the other orientation too:
+    ``out_b = scale * (G.T @ a)``, the slabs' products ``slab.T @ a_slab`` accumulated in fp32
+    (in ``out_b`` itself when it is fp32 and contiguous), so that no second sweep is needed.
+    Returns the partials summed over the tiles, ``[n_parts, NA]`` fp32.
     """
     NA, D = a.shape
     NB = b.shape[0]
@@ -974,6 +1004,8 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head):
     sums = torch.zeros((n_parts, NA), dtype=f32, device=dev)
     if NA == 0 or NB == 0:  # no logits: a zero gradient
         out.zero_()
+        if out_b is not None:
+            out_b.zero_()
         return sums
     tf32 = bool(ALLOW_TF32)
     family, single, block_d = _tiling(D, a.dtype, tf32)
@@ -986,6 +1018,10 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head):
     parts = torch.empty((max(n_parts, 1), n_tiles if n_parts else 1, S if n_parts else 1),
                         dtype=f32, device=dev)
     factor = scale.to(device=dev, dtype=f32).reshape(()) / g_mul
+    acc = None
+    if out_b is not None:
+        direct = out_b.dtype == f32 and out_b.is_contiguous()
+        acc = out_b.zero_() if direct else torch.zeros(out_b.shape, dtype=f32, device=dev)
     flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
                  BLOCK_DV=block_d, GROUP_M=_GROUP_M)
     for o0 in range(0, NA, S):
@@ -1004,8 +1040,15 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head):
                     flags, table)
         product = _mm_f32(g_slab[:s, :NB], b)
         out[o0:o0 + s].copy_(product.mul_(factor))
+        if acc is not None:
+            _addmm_f32(acc, g_slab[:s, :NB].T, a[o0:o0 + s])
         if n_parts:
             sums[:, o0:o0 + s] = parts[:n_parts, :, :s].sum(1)
+    if acc is not None:
+        if acc is out_b:
+            out_b.mul_(factor)
+        else:
+            out_b.copy_(acc.mul_(factor))
     return sums
 
 
@@ -1134,9 +1177,10 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
         def head(a, b):  # the kernel's arguments before O0 (the partials: ds, db)
             return lambda g_slab, parts: (a, b, g_slab, *rest, parts[0], parts[-1])
 
+        accumulate = not self_sim and _slab_accumulate()
         sums = _bwd_slabs(q, k, dq, scale, g_mul, row_flags, 2, _contrastive_bwd_kernel,
-                          _TUNED, head(q, k))
-        if not self_sim:
+                          _TUNED, head(q, k), out_b=dk if accumulate else None)
+        if not (self_sim or accumulate):
             _bwd_slabs(k, q, dk, scale, g_mul, col_flags, 0, _contrastive_bwd_kernel, _TUNED,
                        head(k, q))
         ds, db = (row.sum() for row in sums)

@@ -265,18 +265,21 @@ def _grad_launches(x, y, scale, bias, g, uniform, loss, diag_pos):
 def _grad_by_slabs(x, y, dx, dy, scale, bias, g, g_mul, loss, flags):
     """:func:`_grad_launches` for wide features: slabs of ``G`` and GEMMs
     (:func:`fastcl.kernels.contrastive._bwd_slabs`), the row losses and the partial sums of
-    ``dscale`` / ``dbias`` from the row-orientation slabs."""
+    ``dscale`` / ``dbias`` from the row-orientation slabs (which give ``dy`` too, by accumulated
+    GEMMs, with ``SLAB_ACCUMULATE``)."""
 
     def head(a, b):  # the kernel's arguments before O0 (the partials: loss, ds, db)
         return lambda g_slab, parts: (a, b, g_slab, scale, bias, g, g_mul, parts[-1], parts[0],
                                       parts[min(1, len(parts) - 1)])
 
     # partial sums of the rows: dscale, dbias and (with ``loss``) the row losses
+    accumulate = _c._slab_accumulate()
     sums = _c._bwd_slabs(x, y, dx, scale, g_mul,
                          dict(flags, TRANSPOSED=False, WRITE_LOSS=loss is not None), 3,
-                         _siglip_kernel, _TUNED, head(x, y))
-    _c._bwd_slabs(y, x, dy, scale, g_mul, dict(flags, TRANSPOSED=True, WRITE_LOSS=False), 0,
-                  _siglip_kernel, _TUNED, head(y, x))
+                         _siglip_kernel, _TUNED, head(x, y), out_b=dy if accumulate else None)
+    if not accumulate:
+        _c._bwd_slabs(y, x, dy, scale, g_mul, dict(flags, TRANSPOSED=True, WRITE_LOSS=False), 0,
+                      _siglip_kernel, _TUNED, head(y, x))
     if loss is not None:
         loss.copy_(sums[2])
     return dx, dy, sums[0].sum().to(scale.dtype), sums[1].sum().to(bias.dtype)

@@ -74,3 +74,11 @@ def slabs(monkeypatch):
 
     set_budget.calls = calls
     return set_budget
+
+
+@pytest.fixture
+def accumulated(slabs, monkeypatch):
+    """The ``slabs`` schedule with ``SLAB_ACCUMULATE``: the gradient of the columns accumulated
+    from the slabs of rows (one sweep, ``slabs.calls`` holds one entry per backward)."""
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_ACCUMULATE", "1")
+    return slabs

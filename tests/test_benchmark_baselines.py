@@ -12,7 +12,7 @@ import torch
 import fastcl
 from benchmarks._common import (eager_clip, eager_info_nce, eager_nt_xent, open_clip_clip,
                                 pml_clip, pml_info_nce)
-from benchmarks.bench_clip import LOSSES, _no_slabs, _pairs, measure
+from benchmarks.bench_clip import LOSSES, _pairs, implementations, measure
 from fastcl import dispatch
 
 # --------------------------------------------------------------------------------------------
@@ -108,11 +108,14 @@ def test_ntxent_pairs_variant_skips_the_self_backward(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["noslabs", "acc"])
 @pytest.mark.parametrize("loss", ["clip", "ntxent", "siglip", "infonce"])
-def test_noslabs_variant_takes_the_one_launch_schedule(loss, monkeypatch):
-    """bench_clip's fastcl-triton-noslabs: through ``measure``, its backward never goes by
-    slabs of G where the default does (every width by slabs here), with the same loss and
-    gradients; the setting is restored afterwards."""
+def test_schedule_variants_take_their_path(loss, variant, monkeypatch):
+    """bench_clip's fastcl-triton-noslabs never goes by slabs of G where the default does
+    (every width by slabs here); fastcl-triton-acc sweeps slabs of rows only, once per backward
+    (the default twice, but for NT-Xent's self-similarity); both through ``measure`` and in a
+    step of their own, with the default's loss and gradients; the setting is restored
+    afterwards."""
     from fastcl.kernels import contrastive as triton_kernels
 
     if dispatch.why_not("triton", "nt_xent", torch.device("cpu"), torch.float32) is not None:
@@ -126,26 +129,30 @@ def test_noslabs_variant_takes_the_one_launch_schedule(loss, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(triton_kernels, "_bwd_slabs", counting)
-    fast = LOSSES[loss][1]
-    default = lambda a, b, s: fast(a, b, s, "triton")  # noqa: E731
     cpu = torch.device("cpu")
+    impls = implementations(cpu, torch.float32, ["fastcl-triton", f"fastcl-triton-{variant}"],
+                            loss)
+    default, other = impls["fastcl-triton"], impls[f"fastcl-triton-{variant}"]
     want = measure(default, 20, 8, torch.float32, cpu, reps=1, warmup=0)
     assert calls, "the default goes by slabs"
     calls.clear()
-    variant = _no_slabs(fast, "triton")
-    got = measure(variant, 20, 8, torch.float32, cpu, reps=1, warmup=0)
-    assert not calls and "seconds" in got
+    got = measure(other, 20, 8, torch.float32, cpu, reps=1, warmup=0)
+    assert bool(calls) == (variant == "acc") and "seconds" in got
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
     assert os.environ["FASTCL_TRITON_SLAB_MIN_D"] == "1"
+    assert "FASTCL_TRITON_SLAB_ACCUMULATE" not in os.environ
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
     scale = torch.tensor(3.0)
-    with variant.step_context():
-        grads = _loss_and_grads(variant, q, k, scale)
-    assert not calls
+    calls.clear()
+    with other.step_context():
+        grads = _loss_and_grads(other, q, k, scale)
+    sweeps = len(calls)
+    calls.clear()
     for a, b in zip(grads, _loss_and_grads(default, q, k, scale)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert calls
+    assert sweeps == (0 if variant == "noslabs" else 1)
+    assert len(calls) == (1 if loss == "ntxent" else 2)
 
 
 def test_pml_ntxent_refuses_cubic_memory():

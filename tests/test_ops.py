@@ -18,15 +18,18 @@ def op_backends():
             out.append(name)
     if "triton" in out:
         out.append("triton-slabs")  # the Triton backward by slabs of G
+        out.append("triton-slabs-acc")  # by slabs of rows only (SLAB_ACCUMULATE)
     return out
 
 
 @pytest.fixture
 def backend(request):
     """The op backend of ``op_backends()``; ``"triton-slabs"`` runs ``"triton"`` with the
-    backward by slabs at every feature width (two slabs of the tests' six rows)."""
-    if request.param == "triton-slabs":
-        request.getfixturevalue("slabs")(3)
+    backward by slabs at every feature width (two slabs of the tests' six rows),
+    ``"triton-slabs-acc"`` the same with ``SLAB_ACCUMULATE``."""
+    if request.param.startswith("triton-slabs"):
+        fixture = "accumulated" if request.param.endswith("-acc") else "slabs"
+        request.getfixturevalue(fixture)(3)
         return "triton"
     return request.param
 

@@ -462,10 +462,13 @@ def test_custom_op_backend(by_slabs, request):
 @pytest.mark.parametrize("R,C,D,dtype,mode,flags,present", CASES,
                          ids=[f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}-"
                               + "".join(k[0] for k, v in c[5].items() if v) for c in CASES])
-def test_slabs_match_oracle(R, C, D, dtype, mode, flags, present, slabs):
+@pytest.mark.parametrize("acc", [False, True], ids=("two-sweeps", "accumulated"))
+def test_slabs_match_oracle(R, C, D, dtype, mode, flags, present, acc, slabs, monkeypatch):
+    """Both orientations by slabs, or (``SLAB_ACCUMULATE``) ``dk`` from the slabs of rows."""
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_ACCUMULATE", str(int(acc)))
     slabs(max(R, C))
     check_against_oracle(*make_inputs(R, C, D, dtype, mode), flags, make_grads(R, C, present))
-    assert slabs.calls == [R, C], "both orientations by slabs"
+    assert slabs.calls == ([R] if acc else [R, C])
 
 
 @pytest.mark.parametrize("mode,exclude_diag,decoupled,pos_lse,col_stats", FLAG_COMBOS)
@@ -510,6 +513,69 @@ def test_slabs_equal_one_launch(slabs):
         for name, a, b in zip(GRAD_NAMES, by_slabs, one_launch):
             assert_close(a, b, tol, name)
     assert len(slabs.calls) == 4
+
+
+@pytest.mark.parametrize("mode,exclude_diag,decoupled,pos_lse,col_stats", FLAG_COMBOS)
+def test_accumulated_slabs_flag_combinations(mode, exclude_diag, decoupled, pos_lse, col_stats,
+                                             accumulated):
+    R, C, D = 19, 23, 8
+    accumulated(C)
+    inputs = make_inputs(R, C, D, torch.float32, mode, scale=5.0, n_labels=3)
+    check_against_oracle(*inputs, flags_of(exclude_diag, decoupled, pos_lse, col_stats),
+                         make_grads(R, C, ALL_G))
+
+
+def test_accumulated_slabs_equal_two_sweeps(accumulated, monkeypatch):
+    """The same G, the products of its slabs summed in fp32 instead of recomputed per column
+    slab: the two schedules agree to the order of the fp32 accumulations (the fp16 slabs with
+    their power-of-two rescaling); the self-similarity backward is one sweep either way."""
+    R, C, D = 45, 38, 24
+    accumulated(C)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        inputs = make_inputs(R, C, D, dtype, "targets")
+        flags = flags_of(exclude_diag=True, col_stats=True)
+        grads = make_grads(R, C, ALL_G)
+        _, one_sweep = run_kernels(*inputs, flags, grads)
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_ACCUMULATE", "0")
+        _, two_sweeps = run_kernels(*inputs, flags, grads)
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_ACCUMULATE", "1")
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for name, a, b in zip(GRAD_NAMES, one_sweep, two_sweeps):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert_close(a, b, tol, name)
+    assert accumulated.calls == [R, R, C] * 3
+    accumulated.calls.clear()
+    check_self(23, 8, torch.bfloat16, "labels", flags_of(exclude_diag=True),
+               ("lse", "pos", "mean"), n_labels=3)
+    assert accumulated.calls == [23]
+
+
+@pytest.mark.parametrize("R,C", [(0, 5), (5, 0), (0, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulated_slabs_empty_sides(R, C, dtype, accumulated):
+    """No rows or no columns: zero gradients, the accumulator included."""
+    accumulated(max(C, 1))
+    q, k, scale, bias, _, _, _ = make_inputs(max(R, 1), max(C, 1), 6, dtype, "none")
+    q, k = q[:R], k[:C]
+    _, g = run_kernels(q, k, scale, bias, None, None, None, flags_of(col_stats=True),
+                       make_grads(R, C, ("lse", "col_lse", "col_mean")))
+    assert g[0].shape == q.shape and g[1].shape == k.shape and g[1].dtype == dtype
+    assert all(torch.count_nonzero(x) == 0 for x in g)
+
+
+def test_accumulated_slabs_allocation_is_bounded(accumulated):
+    """One slab of G and the fp32 accumulator of the columns' gradient (C x D): nothing of
+    R x C. (Off CUDA the 16-bit slab is multiplied through an fp32 copy: twice its bytes.)"""
+    R, C, D = 70, 60, 3
+    accumulated(C)
+    budget = int(os.environ["FASTCL_TRITON_SLAB_BYTES"])
+    inputs = make_inputs(R, C, D, torch.bfloat16, "labels")
+    with LargestAllocation() as rec:
+        run_kernels(*inputs, flags_of(exclude_diag=True, col_stats=True),
+                    make_grads(R, C, ALL_G))
+    assert rec.largest_bytes[0] <= max(2 * budget, R * D * 4, C * D * 4), rec.largest_bytes
+    assert rec.largest[0] < R * C, rec.largest
+    assert accumulated.calls == [R]
 
 
 @pytest.mark.parametrize("R,C,mode,exclude_diag", [(37, 29, "targets", False),
@@ -674,13 +740,16 @@ class TestGPU:
             else:
                 assert err <= max(2 * max_err(lo, e), tol * mag) + 1e-6, (name, err, mag)
 
-    @pytest.mark.parametrize("D", [256, 1024], ids=("one-launch", "slabs"))
-    def test_memory_is_linear(self, D, monkeypatch):
+    @pytest.mark.parametrize("D,acc", [(256, False), (1024, False), (1024, True)],
+                             ids=("one-launch", "slabs", "slabs-accumulated"))
+    def test_memory_is_linear(self, D, acc, monkeypatch):
         """Beyond the gradients: O(R + C) for the one-launch backward; one slab of G (its
-        budget) and one slab of fp32 products for the backward by slabs."""
+        budget) and one slab of fp32 products for the backward by slabs (and the fp32 C x D
+        accumulator with SLAB_ACCUMULATE)."""
         R = C = 32768
         budget = 64 << 20
         monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(budget))
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_ACCUMULATE", str(int(acc)))
         slabbed = tk._use_slabs(D, torch.bfloat16)
         assert slabbed == (D == 1024)
         q, k, scale, bias, targets, _, _ = make_inputs(R, C, D, torch.bfloat16, "targets")
@@ -698,11 +767,14 @@ class TestGPU:
         if slabbed:
             rows = budget // (C * 2)
             allowed += budget + rows * D * 4 + 2 * rows * (C // 64 + 1) * 4
+        if acc:
+            allowed += C * D * 4
         assert extra <= allowed, (extra, allowed)
         del out
 
     def test_slabs_equal_one_launch(self, monkeypatch):
-        """The two backward schedules at a real size (cuBLAS products against tl.dot)."""
+        """The three backward schedules at a real size (cuBLAS products, accumulated or not,
+        against tl.dot)."""
         R, C, D = 8192, 6000, 1024
         inputs = make_inputs(R, C, D, torch.bfloat16, "labels", n_labels=100)
         flags = flags_of(exclude_diag=True, col_stats=True)
@@ -710,11 +782,14 @@ class TestGPU:
         monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(32 << 20))  # several slabs
         assert tk._use_slabs(D, torch.bfloat16)
         _, by_slabs = run_kernels(*inputs, flags, grads)
+        monkeypatch.setenv("FASTCL_TRITON_SLAB_ACCUMULATE", "1")
+        _, accumulated = run_kernels(*inputs, flags, grads)
         monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", str(D + 1))
         _, one_launch = run_kernels(*inputs, flags, grads)
         torch.cuda.synchronize()
-        for name, a, b in zip(GRAD_NAMES, by_slabs, one_launch):
+        for name, a, b, c in zip(GRAD_NAMES, by_slabs, one_launch, accumulated):
             assert_close(a, b, 1e-2, name)
+            assert_close(c, b, 1e-2, name)
 
     @pytest.mark.parametrize("R,D,dtype,mode,flags", [
         (16384, 1024, torch.bfloat16, "targets", flags_of(exclude_diag=True)),

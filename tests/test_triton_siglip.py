@@ -315,11 +315,14 @@ def test_no_quadratic_allocation():
 
 @pytest.mark.parametrize("N,D,dtype,scale,bias", CASES,
                          ids=[f"{c[0]}x{c[1]}-{str(c[2])[6:]}" for c in CASES])
-def test_slabs_match_oracle(N, D, dtype, scale, bias, slabs):
+@pytest.mark.parametrize("acc", [False, True], ids=("two-sweeps", "accumulated"))
+def test_slabs_match_oracle(N, D, dtype, scale, bias, acc, slabs, monkeypatch):
+    """Both orientations by slabs, or (``SLAB_ACCUMULATE``) ``dy`` from the slabs of rows."""
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_ACCUMULATE", str(int(acc)))
     slabs(N)
     x, y, a, b = make_inputs(N, D, dtype, scale=scale, bias=bias)
     check(x, y, a, b, make_g(N))
-    assert slabs.calls == [N, N], "both orientations by slabs"
+    assert slabs.calls == ([N] if acc else [N, N])
     check_fused(x, y, a, b, True)
 
 
@@ -349,6 +352,15 @@ def test_slabs_equal_one_launch(slabs):
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         for name, p, q in zip(GRAD_NAMES + ("loss",) + GRAD_NAMES, by_slabs, one_launch):
             assert_close(p, q, tol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_accumulated_slabs_rectangular_blocks(dtype, accumulated):
+    R, C, D = 23, 41, 12
+    accumulated(C)
+    x, y, a, b = make_inputs(R, D, dtype, C=C)
+    check(x, y, a, b, make_g(R), diag_pos=False)
+    check_fused(x, y, a, b, False, diag_pos=False)
 
 
 def test_slabs_fp16_small_upstream_gradients(slabs):
