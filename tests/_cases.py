@@ -56,25 +56,3 @@ def expected(q, k, kk, exclude_self):
     order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :kk]
     return sim.gather(1, order), order
 
-
-def fused_expected(stats, grads, mean):
-    """What the fused sweep (``contrastive_fused``) must return, from the oracle's fp64 row
-    statistics ``stats = (lse, pos, npos, mean, ...)`` and the coefficients ``grads = (g_lse,
-    g_pos, g_mean)`` (any may be None): ``(loss, npos, scaled)``, where ``scaled`` are the
-    gradients of the statistics that give the same feature gradients (the coefficients masked to
-    the rows with a positive and multiplied by the mean's ``1 / #rows``), then two ``None`` (no
-    column statistics)."""
-    lse, pos, npos, avg = stats[:4]
-    has = npos > 0
-    norm = 1.0 / max(int(has.sum()), 1) if mean else 1.0
-    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-    loss = zero.clone()
-    scaled = []
-    for g, stat in zip(grads, (lse, pos, avg)):
-        if g is None:
-            scaled.append(None)
-            continue
-        g = torch.where(has, g.to(lse.dtype), zero)
-        loss = loss + torch.where(has, g * stat, zero).sum() * norm
-        scaled.append((g * norm).to(g.dtype))
-    return loss, npos, scaled + [None, None]

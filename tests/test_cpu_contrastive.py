@@ -12,14 +12,16 @@ exponentials (one shared shift per tile, or separate row and column shifts) thro
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from _cases import SLAB_SHAPES, fused_expected
+from _cases import SLAB_SHAPES
+from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, GRAD_ATOL, MODES,
+                                 call_bwd, call_fwd, check_stats, fused_expected,
+                                 make_case, random_grads, ref_grads, ref_stats)
+from _contrastive_checks import check_grads as check_grads_of
+from _contrastive_checks import flag_id as _id
+from _contrastive_checks import stat_dtype as _stat_dtype
 from _memory import peak_rss_growth
-
-from fastcl.reference.contrastive import contrastive_stats_ref
 
 try:
     from fastcl import _C
@@ -29,154 +31,19 @@ except ImportError:  # pragma: no cover - depends on the build
 if _C is None or not hasattr(_C, "contrastive_fwd_cpu"):
     pytest.skip("fastcl._C with the CPU contrastive kernels is not built", allow_module_level=True)
 
-F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-
-# Forward statistics vs the oracle run at the same dtype (the oracle upcasts bf16/fp16 to fp32,
-# so every low-precision input is compared at fp32 accuracy). Logits here are O(10).
-FWD_TOL = {
-    F64: dict(rtol=1e-10, atol=1e-10),
-    F32: dict(rtol=2e-5, atol=5e-5),
-    BF16: dict(rtol=2e-5, atol=5e-5),
-    F16: dict(rtol=2e-5, atol=5e-5),
-}
-# Gradients: err(kernel) <= 2 * err(oracle at dtype) + ATOL * max|grad|, errors against fp64.
-GRAD_ATOL = {F64: 1e-10, F32: 2e-5, BF16: 1e-2, F16: 2e-3}
-
-MODES = ("none", "targets", "labels")
-
-
-def _stat_dtype(dtype):
-    return F64 if dtype == F64 else F32
-
-
-def make_case(R, C, D, dtype=F64, mode="targets", *, scale=3.0, bias=0.25, seed=0,
-              normalize=True, n_classes=4):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(R, D, generator=g, dtype=F64)
-    k = torch.randn(C, D, generator=g, dtype=F64)
-    if normalize:
-        q = torch.nn.functional.normalize(q, dim=1)
-        k = torch.nn.functional.normalize(k, dim=1)
-    sdt = _stat_dtype(dtype)
-    targets = row_labels = col_labels = None
-    if mode == "targets":
-        targets = torch.randint(-1, C, (R,), generator=g)
-        diag = torch.arange(0, min(R, C), 3)
-        targets[diag] = diag  # some rows target their own column (excluded by exclude_diag)
-        targets[R // 2] = -1
-    elif mode == "labels":
-        row_labels = torch.randint(0, n_classes, (R,), generator=g)
-        col_labels = torch.randint(0, n_classes, (C,), generator=g)
-        row_labels[-1] = n_classes + 7  # a row whose label no column has
-    return dict(q=q.to(dtype), k=k.to(dtype), scale=torch.tensor(scale, dtype=sdt),
-                bias=torch.tensor(bias, dtype=sdt), targets=targets, row_labels=row_labels,
-                col_labels=col_labels)
-
 
 def kernel_fwd(case, **flags):
-    return _C.contrastive_fwd_cpu(case["q"], case["k"], case["scale"], case["bias"],
-                                  case["targets"], case["row_labels"], case["col_labels"],
-                                  flags.get("exclude_diag", False), flags.get("decoupled", False),
-                                  flags.get("pos_lse", False), flags.get("col_stats", False))
+    return call_fwd(_C.contrastive_fwd_cpu, case, **flags)
 
 
 def kernel_bwd(case, grads, stats, **flags):
-    lse, pos, npos, _mean, col_lse, _col_mean = stats
-    return _C.contrastive_bwd_cpu(*grads, case["q"], case["k"], case["scale"], case["bias"],
-                                  case["targets"], case["row_labels"], case["col_labels"],
-                                  lse, pos, npos, col_lse,
-                                  flags.get("exclude_diag", False), flags.get("decoupled", False),
-                                  flags.get("pos_lse", False), flags.get("col_stats", False))
-
-
-def ref_stats(case, dtype=None, **flags):
-    c = _cast(case, dtype) if dtype is not None else case
-    with torch.no_grad():
-        return contrastive_stats_ref(c["q"], c["k"], c["scale"], c["bias"], c["targets"],
-                                     c["row_labels"], c["col_labels"], **_flags(flags))
-
-
-def ref_grads(case, grads, dtype, **flags):
-    """Gradients (dq, dk, dscale, dbias) of sum(g * stat) by the oracle's autograd at ``dtype``."""
-    c = _cast(case, dtype)
-    leaves = [c[n].detach().clone().requires_grad_(True) for n in ("q", "k", "scale", "bias")]
-    out = contrastive_stats_ref(*leaves, c["targets"], c["row_labels"], c["col_labels"],
-                                **_flags(flags))
-    pairs = [(o, g) for o, g in zip((out[0], out[1], out[3], out[4], out[5]), grads)
-             if g is not None and o.numel() > 0]
-    if not pairs:
-        return [torch.zeros_like(x) for x in leaves]
-    total = sum((o.masked_fill(torch.isinf(o), 0) * g.to(o.dtype)).sum() for o, g in pairs)
-    got = torch.autograd.grad(total, leaves, allow_unused=True)
-    return [torch.zeros_like(x) if gx is None else gx for gx, x in zip(got, leaves)]
-
-
-def _flags(flags):
-    return dict(exclude_diag=flags.get("exclude_diag", False),
-                decoupled=flags.get("decoupled", False), pos_lse=flags.get("pos_lse", False),
-                col_stats=flags.get("col_stats", False))
-
-
-def _cast(case, dtype):
-    sdt = _stat_dtype(dtype)
-    out = dict(case)
-    out["q"], out["k"] = case["q"].to(dtype), case["k"].to(dtype)
-    out["scale"], out["bias"] = case["scale"].to(sdt), case["bias"].to(sdt)
-    return out
-
-
-def random_grads(R, C, dtype, col_stats, seed=1, drop=()):
-    g = torch.Generator().manual_seed(seed)
-    sdt = _stat_dtype(dtype)
-    out = [torch.randn(R, generator=g, dtype=F64).to(sdt) for _ in range(3)]
-    out += [torch.randn(C, generator=g, dtype=F64).to(sdt) if col_stats else None for _ in range(2)]
-    return [None if i in drop else x for i, x in enumerate(out)]
-
-
-def check_stats(got, want, dtype):
-    names = ("lse", "pos", "npos", "mean", "col_lse", "col_mean")
-    want_dt = _stat_dtype(dtype)
-    for name, a, b in zip(names, got, want):
-        assert a.dtype == want_dt, f"{name}: dtype {a.dtype}, expected {want_dt}"
-        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), f"{name}: -inf pattern differs"
-        assert torch.isfinite(a[~torch.isneginf(a)]).all(), f"{name}: NaN or +inf"
-        torch.testing.assert_close(a.masked_fill(torch.isinf(a), 0).to(F64),
-                                   b.masked_fill(torch.isinf(b), 0).to(F64),
-                                   msg=lambda m, n=name: f"{n}: {m}", **FWD_TOL[dtype])
+    return call_bwd(_C.contrastive_bwd_cpu, case, grads, stats, **flags)
 
 
 def check_grads(case, grads, stats, dtype, got=None, **flags):
     """``got`` (default: the backward kernel's gradients) against the oracle's for ``grads``."""
-    if got is None:
-        got = kernel_bwd(case, grads, stats, **flags)
-    exact = ref_grads(case, [None if g is None else g.to(F64) for g in grads], F64, **flags)
-    for name, a, x in zip(("dq", "dk", "dscale", "dbias"), got,
-                          (case["q"], case["k"], case["scale"], case["bias"])):
-        assert a.dtype == x.dtype and a.shape == x.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
-        assert torch.isfinite(a).all(), f"{name}: NaN or inf"
-    if dtype == F64:
-        for name, a, b in zip(("dq", "dk", "dscale", "dbias"), got, exact):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
-        return
-    plain = ref_grads(case, grads, dtype, **flags)
-    for name, a, p, b in zip(("dq", "dk", "dscale", "dbias"), got, plain, exact):
-        mag = max(b.abs().max().item(), 1e-3)
-        err = (a.to(F64) - b).abs().max().item()
-        err_plain = (p.to(F64) - b).abs().max().item()
-        bound = 2 * err_plain + GRAD_ATOL[dtype] * mag
-        assert err <= bound, (f"{name}: error {err:.3e} vs fp64 oracle exceeds 2 x oracle-at-dtype "
-                              f"error {err_plain:.3e} + slack ({bound:.3e})")
-
-
-FLAG_COMBOS = [
-    dict(exclude_diag=e, decoupled=d, pos_lse=p, col_stats=c)
-    for e, d, p, c in itertools.product((False, True), repeat=4)
-]
-
-
-def _id(flags):
-    return "-".join(k for k, v in flags.items() if v) or "plain"
+    got = kernel_bwd(case, grads, stats, **flags) if got is None else got
+    return check_grads_of(got, case, grads, dtype, **flags)
 
 
 @pytest.fixture

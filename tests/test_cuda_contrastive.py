@@ -15,7 +15,6 @@ shapes, peak memory, ``torch.library.opcheck`` and the public losses end to end.
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
@@ -23,9 +22,15 @@ import torch
 
 import fastcl
 from fastcl import _backends, dispatch
-from fastcl.reference.contrastive import contrastive_stats_ref
 
-from _cases import fused_expected
+from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, GRAD_NAMES, MODES, call_bwd,
+                                 call_fwd, check_stats, flags_of, fused_expected, ref_grads,
+                                 ref_stats)
+from _contrastive_checks import check_grads as check_grads_of
+from _contrastive_checks import flag_id as _id
+from _contrastive_checks import make_case as make_case_on
+from _contrastive_checks import random_grads as random_grads_on
+from _contrastive_checks import stat_dtype as _stat_dtype
 from _cuda_cases import DEVICE, SLAB_SHAPES, slab_bytes  # noqa: F401 - slab_bytes is a fixture
 from _cuda_cases import nvcc_found as _nvcc_found
 from _cuda_cases import padded as _padded
@@ -35,23 +40,6 @@ try:
     from fastcl import _C
 except ImportError:  # pragma: no cover - depends on the build
     _C = None
-
-F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-
-# Forward statistics vs the oracle at the same dtype (the oracle upcasts bf16/fp16 to fp32, and
-# so do the kernels: the GEMM of half-precision inputs writes fp32 logits). Logits here are O(10).
-FWD_TOL = {
-    F64: dict(rtol=1e-10, atol=1e-10),
-    F32: dict(rtol=2e-5, atol=5e-5),
-    BF16: dict(rtol=2e-5, atol=5e-5),
-    F16: dict(rtol=2e-5, atol=5e-5),
-}
-# Gradients: err(kernel) <= 2 * err(oracle at dtype) + ATOL * max|grad|, errors against fp64.
-GRAD_ATOL = {F64: 1e-10, F32: 2e-5, BF16: 1e-2, F16: 2e-3}
-
-MODES = ("none", "targets", "labels")
-STAT_NAMES = ("lse", "pos", "npos", "mean", "col_lse", "col_mean")
-GRAD_NAMES = ("dq", "dk", "dscale", "dbias")
 
 
 def _ext():
@@ -125,144 +113,26 @@ def test_dispatch_reasons_without_cuda_tensors():
 # GPU helpers
 
 
-def _stat_dtype(dtype):
-    return F64 if dtype == F64 else F32
+def make_case(R, C, D, dtype=F64, mode="targets", **kw):
+    return make_case_on(R, C, D, dtype, mode, device=DEVICE, **kw)
 
 
-def make_case(R, C, D, dtype=F64, mode="targets", *, scale=3.0, bias=0.25, seed=0,
-              normalize=True, n_classes=4):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(R, D, generator=g, dtype=F64)
-    k = torch.randn(C, D, generator=g, dtype=F64)
-    if normalize:
-        q = torch.nn.functional.normalize(q, dim=1)
-        k = torch.nn.functional.normalize(k, dim=1)
-    sdt = _stat_dtype(dtype)
-    targets = row_labels = col_labels = None
-    if mode == "targets":
-        targets = torch.randint(-1, C, (R,), generator=g)
-        targets[: min(R, C)] = torch.arange(min(R, C))  # the diagonal is a target of some rows
-        targets[R // 2] = -1
-    elif mode == "labels":
-        row_labels = torch.randint(0, n_classes, (R,), generator=g)
-        col_labels = torch.randint(0, n_classes, (C,), generator=g)
-        row_labels[-1] = n_classes + 7  # a row whose label no column has
-    dev = torch.device(DEVICE)
-    opt = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    return dict(q=q.to(dtype).to(dev), k=k.to(dtype).to(dev),
-                scale=torch.tensor(scale, dtype=sdt, device=dev),
-                bias=torch.tensor(bias, dtype=sdt, device=dev), targets=opt(targets),
-                row_labels=opt(row_labels), col_labels=opt(col_labels))
-
-
-def _flags(flags):
-    return dict(exclude_diag=flags.get("exclude_diag", False),
-                decoupled=flags.get("decoupled", False), pos_lse=flags.get("pos_lse", False),
-                col_stats=flags.get("col_stats", False))
+def random_grads(R, C, dtype, col_stats, **kw):
+    return random_grads_on(R, C, dtype, col_stats, device=DEVICE, **kw)
 
 
 def kernel_fwd(case, **flags):
-    f = _flags(flags)
-    return _ext().contrastive_fwd_cuda(case["q"], case["k"], case["scale"], case["bias"],
-                                       case["targets"], case["row_labels"], case["col_labels"],
-                                       f["exclude_diag"], f["decoupled"], f["pos_lse"],
-                                       f["col_stats"])
+    return call_fwd(_ext().contrastive_fwd_cuda, case, **flags)
 
 
 def kernel_bwd(case, grads, stats, **flags):
-    f = _flags(flags)
-    lse, pos, npos, _mean, col_lse, _col_mean = stats
-    return _ext().contrastive_bwd_cuda(*grads, case["q"], case["k"], case["scale"], case["bias"],
-                                       case["targets"], case["row_labels"], case["col_labels"],
-                                       lse, pos, npos, col_lse, f["exclude_diag"], f["decoupled"],
-                                       f["pos_lse"], f["col_stats"])
-
-
-def _cast(case, dtype):
-    sdt = _stat_dtype(dtype)
-    out = dict(case)
-    out["q"], out["k"] = case["q"].to(dtype), case["k"].to(dtype)
-    out["scale"], out["bias"] = case["scale"].to(sdt), case["bias"].to(sdt)
-    return out
-
-
-def ref_stats(case, dtype=None, **flags):
-    c = _cast(case, dtype) if dtype is not None else case
-    with torch.no_grad():
-        return contrastive_stats_ref(c["q"], c["k"], c["scale"], c["bias"], c["targets"],
-                                     c["row_labels"], c["col_labels"], **_flags(flags))
-
-
-def ref_grads(case, grads, dtype, **flags):
-    """Gradients (dq, dk, dscale, dbias) of sum(g * stat) by the oracle's autograd at ``dtype``."""
-    c = _cast(case, dtype)
-    leaves = [c[n].detach().clone().requires_grad_(True) for n in ("q", "k", "scale", "bias")]
-    out = contrastive_stats_ref(*leaves, c["targets"], c["row_labels"], c["col_labels"],
-                                **_flags(flags))
-    pairs = [(o, g) for o, g in zip((out[0], out[1], out[3], out[4], out[5]), grads)
-             if g is not None and o.numel() > 0]
-    if not pairs:
-        return [torch.zeros_like(x) for x in leaves]
-    total = sum((o.masked_fill(torch.isinf(o), 0) * g.to(o.dtype)).sum() for o, g in pairs)
-    got = torch.autograd.grad(total, leaves, allow_unused=True)
-    return [torch.zeros_like(x) if gx is None else gx for gx, x in zip(got, leaves)]
-
-
-def random_grads(R, C, dtype, col_stats, seed=1, drop=(), magnitude=1.0):
-    g = torch.Generator().manual_seed(seed)
-    sdt = _stat_dtype(dtype)
-    out = [torch.randn(R, generator=g, dtype=F64) for _ in range(3)]
-    out += [torch.randn(C, generator=g, dtype=F64) if col_stats else None for _ in range(2)]
-    return [None if (i in drop or x is None) else (x * magnitude).to(sdt).to(DEVICE)
-            for i, x in enumerate(out)]
-
-
-def check_stats(got, want, dtype):
-    want_dt = _stat_dtype(dtype)
-    for name, a, b in zip(STAT_NAMES, got, want):
-        assert a.dtype == want_dt, f"{name}: dtype {a.dtype}, expected {want_dt}"
-        assert a.device == b.device, f"{name}: device {a.device}"
-        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), f"{name}: -inf pattern differs"
-        assert torch.isfinite(a[~torch.isneginf(a)]).all(), f"{name}: NaN or +inf"
-        torch.testing.assert_close(a.masked_fill(torch.isinf(a), 0).to(F64),
-                                   b.masked_fill(torch.isinf(b), 0).to(F64),
-                                   msg=lambda m, n=name: f"{n}: {m}", **FWD_TOL[dtype])
+    return call_bwd(_ext().contrastive_bwd_cuda, case, grads, stats, **flags)
 
 
 def check_grads(case, grads, stats, dtype, mag_floor=1e-3, got=None, **flags):
     """``got`` (default: the backward kernel's gradients) against the oracle's for ``grads``."""
-    if got is None:
-        got = kernel_bwd(case, grads, stats, **flags)
-    exact = ref_grads(case, [None if g is None else g.to(F64) for g in grads], F64, **flags)
-    for name, a, x in zip(GRAD_NAMES, got, (case["q"], case["k"], case["scale"], case["bias"])):
-        assert a.dtype == x.dtype and a.shape == x.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
-        assert a.device == x.device, f"{name}: device {a.device}"
-        assert torch.isfinite(a).all(), f"{name}: NaN or inf"
-    if dtype == F64:
-        for name, a, b in zip(GRAD_NAMES, got, exact):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10,
-                                       msg=lambda m, n=name: f"{n}: {m}")
-        return got
-    plain = ref_grads(case, grads, dtype, **flags)
-    for name, a, p, b in zip(GRAD_NAMES, got, plain, exact):
-        mag = max(b.abs().max().item(), mag_floor)
-        err = (a.to(F64) - b).abs().max().item()
-        err_plain = (p.to(F64) - b).abs().max().item()
-        bound = 2 * err_plain + GRAD_ATOL[dtype] * mag
-        assert err <= bound, (f"{name}: error {err:.3e} vs fp64 oracle exceeds 2 x oracle-at-dtype "
-                              f"error {err_plain:.3e} + slack ({bound:.3e})")
-    return got
-
-
-FLAG_COMBOS = [
-    dict(exclude_diag=e, decoupled=d, pos_lse=p, col_stats=c)
-    for e, d, p, c in itertools.product((False, True), repeat=4)
-]
-
-
-def _id(flags):
-    return "-".join(k for k, v in flags.items() if v) or "plain"
+    got = kernel_bwd(case, grads, stats, **flags) if got is None else got
+    return check_grads_of(got, case, grads, dtype, mag_floor=mag_floor, **flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +176,7 @@ FUSED_FLAGS = [f for f in FLAG_COMBOS if not f["col_stats"]]
 
 
 def kernel_fused(case, grads, mean, keys="k", **flags):
-    f = _flags(flags)
+    f = flags_of(flags)
     return _ext().contrastive_fused_cuda(*grads, case["q"], case[keys] if keys else None,
                                          case["scale"], case["bias"], case["targets"],
                                          case["row_labels"], case["col_labels"],

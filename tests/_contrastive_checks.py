@@ -1,0 +1,206 @@
+"""What the tests of the compiled contrastive kernels share (``test_cpu_contrastive.py``,
+``test_cuda_contrastive.py``): the cases, the calls of a backend's forward and backward
+functions (``fastcl._C.contrastive_{fwd,bwd}_<backend>``, one signature for both), and their
+comparison with :func:`fastcl.reference.contrastive.contrastive_stats_ref`.
+
+Statistics are compared with the oracle run at the same dtype (the oracle upcasts bf16 / fp16 to
+fp32, and so do the kernels). Gradients are compared with the oracle's autograd in fp64: tight in
+fp64; in fp32, bf16 and fp16 a gradient's error against fp64 may be at most about twice the error
+of the plain-PyTorch oracle run at that dtype, plus a small slack relative to the gradient's
+magnitude.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from fastcl.reference.contrastive import contrastive_stats_ref
+
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+
+# Forward statistics vs the oracle at the same dtype. Logits here are O(10).
+FWD_TOL = {
+    F64: dict(rtol=1e-10, atol=1e-10),
+    F32: dict(rtol=2e-5, atol=5e-5),
+    BF16: dict(rtol=2e-5, atol=5e-5),
+    F16: dict(rtol=2e-5, atol=5e-5),
+}
+# Gradients: err(kernel) <= 2 * err(oracle at dtype) + ATOL * max|grad|, errors against fp64.
+GRAD_ATOL = {F64: 1e-10, F32: 2e-5, BF16: 1e-2, F16: 2e-3}
+
+MODES = ("none", "targets", "labels")
+STAT_NAMES = ("lse", "pos", "npos", "mean", "col_lse", "col_mean")
+GRAD_NAMES = ("dq", "dk", "dscale", "dbias")
+
+FLAG_COMBOS = [
+    dict(exclude_diag=e, decoupled=d, pos_lse=p, col_stats=c)
+    for e, d, p, c in itertools.product((False, True), repeat=4)
+]
+
+
+def flag_id(flags):
+    return "-".join(k for k, v in flags.items() if v) or "plain"
+
+
+def stat_dtype(dtype):
+    return F64 if dtype == F64 else F32
+
+
+def flags_of(flags):
+    """The four flags of the primitive, False where ``flags`` leaves one out."""
+    return {name: flags.get(name, False)
+            for name in ("exclude_diag", "decoupled", "pos_lse", "col_stats")}
+
+
+def make_case(R, C, D, dtype=F64, mode="targets", *, device="cpu", scale=3.0, bias=0.25,
+              seed=0, normalize=True, n_classes=4):
+    """Features, scale, bias and masks of one problem (``mode``: no positives, targets with
+    some rows targeting their own column and one row without a target, or labels with one row
+    whose label no column has)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(R, D, generator=g, dtype=F64)
+    k = torch.randn(C, D, generator=g, dtype=F64)
+    if normalize:
+        q = torch.nn.functional.normalize(q, dim=1)
+        k = torch.nn.functional.normalize(k, dim=1)
+    sdt = stat_dtype(dtype)
+    targets = row_labels = col_labels = None
+    if mode == "targets":
+        targets = torch.randint(-1, C, (R,), generator=g)
+        diag = torch.arange(0, min(R, C), 3)
+        targets[diag] = diag  # some rows target their own column (excluded by exclude_diag)
+        targets[R // 2] = -1
+    elif mode == "labels":
+        row_labels = torch.randint(0, n_classes, (R,), generator=g)
+        col_labels = torch.randint(0, n_classes, (C,), generator=g)
+        row_labels[-1] = n_classes + 7  # a row whose label no column has
+    dev = torch.device(device)
+    opt = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    return dict(q=q.to(dtype).to(dev), k=k.to(dtype).to(dev),
+                scale=torch.tensor(scale, dtype=sdt, device=dev),
+                bias=torch.tensor(bias, dtype=sdt, device=dev), targets=opt(targets),
+                row_labels=opt(row_labels), col_labels=opt(col_labels))
+
+
+def call_fwd(fn, case, **flags):
+    """``fn`` (a backend's ``contrastive_fwd_*``) on ``case``."""
+    f = flags_of(flags)
+    return fn(case["q"], case["k"], case["scale"], case["bias"], case["targets"],
+              case["row_labels"], case["col_labels"], f["exclude_diag"], f["decoupled"],
+              f["pos_lse"], f["col_stats"])
+
+
+def call_bwd(fn, case, grads, stats, **flags):
+    """``fn`` (a backend's ``contrastive_bwd_*``) on ``case`` with the statistics' gradients
+    ``grads`` and the forward's ``stats``."""
+    f = flags_of(flags)
+    lse, pos, npos, _mean, col_lse, _col_mean = stats
+    return fn(*grads, case["q"], case["k"], case["scale"], case["bias"], case["targets"],
+              case["row_labels"], case["col_labels"], lse, pos, npos, col_lse,
+              f["exclude_diag"], f["decoupled"], f["pos_lse"], f["col_stats"])
+
+
+def _cast(case, dtype):
+    sdt = stat_dtype(dtype)
+    out = dict(case)
+    out["q"], out["k"] = case["q"].to(dtype), case["k"].to(dtype)
+    out["scale"], out["bias"] = case["scale"].to(sdt), case["bias"].to(sdt)
+    return out
+
+
+def ref_stats(case, dtype=None, **flags):
+    """The oracle's statistics of ``case`` (at ``dtype`` when given)."""
+    c = _cast(case, dtype) if dtype is not None else case
+    with torch.no_grad():
+        return contrastive_stats_ref(c["q"], c["k"], c["scale"], c["bias"], c["targets"],
+                                     c["row_labels"], c["col_labels"], **flags_of(flags))
+
+
+def ref_grads(case, grads, dtype, **flags):
+    """Gradients (dq, dk, dscale, dbias) of sum(g * stat) by the oracle's autograd at ``dtype``."""
+    c = _cast(case, dtype)
+    leaves = [c[n].detach().clone().requires_grad_(True) for n in ("q", "k", "scale", "bias")]
+    out = contrastive_stats_ref(*leaves, c["targets"], c["row_labels"], c["col_labels"],
+                                **flags_of(flags))
+    pairs = [(o, g) for o, g in zip((out[0], out[1], out[3], out[4], out[5]), grads)
+             if g is not None and o.numel() > 0]
+    if not pairs:
+        return [torch.zeros_like(x) for x in leaves]
+    total = sum((o.masked_fill(torch.isinf(o), 0) * g.to(o.dtype)).sum() for o, g in pairs)
+    got = torch.autograd.grad(total, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if gx is None else gx for gx, x in zip(got, leaves)]
+
+
+def random_grads(R, C, dtype, col_stats, seed=1, drop=(), magnitude=1.0, device="cpu"):
+    """Gradients of (lse, pos, mean, col_lse, col_mean); the column ones only with
+    ``col_stats``, those at the positions ``drop`` absent."""
+    g = torch.Generator().manual_seed(seed)
+    sdt = stat_dtype(dtype)
+    out = [torch.randn(R, generator=g, dtype=F64) for _ in range(3)]
+    out += [torch.randn(C, generator=g, dtype=F64) if col_stats else None for _ in range(2)]
+    return [None if (i in drop or x is None) else (x * magnitude).to(sdt).to(device)
+            for i, x in enumerate(out)]
+
+
+def check_stats(got, want, dtype):
+    """The kernel's statistics ``got`` against the oracle's ``want``: dtype, device, shape, the
+    same -inf entries, and values within FWD_TOL."""
+    want_dt = stat_dtype(dtype)
+    for name, a, b in zip(STAT_NAMES, got, want):
+        assert a.dtype == want_dt, f"{name}: dtype {a.dtype}, expected {want_dt}"
+        assert a.device == b.device, f"{name}: device {a.device}"
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), f"{name}: -inf pattern differs"
+        assert torch.isfinite(a[~torch.isneginf(a)]).all(), f"{name}: NaN or +inf"
+        torch.testing.assert_close(a.masked_fill(torch.isinf(a), 0).to(F64),
+                                   b.masked_fill(torch.isinf(b), 0).to(F64),
+                                   msg=lambda m, n=name: f"{n}: {m}", **FWD_TOL[dtype])
+
+
+def check_grads(got, case, grads, dtype, mag_floor=1e-3, **flags):
+    """A kernel's gradients ``got`` (dq, dk, dscale, dbias) for the statistics' gradients
+    ``grads`` against the oracle's (see the module docstring); returns ``got``."""
+    exact = ref_grads(case, [None if g is None else g.to(F64) for g in grads], F64, **flags)
+    for name, a, x in zip(GRAD_NAMES, got, (case["q"], case["k"], case["scale"], case["bias"])):
+        assert a.dtype == x.dtype and a.shape == x.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
+        assert a.device == x.device, f"{name}: device {a.device}"
+        assert torch.isfinite(a).all(), f"{name}: NaN or inf"
+    if dtype == F64:
+        for name, a, b in zip(GRAD_NAMES, got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        return got
+    plain = ref_grads(case, grads, dtype, **flags)
+    for name, a, p, b in zip(GRAD_NAMES, got, plain, exact):
+        mag = max(b.abs().max().item(), mag_floor)
+        err = (a.to(F64) - b).abs().max().item()
+        err_plain = (p.to(F64) - b).abs().max().item()
+        bound = 2 * err_plain + GRAD_ATOL[dtype] * mag
+        assert err <= bound, (f"{name}: error {err:.3e} vs fp64 oracle exceeds 2 x oracle-at-dtype "
+                              f"error {err_plain:.3e} + slack ({bound:.3e})")
+    return got
+
+
+def fused_expected(stats, grads, mean):
+    """What the fused sweep (``contrastive_fused``) must return, from the oracle's fp64 row
+    statistics ``stats = (lse, pos, npos, mean, ...)`` and the coefficients ``grads = (g_lse,
+    g_pos, g_mean)`` (any may be None): ``(loss, npos, scaled)``, where ``scaled`` are the
+    gradients of the statistics that give the same feature gradients (the coefficients masked to
+    the rows with a positive and multiplied by the mean's ``1 / #rows``), then two ``None`` (no
+    column statistics)."""
+    lse, pos, npos, avg = stats[:4]
+    has = npos > 0
+    norm = 1.0 / max(int(has.sum()), 1) if mean else 1.0
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    loss = zero.clone()
+    scaled = []
+    for g, stat in zip(grads, (lse, pos, avg)):
+        if g is None:
+            scaled.append(None)
+            continue
+        g = torch.where(has, g.to(lse.dtype), zero)
+        loss = loss + torch.where(has, g * stat, zero).sum() * norm
+        scaled.append((g * norm).to(g.dtype))
+    return loss, npos, scaled + [None, None]
