@@ -33,6 +33,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m fastcl info
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	PYTHONPATH=tests $(VPY) -m pytest -q -p gpu_tests_on_cpu tests/test_cuda_contrastive.py \
+		tests/test_cuda_siglip.py
 
 bench: $(STAMP)
 	$(VPY) -m pytest -q tests/test_benchmark_baselines.py

@@ -481,6 +481,7 @@ def test_fp16_gradient_tile_keeps_small_and_large_entries(scale, magnitude):
 
 
 @pytest.mark.gpu
+@pytest.mark.device_only
 @pytest.mark.parametrize("N,D,dtype", [(16384, 1024, BF16), (16384, 256, F16), (8192, 1000, F32),
                                        (12345, 77, BF16)])
 def test_large(N, D, dtype):
@@ -502,6 +503,7 @@ def test_large(N, D, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.device_only
 def test_peak_memory_is_linear(monkeypatch):
     """At N = 32768 the extra memory is one slab plus O(N D) terms, far below N^2 bytes."""
     ext = _ext()
@@ -597,6 +599,7 @@ LOSSES = dict(clip=_clip, info_nce_negatives=_info_nce_negatives, nt_xent=_nt_xe
 
 
 @pytest.mark.gpu
+@pytest.mark.device_only
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("dtype", (F32, BF16), ids=str)

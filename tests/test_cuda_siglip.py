@@ -448,6 +448,7 @@ def test_no_rows_or_no_columns():
 
 
 @pytest.mark.gpu
+@pytest.mark.device_only
 @pytest.mark.parametrize("R,C,D,dtype,diag_pos", [
     (16384, 16384, 1024, BF16, True),
     (16384, 16384, 256, F16, True),
@@ -477,6 +478,7 @@ def test_large(R, C, D, dtype, diag_pos):
 
 
 @pytest.mark.gpu
+@pytest.mark.device_only
 def test_peak_memory_is_linear(monkeypatch):
     """At R = C = 32768 the extra memory is one slab plus O((R + C) D), far below R * C * 4."""
     ext = _ext()
@@ -507,6 +509,7 @@ def test_peak_memory_is_linear(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.device_only
 @pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
 @pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
 def test_siglip_loss_end_to_end(dtype, reduction):
