@@ -11,9 +11,9 @@ Implementations (each skipped with a note where it cannot run):
 - ``pml`` and ``pml-supcon``: pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss`` in their
   cross-batch form, both directions, where the package is installed
   (:func:`benchmarks._common.pml_info_nce`; ``NTXentLoss`` refuses above a few hundred rows);
-- ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``, ``info_nce``) on each
-  available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss without
-  the one-launch self-similarity backward (separate dq and dk launches), to compare the two;
+- ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``, ``info_nce``)
+  on each available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss
+  without the one-launch self-similarity backward (separate dq and dk launches), to compare them;
   on Triton ``fastcl-triton-noslabs``, without the schedule by slabs (column statistics in a
   second launch, the backward in one launch per orientation at every ``D``), against the
   default, which from ``SLAB_MIN_D`` features on takes the column statistics from the row pass
