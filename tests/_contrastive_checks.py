@@ -204,3 +204,17 @@ def fused_expected(stats, grads, mean):
         loss = loss + torch.where(has, g * stat, zero).sum() * norm
         scaled.append((g * norm).to(g.dtype))
     return loss, npos, scaled + [None, None]
+
+
+def check_fused_equals_two_kernels(fused_out, stats, kernel_bwd, case, grads, **flags):
+    """A fused sweep's ``(loss, npos, dq, dk, dscale, dbias)`` against the forward's statistics
+    ``stats`` and the backward ``kernel_bwd`` given the coefficients ``grads`` masked to the rows
+    with a positive and divided by their number (the mean)."""
+    _loss, npos, *got = fused_out
+    has = stats[2] > 0
+    zero = torch.zeros((), dtype=stats[2].dtype, device=stats[2].device)
+    masked = [torch.where(has, g, zero) / has.sum() for g in grads]
+    want = kernel_bwd(case, masked + [None, None], stats, **flags)
+    torch.testing.assert_close(npos, stats[2], rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

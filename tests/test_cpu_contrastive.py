@@ -16,8 +16,9 @@ import pytest
 import torch
 from _cases import SLAB_SHAPES
 from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, GRAD_ATOL, MODES,
-                                 call_bwd, call_fwd, check_stats, fused_expected,
-                                 make_case, random_grads, ref_grads, ref_stats)
+                                 call_bwd, call_fwd, check_fused_equals_two_kernels,
+                                 check_stats, fused_expected, make_case, random_grads, ref_grads,
+                                 ref_stats)
 from _contrastive_checks import check_grads as check_grads_of
 from _contrastive_checks import flag_id as _id
 from _contrastive_checks import stat_dtype as _stat_dtype
@@ -372,15 +373,8 @@ def test_fused_equals_forward_then_backward():
     case = make_case(R, C, 8, F32, "labels")
     flags = dict(exclude_diag=True, decoupled=True)
     grads = random_grads(R, C, F32, False)[:3]
-    loss, npos, *got = kernel_fused(case, grads, True, **flags)
-    stats = kernel_fwd(case, **flags)
-    has = stats[2] > 0
-    norm = 1.0 / has.sum()
-    masked = [torch.where(has, g, torch.zeros(())) * norm for g in grads]
-    want = kernel_bwd(case, masked + [None, None], stats, **flags)
-    torch.testing.assert_close(npos, stats[2], rtol=0, atol=0)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    check_fused_equals_two_kernels(kernel_fused(case, grads, True, **flags),
+                                   kernel_fwd(case, **flags), kernel_bwd, case, grads, **flags)
 
 
 @pytest.mark.parametrize("R,C", [(0, 5), (5, 0), (1, 1)])
