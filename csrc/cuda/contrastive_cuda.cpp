@@ -139,10 +139,6 @@ int column_splits(int64_t C, int64_t S, DType stat) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
 }
 
-}  // namespace
-
-namespace {
-
 // Row statistics [R] of the statistics dtype, as the row kernel writes them.
 struct RowStats {
   at::Tensor lse, pos, npos, mean;
