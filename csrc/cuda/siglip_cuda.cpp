@@ -69,12 +69,12 @@ at::Tensor run_slabs(SiglipPass pass, const at::Tensor& x, const at::Tensor& y,
   ta.ldl = slabs.ld();
   ta.scale = sc.data_ptr();
   ta.bias = bi.data_ptr();
-  at::Tensor parts;
+  at::Tensor parts, gscale;  // alive until the last kernel that reads them has been enqueued
   std::optional<FeatureGrads> feature_grads;
   if (grad) {
     // f and 1 / f from the bound |G_ij| <= |g_i| (the contrastive preparation with g as its
     // only row gradient and no column terms).
-    at::Tensor gscale = at::empty({2}, opt);
+    gscale = at::empty({2}, opt);
     BwdPrepArgs pa{};
     pa.R = R;
     pa.C = C;
