@@ -1,15 +1,19 @@
-"""A pytest plugin that runs the GPU tests of the CUDA C++ kernels on a machine without a GPU,
-against the C++ CPU kernels.
+"""A pytest plugin that runs the GPU tests of the CUDA C++ backend on a machine without a GPU.
 
 The CUDA functions of ``fastcl._C`` (``contrastive_{fwd,bwd,fused}_cuda``,
-``siglip_{fwd,bwd,fused}_cuda``) have the signatures and the contract of their CPU twins
-(``*_cpu``). With this plugin every ``*_cuda`` function of the extension is the ``*_cpu`` one and
-the suites' device is the CPU, so that the ``gpu``-marked tests of ``tests/test_cuda_*.py`` check
-their own cases, calls and oracle comparisons, and the agreement of the two backends' contracts,
-where they could otherwise not run at all. The CUDA kernels themselves are not run. Left out:
-the tests without the ``gpu`` marker (they check the CUDA binding itself and run in the plain
-suite) and those marked ``device_only`` (device memory, real sizes, the public losses through the
-GPU backends' dispatch)::
+``siglip_{fwd,bwd,fused}_cuda``) are replaced for the process, and the suites' device becomes
+the CPU, so that the ``gpu``-marked tests of ``tests/test_cuda_*.py`` run their own cases and
+oracle comparisons. ``--cuda-kernels`` chooses the replacement:
+
+- ``emulated`` (the default): the CUDA backend itself, its drivers and its kernels, compiled for
+  the CUDA emulation of ``tests/cuda_emulation`` (``tests/_cuda_emulation.py``; the first run
+  compiles it, about two minutes): the kernels' own code runs, thread by thread, on CPU tensors;
+- ``cpu``: the C++ CPU twins (``*_cpu``, the same signatures and contract), which checks the
+  suites and the agreement of the two backends' contracts, not the CUDA code.
+
+Left out: the tests without the ``gpu`` marker (they check the CUDA binding itself and run in
+the plain suite) and those marked ``device_only`` (device memory, real sizes, the public losses
+through the GPU backends' dispatch)::
 
     PYTHONPATH=tests python -m pytest -p gpu_tests_on_cpu tests/test_cuda_contrastive.py \\
         tests/test_cuda_siglip.py
@@ -28,10 +32,27 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     _C = None
 
-if _C is not None:
-    for _name in dir(_C):
-        if _name.endswith("_cpu") and hasattr(_C, _name[:-4] + "_cuda"):
-            setattr(_C, _name[:-4] + "_cuda", getattr(_C, _name))
+
+def pytest_addoption(parser):
+    parser.addoption("--cuda-kernels", choices=("emulated", "cpu"), default="emulated",
+                     help="what runs in place of the CUDA functions of fastcl._C: the CUDA "
+                          "backend under the CUDA emulation, or the CPU kernels")
+
+
+def pytest_configure(config):
+    if _C is None:
+        return
+    if config.getoption("--cuda-kernels") == "emulated":
+        import _cuda_emulation
+
+        source = _cuda_emulation.load()
+        names = [n for n in dir(source) if n.endswith("_cuda") or n == "cuda_slab_bytes"]
+        replacement = {n: getattr(source, n) for n in names}
+    else:
+        replacement = {n[:-4] + "_cuda": getattr(_C, n) for n in dir(_C)
+                       if n.endswith("_cpu") and hasattr(_C, n[:-4] + "_cuda")}
+    for name, fn in replacement.items():
+        setattr(_C, name, fn)
 
 
 @pytest.fixture

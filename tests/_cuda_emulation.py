@@ -1,0 +1,92 @@
+"""Builds the CUDA backend of ``fastcl._C`` for the CUDA emulation of ``tests/cuda_emulation``.
+
+The sources of ``csrc/cuda`` are copied to ``build/cuda-emulation/src`` with two rewrites, then
+compiled by the host compiler against the emulation's CUDA headers (``include/``):
+
+- every launch ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
+  ``::emu::launch(kernel, grid, block, smem, stream)(args)``;
+- the drivers' device type ``c10::DeviceType::CUDA`` becomes ``c10::DeviceType::CPU``, so that
+  their argument checks take the CPU tensors on which the emulated kernels run.
+
+Nothing else changes: the drivers, their GEMMs (ATen's, on the CPU) and the kernels are the code
+of the GPU build. :func:`load` returns the module, whose functions are those of ``fastcl._C``
+(``contrastive_fwd_cuda`` ...), on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
+BUILD = ROOT / "build" / "cuda-emulation"
+
+_LAUNCH = re.compile(r"<<<(?P<config>[^;]*?)>>>\(")
+
+
+def rewrite_launches(text: str) -> str:
+    """``kernel<<<config>>>(`` -> ``::emu::launch(kernel, config)(``; the kernel's name (with its
+    template arguments) is what precedes ``<<<`` back to the start of the statement."""
+    out, pos = [], 0
+    for m in _LAUNCH.finditer(text):
+        start = _statement_start(text, m.start())
+        head = text[start:m.start()]
+        name = head.strip()
+        out.append(text[pos:start] + head[: len(head) - len(head.lstrip())])
+        out.append(f"::emu::launch({name}, {m.group('config').strip()})(")
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _statement_start(text: str, end: int) -> int:
+    i = end
+    while i > 0 and text[i - 1] not in ";{}\n":
+        i -= 1
+    return i
+
+
+def _copy_sources(dst: Path) -> list[Path]:
+    """The rewritten copies of csrc/cuda (and csrc/checks.h) and of the emulation's self-test
+    kernels; returns the translation units."""
+    (dst / "cuda").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "csrc" / "checks.h", dst / "checks.h")
+    sources = sorted((ROOT / "csrc" / "cuda").iterdir()) + [EMULATION / "selftest.cu"]
+    units = []
+    for src in sources:
+        text = src.read_text()
+        if src.suffix == ".cu":
+            text = rewrite_launches(text)
+            if "<<<" in text:
+                raise RuntimeError(f"{src}: a launch the rewrite did not recognize")
+        text = text.replace("c10::DeviceType::CUDA", "c10::DeviceType::CPU")
+        name = src.name + ".cpp" if src.suffix == ".cu" else src.name
+        out = dst / "cuda" / name
+        if not out.exists() or out.read_text() != text:  # keep the build's timestamps
+            out.write_text(text)
+        if out.suffix == ".cpp":
+            units.append(out)
+    return units
+
+
+def load(verbose: bool = False):
+    """Compiles (once; ninja rebuilds what changed) and imports the emulated CUDA backend."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    src = BUILD / "src"
+    units = _copy_sources(src)
+    build = BUILD / "obj"
+    build.mkdir(parents=True, exist_ok=True)
+    return load_extension(
+        name="fastcl_cuda_emulated",
+        sources=[str(p) for p in units] + [str(EMULATION / "emu.cpp"),
+                                           str(EMULATION / "module.cpp")],
+        extra_include_paths=[str(EMULATION / "include"), str(EMULATION), str(src)],
+        extra_cflags=["-O2", "-Wall"],
+        build_directory=str(build),
+        with_cuda=False,
+        verbose=verbose,
+    )

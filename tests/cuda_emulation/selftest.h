@@ -1,0 +1,19 @@
+// Launchers of the emulation's self-test kernels (selftest.cu).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace emu_selftest {
+
+// out[b] (int64, `blocks` entries) = sum over the threads of block b of 1000 b + thread index;
+// blocks of tx x ty threads.
+cudaError_t block_sum(int64_t* out, unsigned blocks, unsigned tx, unsigned ty);
+// A shuffle reached by half a warp (the emulation must fail the launch).
+cudaError_t divergent_shuffle(int* out);
+// out[t] = stamp + (t + 1) % threads when sync; without the barrier, whatever the order of the
+// threads gives.
+cudaError_t neighbour(int* out, unsigned threads, int stamp, bool sync);
+
+}  // namespace emu_selftest

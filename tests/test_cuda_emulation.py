@@ -1,0 +1,74 @@
+"""The CUDA emulation of tests/cuda_emulation, which runs the CUDA backend's own drivers and
+kernels on the CPU (``tests/gpu_tests_on_cpu.py``): the launch rewrite, and that the emulated
+execution model computes shuffles and barriers right and reports the faults it must report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _cuda_emulation
+
+INVALID_CONFIGURATION = 9
+LAUNCH_FAILURE = 719
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return _cuda_emulation.load()
+
+
+def test_rewrite_launches_keeps_template_arguments_and_indentation():
+    src = ("  if (a) {\n    k<float, __half><<<grid, dim3(32, 8), 0, stream>>>(args, 2);\n"
+           "  }\n  other<<<1, n, 0, s>>>(p);\n")
+    out = _cuda_emulation.rewrite_launches(src)
+    assert out == ("  if (a) {\n"
+                   "    ::emu::launch(k<float, __half>, grid, dim3(32, 8), 0, stream)(args, 2);\n"
+                   "  }\n  ::emu::launch(other, 1, n, 0, s)(p);\n")
+
+
+def test_sources_have_no_launch_left_after_the_rewrite(tmp_path):
+    units = _cuda_emulation._copy_sources(tmp_path)
+    kernels = [u for u in units if u.name.endswith(".cu.cpp")]
+    assert len(kernels) >= 3  # the contrastive and sigmoid kernels, the self-test
+    for unit in kernels:
+        text = unit.read_text()
+        assert "<<<" not in text and "::emu::launch(" in text, unit.name
+
+
+@pytest.mark.parametrize("tx,ty", [(32, 1), (64, 2), (1024, 1), (32, 32)])
+def test_shuffles_and_barriers_compute_a_block_sum(emu, tx, ty):
+    blocks = 3
+    out = torch.full((blocks,), -1, dtype=torch.int64)
+    code, msg = emu.selftest_block_sum(out, tx, ty)
+    assert code == 0, msg
+    n = tx * ty
+    want = torch.tensor([1000 * b * n + n * (n - 1) // 2 for b in range(blocks)])
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("tx,ty", [(2048, 1), (32, 33), (0, 1)])
+def test_a_block_the_hardware_refuses_fails_the_launch(emu, tx, ty):
+    out = torch.zeros(1, dtype=torch.int64)
+    code, msg = emu.selftest_block_sum(out, tx, ty)
+    assert code == INVALID_CONFIGURATION and "block" in msg
+
+
+def test_a_shuffle_reached_by_half_a_warp_fails_the_launch(emu):
+    code, msg = emu.selftest_divergent_shuffle(torch.zeros(32, dtype=torch.int32))
+    assert code == LAUNCH_FAILURE
+    assert "16 of the 32 lanes" in msg
+
+
+def test_a_missing_barrier_changes_the_result(emu):
+    threads = 256
+    want = torch.arange(1, threads + 1, dtype=torch.int32) % threads
+    out = torch.zeros(threads, dtype=torch.int32)
+    for stamp in (1000, 2000):
+        assert emu.selftest_neighbour(out, stamp, True)[0] == 0
+        assert torch.equal(out, want + stamp)
+    # without the barrier, the threads that run before their neighbour read the last launch's
+    # value: the emulation's order of threads makes such a race visible
+    assert emu.selftest_neighbour(out, 3000, False)[0] == 0
+    assert (out != want + 3000).any()
+    assert (out == want + 2000).any()
