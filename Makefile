@@ -33,8 +33,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m fastcl info
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
-	PYTHONPATH=tests $(VPY) -m pytest -q -p gpu_tests_on_cpu tests/test_cuda_contrastive.py \
-		tests/test_cuda_siglip.py
+	preload="$$(PYTHONPATH=tests $(VPY) -c 'import _cuda_emulation as e; print(e.asan_preload())')"; \
+	  ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$preload" PYTHONPATH=tests $(VPY) -m pytest -q \
+	  -p gpu_tests_on_cpu $${preload:+--cuda-sanitize} tests/test_cuda_contrastive.py \
+	  tests/test_cuda_siglip.py
 
 bench: $(STAMP)
 	$(VPY) -m pytest -q tests/test_benchmark_baselines.py

@@ -72,20 +72,47 @@ def _copy_sources(dst: Path) -> list[Path]:
     return units
 
 
-def load(verbose: bool = False):
-    """Compiles (once; ninja rebuilds what changed) and imports the emulated CUDA backend."""
+def asan_preload() -> str:
+    """The LD_PRELOAD under which a process can import the AddressSanitizer build (the
+    sanitizer's runtime, then the C++ runtime whose exceptions it intercepts); "" if the
+    compiler has no AddressSanitizer."""
+    import subprocess
+
+    libs = []
+    for name in ("libasan.so", "libstdc++.so.6"):
+        path = subprocess.run(["c++", "-print-file-name=" + name], capture_output=True,
+                              text=True).stdout.strip()
+        if not os.path.isabs(path):
+            return ""
+        libs.append(path)
+    return " ".join(libs)
+
+
+def load(verbose: bool = False, sanitize: bool = False):
+    """Compiles (once; ninja rebuilds what changed) and imports the emulated CUDA backend.
+
+    ``sanitize``: the build with AddressSanitizer (every access of the drivers and kernels
+    checked against the bounds of its allocation), which the process must have preloaded
+    (:func:`asan_preload`, with ``ASAN_OPTIONS=detect_leaks=0``).
+    """
     from torch.utils.cpp_extension import load as load_extension
 
+    if sanitize and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        raise RuntimeError("the AddressSanitizer build needs LD_PRELOAD="
+                           f"\"{asan_preload()}\" ASAN_OPTIONS=detect_leaks=0")
     src = BUILD / "src"
     units = _copy_sources(src)
-    build = BUILD / "obj"
+    name = "fastcl_cuda_emulated" + ("_asan" if sanitize else "")
+    build = BUILD / ("obj-asan" if sanitize else "obj")
     build.mkdir(parents=True, exist_ok=True)
+    flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else ["-O2"]
     return load_extension(
-        name="fastcl_cuda_emulated",
+        name=name,
         sources=[str(p) for p in units] + [str(EMULATION / "emu.cpp"),
                                            str(EMULATION / "module.cpp")],
         extra_include_paths=[str(EMULATION / "include"), str(EMULATION), str(src)],
-        extra_cflags=["-O2", "-Wall"],
+        extra_cflags=flags + ["-Wall"],
+        extra_ldflags=["-fsanitize=address"] if sanitize else [],
         build_directory=str(build),
         with_cuda=False,
         verbose=verbose,

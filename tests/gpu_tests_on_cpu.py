@@ -8,6 +8,10 @@ oracle comparisons. ``--cuda-kernels`` chooses the replacement:
 - ``emulated`` (the default): the CUDA backend itself, its drivers and its kernels, compiled for
   the CUDA emulation of ``tests/cuda_emulation`` (``tests/_cuda_emulation.py``; the first run
   compiles it, about two minutes): the kernels' own code runs, thread by thread, on CPU tensors;
+  with ``--cuda-sanitize``, its AddressSanitizer build, which checks every memory access of the
+  drivers and kernels against the bounds of its allocation (run under the preload that
+  ``_cuda_emulation.asan_preload()`` names, with ``ASAN_OPTIONS=detect_leaks=0``, as
+  ``make test`` does);
 - ``cpu``: the C++ CPU twins (``*_cpu``, the same signatures and contract), which checks the
   suites and the agreement of the two backends' contracts, not the CUDA code.
 
@@ -37,6 +41,9 @@ def pytest_addoption(parser):
     parser.addoption("--cuda-kernels", choices=("emulated", "cpu"), default="emulated",
                      help="what runs in place of the CUDA functions of fastcl._C: the CUDA "
                           "backend under the CUDA emulation, or the CPU kernels")
+    parser.addoption("--cuda-sanitize", action="store_true",
+                     help="the emulation's AddressSanitizer build (the process must preload the "
+                          "sanitizer: see tests/_cuda_emulation.asan_preload)")
 
 
 def pytest_configure(config):
@@ -45,7 +52,7 @@ def pytest_configure(config):
     if config.getoption("--cuda-kernels") == "emulated":
         import _cuda_emulation
 
-        source = _cuda_emulation.load()
+        source = _cuda_emulation.load(sanitize=config.getoption("--cuda-sanitize"))
         names = [n for n in dir(source) if n.endswith("_cuda") or n == "cuda_slab_bytes"]
         replacement = {n: getattr(source, n) for n in names}
     else:

@@ -72,3 +72,38 @@ def test_a_missing_barrier_changes_the_result(emu):
     assert emu.selftest_neighbour(out, 3000, False)[0] == 0
     assert (out != want + 3000).any()
     assert (out == want + 2000).any()
+
+
+_SHIFTED_COPY = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import _cuda_emulation
+emu = _cuda_emulation.load(sanitize=True)
+out = torch.zeros(32, dtype=torch.int32)
+code, msg = emu.selftest_shifted_copy(torch.arange({n}, dtype=torch.int32), out)
+assert code == 0, msg
+assert torch.equal(out, torch.arange(1, 33, dtype=torch.int32)), out
+print("copied")
+"""
+
+
+@pytest.mark.skipif(not _cuda_emulation.asan_preload(), reason="no AddressSanitizer here")
+@pytest.mark.parametrize("n", [33, 32])
+def test_the_sanitized_build_reports_a_read_out_of_bounds(n):
+    """The AddressSanitizer build (make test runs the CUDA suites with it): a kernel that reads
+    one element past its input is stopped with a report naming the kernel; in bounds, it runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LD_PRELOAD=_cuda_emulation.asan_preload(),
+               ASAN_OPTIONS="detect_leaks=0")
+    code = _SHIFTED_COPY.format(tests=str(_cuda_emulation.ROOT / "tests"), n=n)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    if n == 33:
+        assert proc.returncode == 0 and "copied" in proc.stdout, proc.stderr[-3000:]
+    else:
+        assert proc.returncode != 0
+        assert "heap-buffer-overflow" in proc.stderr and "shifted_copy_kernel" in proc.stderr, \
+            proc.stderr[-3000:]

@@ -13,7 +13,7 @@
 namespace emu {
 namespace {
 
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;  // AddressSanitizer clears its shadow at each switch
 constexpr unsigned kMaxThreads = 1024;
 
 enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone, kFailed };

@@ -34,4 +34,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return result(emu_selftest::neighbour(out.data_ptr<int>(),
                                           static_cast<unsigned>(out.numel()), stamp, sync));
   });
+  m.def("selftest_shifted_copy", [](at::Tensor in, at::Tensor out) {
+    TORCH_CHECK(in.dtype() == at::kInt && out.dtype() == at::kInt && out.is_contiguous());
+    return result(emu_selftest::shifted_copy(in.data_ptr<int>(), out.data_ptr<int>(),
+                                             static_cast<unsigned>(out.numel())));
+  });
 }

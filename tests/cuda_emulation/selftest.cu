@@ -40,6 +40,12 @@ __global__ void neighbour_kernel(int* out, int stamp, bool sync) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
 }
 
+// out[t] = in[t + 1]: reads one element past `in` when it has as many elements as there are
+// threads.
+__global__ void shifted_copy_kernel(const int* in, int* out) {
+  out[threadIdx.x] = in[threadIdx.x + 1];
+}
+
 }  // namespace
 
 cudaError_t block_sum(int64_t* out, unsigned blocks, unsigned tx, unsigned ty) {
@@ -54,6 +60,11 @@ cudaError_t divergent_shuffle(int* out) {
 
 cudaError_t neighbour(int* out, unsigned threads, int stamp, bool sync) {
   neighbour_kernel<<<1, threads, 0, nullptr>>>(out, stamp, sync);
+  return cudaGetLastError();
+}
+
+cudaError_t shifted_copy(const int* in, int* out, unsigned threads) {
+  shifted_copy_kernel<<<1, threads, 0, nullptr>>>(in, out);
   return cudaGetLastError();
 }
 

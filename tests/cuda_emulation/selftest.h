@@ -16,4 +16,8 @@ cudaError_t divergent_shuffle(int* out);
 // threads gives.
 cudaError_t neighbour(int* out, unsigned threads, int stamp, bool sync);
 
+// out[t] = in[t + 1] for t < threads (an access out of bounds unless `in` has threads + 1
+// elements: the AddressSanitizer build must report it).
+cudaError_t shifted_copy(const int* in, int* out, unsigned threads);
+
 }  // namespace emu_selftest
