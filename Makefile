@@ -34,7 +34,8 @@ test: $(STAMP)
 	$(VPY) -m fastcl info
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 	preload="$$(PYTHONPATH=tests $(VPY) -c 'import _cuda_emulation as e; print(e.asan_preload())')"; \
-	  ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$preload" PYTHONPATH=tests $(VPY) -m pytest -q \
+	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$$preload" \
+	  PYTHONPATH=tests $(VPY) -m pytest -q \
 	  -p gpu_tests_on_cpu $${preload:+--cuda-sanitize} tests/test_cuda_contrastive.py \
 	  tests/test_cuda_siglip.py
 

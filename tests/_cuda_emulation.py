@@ -92,7 +92,9 @@ def load(verbose: bool = False, sanitize: bool = False):
     """Compiles (once; ninja rebuilds what changed) and imports the emulated CUDA backend.
 
     ``sanitize``: the build with AddressSanitizer (every access of the drivers and kernels
-    checked against the bounds of its allocation), which the process must have preloaded
+    checked against the bounds of its allocation) and the alignment check of the undefined
+    behaviour sanitizer (a vector load or store at an address its type does not allow, which
+    faults on a GPU, stops the process), which the process must have preloaded
     (:func:`asan_preload`, with ``ASAN_OPTIONS=detect_leaks=0``).
     """
     from torch.utils.cpp_extension import load as load_extension
@@ -105,14 +107,15 @@ def load(verbose: bool = False, sanitize: bool = False):
     name = "fastcl_cuda_emulated" + ("_asan" if sanitize else "")
     build = BUILD / ("obj-asan" if sanitize else "obj")
     build.mkdir(parents=True, exist_ok=True)
-    flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else ["-O2"]
+    sanitizers = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment"]
+    flags = ["-O1", "-g", "-fno-omit-frame-pointer"] + sanitizers if sanitize else ["-O2"]
     return load_extension(
         name=name,
         sources=[str(p) for p in units] + [str(EMULATION / "emu.cpp"),
                                            str(EMULATION / "module.cpp")],
         extra_include_paths=[str(EMULATION / "include"), str(EMULATION), str(src)],
         extra_cflags=flags + ["-Wall"],
-        extra_ldflags=["-fsanitize=address"] if sanitize else [],
+        extra_ldflags=sanitizers if sanitize else [],
         build_directory=str(build),
         with_cuda=False,
         verbose=verbose,

@@ -8,10 +8,10 @@ oracle comparisons. ``--cuda-kernels`` chooses the replacement:
 - ``emulated`` (the default): the CUDA backend itself, its drivers and its kernels, compiled for
   the CUDA emulation of ``tests/cuda_emulation`` (``tests/_cuda_emulation.py``; the first run
   compiles it, about two minutes): the kernels' own code runs, thread by thread, on CPU tensors;
-  with ``--cuda-sanitize``, its AddressSanitizer build, which checks every memory access of the
-  drivers and kernels against the bounds of its allocation (run under the preload that
-  ``_cuda_emulation.asan_preload()`` names, with ``ASAN_OPTIONS=detect_leaks=0``, as
-  ``make test`` does);
+  with ``--cuda-sanitize``, its sanitized build, which checks every memory access of the
+  drivers and kernels against the bounds of its allocation and the alignment of every vector
+  load and store (run under the preload that ``_cuda_emulation.asan_preload()`` names, with
+  ``ASAN_OPTIONS=detect_leaks=0``, as ``make test`` does);
 - ``cpu``: the C++ CPU twins (``*_cpu``, the same signatures and contract), which checks the
   suites and the agreement of the two backends' contracts, not the CUDA code.
 

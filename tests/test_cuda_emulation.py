@@ -74,36 +74,70 @@ def test_a_missing_barrier_changes_the_result(emu):
     assert (out == want + 2000).any()
 
 
-_SHIFTED_COPY = """
+_SANITIZED = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import _cuda_emulation
 emu = _cuda_emulation.load(sanitize=True)
+{body}
+print("ran")
+"""
+
+_SHIFTED_COPY = """
 out = torch.zeros(32, dtype=torch.int32)
 code, msg = emu.selftest_shifted_copy(torch.arange({n}, dtype=torch.int32), out)
 assert code == 0, msg
 assert torch.equal(out, torch.arange(1, 33, dtype=torch.int32)), out
-print("copied")
+"""
+
+_VECTOR_LOAD = """
+x = torch.arange(4 * 32 + 4, dtype=torch.float32)
+out = torch.zeros(32)
+code, msg = emu.selftest_vector_load(x, out, {offset})
+assert code == 0, msg
+assert torch.equal(out, x[{offset}::4][:32]), out
 """
 
 
-@pytest.mark.skipif(not _cuda_emulation.asan_preload(), reason="no AddressSanitizer here")
-@pytest.mark.parametrize("n", [33, 32])
-def test_the_sanitized_build_reports_a_read_out_of_bounds(n):
-    """The AddressSanitizer build (make test runs the CUDA suites with it): a kernel that reads
-    one element past its input is stopped with a report naming the kernel; in bounds, it runs."""
+def _run_sanitized(body: str):
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, LD_PRELOAD=_cuda_emulation.asan_preload(),
-               ASAN_OPTIONS="detect_leaks=0")
-    code = _SHIFTED_COPY.format(tests=str(_cuda_emulation.ROOT / "tests"), n=n)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+               ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
+    code = _SANITIZED.format(tests=str(_cuda_emulation.ROOT / "tests"), body=body)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=1200)
+
+
+needs_asan = pytest.mark.skipif(not _cuda_emulation.asan_preload(),
+                                reason="no AddressSanitizer here")
+
+
+@needs_asan
+@pytest.mark.parametrize("n", [33, 32])
+def test_the_sanitized_build_reports_a_read_out_of_bounds(n):
+    """The sanitized build (make test runs the CUDA suites with it): a kernel that reads one
+    element past its input is stopped with a report naming the kernel; in bounds, it runs."""
+    proc = _run_sanitized(_SHIFTED_COPY.format(n=n))
     if n == 33:
-        assert proc.returncode == 0 and "copied" in proc.stdout, proc.stderr[-3000:]
+        assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-3000:]
     else:
         assert proc.returncode != 0
         assert "heap-buffer-overflow" in proc.stderr and "shifted_copy_kernel" in proc.stderr, \
+            proc.stderr[-3000:]
+
+
+@needs_asan
+@pytest.mark.parametrize("offset", [4, 1])
+def test_the_sanitized_build_reports_a_misaligned_vector_load(offset):
+    """A 16-byte vector loaded from an address that is not a multiple of 16 (a fault on a GPU)
+    stops the sanitized build with a report naming the kernel."""
+    proc = _run_sanitized(_VECTOR_LOAD.format(offset=offset))
+    if offset == 4:
+        assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-3000:]
+    else:
+        assert proc.returncode != 0
+        assert "misaligned address" in proc.stderr and "vector_load_kernel" in proc.stderr, \
             proc.stderr[-3000:]

@@ -39,4 +39,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return result(emu_selftest::shifted_copy(in.data_ptr<int>(), out.data_ptr<int>(),
                                              static_cast<unsigned>(out.numel())));
   });
+  m.def("selftest_vector_load", [](at::Tensor in, at::Tensor out, int offset) {
+    TORCH_CHECK(in.dtype() == at::kFloat && out.dtype() == at::kFloat && out.is_contiguous());
+    TORCH_CHECK(in.numel() >= 4 * out.numel() + offset && offset >= 0);
+    return result(emu_selftest::vector_load(in.data_ptr<float>(), out.data_ptr<float>(),
+                                            static_cast<unsigned>(out.numel()), offset));
+  });
 }

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "kernel_common.cuh"
+
 namespace emu_selftest {
 namespace {
 
@@ -46,6 +48,14 @@ __global__ void shifted_copy_kernel(const int* in, int* out) {
   out[threadIdx.x] = in[threadIdx.x + 1];
 }
 
+// out[t] = in[4 t + offset], read as a 16-byte vector of 4 floats (misaligned unless offset is
+// a multiple of 4).
+__global__ void vector_load_kernel(const float* in, float* out, int offset) {
+  const fastcl::cuda::Pack<float, 4> v =
+      *reinterpret_cast<const fastcl::cuda::Pack<float, 4>*>(in + 4 * threadIdx.x + offset);
+  out[threadIdx.x] = v.v[0];
+}
+
 }  // namespace
 
 cudaError_t block_sum(int64_t* out, unsigned blocks, unsigned tx, unsigned ty) {
@@ -65,6 +75,11 @@ cudaError_t neighbour(int* out, unsigned threads, int stamp, bool sync) {
 
 cudaError_t shifted_copy(const int* in, int* out, unsigned threads) {
   shifted_copy_kernel<<<1, threads, 0, nullptr>>>(in, out);
+  return cudaGetLastError();
+}
+
+cudaError_t vector_load(const float* in, float* out, unsigned threads, int offset) {
+  vector_load_kernel<<<1, threads, 0, nullptr>>>(in, out, offset);
   return cudaGetLastError();
 }
 

@@ -20,4 +20,8 @@ cudaError_t neighbour(int* out, unsigned threads, int stamp, bool sync);
 // elements: the AddressSanitizer build must report it).
 cudaError_t shifted_copy(const int* in, int* out, unsigned threads);
 
+// out[t] = in[4 t + offset] for t < threads, loaded as 16-byte vectors (misaligned unless offset
+// is a multiple of 4: the sanitized build must report it).
+cudaError_t vector_load(const float* in, float* out, unsigned threads, int offset);
+
 }  // namespace emu_selftest
