@@ -111,33 +111,21 @@ def _run_sanitized(body: str):
                           timeout=1200)
 
 
-needs_asan = pytest.mark.skipif(not _cuda_emulation.asan_preload(),
-                                reason="no AddressSanitizer here")
-
-
-@needs_asan
-@pytest.mark.parametrize("n", [33, 32])
-def test_the_sanitized_build_reports_a_read_out_of_bounds(n):
-    """The sanitized build (make test runs the CUDA suites with it): a kernel that reads one
-    element past its input is stopped with a report naming the kernel; in bounds, it runs."""
-    proc = _run_sanitized(_SHIFTED_COPY.format(n=n))
-    if n == 33:
+@pytest.mark.skipif(not _cuda_emulation.asan_preload(), reason="no AddressSanitizer here")
+@pytest.mark.parametrize("body,fault,kernel", [
+    (_SHIFTED_COPY.format(n=33), None, None),
+    (_SHIFTED_COPY.format(n=32), "heap-buffer-overflow", "shifted_copy_kernel"),
+    (_VECTOR_LOAD.format(offset=4), None, None),
+    (_VECTOR_LOAD.format(offset=1), "misaligned address", "vector_load_kernel"),
+], ids=["in-bounds", "read-past-the-end", "aligned-vector", "misaligned-vector"])
+def test_the_sanitized_build_reports_faults(body, fault, kernel):
+    """The sanitized build (make test runs the CUDA suites with it) stops a kernel that reads one
+    element past its input, or loads a 16-byte vector from an address that is not a multiple of
+    16 (a fault on a GPU), with a report naming the kernel; the same kernels in bounds and
+    aligned run."""
+    proc = _run_sanitized(body)
+    if fault is None:
         assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-3000:]
     else:
         assert proc.returncode != 0
-        assert "heap-buffer-overflow" in proc.stderr and "shifted_copy_kernel" in proc.stderr, \
-            proc.stderr[-3000:]
-
-
-@needs_asan
-@pytest.mark.parametrize("offset", [4, 1])
-def test_the_sanitized_build_reports_a_misaligned_vector_load(offset):
-    """A 16-byte vector loaded from an address that is not a multiple of 16 (a fault on a GPU)
-    stops the sanitized build with a report naming the kernel."""
-    proc = _run_sanitized(_VECTOR_LOAD.format(offset=offset))
-    if offset == 4:
-        assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-3000:]
-    else:
-        assert proc.returncode != 0
-        assert "misaligned address" in proc.stderr and "vector_load_kernel" in proc.stderr, \
-            proc.stderr[-3000:]
+        assert fault in proc.stderr and kernel in proc.stderr, proc.stderr[-3000:]
