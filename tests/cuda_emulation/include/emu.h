@@ -14,7 +14,9 @@
 //
 // What it does not model: memory spaces (device pointers are host pointers), the hardware's
 // rounding of the fast math intrinsics, concurrent blocks (a race between blocks goes unseen),
-// and the limits of registers and shared memory (the nvcc build of the extension checks those).
+// fresh shared memory per block (`__shared__` becomes `static`: a block sees what the previous
+// one left there, where the hardware leaves it undefined), and the limits of registers and
+// shared memory (the nvcc build of the extension checks those).
 #pragma once
 
 #include <math.h>
