@@ -30,14 +30,18 @@ demo: $(STAMP)
 	$(VPY) -m fastcl info
 	$(VPY) -m fastcl.train
 
+# The main suite, then the CUDA backend under the CUDA emulation (tests/cuda_emulation), built
+# once with AddressSanitizer where the compiler has it: the emulation's self-tests, then the GPU
+# suites of the CUDA backend (tests/gpu_tests_on_cpu.py).
 test: $(STAMP)
 	$(VPY) -m fastcl info
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) -m pytest -q --ignore=tests/test_cuda_emulation.py $(PYTEST_ARGS)
 	preload="$$(PYTHONPATH=tests $(VPY) -c 'import _cuda_emulation as e; print(e.asan_preload())')"; \
-	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$$preload" \
-	  PYTHONPATH=tests $(VPY) -m pytest -q \
-	  -p gpu_tests_on_cpu $${preload:+--cuda-sanitize} tests/test_cuda_contrastive.py \
-	  tests/test_cuda_siglip.py
+	  export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$$preload" \
+	    PYTHONPATH=tests; \
+	  $(VPY) -m pytest -q tests/test_cuda_emulation.py \
+	  && $(VPY) -m pytest -q -p gpu_tests_on_cpu $${preload:+--cuda-sanitize} \
+	    tests/test_cuda_contrastive.py tests/test_cuda_siglip.py
 
 bench: $(STAMP)
 	$(VPY) -m pytest -q tests/test_benchmark_baselines.py

@@ -11,12 +11,14 @@
 #include "cpu/contrastive.h"
 #include "cpu/siglip.h"
 #include "cpu/topk.h"
+#include "signatures.h"
 #ifdef FASTCL_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
 
 namespace {
 
+namespace sig = fastcl::signatures;
 using OptT = std::optional<at::Tensor>;
 
 // Checks of the CPU functions (csrc/checks.h, with the CPU as the kernels' device).
@@ -179,49 +181,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
-  m.def("contrastive_fwd_cpu", &fwd_cpu,
+  sig::def_contrastive_fwd(m, "contrastive_fwd_cpu", &fwd_cpu,
         "Statistics (lse, pos, npos, mean, col_lse, col_mean) of scale * q @ k.T + bias on CPU; "
-        "see fastcl.reference.contrastive for the definitions.",
-        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
-        py::arg("row_labels"), py::arg("col_labels"), py::arg("exclude_diag"),
-        py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
-  m.def("contrastive_bwd_cpu", &bwd_cpu,
+        "see fastcl.reference.contrastive for the definitions.");
+  sig::def_contrastive_bwd(m, "contrastive_bwd_cpu", &bwd_cpu,
         "Gradients (dq, dk, dscale, dbias) of the contrastive statistics on CPU, recomputing the "
         "logits slab by slab. k=None: the keys are q (self-similarity); dq is then the whole "
-        "gradient of q and dk is empty.",
-        py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("g_col_lse"),
-        py::arg("g_col_mean"), py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"),
-        py::arg("targets"), py::arg("row_labels"), py::arg("col_labels"), py::arg("lse"),
-        py::arg("pos"), py::arg("npos"), py::arg("col_lse"), py::arg("exclude_diag"),
-        py::arg("decoupled"), py::arg("pos_lse"), py::arg("col_stats"));
-  m.def("contrastive_fused_cpu", &fused_cpu,
+        "gradient of q and dk is empty.");
+  sig::def_contrastive_fused(m, "contrastive_fused_cpu", &fused_cpu,
         "(loss, npos, dq, dk, dscale, dbias) on CPU: the loss sum_r [npos_r > 0] (g_lse lse + "
         "g_pos pos + g_mean mean)_r (divided by the number of such rows when mean) and its "
         "gradients, from one sweep over the logits. k=None: the keys are q (self-similarity); "
-        "dq is then the whole gradient of q and dk is empty.",
-        py::arg("g_lse"), py::arg("g_pos"), py::arg("g_mean"), py::arg("q"), py::arg("k"),
-        py::arg("scale"), py::arg("bias"), py::arg("targets"), py::arg("row_labels"),
-        py::arg("col_labels"), py::arg("exclude_diag"), py::arg("decoupled"), py::arg("pos_lse"),
-        py::arg("mean"));
+        "dq is then the whole gradient of q and dk is empty.");
   m.def("cpu_slab_bytes", &fastcl::cpu::slab_bytes,
         "Bytes of logits per slab of the CPU kernels (env FASTCL_CPU_SLAB_BYTES, read per call).");
   m.def("cpu_kernel_isa", &fastcl::cpu::kernel_isa,
         "Instruction-set variant of the CPU row kernels: 'avx2' or 'generic' "
         "(FASTCL_CPU_ISA=generic forces the portable one).");
-  m.def("siglip_fwd_cpu", &siglip_fwd_cpu,
+  sig::def_siglip_fwd(m, "siglip_fwd_cpu", &siglip_fwd_cpu,
         "Per-row sums [R] of softplus(-z_ij s_ij), s = scale * x @ y.T + bias, z_ij = +1 if "
-        "diag_pos and i == j else -1, on CPU (fp32; fp64 for fp64 inputs).",
-        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos") = true);
-  m.def("siglip_bwd_cpu", &siglip_bwd_cpu,
+        "diag_pos and i == j else -1, on CPU (fp32; fp64 for fp64 inputs).");
+  sig::def_siglip_bwd(m, "siglip_bwd_cpu", &siglip_bwd_cpu,
         "Gradients (dx, dy, dscale, dbias) of sum_i g_row[i] * rows[i] of the sigmoid loss on "
-        "CPU, recomputing the logits slab by slab.",
-        py::arg("g_row"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"),
-        py::arg("diag_pos") = true);
-  m.def("siglip_fused_cpu", &siglip_fused_cpu,
+        "CPU, recomputing the logits slab by slab.");
+  sig::def_siglip_fused(m, "siglip_fused_cpu", &siglip_fused_cpu,
         "(loss, dx, dy, dscale, dbias): the sigmoid loss summed over pairs (divided by R when "
-        "mean) and its gradients, from one pass over the logits on CPU.",
-        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::arg("diag_pos"),
-        py::arg("mean"));
+        "mean) and its gradients, from one pass over the logits on CPU.");
   m.def("topk_fwd_cpu", &topk_fwd_cpu,
         "(values [R, k], indices [R, k]): the k largest <query_i, key_j> per row in decreasing "
         "order (smaller index first among ties) on CPU; exclude_self drops j == i.",

@@ -50,10 +50,11 @@ def _statement_start(text: str, end: int) -> int:
 
 
 def _copy_sources(dst: Path) -> list[Path]:
-    """The rewritten copies of csrc/cuda (and csrc/checks.h) and of the emulation's self-test
+    """The rewritten copies of csrc/cuda (and the headers of csrc it includes) and of the emulation's self-test
     kernels; returns the translation units."""
     (dst / "cuda").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ROOT / "csrc" / "checks.h", dst / "checks.h")
+    for header in ("checks.h", "signatures.h"):
+        shutil.copy2(ROOT / "csrc" / header, dst / header)
     sources = sorted((ROOT / "csrc" / "cuda").iterdir()) + [EMULATION / "selftest.cu"]
     units = []
     for src in sources:
@@ -88,8 +89,17 @@ def asan_preload() -> str:
     return " ".join(libs)
 
 
+_LOADED: dict = {}
+
+
+def sanitizer_preloaded() -> bool:
+    """Whether this process runs under the AddressSanitizer preload (:func:`asan_preload`)."""
+    return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
 def load(verbose: bool = False, sanitize: bool = False):
-    """Compiles (once; ninja rebuilds what changed) and imports the emulated CUDA backend.
+    """Compiles (once; ninja rebuilds what changed) and imports the emulated CUDA backend; a
+    second call in the process returns the module of the first.
 
     ``sanitize``: the build with AddressSanitizer (every access of the drivers and kernels
     checked against the bounds of its allocation) and the alignment check of the undefined
@@ -99,7 +109,9 @@ def load(verbose: bool = False, sanitize: bool = False):
     """
     from torch.utils.cpp_extension import load as load_extension
 
-    if sanitize and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+    if sanitize in _LOADED:
+        return _LOADED[sanitize]
+    if sanitize and not sanitizer_preloaded():
         raise RuntimeError("the AddressSanitizer build needs LD_PRELOAD="
                            f"\"{asan_preload()}\" ASAN_OPTIONS=detect_leaks=0")
     src = BUILD / "src"
@@ -109,7 +121,7 @@ def load(verbose: bool = False, sanitize: bool = False):
     build.mkdir(parents=True, exist_ok=True)
     sanitizers = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment"]
     flags = ["-O1", "-g", "-fno-omit-frame-pointer"] + sanitizers if sanitize else ["-O2"]
-    return load_extension(
+    module = load_extension(
         name=name,
         sources=[str(p) for p in units] + [str(EMULATION / "emu.cpp"),
                                            str(EMULATION / "module.cpp")],
@@ -120,3 +132,5 @@ def load(verbose: bool = False, sanitize: bool = False):
         with_cuda=False,
         verbose=verbose,
     )
+    _LOADED[sanitize] = module
+    return module

@@ -15,7 +15,9 @@ LAUNCH_FAILURE = 719
 
 @pytest.fixture(scope="module")
 def emu():
-    return _cuda_emulation.load()
+    """The emulation; its sanitized build in a process that preloads the sanitizer (as
+    ``make test`` runs this file), so that one build serves this file and the CUDA suites."""
+    return _cuda_emulation.load(sanitize=_cuda_emulation.sanitizer_preloaded())
 
 
 def test_rewrite_launches_keeps_template_arguments_and_indentation():

@@ -221,8 +221,6 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 
-cudaError_t cudaPeekAtLastError() { return emu::g_last_error; }
-
 const char* cudaGetErrorString(cudaError_t e) {
   static thread_local std::string s;
   switch (e) {

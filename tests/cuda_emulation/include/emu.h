@@ -62,7 +62,6 @@ inline uint3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 cudaError_t cudaGetLastError();
-cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);
 cudaError_t cudaGetDevice(int* dev);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev);
@@ -143,18 +142,8 @@ inline float __int_as_float(int x) {
   std::memcpy(&f, &x, sizeof f);
   return f;
 }
-inline int __float_as_int(float f) {
-  int x;
-  std::memcpy(&x, &f, sizeof x);
-  return x;
-}
 inline double __longlong_as_double(long long x) {
   double d;
   std::memcpy(&d, &x, sizeof d);
   return d;
-}
-inline long long __double_as_longlong(double d) {
-  long long x;
-  std::memcpy(&x, &d, sizeof x);
-  return x;
 }
