@@ -102,6 +102,32 @@ def call_bwd(fn, case, grads, stats, **flags):
               f["exclude_diag"], f["decoupled"], f["pos_lse"], f["col_stats"])
 
 
+def call_fused(fn, case, grads, mean, keys="k", **flags):
+    """``fn`` (a backend's ``contrastive_fused_*``) on ``case`` with the coefficients ``grads``
+    (g_lse, g_pos, g_mean); ``keys=None``: without k (self-similarity, the keys are q)."""
+    f = flags_of(flags)
+    return fn(*grads, case["q"], case[keys] if keys else None, case["scale"], case["bias"],
+              case["targets"], case["row_labels"], case["col_labels"], f["exclude_diag"],
+              f["decoupled"], f["pos_lse"], mean)
+
+
+def call_bwd_self(fn, case, grads, stats, **flags):
+    """``fn`` (a backend's ``contrastive_bwd_*``) without k (self-similarity) on ``case``, with
+    the gradients of the row statistics ``grads[:3]`` and the forward's ``stats``."""
+    f = flags_of(flags)
+    lse, pos, npos = stats[:3]
+    return fn(*grads[:3], None, None, case["q"], None, case["scale"], case["bias"],
+              case["targets"], case["row_labels"], case["col_labels"], lse, pos, npos,
+              lse.new_empty(0), f["exclude_diag"], f["decoupled"], f["pos_lse"], False)
+
+
+def self_case(R, D, dtype, mode, **kw):
+    """A case of self-similarity: ``k`` is ``q`` (the oracle runs it as a second leaf)."""
+    case = make_case(R, R, D, dtype, mode, **kw)
+    case["k"] = case["q"]
+    return case
+
+
 def _cast(case, dtype):
     sdt = stat_dtype(dtype)
     out = dict(case)
@@ -218,3 +244,29 @@ def check_fused_equals_two_kernels(fused_out, stats, kernel_bwd, case, grads, **
     torch.testing.assert_close(npos, stats[2], rtol=0, atol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def check_self_grads(case, scaled, got, dtype, **flags):
+    """``(dz, dk, dscale, dbias)`` of a self-similarity kernel (``k=None``) against the oracle's
+    dq + dk, dscale, dbias for the statistics' gradients ``scaled`` (fp64: tight; lower
+    precision: the 2x-oracle-error rule of :func:`check_grads`)."""
+    dz, dk, dscale, dbias = got
+    q = case["q"]
+    assert dk.shape == (0, q.shape[1]) and dz.shape == q.shape and dz.dtype == q.dtype
+    assert dz.device == q.device and torch.isfinite(dz).all()
+    g64 = [None if g is None else g.to(F64) for g in scaled] + [None, None]
+    exact = ref_grads(case, g64[:5], F64, **flags)
+    exact = [exact[0] + exact[1], exact[2], exact[3]]
+    if dtype == F64:
+        for name, a, b in zip(("dz", "dscale", "dbias"), (dz, dscale, dbias), exact):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        return
+    plain = ref_grads(case, [None if g is None else g.to(stat_dtype(dtype)) for g in scaled[:3]]
+                      + [None, None], dtype, **flags)
+    plain = [plain[0].to(F64) + plain[1].to(F64), plain[2], plain[3]]
+    for name, a, p, b in zip(("dz", "dscale", "dbias"), (dz, dscale, dbias), plain, exact):
+        mag = max(b.abs().max().item(), 1e-3)
+        err = (a.to(F64) - b).abs().max().item()
+        bound = 2 * (p.to(F64) - b).abs().max().item() + GRAD_ATOL[dtype] * mag
+        assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e}"

@@ -15,10 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _cases import SLAB_SHAPES
-from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, GRAD_ATOL, MODES,
-                                 call_bwd, call_fwd, check_fused_equals_two_kernels,
-                                 check_stats, fused_expected, make_case, random_grads, ref_grads,
-                                 ref_stats)
+from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, MODES, call_bwd,
+                                 call_bwd_self, call_fused, call_fwd,
+                                 check_fused_equals_two_kernels, check_self_grads, check_stats,
+                                 fused_expected, make_case, random_grads, ref_stats, self_case)
 from _contrastive_checks import check_grads as check_grads_of
 from _contrastive_checks import flag_id as _id
 from _contrastive_checks import stat_dtype as _stat_dtype
@@ -308,11 +308,7 @@ def test_through_the_custom_op():
 
 
 def kernel_fused(case, grads, mean, **flags):
-    return _C.contrastive_fused_cpu(*grads, case["q"], case["k"], case["scale"], case["bias"],
-                                    case["targets"], case["row_labels"], case["col_labels"],
-                                    flags.get("exclude_diag", False),
-                                    flags.get("decoupled", False), flags.get("pos_lse", False),
-                                    mean)
+    return call_fused(_C.contrastive_fused_cpu, case, grads, mean, **flags)
 
 
 def fused_oracle(case, grads, mean, **flags):
@@ -403,43 +399,8 @@ def test_fused_bad_input():
 # below the diagonal. The oracle runs with k = q as a second leaf; the gradient of q is the sum.
 
 
-def self_case(R, D, dtype, mode, **kw):
-    case = make_case(R, R, D, dtype, mode, **kw)
-    case["k"] = case["q"]
-    return case
-
-
 def kernel_fused_self(case, grads, mean, **flags):
-    return _C.contrastive_fused_cpu(*grads, case["q"], None, case["scale"], case["bias"],
-                                    case["targets"], case["row_labels"], case["col_labels"],
-                                    flags.get("exclude_diag", False),
-                                    flags.get("decoupled", False), flags.get("pos_lse", False),
-                                    mean)
-
-
-def check_self_grads(case, scaled, got, dtype, **flags):
-    """(dz, dk, dscale, dbias) of the self sweep against the oracle's dq + dk, dscale, dbias
-    (fp64: tight; lower precision: the 2x-oracle-error rule of check_grads)."""
-    dz, dk, dscale, dbias = got
-    q = case["q"]
-    assert dk.shape == (0, q.shape[1]) and dz.shape == q.shape and dz.dtype == q.dtype
-    assert torch.isfinite(dz).all()
-    g64 = [None if g is None else g.to(F64) for g in scaled] + [None, None]
-    exact = ref_grads(case, g64, F64, **flags)
-    exact = [exact[0] + exact[1], exact[2], exact[3]]
-    if dtype == F64:
-        for name, a, b in zip(("dz", "dscale", "dbias"), (dz, dscale, dbias), exact):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10,
-                                       msg=lambda m, n=name: f"{n}: {m}")
-        return
-    plain = ref_grads(case, [None if g is None else g.to(_stat_dtype(dtype)) for g in scaled]
-                      + [None, None], dtype, **flags)
-    plain = [plain[0].to(F64) + plain[1].to(F64), plain[2], plain[3]]
-    for name, a, p, b in zip(("dz", "dscale", "dbias"), (dz, dscale, dbias), plain, exact):
-        mag = max(b.abs().max().item(), 1e-3)
-        err = (a.to(F64) - b).abs().max().item()
-        bound = 2 * (p.to(F64) - b).abs().max().item() + GRAD_ATOL[dtype] * mag
-        assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e}"
+    return call_fused(_C.contrastive_fused_cpu, case, grads, mean, keys=None, **flags)
 
 
 @pytest.mark.parametrize("mean", (True, False), ids=("mean", "sum"))
@@ -532,13 +493,7 @@ def test_fused_self_bad_input():
 
 
 def kernel_bwd_self(case, grads, stats, **flags):
-    lse, pos, npos = stats[:3]
-    return _C.contrastive_bwd_cpu(*grads[:3], None, None, case["q"], None, case["scale"],
-                                  case["bias"], case["targets"], case["row_labels"],
-                                  case["col_labels"], lse, pos, npos,
-                                  torch.empty(0, dtype=lse.dtype),
-                                  flags.get("exclude_diag", False), flags.get("decoupled", False),
-                                  flags.get("pos_lse", False), False)
+    return call_bwd_self(_C.contrastive_bwd_cpu, case, grads, stats, **flags)
 
 
 @pytest.mark.parametrize("mode,flags", [(m, f) for m in MODES for f in FUSED_FLAGS],

@@ -24,12 +24,14 @@ import fastcl
 from fastcl import _backends, dispatch
 
 from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, GRAD_NAMES, MODES, call_bwd,
-                                 call_fwd, check_fused_equals_two_kernels, check_stats,
-                                 flags_of, fused_expected, ref_grads, ref_stats)
+                                 call_bwd_self, call_fused, call_fwd,
+                                 check_fused_equals_two_kernels, check_self_grads, check_stats,
+                                 fused_expected, ref_grads, ref_stats)
 from _contrastive_checks import check_grads as check_grads_of
 from _contrastive_checks import flag_id as _id
 from _contrastive_checks import make_case as make_case_on
 from _contrastive_checks import random_grads as random_grads_on
+from _contrastive_checks import self_case as self_case_on
 from _contrastive_checks import stat_dtype as _stat_dtype
 from _cuda_cases import DEVICE, SLAB_SHAPES, slab_bytes  # noqa: F401 - slab_bytes is a fixture
 from _cuda_cases import nvcc_found as _nvcc_found
@@ -176,11 +178,7 @@ FUSED_FLAGS = [f for f in FLAG_COMBOS if not f["col_stats"]]
 
 
 def kernel_fused(case, grads, mean, keys="k", **flags):
-    f = flags_of(flags)
-    return _ext().contrastive_fused_cuda(*grads, case["q"], case[keys] if keys else None,
-                                         case["scale"], case["bias"], case["targets"],
-                                         case["row_labels"], case["col_labels"],
-                                         f["exclude_diag"], f["decoupled"], f["pos_lse"], mean)
+    return call_fused(_ext().contrastive_fused_cuda, case, grads, mean, keys=keys, **flags)
 
 
 def check_fused(case, grads, mean, dtype, **flags):
@@ -239,27 +237,119 @@ def test_fused_equals_forward_then_backward(slab_bytes):
                                    kernel_fwd(case, **flags), kernel_bwd, case, grads, **flags)
 
 
+# ---------------------------------------------------------------------------------------------
+# Self-similarity (k=None: the keys are q): G + G.T on the blocks on and below the diagonal, in
+# the fused sweep and in the backward. The oracle runs with k = q as a second leaf; the gradient
+# of q is the sum of both.
+
+
+def self_case(R, D, dtype, mode, **kw):
+    return self_case_on(R, D, dtype, mode, device=DEVICE, **kw)
+
+
+def kernel_self(kind, case, grads, mean, **flags):
+    """``(loss, npos, dz, dk, dscale, dbias, scaled)`` of the fused sweep (``kind="fused"``) or
+    of the forward then the backward without k (``"bwd"``, given the fused contract's scaled
+    coefficients), and the statistics' gradients the oracle is to be given."""
+    want_loss, want_npos, scaled = fused_expected(ref_stats(case, F64, **flags), grads, mean)
+    if kind == "fused":
+        loss, npos, *got = kernel_fused(case, grads, mean, keys=None, **flags)
+        return loss, npos, got, want_loss, want_npos, scaled
+    stats = kernel_fwd(case, **flags)
+    sdt = _stat_dtype(case["q"].dtype)
+    coefs = [None if g is None else g.to(sdt) for g in scaled[:3]]
+    got = call_bwd_self(_ext().contrastive_bwd_cuda, case, coefs, stats, **flags)
+    return None, stats[2], got, want_loss, want_npos, scaled
+
+
+def check_self(kind, case, grads, mean, dtype, **flags):
+    loss, npos, got, want_loss, want_npos, scaled = kernel_self(kind, case, grads, mean, **flags)
+    torch.testing.assert_close(npos.to(F64), want_npos)
+    if loss is not None:
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=5e-5)
+        torch.testing.assert_close(loss.to(F64), want_loss, **tol)
+    check_self_grads(case, scaled, got, dtype, **flags)
+
+
+SELF_CASES = [(kind, m, f) for kind in ("fused", "bwd") for m in MODES for f in FUSED_FLAGS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,mode,flags", SELF_CASES,
+                         ids=[f"{k}-{m}-{_id(f)}" for k, m, f in SELF_CASES])
+def test_self_fp64(kind, mode, flags, slab_bytes):
+    R, D = 37, 6
+    slab_bytes(7 * _padded(R) * 8)  # slabs of 7 rows, a ragged last one
+    case = self_case(R, D, F64, mode, scale=4.0, bias=-0.5)
+    check_self(kind, case, random_grads(R, R, F64, False)[:3], kind == "fused", F64, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", (1, 8, 13, 200), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("kind", ("fused", "bwd"))
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_self_slab_sizes(mode, kind, rows, slab_bytes):
+    """Slabs of one row, of a few rows with a ragged last one, and one slab for all."""
+    R, D = 61, 5
+    slab_bytes(rows * _padded(R) * 8)
+    flags = dict(exclude_diag=True, decoupled=(mode == "targets"), pos_lse=(mode == "labels"))
+    case = self_case(R, D, F64, mode, scale=6.0)
+    check_self(kind, case, random_grads(R, R, F64, False, seed=rows)[:3], True, F64, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (F32, BF16, F16), ids=str)
+@pytest.mark.parametrize("kind", ("fused", "bwd"))
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_self_low_precision(mode, kind, dtype, slab_bytes):
+    R, D = 70, 24
+    slab_bytes(16 * _padded(R) * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+    case = self_case(R, D, dtype, mode, scale=8.0)
+    check_self(kind, case, random_grads(R, R, dtype, False)[:3], True, dtype, **flags)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (F64, F32, BF16), ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_self_is_the_sum_of_both_roles(mode, dtype, slab_bytes):
-    """k=None: the keys are q; dq is the gradient of q as queries plus as keys, dk is empty."""
+def test_self_is_the_sum_of_both_roles(mode, dtype, slab_bytes):
+    """k=None gives the loss of k = q and, within rounding, the sum of its two gradients."""
     R, D = 45, 12
     slab_bytes(8 * _padded(R) * 8)
-    case = make_case(R, R, D, dtype, mode, scale=5.0)
-    case["k"] = case["q"]
+    case = self_case(R, D, dtype, mode, scale=5.0)
     flags = dict(exclude_diag=True, decoupled=(mode == "labels"))
     grads = random_grads(R, R, dtype, False)[:3]
     loss, npos, dz, dk, ds, db = kernel_fused(case, grads, True, keys=None, **flags)
-    want = kernel_fused(case, grads, True, **flags)
+    want = kernel_fused(dict(case, k=case["q"].clone()), grads, True, **flags)
     assert dk.shape == (0, D) and dz.shape == (R, D) and dz.dtype == dtype
     torch.testing.assert_close(npos, want[1], rtol=0, atol=0)
     for a, b in ((loss, want[0]), (ds, want[4]), (db, want[5])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     total = want[2].double() + want[3].double()
     mag = total.abs().max().item()
-    rounding = {F64: 1e-12, F32: 1e-6, BF16: 2 ** -7}[dtype] * mag  # dq + dk rounded once more
+    # G + G.T is rounded once where the two feature sets round G twice and add
+    rounding = {F64: 1e-12, F32: 1e-5, BF16: 2 ** -6}[dtype] * mag
     torch.testing.assert_close(dz.double(), total, rtol=0, atol=rounding + 1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R", (0, 1, 9))
+def test_self_empty_and_tiny(R):
+    case = self_case(R, 3, F64, "targets" if R > 0 else "none")
+    grads = random_grads(R, R, F64, False)[:3]
+    for kind in ("fused", "bwd"):
+        check_self(kind, case, grads, True, F64, exclude_diag=True)
+
+
+@pytest.mark.gpu
+def test_bwd_self_refuses_column_statistics():
+    case = self_case(6, 4, F32, "targets")
+    lse, pos, npos, _m, _cl, _cm = kernel_fwd(case)
+    g = torch.ones(6, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"column statistics need k"):
+        _ext().contrastive_bwd_cuda(g, None, None, g, None, case["q"], None, case["scale"],
+                                    case["bias"], case["targets"], None, None, lse, pos, npos,
+                                    lse, False, False, False, True)
 
 
 @pytest.mark.gpu
@@ -599,8 +689,9 @@ LOSSES = dict(clip=_clip, info_nce_negatives=_info_nce_negatives, nt_xent=_nt_xe
 @pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
 def test_losses_end_to_end(loss, dtype, backend):
     """Every loss on the GPU backends against the reference (the CUDA C++ backend runs the
-    reduced one-direction and self-similarity losses as one fused sweep, and gets k = q where
-    the statistics op is given k=None; Triton runs its one-launch symmetric backward)."""
+    reduced one-direction and self-similarity losses as one fused sweep, and its backward
+    takes k=None on the blocks on and below the diagonal; Triton runs its one-launch symmetric
+    backward)."""
     if backend == "cuda":
         _ext()
     assert dispatch.why_not(backend, "info_nce", torch.device(DEVICE), dtype) is None

@@ -126,7 +126,8 @@ Slabs::Slabs(int64_t R, int64_t C, const at::Tensor& q)
 
 at::Tensor Slabs::logits(const at::Tensor& a_rows, const at::Tensor& b) {
   const int64_t s = a_rows.size(0);
-  at::Tensor L = buf_.narrow(0, 0, s * Cp_).view({s, Cp_}).narrow(1, 0, C_);
+  TORCH_CHECK(b.size(0) <= C_, "Slabs::logits: more columns than the slab holds");
+  at::Tensor L = buf_.narrow(0, 0, s * Cp_).view({s, Cp_}).narrow(1, 0, b.size(0));
   mm_into(L, a_rows, b.t());
   return L;
 }
@@ -155,33 +156,52 @@ GradOutputs& GradOutputs::zero() {
 
 FeatureGrads::FeatureGrads(at::Tensor dq, at::Tensor dk, const at::Tensor& kc, at::ScalarType st,
                            at::Tensor a_over_f)
-    : dq_(std::move(dq)), dk_(std::move(dk)), kc_(kc), a_over_f_(std::move(a_over_f)), st_(st) {
-  dk_acc_ = (dk_.scalar_type() == st_ && dk_.is_contiguous())
-                ? dk_
-                : at::empty({dk_.size(0), dk_.size(1)}, dk_.options().dtype(st_));
+    : dq_(std::move(dq)),
+      dk_(std::move(dk)),
+      kc_(kc),
+      a_over_f_(std::move(a_over_f)),
+      st_(st),
+      self_(!dk_.defined()) {
+  const at::Tensor& target = self_ ? dq_ : dk_;
+  acc_ = (target.scalar_type() == st_ && target.is_contiguous())
+             ? target
+             : at::empty({target.size(0), target.size(1)}, target.options().dtype(st_));
 }
 
 void FeatureGrads::add(const at::Tensor& tile, int64_t r0, const at::Tensor& q_slab) {
-  at::Tensor dqs = dq_.narrow(0, r0, tile.size(0));
+  const int64_t s = tile.size(0);
+  if (self_) {
+    const int64_t e = r0 + s;
+    at::Tensor rows = acc_.narrow(0, r0, s);
+    mm_into(rows, tile.narrow(1, 0, e), kc_.narrow(0, 0, e));
+    if (r0 > 0) {
+      at::Tensor above = acc_.narrow(0, 0, r0);
+      addmm_into(above, tile.narrow(1, 0, r0).t(), q_slab);
+    }
+    first_ = false;
+    return;
+  }
+  at::Tensor dqs = dq_.narrow(0, r0, s);
   at::mul_out(dqs, mm_new(tile, kc_, st_), a_over_f_);
   if (first_) {
-    mm_into(dk_acc_, tile.t(), q_slab);
+    mm_into(acc_, tile.t(), q_slab);
     first_ = false;
   } else {
-    addmm_into(dk_acc_, tile.t(), q_slab);
+    addmm_into(acc_, tile.t(), q_slab);
   }
 }
 
 void FeatureGrads::finish(const at::Tensor& norm) {
   const at::Tensor factor = norm.defined() ? a_over_f_ * norm : a_over_f_;
+  at::Tensor& out = self_ ? dq_ : dk_;
   if (first_) {
-    dk_.zero_();
-  } else if (dk_acc_.is_same(dk_)) {
-    dk_.mul_(factor);
+    out.zero_();
+  } else if (acc_.is_same(out)) {
+    out.mul_(factor);
   } else {
-    at::mul_out(dk_, dk_acc_, factor);
+    at::mul_out(out, acc_, factor);
   }
-  if (norm.defined()) dq_.mul_(norm);
+  if (norm.defined() && !self_) dq_.mul_(norm);
 }
 
 void write_scalar_grads(const at::Tensor& parts, at::Tensor& dscale, at::Tensor& dbias,

@@ -56,8 +56,8 @@ class Slabs {
   Slabs(int64_t R, int64_t C, const at::Tensor& q);
   int64_t rows() const { return S_; }  // S
   int64_t ld() const { return Cp_; }   // Cp
-  // The logits of a_rows [s, D] against b [C, D] (contiguous) in the first s rows of the
-  // buffer: a [s, C] view with leading dimension Cp.
+  // The logits of a_rows [s, D] against b [n, D] (contiguous, n <= C: the first n columns) in
+  // the first s rows of the buffer: a [s, n] view with leading dimension Cp.
   at::Tensor logits(const at::Tensor& a_rows, const at::Tensor& b);
   // The gradient tile [s, C] of dtype gt stored in place of the logits (a narrower tile fills
   // the first bytes of each row).
@@ -84,12 +84,19 @@ struct GradOutputs {
 
 // dq and dk from the tiles f * G of the slabs: dq[r0 : r0 + s] = (scale / f) * tile @ k, and
 // dk = (scale / f) * sum over slabs of tile^T @ q_slab, accumulated in the statistics dtype.
+//
+// Self-similarity (dk undefined: the keys are the queries q = kc): the tile of rows I = [r0, e)
+// holds f * H = f * (G + G.T) on the columns [0, e) only (BwdTileArgs::self), and
+// dq_I = H(I, <e) @ q_<e, then dq_<r0 += H(I, <r0)^T @ q_I (the blocks above the diagonal, by
+// symmetry), accumulated in the statistics dtype: the gradient GEMMs of one feature set on half
+// of the blocks.
 class FeatureGrads {
  public:
-  // dq, dk: the outputs (dtype and strides of q and k); kc: k, contiguous; a_over_f: 0-dim
-  // tensor scale / f on the device.
+  // dq, dk: the outputs (dtype and strides of q and k; dk undefined for self-similarity); kc: k,
+  // contiguous (q for self-similarity); a_over_f: 0-dim tensor scale / f on the device.
   FeatureGrads(at::Tensor dq, at::Tensor dk, const at::Tensor& kc, at::ScalarType st,
                at::Tensor a_over_f);
+  // The tile [s, C] of rows [r0, r0 + s) (self-similarity: its first r0 + s columns are read).
   void add(const at::Tensor& tile, int64_t r0, const at::Tensor& q_slab);
   // Scales the accumulated dk into the output; dq is complete after the last add. With `norm` (a
   // 0-dim tensor of the statistics dtype on the device) both are multiplied by it too: dk before
@@ -97,8 +104,9 @@ class FeatureGrads {
   void finish(const at::Tensor& norm = at::Tensor());
 
  private:
-  at::Tensor dq_, dk_, kc_, dk_acc_, a_over_f_;
+  at::Tensor dq_, dk_, kc_, acc_, a_over_f_;  // acc_: dk's (self: dq's) accumulator
   at::ScalarType st_;
+  bool self_;
   bool first_ = true;
 };
 

@@ -22,14 +22,20 @@
 //   slab's final statistics and the tile kernel then turns the same logits into G: three GEMMs
 //   per slab instead of the four of a forward and a backward. The mean's divisor (rows with a
 //   positive) is known after the last slab only: it scales the gradients at the end.
+// - self-similarity (k absent: the keys are q, as in NT-Xent, SupCon and DCL; the logits are
+//   symmetric): the gradient of q is scale * (G + G.T) @ q. A slab of rows I has every row
+//   before it done, so its tile holds H = G + G.T on the columns below its end (G.T from the
+//   coefficients of those rows, bwd_coefs), and dq_I = H(I, <=I) @ q, dq_<I += H(I, <I)^T @ q_I:
+//   one GEMM's worth for the gradient instead of two, and the backward recomputes the logits
+//   of those columns only (half a GEMM). Fused: two GEMMs' worth in all, not three.
 //
 // Scale and bias are read by the kernels from device memory: no host synchronization anywhere
 // (unless scale or bias live on the CPU: their values and gradients are then copied). fp32 GEMMs
 // use TF32 only where torch.backends.cuda.matmul.allow_tf32 allows it (ATen's choice).
 //
 // Memory beyond inputs and outputs: one slab of logits (the gradient tile lives in it), the dk
-// accumulator (C x D fp32 when the inputs are not fp32), per-slab dq products (S x D) and
-// O(R + C) statistics.
+// accumulator (C x D fp32 when the inputs are not fp32; self-similarity: the dq accumulator,
+// R x D), per-slab dq products (S x D) and O(R + C) statistics.
 #include "contrastive_cuda.h"
 
 #include <ATen/ATen.h>
@@ -95,6 +101,9 @@ void check_row_grads(const char* fn, const OptT& g_lse, const OptT& g_pos, const
   check_vec(fn, "g_pos", g_pos, q, q.size(0), "R");
   check_vec(fn, "g_mean", g_mean, q, q.size(0), "R");
 }
+
+// The dk of self-similarity (k=None): an empty [0, D] tensor.
+at::Tensor no_keys(const at::Tensor& q) { return q.new_empty({0, q.size(1)}); }
 
 const int64_t* index_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<int64_t>() : nullptr;
@@ -185,15 +194,21 @@ struct GradCoefs {
 // then per slab the tile kernel, which turns the slab's logits into f * G in place, and the
 // GEMMs of the tile (FeatureGrads). The vectors it is given are read by kernels enqueued later:
 // they must stay alive, and hold their final values for a slab's rows when that slab is passed.
+//
+// Self-similarity (`self`: kc is q, out.dy the empty [0, D]): per slab of rows [r0, e), the
+// coefficients of its rows' G first (bwd_coefs), then the tile kernel turns the logits of the
+// columns [0, e) into f * (G + G.T) and FeatureGrads gives the whole gradient of q from the
+// blocks on and below the diagonal: the slab needs only those columns' logits.
 class TileSweep {
  public:
   TileSweep(GradOutputs& out, const at::Tensor& q, const at::Tensor& kc, const MaskSpec& mask,
             int64_t ldl, const at::Tensor& sc, const at::Tensor& bi, const GradCoefs& g,
             const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
-            const at::Tensor& col_lse, cudaStream_t stream)
+            const at::Tensor& col_lse, bool self, cudaStream_t stream)
       : out_(out), st_(stat_type_of(q)), gt_(q.scalar_type()), stream_(stream) {
     const auto opt = q.options().dtype(st_);
     if (g.g_col_lse.defined() || g.g_col_mean.defined()) cols_ = at::empty({3, ldl}, opt);
+    if (self) coefs_ = at::empty({kRowCoefs, mask.R}, opt);
     gscale_ = at::empty({2}, opt);
     parts_ = at::empty({2, mask.R}, opt.dtype(at::kDouble));
     BwdPrepArgs pa;
@@ -210,7 +225,7 @@ class TileSweep {
     pa.ldcol = ldl;
     pa.gscale = gscale_.data_ptr();
     C10_CUDA_CHECK(launch_bwd_prep(pa, dtype_of(st_), stream_));
-    grads_.emplace(out.dx, out.dy, kc, st_, sc * gscale_.select(0, 1));
+    grads_.emplace(out.dx, self ? at::Tensor() : out.dy, kc, st_, sc * gscale_.select(0, 1));
 
     ta_.mask = mask;
     ta_.ldl = ldl;
@@ -227,13 +242,17 @@ class TileSweep {
     ta_.col_exp = g.g_col_lse.defined();
     ta_.gscale = gscale_.data_ptr();
     ta_.row_parts = parts_.data_ptr<double>();
+    ta_.self = self;
+    ta_.coefs = self ? coefs_.data_ptr() : nullptr;
   }
 
-  // The slab of rows [r0, r0 + q_slab.size(0)) whose logits `slabs` holds (L: its view).
+  // The slab of rows [r0, r0 + q_slab.size(0)) whose logits `slabs` holds (L: its view; self:
+  // of the columns [0, r0 + q_slab.size(0)) at least).
   void slab(const Slabs& slabs, const at::Tensor& L, int64_t r0, const at::Tensor& q_slab) {
     ta_.L = L.data_ptr();
     ta_.r0 = r0;
     ta_.rows = q_slab.size(0);
+    if (ta_.self) C10_CUDA_CHECK(launch_bwd_coefs(ta_, dtype_of(st_), stream_));
     C10_CUDA_CHECK(launch_bwd_tile(ta_, dtype_of(st_), dtype_of(gt_), stream_));
     grads_->add(slabs.tile(ta_.rows, gt_), r0, q_slab);
   }
@@ -249,7 +268,7 @@ class TileSweep {
   GradOutputs& out_;
   at::ScalarType st_, gt_;
   cudaStream_t stream_;
-  at::Tensor cols_, gscale_, parts_;
+  at::Tensor cols_, coefs_, gscale_, parts_;
   std::optional<FeatureGrads> grads_;
   BwdTileArgs ta_;
 };
@@ -355,14 +374,18 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
                      const std::optional<at::Tensor>& g_mean,
                      const std::optional<at::Tensor>& g_col_lse,
                      const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
-                     const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
-                     const std::optional<at::Tensor>& targets,
+                     const std::optional<at::Tensor>& k_opt, const at::Tensor& scale,
+                     const at::Tensor& bias, const std::optional<at::Tensor>& targets,
                      const std::optional<at::Tensor>& row_labels,
                      const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,
                      const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
                      bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
   const char* fn = "contrastive_bwd_cuda";
+  const bool self = !k_opt.has_value();
+  const at::Tensor& k = self ? q : *k_opt;  // none: the keys are q
   check_inputs(fn, q, k, scale, bias, targets, row_labels, col_labels);
+  TORCH_CHECK(!self || !col_stats, fn,
+              ": column statistics need k (with k=None the keys are q: use the row statistics)");
   const int64_t R = q.size(0), C = k.size(0);
   check_row_grads(fn, g_lse, g_pos, g_mean, q);
   check_vec(fn, "g_col_lse", g_col_lse, q, C, "C");
@@ -383,7 +406,7 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   GradCoefs g{acc(g_lse), acc(g_pos), acc(g_mean), col_stats ? acc(g_col_lse) : at::Tensor(),
               col_stats ? acc(g_col_mean) : at::Tensor()};
 
-  GradOutputs out(q, k, scale, bias);  // dx = dq, dy = dk
+  GradOutputs out(q, self ? no_keys(q) : k, scale, bias);  // dx = dq, dy = dk
   if (!g.any() || R == 0 || C == 0) return out.zero().tuple();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -395,10 +418,12 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   const at::Tensor kc = k.contiguous();
   Slabs slabs(R, C, q);
   TileSweep sweep(out, q, kc, masks.spec(R, C, exclude_diag, decoupled, pos_lse), slabs.ld(), sc,
-                  bi, g, lse_a, pos_a, npos_a, col_lse_a, stream);
+                  bi, g, lse_a, pos_a, npos_a, col_lse_a, self, stream);
   for (int64_t r0 = 0; r0 < R; r0 += slabs.rows()) {
-    const at::Tensor qs = q.narrow(0, r0, std::min(slabs.rows(), R - r0));
-    sweep.slab(slabs, slabs.logits(qs, kc), r0, qs);
+    const int64_t s = std::min(slabs.rows(), R - r0);
+    const at::Tensor qs = q.narrow(0, r0, s);
+    // self: the logits on and below the diagonal blocks only (half of them)
+    sweep.slab(slabs, slabs.logits(qs, self ? kc.narrow(0, 0, r0 + s) : kc), r0, qs);
   }
   sweep.finish(at::Tensor());
   return out.tuple();
@@ -432,7 +457,7 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
   };
   GradCoefs g{coef(g_lse), coef(g_pos), coef(g_mean), at::Tensor(), at::Tensor()};
   RowStats stats(R, opt);
-  GradOutputs out(q, k, scale, bias);
+  GradOutputs out(q, self ? no_keys(q) : k, scale, bias);
   std::optional<TileSweep> sweep;
   if (C == 0) stats.set_empty();
 
@@ -446,10 +471,10 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
     FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
     if (g.any())
       sweep.emplace(out, q, kc, spec, slabs.ld(), sc, bi, g, stats.lse, stats.pos, stats.npos,
-                    at::Tensor(), stream);
+                    at::Tensor(), self, stream);
     // A slab holds whole rows: its row statistics are final after the row kernel, and the same
     // logits then become the gradient tile (three GEMMs per slab, not the four of a forward
-    // and a backward).
+    // and a backward; self: two, the gradient's on the blocks on and below the diagonal).
     for (int64_t r0 = 0; r0 < R; r0 += slabs.rows()) {
       const int64_t s = std::min(slabs.rows(), R - r0);
       const at::Tensor qs = q.narrow(0, r0, s);
@@ -480,10 +505,6 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
     if (t.first->defined()) rows.add_(t.first->to(at::kDouble) * t.second->to(at::kDouble));
   at::Tensor loss = at::where(has_pos, rows, at::zeros_like(rows)).sum();
   if (mean) loss = loss / count.to(at::kDouble);
-  if (self) {  // the gradient of q as queries and as keys
-    out.dx.add_(out.dy);
-    out.dy = q.new_empty({0, q.size(1)});
-  }
   return {loss.to(st), stats.npos, out.dx, out.dy, out.dscale, out.dbias};
 }
 

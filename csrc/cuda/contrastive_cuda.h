@@ -27,14 +27,17 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // (dq, dk, dscale, dbias) from the gradients of the statistics (any of them may be absent).
 // dq/dk have the dtype (and, where dense, the strides) of q/k; dscale/dbias the dtype, shape and
 // device of scale/bias. A scale or bias on the CPU costs a synchronization (its value is copied to
-// the device, its gradient back); on q's device nothing waits for the GPU.
+// the device, its gradient back); on q's device nothing waits for the GPU. k absent means the keys
+// are q (self-similarity, row statistics only): dq is then the whole gradient of q and dk an
+// empty [0, D] tensor, from the symmetric logits on and below the diagonal blocks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
                      const std::optional<at::Tensor>& g_pos,
                      const std::optional<at::Tensor>& g_mean,
                      const std::optional<at::Tensor>& g_col_lse,
                      const std::optional<at::Tensor>& g_col_mean, const at::Tensor& q,
-                     const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& k, const at::Tensor& scale,
+                     const at::Tensor& bias,
                      const std::optional<at::Tensor>& targets,
                      const std::optional<at::Tensor>& row_labels,
                      const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,

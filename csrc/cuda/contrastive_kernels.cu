@@ -12,6 +12,8 @@
 //   row's sums of G and G * l. A G narrower than the logits is written over the first half of
 //   the row's bytes (for_each_row_vector, kernel_common.cuh: each sweep of the block loads,
 //   synchronizes, then stores, so a store never lands on logits that a thread has yet to load).
+//   Self-similarity: G + G.T on the columns up to the slab's end, G.T from the per-row
+//   coefficients that bwd_coefs writes (the same row_coefs as the row's own).
 #include "contrastive_kernels.h"
 
 #include <cuda_bf16.h>
@@ -72,21 +74,23 @@ __device__ __forceinline__ Geom row_geom(const MaskSpec& M, int64_t gr) {
   return g;
 }
 
-// Membership of column col (which may lie in the padding, col >= C) in the sets of the row.
+// Membership of column col (which may lie past the row's last column `end`, in the padding or
+// outside the slab) in the sets of the row.
 __device__ __forceinline__ void classify(const MaskSpec& M, const Geom& g, int64_t col,
-                                         bool& valid, bool& allowed, bool& pos, bool& den) {
-  valid = col < M.C;
+                                         int64_t end, bool& valid, bool& allowed, bool& pos,
+                                         bool& den) {
+  valid = col < end;
   allowed = valid && col != g.dcol;
-  pos = g.labels ? (allowed && M.col_labels[col] == g.rlab) : (col == g.tcol);
+  pos = g.labels ? (allowed && M.col_labels[col] == g.rlab) : (valid && col == g.tcol);
   den = allowed && !(M.decoupled && pos);
 }
 
 // Whether the V columns from c all lie in the row's denominator set and none is a positive: target
-// mode (or no positives), inside [0, C), neither the excluded diagonal nor the target. Such
+// mode (or no positives), inside [0, end), neither the excluded diagonal nor the target. Such
 // vectors (all but at most two per row) skip the per-column masks.
 template <int V>
-__device__ __forceinline__ bool plain_vector(const MaskSpec& M, const Geom& g, int64_t c) {
-  return !g.labels && c + V <= M.C && (g.dcol < c || g.dcol >= c + V) &&
+__device__ __forceinline__ bool plain_vector(const Geom& g, int64_t c, int64_t end) {
+  return !g.labels && c + V <= end && (g.dcol < c || g.dcol >= c + V) &&
          (g.tcol < c || g.tcol >= c + V);
 }
 
@@ -170,7 +174,7 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
     const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(x + c);
     T xd[V], xp[V];
     T dmax = ninf, pmax = ninf;
-    if (plain_vector<V>(M, g, c)) {
+    if (plain_vector<V>(g, c, M.C)) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         xd[j] = v.v[j] * a2 + b2;
@@ -183,7 +187,7 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       bool valid, allowed, pos, den;
-      classify(M, g, c + j, valid, allowed, pos, den);
+      classify(M, g, c + j, M.C, valid, allowed, pos, den);
       const T l = v.v[j];
       const T s2 = l * a2 + b2;
       xd[j] = den ? s2 : ninf;
@@ -404,6 +408,85 @@ struct SumPart {
   __device__ SumPart shfl(int o) const { return SumPart{shfl_xor(ds, o), shfl_xor(db, o)}; }
 };
 
+// The coefficients of G on one row: G = den * (gl 2^(s2 - lse2) + gmd) + pos * (gpe 2^(s2 - posr2)
+// or gpc) + allowed * (column terms), s2 the logit in log2 units (fastcl/reference/contrastive.py).
+template <class T>
+struct RowCoefs {
+  T gl, lse2;    // gl = 0: no exponential term (no g_lse, or an empty denominator set)
+  T gmd;         // g_mean / max(|den|, 1)
+  T gpe, posr2;  // pos_lse in label mode: g_pos times the positives' softmax (gpe = 0: none)
+  T gpc;         // otherwise: g_pos per positive
+
+  __device__ T den_term(T s2) const { return gl != T(0) ? gmd + gl * ex2(s2 - lse2) : gmd; }
+  __device__ T pos_term(T s2) const { return gpe != T(0) ? gpe * ex2(s2 - posr2) : gpc; }
+};
+
+template <class T>
+__device__ RowCoefs<T> row_coefs(const BwdTileArgs& P, const Geom& g, int64_t gr) {
+  const MaskSpec& M = P.mask;
+  const T npos = g.labels ? static_cast<const T*>(P.npos)[gr] : T(g.tcol >= 0 ? 1 : 0);
+  const double nden = static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) -
+                      (M.decoupled ? static_cast<double>(npos) : 0.0);
+  const T lse = static_cast<const T*>(P.lse)[gr];
+  const T gl = load_or_zero<T>(P.g_lse, gr);
+  const bool rexp = gl != T(0) && lse > neg_inf<T>();
+  const double gm = static_cast<double>(load_or_zero<T>(P.g_mean, gr));
+  const T gp = (P.g_pos != nullptr && npos > T(0)) ? static_cast<const T*>(P.g_pos)[gr] : T(0);
+  const bool pexp = g.labels && M.pos_lse && gp != T(0);
+  RowCoefs<T> k;
+  k.gl = rexp ? gl : T(0);
+  k.lse2 = rexp ? lse * T(kLog2e) : T(0);
+  // the contract's count max(|den|, 1): a ring block passes the global npos (see fastcl.reference)
+  k.gmd = static_cast<T>(gm / (nden > 1.0 ? nden : 1.0));
+  k.gpe = pexp ? gp : T(0);
+  k.posr2 = pexp ? static_cast<const T*>(P.pos)[gr] * T(kLog2e) : T(0);
+  k.gpc = pexp ? T(0) : ((g.labels && !M.pos_lse && gp != T(0)) ? gp / npos : gp);
+  return k;
+}
+
+template <class T>
+__global__ void bwd_coefs_kernel(const BwdTileArgs P) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= P.rows) return;
+  const int64_t gr = P.r0 + i, R = P.mask.R;
+  const RowCoefs<T> k = row_coefs<T>(P, row_geom(P.mask, gr), gr);
+  T* out = static_cast<T*>(P.coefs);
+  out[gr] = k.gl;
+  out[R + gr] = k.lse2;
+  out[2 * R + gr] = k.gmd;
+  out[3 * R + gr] = k.gpe;
+  out[4 * R + gr] = k.posr2;
+  out[5 * R + gr] = k.gpc;
+}
+
+// Self-similarity: G[col, gr] from the logit s2 of (gr, col), with row col's coefficients and
+// the mask of (col, gr).
+template <class T>
+__device__ __forceinline__ T transposed_grad(const BwdTileArgs& P, int64_t gr, int64_t col,
+                                             int64_t glab, T s2) {
+  const MaskSpec& M = P.mask;
+  const int64_t R = M.R;
+  const T* cf = static_cast<const T*>(P.coefs);
+  const bool allowed = !(M.exclude_diag && col == gr);
+  bool pos = false;
+  if (M.row_labels != nullptr && M.col_labels != nullptr) {
+    pos = allowed && M.row_labels[col] == glab;
+  } else if (M.targets != nullptr) {
+    pos = allowed && M.targets[col] == gr;
+  }
+  const bool den = allowed && !(M.decoupled && pos);
+  T gv = T(0);
+  if (den) {
+    const T gl = cf[col], gmd = cf[2 * R + col];
+    gv = gl != T(0) ? gmd + gl * ex2(s2 - cf[R + col]) : gmd;
+  }
+  if (pos) {
+    const T gpe = cf[3 * R + col];
+    gv += gpe != T(0) ? gpe * ex2(s2 - cf[4 * R + col]) : cf[5 * R + col];
+  }
+  return gv;
+}
+
 template <class T, class G>
 __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   constexpr int V = VecWidth<T>::value;
@@ -415,67 +498,57 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   const T b = *static_cast<const T*>(P.bias);
   const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
   const T f = static_cast<const T*>(P.gscale)[0];
-  const T ninf = neg_inf<T>();
   const Geom g = row_geom(M, gr);
-
-  // Per-row coefficients: G = den * (gl 2^(x - lse2) + gmd) + pos * pos_term + allowed * col_term.
-  const T npos = g.labels ? static_cast<const T*>(P.npos)[gr] : T(g.tcol >= 0 ? 1 : 0);
-  const double nden = static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) -
-                      (M.decoupled ? static_cast<double>(npos) : 0.0);
-  const T lse = static_cast<const T*>(P.lse)[gr];
-  T gl = load_or_zero<T>(P.g_lse, gr);
-  const bool rexp = gl != T(0) && lse > ninf;
-  const T lse2 = rexp ? lse * T(kLog2e) : T(0);
-  if (!rexp) gl = T(0);
-  const double gm = static_cast<double>(load_or_zero<T>(P.g_mean, gr));
-  // the contract's count max(|den|, 1): a ring block passes the global npos (see fastcl.reference)
-  const T gmd = static_cast<T>(gm / (nden > 1.0 ? nden : 1.0));
-  const T gp = (P.g_pos != nullptr && npos > T(0)) ? static_cast<const T*>(P.g_pos)[gr] : T(0);
-  const bool pexp = g.labels && M.pos_lse && gp != T(0);
-  const T posr2 = pexp ? static_cast<const T*>(P.pos)[gr] * T(kLog2e) : T(0);
-  const T gpc = (g.labels && !M.pos_lse && gp != T(0)) ? gp / npos : gp;
+  const RowCoefs<T> k = row_coefs<T>(P, g, gr);
   const T* cshift = static_cast<const T*>(P.cols);
   const T* ccoef = cshift != nullptr ? cshift + P.ldcol : nullptr;
   const T* cconst = cshift != nullptr ? cshift + 2 * P.ldcol : nullptr;
   const bool cexp = cshift != nullptr && P.col_exp;
+  // self: the columns of the blocks on and below the diagonal; the label of gr as a column
+  const int64_t end = P.self ? P.r0 + P.rows : M.C;
+  const int64_t glab = (P.self && g.labels) ? M.col_labels[gr] : 0;
 
   T ds = T(0), db = T(0);
-  // The denominator and column terms of one column (s2: its logit in log2 units).
-  auto row_col_terms = [&](T s2, int64_t col, T& rowt, T& colt) {
-    rowt = gmd;
-    if (rexp) rowt += gl * ex2(s2 - lse2);
-    colt = T(0);
-    if (cshift != nullptr) {
-      colt = cconst[col];
-      if (cexp) colt += ccoef[col] * ex2(s2 - cshift[col]);
-    }
+  // The column term of one column (s2: its logit in log2 units).
+  auto col_term = [&](T s2, int64_t col) -> T {
+    if (cshift == nullptr) return T(0);
+    T colt = cconst[col];
+    if (cexp) colt += ccoef[col] * ex2(s2 - cshift[col]);
+    return colt;
   };
-  for_each_row_vector<T, G, true>(x, M.C, [&](int64_t c, const Pack<T, V>& v, Pack<G, V>& out) {
-    if (plain_vector<V>(M, g, c)) {
+  // self: H = G[gr, col] + G[col, gr]; G[col, gr] counts in the sums below the diagonal block.
+  auto add_transposed = [&](T gv, T l, T s2, int64_t col) -> T {
+    if (!P.self || col >= end) return gv;
+    const T gt = transposed_grad<T>(P, gr, col, glab, s2);
+    if (col < P.r0) {
+      ds += gt * l;
+      db += gt;
+    }
+    return gv + gt;
+  };
+  for_each_row_vector<T, G, true>(x, end, [&](int64_t c, const Pack<T, V>& v, Pack<G, V>& out) {
+    if (plain_vector<V>(g, c, end)) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const T l = v.v[j];
-        T rowt, colt;
-        row_col_terms(l * a2 + b2, c + j, rowt, colt);
-        const T gv = rowt + colt;
+        const T s2 = l * a2 + b2;
+        const T gv = k.den_term(s2) + col_term(s2, c + j);
         ds += gv * l;
         db += gv;
-        store_as(gv * f, out.v[j]);
+        store_as(add_transposed(gv, l, s2, c + j) * f, out.v[j]);
       }
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         bool valid, allowed, pos, den;
-        classify(M, g, c + j, valid, allowed, pos, den);
+        classify(M, g, c + j, end, valid, allowed, pos, den);
         const T l = valid ? v.v[j] : T(0);
         const T s2 = l * a2 + b2;
-        T rowt, colt;
-        row_col_terms(s2, c + j, rowt, colt);
-        T gv = (den ? rowt : T(0)) + (allowed ? colt : T(0));
-        if (pos) gv += pexp ? gp * ex2(s2 - posr2) : gpc;
+        T gv = (den ? k.den_term(s2) : T(0)) + (allowed ? col_term(s2, c + j) : T(0));
+        if (pos) gv += k.pos_term(s2);
         ds += gv * l;
         db += gv;
-        store_as(gv * f, out.v[j]);
+        store_as(add_transposed(gv, l, s2, c + j) * f, out.v[j]);
       }
     }
   });
@@ -535,15 +608,30 @@ cudaError_t launch_bwd_prep(const BwdPrepArgs& args, DType stat, cudaStream_t st
   return cudaGetLastError();
 }
 
+cudaError_t launch_bwd_coefs(const BwdTileArgs& args, DType stat, cudaStream_t stream) {
+  if (args.rows <= 0) return cudaSuccess;
+  if (args.coefs == nullptr) return cudaErrorInvalidValue;
+  const int threads = 256;
+  const dim3 grid(static_cast<unsigned>((args.rows + threads - 1) / threads));
+  if (stat == DType::kFloat64) {
+    bwd_coefs_kernel<double><<<grid, threads, 0, stream>>>(args);
+  } else {
+    bwd_coefs_kernel<float><<<grid, threads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
 cudaError_t launch_bwd_tile(const BwdTileArgs& args, DType stat, DType grad, cudaStream_t stream) {
   if (args.rows <= 0) return cudaSuccess;
+  if (args.self && (args.coefs == nullptr || args.cols != nullptr)) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(args.rows));
+  const int64_t width = args.self ? args.r0 + args.rows : args.mask.C;
   if (stat == DType::kFloat64) {
     if (grad != DType::kFloat64) return cudaErrorInvalidValue;
-    bwd_tile_kernel<double, double><<<grid, row_threads(args.mask.C, 2), 0, stream>>>(args);
+    bwd_tile_kernel<double, double><<<grid, row_threads(width, 2), 0, stream>>>(args);
     return cudaGetLastError();
   }
-  const int threads = row_threads(args.mask.C, 4);
+  const int threads = row_threads(width, 4);
   switch (grad) {
     case DType::kFloat32:
       bwd_tile_kernel<float, float><<<grid, threads, 0, stream>>>(args);

@@ -122,6 +122,13 @@ struct BwdPrepArgs {
 // is a [rows, C] matrix with leading dimension ldl * sizeof(stat) / sizeof(G)). Writes, per row,
 // row_parts[r] = sum_c G[r, c] * l[r, c] and row_parts[R + r] = sum_c G[r, c] (for dscale and
 // dbias; unscaled G, fp64).
+//
+// Self-similarity (`self`: the keys are the queries, R == C, so l is symmetric): the slab holds
+// the columns [0, e) only, e = r0 + rows (the blocks on and below the diagonal), and each entry
+// becomes f * H[r, c] = f * (G[r, c] + G[c, r]), G[c, r] from row c's coefficients (`coefs`,
+// written by launch_bwd_coefs for every row below e) and the mask of (c, r). The row sums count
+// G[r, c] for c < e and G[c, r] for c < r0: every entry of G once over the slabs. |H| is at most
+// twice the bound of |G| that gives f: f * |H| <= 2^15, still inside fp16.
 struct BwdTileArgs {
   MaskSpec mask;
   void* L;
@@ -141,7 +148,12 @@ struct BwdTileArgs {
   bool col_exp;        // g_col_lse given (cols[1] may be nonzero)
   const void* gscale;  // [2] from BwdPrepArgs
   double* row_parts;   // [2, R]
+  bool self;           // self-similarity (cols == nullptr)
+  void* coefs;         // self: [kRowCoefs, R], the rows' coefficients of G
 };
+
+// Values per row of BwdTileArgs::coefs.
+constexpr int kRowCoefs = 6;
 
 // Columns covered by one block of the column kernel (the driver sizes nsplit from it).
 int fwd_cols_block_columns(DType stat);
@@ -150,6 +162,10 @@ cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t st
 cudaError_t launch_fwd_cols(const FwdColsArgs& args, DType stat, cudaStream_t stream);
 cudaError_t launch_col_final(const ColFinalArgs& args, DType stat, cudaStream_t stream);
 cudaError_t launch_bwd_prep(const BwdPrepArgs& args, DType stat, cudaStream_t stream);
+// Self-similarity: the coefficients of G of rows [r0, r0 + rows) into args.coefs (from the
+// statistics and gradients that the tile kernel reads), for the tile kernels of this slab and of
+// the slabs after it.
+cudaError_t launch_bwd_coefs(const BwdTileArgs& args, DType stat, cudaStream_t stream);
 // stat/grad: (kFloat32, kFloat32 | kBFloat16 | kFloat16) or (kFloat64, kFloat64).
 cudaError_t launch_bwd_tile(const BwdTileArgs& args, DType stat, DType grad, cudaStream_t stream);
 

@@ -31,16 +31,16 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 
 #: Backends whose ``contrastive_fused`` saves work: their slabs hold whole rows, so one sweep
 #: gives the statistics and then the gradients (three GEMMs, not the four of a forward and a
-#: backward that recomputes the logits; on the CPU two with ``k=None``, on the symmetric
-#: logits). The op runs on the others too, as a forward and a backward. Static lists: they are
-#: consulted while tracing, when nothing may be imported.
+#: backward that recomputes the logits; two with ``k=None``, on the symmetric logits). The op
+#: runs on the others too, as a forward and a backward. Static lists: they are consulted while
+#: tracing, when nothing may be imported.
 FUSED_BACKENDS = ("cpu", "cuda")
 #: Backends whose backward kernel takes ``k=None`` (the keys are the queries) and builds
-#: ``G + G.T`` for the whole gradient: the CPU sweep on the blocks on and below the diagonal only
-#: (half a GEMM to recompute them, one for the gradient, instead of three), Triton from each
-#: recomputed tile in both orientations (one launch, two GEMMs' worth, instead of the four of
-#: the dq and dk launches). The others get ``k = q`` and return ``dq + dk``.
-SELF_BWD_BACKENDS = ("cpu", "triton")
+#: ``G + G.T`` for the whole gradient: the CPU and CUDA C++ sweeps on the blocks on and below the
+#: diagonal only (half a GEMM to recompute them, one for the gradient, instead of three), Triton
+#: from each recomputed tile in both orientations (one launch, two GEMMs' worth, instead of the
+#: four of the dq and dk launches). The others get ``k = q`` and return ``dq + dk``.
+SELF_BWD_BACKENDS = ("cpu", "cuda", "triton")
 #: Backends where ``contrastive_fused`` with ``k=None`` saves work.
 SELF_FUSED_BACKENDS = tuple(dict.fromkeys(FUSED_BACKENDS + SELF_BWD_BACKENDS))
 
@@ -196,7 +196,8 @@ def contrastive_fused(
     statistics are those of :func:`contrastive_fwd` without column statistics.
 
     ``k=None`` means the keys are ``q`` itself (NT-Xent, SupCon, DCL: a symmetric logit matrix,
-    which the CPU sweep and the Triton backward exploit, see :data:`SELF_FUSED_BACKENDS`):
+    which the CPU and CUDA sweeps and the Triton backward exploit, see
+    :data:`SELF_FUSED_BACKENDS`):
     ``dq`` is then the whole gradient of ``q`` (as queries and as keys) and ``dk`` an empty
     ``[0, D]`` tensor.
     """
