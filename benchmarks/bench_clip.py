@@ -12,8 +12,11 @@ Implementations (each skipped with a note where it cannot run):
   cross-batch form, both directions, where the package is installed
   (:func:`benchmarks._common.pml_info_nce`; ``NTXentLoss`` refuses above a few hundred rows);
 - ``fastcl-<backend>``: :func:`fastcl.clip_loss` (``siglip_loss``, ``nt_xent``, ``info_nce``)
-  on each available backend; for NT-Xent on Triton also ``fastcl-triton-pairs``, the same loss
-  without the one-launch self-similarity backward (separate dq and dk launches), to compare them;
+  on each available backend; for NT-Xent on Triton and CUDA C++ also ``fastcl-<backend>-pairs``,
+  the same loss without the self-similarity paths (Triton: separate dq and dk launches instead
+  of the one-launch symmetric backward; CUDA C++: the forward and the backward of two feature
+  sets, on every block, instead of the fused sweep on the blocks on and below the diagonal), to
+  compare them;
   on Triton ``fastcl-triton-noslabs``, without the schedule by slabs (column statistics in a
   second launch, the backward in one launch per orientation at every ``D``), against the
   default, which from ``SLAB_MIN_D`` features on takes the column statistics from the row pass
@@ -85,7 +88,7 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
     for backend in ("triton", "cuda", "cpu"):
         if dispatch.why_not(backend, op, device, dtype) is None:
             impls[f"fastcl-{backend}"] = (lambda x, y, s, _b=backend: fast(x, y, s, _b))
-            if loss == "ntxent" and backend == "triton":
+            if loss == "ntxent" and backend in ("triton", "cuda"):
                 impls[f"fastcl-{backend}-pairs"] = _pairs(fast, backend)
             if backend == "triton":
                 impls[f"fastcl-{backend}-noslabs"] = _in_context(fast, backend, without_slabs)
@@ -94,10 +97,10 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
 
 
 def _pairs(fast, backend):
-    """fastcl's loss without the self-similarity backward (``-pairs``): the statistics op with
-    the keys passed as a second feature set (:func:`benchmarks._common.keys_given`), so that its
-    backward runs the separate dq and dk launches of two feature sets, for an A/B comparison in
-    the same process."""
+    """fastcl's loss without the self-similarity paths (``-pairs``): the statistics op with the
+    keys passed as a second feature set (:func:`benchmarks._common.keys_given`), so that its
+    backward is that of two feature sets (and no fused sweep over the symmetric logits), for an
+    A/B comparison in the same process."""
 
     def fn(x, y, s):
         with keys_given():

@@ -8,8 +8,8 @@
 #         report  the report's GPU suite with the PERFORMANCE.md verdicts (rewrites the GPU
 #                 section of docs/benchmarks.md)
 #         siglip  SigLIP on every GPU backend against eager and torch.compile
-#         ntxent  NT-Xent: the one-launch self-similarity backward against the two launches it
-#                 replaces (fastcl-triton-pairs), eager and torch.compile
+#         ntxent  NT-Xent: the self-similarity paths against two feature sets
+#                 (fastcl-triton-pairs, fastcl-cuda-pairs), eager and torch.compile
 #         infonce InfoNCE in one direction (the one-sweep fused path of the CUDA C++ backend)
 #                 on every GPU backend against eager and torch.compile
 #         topk    top-k similarity search
