@@ -32,8 +32,10 @@ whatever ``D``; with ``SLAB_ACCUMULATE`` once in all, the slabs of rows also giv
 GEMMs accumulated in an fp32 ``C x D`` buffer. Self-similarity (``k=None``: the keys are the
 queries, as in NT-Xent, SupCon and DCL): one row-parallel launch (``SELF``) builds both
 orientations of ``G`` from each logit tile and accumulates ``(G + G.T) @ q`` into the whole
-gradient of ``q``: two GEMMs' worth of work instead of the four of the two launches (by
-slabs too: ``G + G.T`` is stored).
+gradient of ``q``: two GEMMs' worth of work instead of the four of the two launches. By slabs,
+``G + G.T`` is stored for the blocks on and below the diagonal only, and two GEMMs (the slab's
+rows, and the rows above it through the transposed slab) give the gradient: one and a half
+GEMMs' worth.
 
 Precision of fp32 inputs: ``tl.dot`` of fp32 tiles uses exact fp32 (``input_precision="ieee"``,
 CUDA cores) by default. Set the environment variable ``FASTCL_TF32=1`` before import, or assign
@@ -536,16 +538,24 @@ def _contrastive_bwd_kernel(
     ``[j*BLOCK_DV, (j+1)*BLOCK_DV)``. With ``SINGLE_D`` the whole of ``D`` fits one
     ``BLOCK_D == BLOCK_DV`` tile and the ``B`` tile of the logits is reused for the update.
     ``STORE_G`` (one slab of outer rows, see ``_bwd_slabs``): program ``(i, j)`` (from one
-    grouped program id) computes the single tile ``(i, j)`` of ``G`` (``SELF``: of ``G + G.T``)
-    and writes it, times ``*g_mul``, to ``OUT[outer - O0, inner]`` in ``OUT``'s dtype; the
-    product with ``B`` is left to a GEMM, and the partial sums go to
-    ``ds_ptr[j * PART_STRIDE + outer - O0]``.
+    grouped program id) computes the single tile ``(i, j)`` of ``G`` (``SELF``: of ``G + G.T``,
+    on the columns below ``O_END`` only, the blocks on and below the diagonal) and writes it,
+    times ``*g_mul``, to ``OUT[outer - O0, inner]`` in ``OUT``'s dtype; the product with ``B``
+    is left to a GEMM, and the partial sums go to ``ds_ptr[j * PART_STRIDE + outer - O0]``
+    (``SELF``: ``G`` on its columns and ``G.T`` on those below ``O0``, so that the slabs count
+    every entry of ``G`` once).
     ``RESCALE_G`` (fp16 inputs): ``G`` is multiplied by ``*g_mul``, a power of two that maps
     the bound of ``|G|`` near 2**14 (``_g_multiplier``), before its cast to fp16, and divided
     out of the fp32 accumulator, so small upstream gradients neither underflow nor overflow
     fp16.
     """
-    pid, pid_1, n_lo, n_hi = _program_tiles(O0, O_END, NB, STORE_G, BLOCK_M, BLOCK_N, GROUP_M)
+    # SELF by slabs: the columns below the slab's end only (the blocks on and below the
+    # diagonal), whose tiles of G + G.T give the whole gradient by two GEMMs (_bwd_slabs)
+    if SELF and STORE_G:
+        n_end = O_END
+    else:
+        n_end = NB
+    pid, pid_1, n_lo, n_hi = _program_tiles(O0, O_END, n_end, STORE_G, BLOCK_M, BLOCK_N, GROUP_M)
     if TRANSPOSED:
         R = NB
         C = NA
@@ -593,7 +603,7 @@ def _contrastive_bwd_kernel(
 
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_in = offs_n < NB
+        n_in = offs_n < n_end
         b_rows = offs_n.to(tl.int64) * stride_bn
         if SINGLE_D:
             b_tile = tl.load(B + b_rows[:, None] + offs_d64[None, :] * stride_bd,
@@ -634,6 +644,10 @@ def _contrastive_bwd_kernel(
         if WRITE_PARTIALS:
             ds_acc += tl.sum(g * qk, 1)
             db_acc += tl.sum(g, 1)
+            if SELF and STORE_G:  # G.T of the blocks above the diagonal: counted here only
+                g_above = tl.where(offs_n[None, :] < O0, g_t, 0.0)
+                ds_acc += tl.sum(g_above * qk, 1)
+                db_acc += tl.sum(g_above, 1)
         if SELF:
             g = g + g_t
 
@@ -995,6 +1009,10 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head, out
     one-launch kernels. With ``out_b`` (shaped like ``b``), the other orientation too:
     ``out_b = scale * (G.T @ a)``, the slabs' products ``slab.T @ a_slab`` accumulated in fp32
     (in ``out_b`` itself when it is fp32 and contiguous), so that no second sweep is needed.
+    With ``SELF`` in ``flags`` (``a`` and ``b`` both ``q``, the logits symmetric) the slab of
+    rows ``I = [o0, e)`` holds ``H = G + G.T`` on the columns below ``e`` only, and
+    ``out_I = H @ b[:e]``, ``out[:o0] += H[:, :o0].T @ a_I`` (the blocks above the diagonal),
+    accumulated in fp32: half the logits and half the gradient GEMMs of the full square.
     Returns the partials summed over the tiles, ``[n_parts, NA]`` fp32.
     """
     NA, D = a.shape
@@ -1018,19 +1036,27 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head, out
     parts = torch.empty((max(n_parts, 1), n_tiles if n_parts else 1, S if n_parts else 1),
                         dtype=f32, device=dev)
     factor = scale.to(device=dev, dtype=f32).reshape(()) / g_mul
+    lower = bool(flags.get("SELF"))
+
+    def fp32_accumulator(t):  # t itself when it can accumulate in place
+        return t if t.dtype == f32 and t.is_contiguous() else torch.empty(t.shape, dtype=f32,
+                                                                          device=dev)
+
     acc = None
     if out_b is not None:
-        direct = out_b.dtype == f32 and out_b.is_contiguous()
-        acc = out_b.zero_() if direct else torch.zeros(out_b.shape, dtype=f32, device=dev)
+        acc = fp32_accumulator(out_b).zero_()
+    acc_a = fp32_accumulator(out) if lower else None
     flags = dict(flags, STORE_G=True, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d,
                  BLOCK_DV=block_d, GROUP_M=_GROUP_M)
     for o0 in range(0, NA, S):
         s = min(S, NA - o0)
+        end = o0 + s if lower else NB  # the slab's columns
+        tiles = triton.cdiv(end, block_n)
         args = (*head(g_slab, parts), o0, o0 + s, S, NA, NB, D, a.stride(0), a.stride(1),
                 b.stride(0), b.stride(1), g_slab.stride(0), 1)
 
-        def programs(block_m, _s=s):
-            return triton.cdiv(_s, block_m) * n_tiles
+        def programs(block_m, _s=s, _tiles=tiles):
+            return triton.cdiv(_s, block_m) * _tiles
 
         if _INTERPRET:
             kernel[(programs(_INTERP_BLOCK),)](*args, **flags, BLOCK_M=_INTERP_BLOCK,
@@ -1038,17 +1064,24 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head, out
         else:
             _launch("grad", family, kernel, lambda meta: (programs(meta["BLOCK_M"]),), args,
                     flags, table)
-        product = _mm_f32(g_slab[:s, :NB], b)
-        out[o0:o0 + s].copy_(product.mul_(factor))
+        if lower:
+            acc_a[o0:end].copy_(_mm_f32(g_slab[:s, :end], b[:end]))
+            if o0 > 0:
+                _addmm_f32(acc_a[:o0], g_slab[:s, :o0].T, a[o0:end])
+        else:
+            product = _mm_f32(g_slab[:s, :NB], b)
+            out[o0:o0 + s].copy_(product.mul_(factor))
         if acc is not None:
             _addmm_f32(acc, g_slab[:s, :NB].T, a[o0:o0 + s])
         if n_parts:
-            sums[:, o0:o0 + s] = parts[:n_parts, :, :s].sum(1)
-    if acc is not None:
-        if acc is out_b:
-            out_b.mul_(factor)
+            sums[:, o0:o0 + s] = parts[:n_parts, :tiles, :s].sum(1)
+    for total, dst in ((acc, out_b), (acc_a, out)):
+        if total is None:
+            continue
+        if total is dst:
+            dst.mul_(factor)
         else:
-            out_b.copy_(acc.mul_(factor))
+            dst.copy_(total.mul_(factor))
     return sums
 
 
@@ -1111,7 +1144,8 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     ``dq`` / ``dk`` in the input dtype shaped like ``q`` / ``k``, ``dscale`` / ``dbias`` 0-dim
     fp32. Any ``g_*`` may be ``None`` (a zero gradient; its term of ``G`` is compiled out).
     ``k=None`` (no column statistics): the keys are ``q`` itself; ``dq`` is then the gradient of
-    ``q`` in both roles (one launch, ``G + G.T`` per tile) and ``dk`` an empty ``[0, D]`` tensor.
+    ``q`` in both roles (one launch, ``G + G.T`` per tile; by slabs, on the blocks on and below
+    the diagonal only) and ``dk`` an empty ``[0, D]`` tensor.
     From ``SLAB_MIN_D`` features on, by slabs of ``G`` and GEMMs (``_bwd_slabs``); their fp32
     products follow ATen's matmul precision (``torch.backends.cuda.matmul.allow_tf32``).
     """
