@@ -475,14 +475,19 @@ __device__ __forceinline__ T transposed_grad(const BwdTileArgs& P, int64_t gr, i
     pos = allowed && M.targets[col] == gr;
   }
   const bool den = allowed && !(M.decoupled && pos);
+  RowCoefs<T> k;  // loaded where a term needs them
   T gv = T(0);
   if (den) {
-    const T gl = cf[col], gmd = cf[2 * R + col];
-    gv = gl != T(0) ? gmd + gl * ex2(s2 - cf[R + col]) : gmd;
+    k.gl = cf[col];
+    k.lse2 = cf[R + col];
+    k.gmd = cf[2 * R + col];
+    gv = k.den_term(s2);
   }
   if (pos) {
-    const T gpe = cf[3 * R + col];
-    gv += gpe != T(0) ? gpe * ex2(s2 - cf[4 * R + col]) : cf[5 * R + col];
+    k.gpe = cf[3 * R + col];
+    k.posr2 = cf[4 * R + col];
+    k.gpc = cf[5 * R + col];
+    gv += k.pos_term(s2);
   }
   return gv;
 }
