@@ -1012,7 +1012,8 @@ def _bwd_slabs(a, b, out, scale, g_mul, flags, n_parts, kernel, table, head, out
     With ``SELF`` in ``flags`` (``a`` and ``b`` both ``q``, the logits symmetric) the slab of
     rows ``I = [o0, e)`` holds ``H = G + G.T`` on the columns below ``e`` only, and
     ``out_I = H @ b[:e]``, ``out[:o0] += H[:, :o0].T @ a_I`` (the blocks above the diagonal),
-    accumulated in fp32: half the logits and half the gradient GEMMs of the full square.
+    accumulated in fp32: half the logits of the full square are recomputed, and the two GEMMs
+    together do the work of one square, as the full square's single GEMM did.
     Returns the partials summed over the tiles, ``[n_parts, NA]`` fp32.
     """
     NA, D = a.shape
