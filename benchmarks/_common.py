@@ -131,6 +131,14 @@ def slab_accumulate():
     return mock.patch.dict(os.environ, {"FASTCL_TRITON_SLAB_ACCUMULATE": "1"})
 
 
+def square_self_forward():
+    """A context within which the Triton forward of self-similarity (``k=None``) computes the
+    full square of logits instead of the blocks on and below the diagonal
+    (``FASTCL_TRITON_SELF_FWD=0``, through the environment, restored on exit): the B side of
+    the A/B comparison of the half-square forward, in the same process."""
+    return mock.patch.dict(os.environ, {"FASTCL_TRITON_SELF_FWD": "0"})
+
+
 def timed(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> dict:
     """``{"seconds": median, "times": [...], "extra_bytes": peak beyond the start or None,
     "out": the last result}``, or ``{"error": ...}`` when ``step`` raises (out of memory, a

@@ -22,7 +22,9 @@ Implementations (each skipped with a note where it cannot run):
   default, which from ``SLAB_MIN_D`` features on takes the column statistics from the row pass
   and the backward by slabs of ``G`` and GEMMs; and ``fastcl-triton-acc``, the backward by
   slabs with ``SLAB_ACCUMULATE`` (the gradient of the columns accumulated from the slabs of
-  rows: one logit recompute instead of two, for an fp32 ``C x D`` buffer).
+  rows: one logit recompute instead of two, for an fp32 ``C x D`` buffer); for NT-Xent also
+  ``fastcl-triton-squarefwd``, the forward over the full square of logits instead of the
+  blocks on and below the diagonal.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
@@ -50,7 +52,8 @@ from fastcl import dispatch
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_info_nce, eager_nt_xent,
                       eager_siglip, environment, infcl_clip, keys_given, open_clip_clip,
-                      pml_clip, slab_accumulate, timed, without_slabs)
+                      pml_clip, slab_accumulate, square_self_forward, timed,
+                      without_slabs)
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -93,6 +96,9 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
             if backend == "triton":
                 impls[f"fastcl-{backend}-noslabs"] = _in_context(fast, backend, without_slabs)
                 impls[f"fastcl-{backend}-acc"] = _in_context(fast, backend, slab_accumulate)
+                if loss == "ntxent":
+                    impls[f"fastcl-{backend}-squarefwd"] = _in_context(fast, backend,
+                                                                       square_self_forward)
     return {k: v for k, v in impls.items() if not which or k in which}
 
 

@@ -9,7 +9,8 @@
 #                 section of docs/benchmarks.md)
 #         siglip  SigLIP on every GPU backend against eager and torch.compile
 #         ntxent  NT-Xent: the self-similarity paths against two feature sets
-#                 (fastcl-triton-pairs, fastcl-cuda-pairs), eager and torch.compile
+#                 (fastcl-triton-pairs, fastcl-cuda-pairs) and the half-square forward
+#                 against the full square (fastcl-triton-squarefwd), eager and torch.compile
 #         infonce InfoNCE in one direction (the one-sweep fused path of the CUDA C++ backend)
 #                 on every GPU backend against eager and torch.compile
 #         topk    top-k similarity search

@@ -13,8 +13,15 @@ same kernel launched a second time with the roles of ``q`` and ``k`` swapped (po
 role there, ``allowed`` is symmetric in ``r`` and ``c``): no atomics, no ``R x C`` buffer. From
 ``SLAB_MIN_D`` features on they come from the row launch itself (``COL_PARTIALS``), one pass
 over the logits instead of two: each row block writes the column statistics of its tiles to
-``[blocks, C]`` partials, for a slab of rows within ``SLAB_BYTES`` at a time, and the host
-merges them into running per-column states (``_fwd_col_partials``).
+``[blocks, C]`` partials, for a slab of rows within ``SLAB_BYTES`` at a time, and
+``_merge_partials_kernel`` merges them into running per-column states
+(``_fwd_col_partials``). Self-similarity (``k=None``: the keys are the queries, as in NT-Xent,
+SupCon and DCL), from ``SLAB_MIN_D`` on:
+the logits are symmetric, so the launch with ``SELF`` computes the blocks on and below the
+diagonal only (half the square) and each tile strictly below it gives, transposed, the partial
+states of its columns as rows; per slab of rows, ``_merge_partials_kernel`` folds them into the
+states of those rows and ``_finalize_kernel`` turns the states into the statistics
+(``_fwd_self``; ``FASTCL_TRITON_SELF_FWD=0`` computes the full square instead).
 
 Backward (``_contrastive_bwd_kernel``): one kernel, two launches. Row-parallel
 (``TRANSPOSED=False``): a program owns ``BLOCK_M`` rows and a ``BLOCK_DV`` slice of ``dq``,
@@ -30,12 +37,12 @@ for a slab of rows (one tile per program, the logits recomputed once, at most ``
 and a GEMM multiplies it by the features, so the logits are recomputed once per orientation
 whatever ``D``; with ``SLAB_ACCUMULATE`` once in all, the slabs of rows also giving ``dk`` by
 GEMMs accumulated in an fp32 ``C x D`` buffer. Self-similarity (``k=None``: the keys are the
-queries, as in NT-Xent, SupCon and DCL): one row-parallel launch (``SELF``) builds both
+queries): one row-parallel launch (``SELF``) builds both
 orientations of ``G`` from each logit tile and accumulates ``(G + G.T) @ q`` into the whole
 gradient of ``q``: two GEMMs' worth of work instead of the four of the two launches. By slabs,
 ``G + G.T`` is stored for the blocks on and below the diagonal only, and two GEMMs (the slab's
 rows, and the rows above it through the transposed slab) give the gradient: one and a half
-GEMMs' worth.
+GEMMs' worth, two with the half-square forward.
 
 Precision of fp32 inputs: ``tl.dot`` of fp32 tiles uses exact fp32 (``input_precision="ieee"``,
 CUDA cores) by default. Set the environment variable ``FASTCL_TF32=1`` before import, or assign
@@ -54,7 +61,6 @@ small fixed configuration keeps CPU runs fast. On a GPU the launch goes through
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from typing import Optional
 
@@ -365,110 +371,77 @@ def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_cl,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _contrastive_fwd_kernel(
-    A, B, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
-    lse_ptr, pos_ptr, npos_ptr, mean_ptr, cm_ptr, cl_ptr, cs_ptr,
-    O0, O_END, NB, D,
-    stride_am, stride_ad, stride_bn, stride_bd,
-    HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
-    DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
-    COL_PARTIALS: tl.constexpr, TF32: tl.constexpr, SINGLE_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Row statistics of ``s = scale * A @ B.T + bias`` for ``BLOCK_M`` rows of ``A``.
-
-    The rows are ``[O0, O_END)``. ``COL_PARTIALS`` (a slab of rows, see
-    ``_fwd_col_partials``): each tile also gives the column statistics of its rows over the
-    ``allowed`` set, written to row ``pid`` of ``[blocks, NB]`` buffers: the max of ``s2``
-    (``cm``), the sum of ``exp2(s2 - max)`` (``cl``) and the sum of ``q . k`` (``cs``).
-    """
-    pid = tl.program_id(0)
-    offs_m = O0 + pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_in = offs_m < O_END
-    a_rows = offs_m.to(tl.int64) * stride_am
-    offs_d = tl.arange(0, BLOCK_D)
-    d_in = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    scale2 = scale * _LOG2E
-    bias2 = bias * _LOG2E
-
-    if SINGLE_D:
-        a_tile = tl.load(A + a_rows[:, None] + offs_d64[None, :] * stride_ad,
-                         mask=m_in[:, None] & d_in[None, :], other=0.0)
-    HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
-    if HAS_TARGETS:
-        tgt = tl.load(tgt_ptr + offs_m, mask=m_in, other=-1).to(tl.int64)
+def _store_state(ptr, off, FSTRIDE, mask, m, l, sd, p0, p1, cnt, HAS_POS: tl.constexpr,
+                 POS_LSE: tl.constexpr, HAS_LABELS: tl.constexpr):
+    """Store the online state of rows (or column partials) at ``ptr + off``, one field every
+    ``FSTRIDE`` elements, the absent fields left out: the max of ``s2`` over the denominator
+    set (``m``), the sum of ``exp2(s2 - m)`` (``l``), the sum of ``q . k`` over that set
+    (``sd``); with positives ``p0`` (their max of ``s2`` with ``POS_LSE``, else their sum of
+    ``q . k``) and, with ``POS_LSE``, ``p1`` (their sum of ``exp2(s2 - p0)``); with labels
+    ``cnt`` (their count)."""
+    tl.store(ptr + off, m, mask=mask)
+    off += FSTRIDE
+    tl.store(ptr + off, l, mask=mask)
+    off += FSTRIDE
+    tl.store(ptr + off, sd, mask=mask)
+    if HAS_POS:
+        off += FSTRIDE
+        tl.store(ptr + off, p0, mask=mask)
+        if POS_LSE:
+            off += FSTRIDE
+            tl.store(ptr + off, p1, mask=mask)
     if HAS_LABELS:
-        rlab = tl.load(rlab_ptr + offs_m, mask=m_in, other=0).to(tl.int64)
+        off += FSTRIDE
+        tl.store(ptr + off, cnt, mask=mask)
 
+
+@triton.jit
+def _load_state(ptr, off, FSTRIDE, mask, HAS_POS: tl.constexpr, POS_LSE: tl.constexpr,
+                HAS_LABELS: tl.constexpr):
+    """``(m, l, sd, p0, p1, cnt)`` stored by :func:`_store_state`; masked-out elements and
+    absent fields are the empty state (a max of ``-inf``, sums of zero)."""
     neg_inf = float("-inf")
-    m_i = tl.full([BLOCK_M], neg_inf, tl.float32)      # running max over den (base 2)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)        # running sum of exp2(s2 - m_i)
-    sum_den = tl.zeros([BLOCK_M], dtype=tl.float32)    # sum of q.k over den
-    mp_i = tl.full([BLOCK_M], neg_inf, tl.float32)     # positives: running max (pos_lse)
-    lp_i = tl.zeros([BLOCK_M], dtype=tl.float32)       # positives: running exp-sum (pos_lse)
-    sum_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: sum of q.k
-    cnt_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: count (label mode)
-
-    for start_n in range(0, NB, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_in = offs_n < NB
-        b_rows = offs_n.to(tl.int64) * stride_bn
-        if SINGLE_D:
-            b_tile = tl.load(B + b_rows[:, None] + offs_d64[None, :] * stride_bd,
-                             mask=n_in[:, None] & d_in[None, :], other=0.0)
-            qk = _mma(a_tile, tl.trans(b_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                      TF32)
+    m = tl.load(ptr + off, mask=mask, other=neg_inf)
+    off += FSTRIDE
+    l = tl.load(ptr + off, mask=mask, other=0.0)
+    off += FSTRIDE
+    sd = tl.load(ptr + off, mask=mask, other=0.0)
+    zeros = tl.zeros_like(l)
+    p0 = zeros
+    p1 = zeros
+    cnt = zeros
+    if HAS_POS:
+        off += FSTRIDE
+        if POS_LSE:
+            p0 = tl.load(ptr + off, mask=mask, other=neg_inf)
+            off += FSTRIDE
+            p1 = tl.load(ptr + off, mask=mask, other=0.0)
         else:
-            qk = _qk_chunked(A, B, a_rows, m_in, b_rows, n_in, D, stride_ad, stride_bd,
-                             BLOCK_M, BLOCK_N, BLOCK_D, TF32)
-        s2 = qk * scale2 + bias2
+            p0 = tl.load(ptr + off, mask=mask, other=0.0)
+    if HAS_LABELS:
+        off += FSTRIDE
+        cnt = tl.load(ptr + off, mask=mask, other=0.0)
+    return m, l, sd, p0, p1, cnt
 
-        allowed = m_in[:, None] & n_in[None, :]
-        if EXCLUDE_DIAG:
-            allowed = allowed & (offs_m[:, None] != offs_n[None, :])
-        if HAS_LABELS:
-            clab = tl.load(clab_ptr + offs_n, mask=n_in, other=0).to(tl.int64)
-            pos = allowed & (rlab[:, None] == clab[None, :])
-        elif HAS_TARGETS:
-            pos = allowed & (offs_n[None, :] == tgt[:, None])
-        if DECOUPLED and HAS_POS:
-            den = allowed & (~pos)
-        else:
-            den = allowed
 
-        if COL_PARTIALS:
-            s_col = tl.where(allowed, s2, neg_inf)
-            c_max = tl.max(s_col, 0)
-            c_safe = tl.where(c_max == neg_inf, 0.0, c_max)
-            cp = pid.to(tl.int64) * NB + offs_n
-            tl.store(cm_ptr + cp, c_max, mask=n_in)
-            tl.store(cl_ptr + cp, tl.sum(tl.exp2(s_col - c_safe[None, :]), 0), mask=n_in)
-            tl.store(cs_ptr + cp, tl.sum(tl.where(allowed, qk, 0.0), 0), mask=n_in)
+@triton.jit
+def _merge_lse(m, l, m2, l2):
+    """The online log-sum-exp state (base 2) of the union of two sets."""
+    m_new = tl.maximum(m, m2)
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp2(m - safe) + l2 * tl.exp2(m2 - safe)
 
-        s_den = tl.where(den, s2, neg_inf)
-        m_new = tl.maximum(m_i, tl.max(s_den, 1))
-        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
-        p = tl.exp2(s_den - m_safe[:, None])
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
-        m_i = m_new
-        sum_den += tl.sum(tl.where(den, qk, 0.0), 1)
 
-        if HAS_POS and WRITE_POS:
-            if POS_LSE:
-                s_pos = tl.where(pos, s2, neg_inf)
-                mp_new = tl.maximum(mp_i, tl.max(s_pos, 1))
-                mp_safe = tl.where(mp_new == neg_inf, 0.0, mp_new)
-                lp_i = lp_i * tl.exp2(mp_i - mp_safe) + tl.sum(tl.exp2(s_pos - mp_safe[:, None]), 1)
-                mp_i = mp_new
-            else:
-                sum_pos += tl.sum(tl.where(pos, qk, 0.0), 1)
-            if HAS_LABELS:
-                cnt_pos += tl.sum(pos.to(tl.float32), 1)
-
+@triton.jit
+def _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, offs_m, m_in, tgt, NB,
+                   scale, bias, lse_ptr, pos_ptr, npos_ptr, mean_ptr,
+                   HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr,
+                   EXCLUDE_DIAG: tl.constexpr, DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr,
+                   WRITE_POS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Write ``lse``, ``mean`` (and ``pos``, ``npos``) of rows ``offs_m`` from their online
+    state over all ``NB`` columns."""
+    neg_inf = float("-inf")
+    HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
     # |pos(r)| and |den(r)|
     if HAS_LABELS:
         npos = cnt_pos
@@ -502,6 +475,252 @@ def _contrastive_fwd_kernel(
             pos_stat = tl.zeros([BLOCK_M], dtype=tl.float32)
         tl.store(pos_ptr + offs_m, pos_stat, mask=m_in)
         tl.store(npos_ptr + offs_m, npos, mask=m_in)
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    A, B, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
+    lse_ptr, pos_ptr, npos_ptr, mean_ptr, P, ST,
+    O0, O_END, NB, D, P_FSTRIDE, ST_FSTRIDE,
+    stride_am, stride_ad, stride_bn, stride_bd,
+    HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
+    COL_PARTIALS: tl.constexpr, SELF: tl.constexpr, TF32: tl.constexpr,
+    SINGLE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Row statistics of ``s = scale * A @ B.T + bias`` for ``BLOCK_M`` rows of ``A``.
+
+    The rows are ``[O0, O_END)``; row block ``blk`` of them writes row ``blk`` of the
+    ``[blocks, NB]`` partials ``P`` (one field every ``P_FSTRIDE`` elements, laid out by
+    :func:`_store_state`). ``COL_PARTIALS`` (a slab of rows, see ``_fwd_col_partials``): each
+    tile also gives the column statistics of its rows over the ``allowed`` set (fields ``m``,
+    ``l``, ``sd``).
+
+    ``SELF`` (``B`` is ``A``: the logits are symmetric; ``BLOCK_N`` divides ``BLOCK_M`` and
+    ``O0`` is a multiple of ``BLOCK_M``; see ``_fwd_self``): a program walks the columns below
+    the end of its diagonal block only, the longest rows first. The tiles strictly below the
+    diagonal block also give the statistics of their columns as rows (the transposed tile:
+    ``pos`` and ``den`` of row ``c`` against the columns ``r``), as partials of every field;
+    the rows' own online states go to ``ST`` (one field every ``ST_FSTRIDE``) instead of the
+    statistics, which ``_finalize_kernel`` writes once the partials are merged in.
+    """
+    pid = tl.program_id(0)
+    if SELF:
+        blk = tl.num_programs(0) - 1 - pid  # the longest rows first
+    else:
+        blk = pid
+    row0 = O0 + blk * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_in = offs_m < O_END
+    a_rows = offs_m.to(tl.int64) * stride_am
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    offs_d64 = offs_d.to(tl.int64)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    scale2 = scale * _LOG2E
+    bias2 = bias * _LOG2E
+
+    if SINGLE_D:
+        a_tile = tl.load(A + a_rows[:, None] + offs_d64[None, :] * stride_ad,
+                         mask=m_in[:, None] & d_in[None, :], other=0.0)
+    HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
+    tgt = offs_m
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + offs_m, mask=m_in, other=-1).to(tl.int64)
+    clab_r = offs_m
+    if HAS_LABELS:
+        rlab = tl.load(rlab_ptr + offs_m, mask=m_in, other=0).to(tl.int64)
+        if SELF:  # the rows' labels as columns of the transposed tiles
+            clab_r = tl.load(clab_ptr + offs_m, mask=m_in, other=0).to(tl.int64)
+
+    neg_inf = float("-inf")
+    m_i = tl.full([BLOCK_M], neg_inf, tl.float32)      # running max over den (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)        # running sum of exp2(s2 - m_i)
+    sum_den = tl.zeros([BLOCK_M], dtype=tl.float32)    # sum of q.k over den
+    mp_i = tl.full([BLOCK_M], neg_inf, tl.float32)     # positives: running max (pos_lse)
+    lp_i = tl.zeros([BLOCK_M], dtype=tl.float32)       # positives: running exp-sum (pos_lse)
+    sum_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: sum of q.k
+    cnt_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: count (label mode)
+
+    if SELF:
+        n_end = tl.minimum(row0 + BLOCK_M, NB)
+    else:
+        n_end = NB
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_in = offs_n < NB
+        b_rows = offs_n.to(tl.int64) * stride_bn
+        if SINGLE_D:
+            b_tile = tl.load(B + b_rows[:, None] + offs_d64[None, :] * stride_bd,
+                             mask=n_in[:, None] & d_in[None, :], other=0.0)
+            qk = _mma(a_tile, tl.trans(b_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                      TF32)
+        else:
+            qk = _qk_chunked(A, B, a_rows, m_in, b_rows, n_in, D, stride_ad, stride_bd,
+                             BLOCK_M, BLOCK_N, BLOCK_D, TF32)
+        s2 = qk * scale2 + bias2
+
+        allowed = m_in[:, None] & n_in[None, :]
+        if EXCLUDE_DIAG:
+            allowed = allowed & (offs_m[:, None] != offs_n[None, :])
+        if HAS_LABELS:
+            clab = tl.load(clab_ptr + offs_n, mask=n_in, other=0).to(tl.int64)
+            pos = allowed & (rlab[:, None] == clab[None, :])
+        elif HAS_TARGETS:
+            pos = allowed & (offs_n[None, :] == tgt[:, None])
+        if DECOUPLED and HAS_POS:
+            den = allowed & (~pos)
+        else:
+            den = allowed
+
+        cp = blk.to(tl.int64) * NB + offs_n
+        if COL_PARTIALS:
+            s_col = tl.where(allowed, s2, neg_inf)
+            c_max = tl.max(s_col, 0)
+            c_safe = tl.where(c_max == neg_inf, 0.0, c_max)
+            c_l = tl.sum(tl.exp2(s_col - c_safe[None, :]), 0)
+            c_sd = tl.sum(tl.where(allowed, qk, 0.0), 0)
+            _store_state(P, cp, P_FSTRIDE, n_in, c_max, c_l, c_sd, c_sd, c_sd, c_sd,
+                         False, False, False)
+        if SELF:
+            if start_n < row0:  # below the diagonal block: the columns' statistics as rows
+                _self_col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n,
+                                   tgt_ptr, rlab_ptr, clab_r,
+                                   HAS_TARGETS, HAS_LABELS, DECOUPLED, POS_LSE)
+
+        s_den = tl.where(den, s2, neg_inf)
+        m_new = tl.maximum(m_i, tl.max(s_den, 1))
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        p = tl.exp2(s_den - m_safe[:, None])
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
+        m_i = m_new
+        sum_den += tl.sum(tl.where(den, qk, 0.0), 1)
+
+        if HAS_POS and WRITE_POS:
+            if POS_LSE:
+                s_pos = tl.where(pos, s2, neg_inf)
+                mp_new = tl.maximum(mp_i, tl.max(s_pos, 1))
+                mp_safe = tl.where(mp_new == neg_inf, 0.0, mp_new)
+                lp_i = lp_i * tl.exp2(mp_i - mp_safe) + tl.sum(tl.exp2(s_pos - mp_safe[:, None]), 1)
+                mp_i = mp_new
+            else:
+                sum_pos += tl.sum(tl.where(pos, qk, 0.0), 1)
+            if HAS_LABELS:
+                cnt_pos += tl.sum(pos.to(tl.float32), 1)
+
+    if SELF:
+        tl.static_assert(WRITE_POS)
+        _store_state(ST, offs_m.to(tl.int64), ST_FSTRIDE, m_in, m_i, l_i, sum_den,
+                     mp_i if POS_LSE else sum_pos, lp_i, cnt_pos, HAS_POS, POS_LSE, HAS_LABELS)
+    else:
+        _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, offs_m, m_in, tgt, NB,
+                       scale, bias, lse_ptr, pos_ptr, npos_ptr, mean_ptr, HAS_TARGETS,
+                       HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE, WRITE_POS, BLOCK_M)
+
+
+@triton.jit
+def _self_col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_ptr,
+                       rlab_ptr, clab_r, HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr,
+                       DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr):
+    """The statistics of the columns ``c`` of a tile of symmetric logits below the diagonal,
+    as rows of the transposed tile: ``pos(c, r)`` (``targets[c] == r``, or
+    ``row_labels[c] == col_labels[r]``) and ``den(c, r)`` over the tile's rows ``r``, stored as
+    one row of partials of every field (``_store_state``)."""
+    neg_inf = float("-inf")
+    HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
+    den_c = allowed
+    if HAS_LABELS:
+        rlab_c = tl.load(rlab_ptr + offs_n, mask=n_in, other=0).to(tl.int64)
+        pos_c = allowed & (clab_r[:, None] == rlab_c[None, :])
+    elif HAS_TARGETS:
+        tgt_c = tl.load(tgt_ptr + offs_n, mask=n_in, other=-1).to(tl.int64)
+        pos_c = allowed & (offs_m[:, None] == tgt_c[None, :])
+    if DECOUPLED and HAS_POS:
+        den_c = allowed & (~pos_c)
+    s_col = tl.where(den_c, s2, neg_inf)
+    c_max = tl.max(s_col, 0)
+    c_safe = tl.where(c_max == neg_inf, 0.0, c_max)
+    c_l = tl.sum(tl.exp2(s_col - c_safe[None, :]), 0)
+    c_sd = tl.sum(tl.where(den_c, qk, 0.0), 0)
+    p0 = c_sd  # placeholders of the absent fields (never stored)
+    p1 = c_sd
+    cnt = c_sd
+    if HAS_POS:
+        if POS_LSE:
+            s_pos = tl.where(pos_c, s2, neg_inf)
+            p0 = tl.max(s_pos, 0)
+            p_safe = tl.where(p0 == neg_inf, 0.0, p0)
+            p1 = tl.sum(tl.exp2(s_pos - p_safe[None, :]), 0)
+        else:
+            p0 = tl.sum(tl.where(pos_c, qk, 0.0), 0)
+        if HAS_LABELS:
+            cnt = tl.sum(pos_c.to(tl.float32), 0)
+    _store_state(P, cp, P_FSTRIDE, n_in, c_max, c_l, c_sd, p0, p1, cnt, HAS_POS, POS_LSE,
+                 HAS_LABELS)
+
+
+@triton.jit
+def _merge_partials_kernel(
+    P, ST, O0, N_PARTS, C_END, NB, P_FSTRIDE, ST_FSTRIDE,
+    HAS_POS: tl.constexpr, POS_LSE: tl.constexpr, HAS_LABELS: tl.constexpr,
+    BELOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merge the ``N_PARTS`` rows of partials ``P`` of a slab into the states ``ST`` of the
+    columns ``[0, C_END)``: ``COL_PARTIALS`` (every row valid for every column), or with
+    ``BELOW`` those of ``SELF``, row ``p`` from the row block starting at ``O0 + p * ROWS``,
+    written for the columns below that start only."""
+    pid = tl.program_id(0)
+    c0 = pid * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    c_in = offs_c < C_END
+    offs_c64 = offs_c.to(tl.int64)
+    m, l, sd, p0, p1, cnt = _load_state(ST, offs_c64, ST_FSTRIDE, c_in, HAS_POS, POS_LSE,
+                                        HAS_LABELS)
+    p_lo = 0
+    if BELOW:
+        p_lo = tl.where(c0 < O0, 0, (c0 - O0) // ROWS + 1)  # the first row block below c0
+    for p in range(p_lo, N_PARTS):
+        valid = c_in
+        if BELOW:
+            valid = valid & (offs_c < O0 + p * ROWS)
+        pm, pl, psd, pp0, pp1, pcnt = _load_state(P, offs_c64 + p * NB, P_FSTRIDE, valid,
+                                                  HAS_POS, POS_LSE, HAS_LABELS)
+        m, l = _merge_lse(m, l, pm, pl)
+        sd += psd
+        if POS_LSE:
+            p0, p1 = _merge_lse(p0, p1, pp0, pp1)
+        else:
+            p0 += pp0
+        cnt += pcnt
+    _store_state(ST, offs_c64, ST_FSTRIDE, c_in, m, l, sd, p0, p1, cnt, HAS_POS, POS_LSE,
+                 HAS_LABELS)
+
+
+@triton.jit
+def _finalize_kernel(
+    ST, ST_FSTRIDE, tgt_ptr, scale_ptr, bias_ptr, lse_ptr, pos_ptr, npos_ptr, mean_ptr, NA, NB,
+    HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The statistics of the ``NA`` rows (or columns) of ``[NA, NB]`` logits from their merged
+    online states ``ST``."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_in = offs_m < NA
+    HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
+    m, l, sd, p0, p1, cnt = _load_state(ST, offs_m.to(tl.int64), ST_FSTRIDE, m_in, HAS_POS,
+                                        POS_LSE, HAS_LABELS)
+    tgt = offs_m
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + offs_m, mask=m_in, other=-1).to(tl.int64)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    _finalize_rows(m, l, sd, p0, p1, p0, cnt, offs_m, m_in, tgt, NB, scale, bias, lse_ptr,
+                   pos_ptr, npos_ptr, mean_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG,
+                   DECOUPLED, POS_LSE, WRITE_POS, BLOCK_M)
 
 
 # --------------------------------------------------------------------------------------------
@@ -724,6 +943,10 @@ _CONFIGS = {
     ("grad", "mma"): [_cfg(64, 128, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
                       _cfg(64, 128, 8, 4), _cfg(128, 128, 8, 4)],
     ("grad", "fma"): [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2)],
+    # the element-wise passes of the self-similarity forward (_fwd_self), one configuration
+    # each: the merge updates its states in place, which a benchmarking autotuner would repeat
+    ("merge", "all"): [triton.Config({"BLOCK_C": 256}, num_warps=4, num_stages=1)],
+    ("finalize", "all"): [triton.Config({"BLOCK_M": 256}, num_warps=4, num_stages=1)],
 }
 
 #: BLOCK_N of the STORE_G launches per family (every configuration of ("grad", family) has it)
@@ -734,6 +957,7 @@ assert all(c.kwargs["BLOCK_N"] == _GRAD_BLOCK_N[f]
            for (kind, f), cs in _CONFIGS.items() if kind == "grad" for c in cs)
 assert all(c.kwargs["BLOCK_M"] == _COLS_BLOCK_M[f]
            for (kind, f), cs in _CONFIGS.items() if kind == "fwd_cols" for c in cs)
+assert len(_CONFIGS["merge", "all"]) == len(_CONFIGS["finalize", "all"]) == 1
 _GROUP_M = 8
 
 
@@ -749,7 +973,7 @@ def _prune_chunked(configs, named_args, **kwargs):
 
 
 _FWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
-             "WRITE_POS", "COL_PARTIALS", "TF32", "SINGLE_D", "BLOCK_D"]
+             "WRITE_POS", "COL_PARTIALS", "SELF", "TF32", "SINGLE_D", "BLOCK_D"]
 _BWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
              "TRANSPOSED", "SELF", "STORE_G", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN",
              "HAS_G_COL_LSE", "HAS_G_COL_MEAN", "TF32", "SINGLE_D", "BLOCK_D"]
@@ -763,6 +987,14 @@ for (_kind, _family), _configs in _CONFIGS.items():
     elif _kind in ("bwd_single", "grad"):
         _TUNED[_kind, _family] = triton.autotune(_configs, key=_BWD_KEYS)(
             _contrastive_bwd_kernel)
+    elif _kind == "merge":
+        _TUNED[_kind, _family] = triton.autotune(
+            _configs, key=["HAS_POS", "POS_LSE", "HAS_LABELS", "BELOW", "ROWS"])(
+                _merge_partials_kernel)
+    elif _kind == "finalize":
+        _TUNED[_kind, _family] = triton.autotune(
+            _configs, key=["HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED",
+                           "POS_LSE", "WRITE_POS"])(_finalize_kernel)
     else:
         _TUNED[_kind, _family] = triton.autotune(
             _configs, key=_BWD_KEYS, prune_configs_by={"early_config_prune": _prune_chunked})(
@@ -807,9 +1039,11 @@ def _launch(kind, family, kernel, grid, args, flags, table=None):
 
 
 def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
-                o0=0, o_end=None, col_parts=None):
-    """Row statistics of the rows ``[o0, o_end)`` of ``a`` (all by default); with
-    ``col_parts = (cm, cl, cs)`` also the column partials of each row block."""
+                o0=0, o_end=None, parts=None, state=None):
+    """Row statistics of the rows ``[o0, o_end)`` of ``a`` (all by default). With ``parts``
+    (``[fields, blocks, NB]`` fp32) also the column partials of each row block:
+    ``COL_PARTIALS``, or with ``state`` (``[fields, NA]`` fp32) ``SELF``, where the rows' online
+    states go to ``state`` instead of the statistics."""
     NA, D = a.shape
     NB = b.shape[0]
     o_end = NA if o_end is None else o_end
@@ -817,17 +1051,20 @@ def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
         return
     tf32 = bool(ALLOW_TF32)
     family, single, block_d = _tiling(D, a.dtype, tf32)
-    cols = col_parts is not None
-    cm, cl, cs = col_parts if cols else (lse, lse, lse)
-    args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, cm, cl, cs, o0, o_end,
-            NB, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-    flags = dict(flags, COL_PARTIALS=cols, TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
+    self_sim = state is not None
+    p = lse if parts is None else parts
+    st = state if self_sim else lse
+    args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, p, st, o0, o_end, NB, D,
+            p.stride(0) if parts is not None else 0, st.stride(0) if self_sim else 0,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    flags = dict(flags, COL_PARTIALS=parts is not None and not self_sim, SELF=self_sim,
+                 TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
     if _INTERPRET:
         grid = (triton.cdiv(o_end - o0, _INTERP_BLOCK),)
         _contrastive_fwd_kernel[grid](*args, **flags, BLOCK_M=_INTERP_BLOCK,
                                       BLOCK_N=_INTERP_BLOCK)
         return
-    _launch("fwd_cols" if cols else "fwd", family, _contrastive_fwd_kernel,
+    _launch("fwd" if parts is None else "fwd_cols", family, _contrastive_fwd_kernel,
             lambda meta: (triton.cdiv(o_end - o0, meta["BLOCK_M"]),), args, flags)
 
 
@@ -843,8 +1080,8 @@ def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, 
 
     By slabs of rows: each launch writes the column statistics of every row block of the slab
     (``[blocks, C]`` partials within ``SLAB_BYTES``), merged into running per-column states
-    (max, sum of ``exp2``, sum of ``q . k``) after each slab, as the online log-sum-exp merges
-    tiles. None when a slab would have fewer than ``_MIN_COL_PROGRAMS`` row blocks (and more
+    (max, sum of ``exp2``, sum of ``q . k``) after each slab by ``_merge_partials_kernel``, as
+    the online log-sum-exp merges tiles; ``_finalize_kernel`` then gives the statistics. None when a slab would have fewer than ``_MIN_COL_PROGRAMS`` row blocks (and more
     rows remain): the caller then launches the columns as rows of ``k @ q.T``.
     """
     R, C = q.shape[0], k.shape[0]
@@ -859,33 +1096,89 @@ def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, 
         return None
     f32 = torch.float32
     dev = q.device
-    parts = torch.empty((3, blocks, C), dtype=f32, device=dev)
-    c_max = torch.full((C,), float("-inf"), dtype=f32, device=dev)
-    c_sum = torch.zeros(C, dtype=f32, device=dev)
-    c_dot = torch.zeros(C, dtype=f32, device=dev)
+    parts = torch.empty((3, blocks, C), dtype=f32, device=dev)  # the fields m, l, sd
+    state = torch.zeros((3, C), dtype=f32, device=dev)          # the columns' states
+    state[0] = float("-inf")
+    layout = dict(HAS_POS=False, POS_LSE=False, HAS_LABELS=False, BELOW=False, ROWS=block_m)
     rows = blocks * block_m
     for o0 in range(0, R, rows):
         o_end = min(R, o0 + rows)
         _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
-                    o0, o_end, (parts[0], parts[1], parts[2]))
+                    o0, o_end, parts)
         n = triton.cdiv(o_end - o0, block_m)
-        p_max, p_sum, p_dot = parts[0, :n], parts[1, :n], parts[2, :n]
-        new_max = torch.maximum(c_max, p_max.max(0).values)
-        safe = torch.where(new_max == float("-inf"), 0.0, new_max)
-        c_sum = c_sum * torch.exp2(c_max - safe) + (p_sum * torch.exp2(p_max - safe)).sum(0)
-        c_max = new_max
-        c_dot += p_dot.sum(0)
-    ln2 = math.log(2.0)
-    col_lse = torch.where(c_sum > 0, (c_max + torch.log2(c_sum.clamp_min(1e-38))) * ln2,
-                          torch.full_like(c_sum, float("-inf")))
-    count = torch.full((C,), float(R), dtype=f32, device=dev)
-    if exclude_diag:
-        count[:min(R, C)] -= 1.0
-    scale_f = scale.to(device=dev, dtype=f32).reshape(())
-    bias_f = bias.to(device=dev, dtype=f32).reshape(())
-    col_mean = torch.where(count > 0, scale_f * (c_dot / count.clamp_min(1.0)) + bias_f,
-                           torch.zeros_like(c_dot))
+        if C > 0:
+            _launch_elementwise(
+                "merge", _merge_partials_kernel, C, "BLOCK_C",
+                (parts, state, o0, n, C, C, parts.stride(0), state.stride(0)), layout)
+    col_lse = torch.empty(C, dtype=f32, device=dev)
+    col_mean = torch.empty(C, dtype=f32, device=dev)
+    if C > 0:  # the columns as the rows of k @ q.T, with the row counts of the columns
+        _launch_elementwise(
+            "finalize", _finalize_kernel, C, "BLOCK_M",
+            (state, state.stride(0), lse, scale, bias, col_lse, col_lse, col_lse, col_mean,
+             C, R),
+            dict(HAS_TARGETS=False, HAS_LABELS=False, EXCLUDE_DIAG=bool(exclude_diag),
+                 DECOUPLED=False, POS_LSE=False, WRITE_POS=False))
     return col_lse, col_mean
+
+
+def _state_fields(has_pos: bool, pos_lse: bool, has_labels: bool) -> int:
+    """How many fields :func:`_store_state` writes."""
+    return 3 + (1 + int(pos_lse)) * int(has_pos) + int(has_labels)
+
+
+def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
+    """Row statistics of the symmetric logits ``scale * q @ q.T + bias`` from the blocks on and
+    below the diagonal only (half the logits of the full square), or False.
+
+    By slabs of row blocks, in order: one ``SELF`` launch writes the online states of the
+    slab's rows and, from each tile below the diagonal block, the partial states of its columns
+    as rows (``[fields, blocks, N]`` within ``SLAB_BYTES``); ``_merge_partials_kernel`` then
+    merges them into the states of the columns (rows of this slab or of earlier ones, whose
+    states are written by then). Once every slab is in, ``_finalize_kernel`` turns the states
+    into the statistics. False when a slab would have fewer than ``_MIN_COL_PROGRAMS`` row
+    blocks (and more rows remain): the caller then computes the full square.
+    """
+    N = q.shape[0]
+    family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
+    block_m = _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
+    has_pos = flags["HAS_TARGETS"] or flags["HAS_LABELS"]
+    layout = dict(HAS_POS=has_pos, POS_LSE=flags["POS_LSE"], HAS_LABELS=flags["HAS_LABELS"])
+    fields = _state_fields(*layout.values())
+    budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
+    all_blocks = triton.cdiv(N, block_m)
+    blocks = min(all_blocks, max(1, budget // (4 * fields * N)), (2 ** 31 - 1) // N)
+    if blocks < min(all_blocks, _MIN_COL_PROGRAMS):
+        return False
+    dev = q.device
+    state = torch.empty((fields, N), dtype=torch.float32, device=dev)
+    parts = torch.empty((fields, blocks, N), dtype=torch.float32, device=dev)
+    rows = blocks * block_m
+    for o0 in range(0, N, rows):
+        o_end = min(N, o0 + rows)
+        _launch_fwd(q, q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags, o0, o_end,
+                    parts, state)
+        n = triton.cdiv(o_end - o0, block_m)
+        c_end = o0 + (n - 1) * block_m  # the columns below the slab's last row block
+        if c_end > 0:
+            _launch_elementwise(
+                "merge", _merge_partials_kernel, c_end, "BLOCK_C",
+                (parts, state, o0, n, c_end, N, parts.stride(0), state.stride(0)),
+                dict(layout, BELOW=True, ROWS=block_m))
+    _launch_elementwise(
+        "finalize", _finalize_kernel, N, "BLOCK_M",
+        (state, state.stride(0), tgt, scale, bias, lse, pos, npos, mean, N, N),
+        dict({name: flags[name] for name in ("HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG",
+                                             "DECOUPLED", "POS_LSE")}, WRITE_POS=True))
+    return True
+
+
+def _launch_elementwise(kind, kernel, n, block, args, flags):
+    """A one-dimensional launch over ``n`` elements, ``block`` (a constexpr) per program."""
+    if _INTERPRET:
+        kernel[(triton.cdiv(n, _INTERP_BLOCK),)](*args, **flags, **{block: _INTERP_BLOCK})
+        return
+    _launch(kind, "all", kernel, lambda meta: (triton.cdiv(n, meta[block]),), args, flags)
 
 
 def _launch_bwd(a, b, out, rest, parts, flags):
@@ -1099,8 +1392,16 @@ def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
 
     Same signature and return conventions as :func:`fastcl.ops._reference_impl.contrastive_fwd`:
     four fp32 ``[R]`` tensors, then two fp32 ``[C]`` tensors (empty unless ``col_stats``).
-    Labels take precedence over targets when both are given.
+    Labels take precedence over targets when both are given. ``k=None`` (no column
+    statistics): the keys are ``q`` itself; from ``SLAB_MIN_D`` features on, the statistics
+    then come from the blocks on and below the diagonal of the symmetric logits
+    (``_fwd_self``): half the logits of the full square (unless the environment variable
+    ``FASTCL_TRITON_SELF_FWD`` is ``0``).
     """
+    self_sim = k is None and _env_int("FASTCL_TRITON_SELF_FWD", 1) != 0
+    if k is None:
+        assert not col_stats, "self-similarity takes row statistics only"
+        k = q
     _check_inputs(q, k, scale, bias, targets, row_labels, col_labels)
     R, C = q.shape[0], k.shape[0]
     dev = q.device
@@ -1117,6 +1418,10 @@ def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
     row_flags = dict(HAS_TARGETS=has_targets, HAS_LABELS=has_labels,
                      EXCLUDE_DIAG=bool(exclude_diag), DECOUPLED=bool(decoupled),
                      POS_LSE=bool(pos_lse), WRITE_POS=True)
+    if self_sim and R > 0 and _use_slabs(q.shape[1], q.dtype) and _fwd_self(
+            q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, row_flags):
+        return (lse, pos, npos, mean, torch.empty(0, dtype=f32, device=dev),
+                torch.empty(0, dtype=f32, device=dev))
     if col_stats and _use_slabs(q.shape[1], q.dtype):
         cols = _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean,
                                  row_flags, exclude_diag)

@@ -178,7 +178,7 @@ _KEYS = ["D", "TRANSPOSED", "STORE_G", "WRITE_LOSS", "HAS_GRAD", "UNIFORM_G", "R
 
 _TUNED = {}
 for (_kind, _family), _configs in _c._CONFIGS.items():
-    if _kind == "fwd_cols":  # the contrastive forward's column partials only
+    if _kind in ("fwd_cols", "merge", "finalize"):  # the contrastive forward's own passes
         continue
     if _kind == "bwd_chunked":
         _TUNED[_kind, _family] = triton.autotune(

@@ -108,6 +108,25 @@ def test_ntxent_pairs_variant_skips_the_self_backward(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _triton_calls(monkeypatch, name):
+    """The results of the calls of ``fastcl.kernels.contrastive.<name>``, with the schedule by
+    slabs at every feature width (the test is skipped without the Triton backend)."""
+    from fastcl.kernels import contrastive as triton_kernels
+
+    if dispatch.why_not("triton", "nt_xent", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the Triton backend cannot run here")
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
+    calls = []
+    real = getattr(triton_kernels, name)
+
+    def recording(*args, **kw):
+        calls.append(real(*args, **kw))
+        return calls[-1]
+
+    monkeypatch.setattr(triton_kernels, name, recording)
+    return calls
+
+
 @pytest.mark.parametrize("variant", ["noslabs", "acc"])
 @pytest.mark.parametrize("loss", ["clip", "ntxent", "siglip", "infonce"])
 def test_schedule_variants_take_their_path(loss, variant, monkeypatch):
@@ -116,19 +135,7 @@ def test_schedule_variants_take_their_path(loss, variant, monkeypatch):
     (the default twice, but for NT-Xent's self-similarity); both through ``measure`` and in a
     step of their own, with the default's loss and gradients; the setting is restored
     afterwards."""
-    from fastcl.kernels import contrastive as triton_kernels
-
-    if dispatch.why_not("triton", "nt_xent", torch.device("cpu"), torch.float32) is not None:
-        pytest.skip("the Triton backend cannot run here")
-    monkeypatch.setenv("FASTCL_TRITON_SLAB_MIN_D", "1")
-    calls = []
-    real = triton_kernels._bwd_slabs
-
-    def counting(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(triton_kernels, "_bwd_slabs", counting)
+    calls = _triton_calls(monkeypatch, "_bwd_slabs")
     cpu = torch.device("cpu")
     impls = implementations(cpu, torch.float32, ["fastcl-triton", f"fastcl-triton-{variant}"],
                             loss)
@@ -153,6 +160,31 @@ def test_schedule_variants_take_their_path(loss, variant, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert sweeps == (0 if variant == "noslabs" else 1)
     assert len(calls) == (1 if loss == "ntxent" else 2)
+
+
+def test_square_self_forward_variant(monkeypatch):
+    """bench_clip's fastcl-triton-squarefwd (NT-Xent only) computes the forward over the full
+    square where the default takes the half below the diagonal, with the default's loss and
+    gradients; the setting is restored afterwards."""
+    calls = _triton_calls(monkeypatch, "_fwd_self")
+    impls = implementations(torch.device("cpu"), torch.float32,
+                            ["fastcl-triton", "fastcl-triton-squarefwd"], "ntxent")
+    assert set(impls) == {"fastcl-triton", "fastcl-triton-squarefwd"}
+    default, other = impls["fastcl-triton"], impls["fastcl-triton-squarefwd"]
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    scale = torch.tensor(3.0)
+    want = _loss_and_grads(default, z1, z2, scale)
+    assert calls == [True]
+    calls.clear()
+    with other.step_context():
+        got = _loss_and_grads(other, z1, z2, scale)
+    assert calls == []
+    assert "FASTCL_TRITON_SELF_FWD" not in os.environ
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert "fastcl-triton-squarefwd" not in implementations(torch.device("cpu"), torch.float32,
+                                                            None, "clip")
 
 
 def test_pml_ntxent_refuses_cubic_memory():

@@ -124,6 +124,13 @@ _MODES = [
     _sc("contrastive_fwd", "fp32", 32, targets=True, exclude_diag=True, decoupled=True),
     _sc("contrastive_fwd", "fp16", 64, labels=True, exclude_diag=True),         # SupCon
     _sc("contrastive_fwd", "bf16", 128),                                        # no positives
+    # self-similarity by slabs (the half square, its merge and finalize passes)
+    _sc("contrastive_fwd", "bf16", 768, labels=True, exclude_diag=True, pos_lse=True,
+        self_sim=True),                                                         # SupCon
+    _sc("contrastive_fwd", "fp32", 768, targets=True, exclude_diag=True, self_sim=True),
+    _sc("contrastive_fwd", "bf16", 1024, targets=True, exclude_diag=True, self_sim=True),
+    _sc("contrastive_fwd", "fp32", 768, tf32=True, targets=True, exclude_diag=True,
+        decoupled=True, self_sim=True),                                         # DCL
     _sc("contrastive_bwd", "bf16", 768, targets=True, col_stats=True, grads="lse,pos,col_lse"),
     _sc("contrastive_bwd", "fp32", 32, targets=True, exclude_diag=True, decoupled=True,
         grads="lse,pos"),
@@ -248,7 +255,8 @@ def _call(mods, sc: Scenario):
         flags = (bool(kw.get("exclude_diag")), bool(kw.get("decoupled")),
                  bool(kw.get("pos_lse")), bool(kw.get("col_stats")))
         if sc.op == "contrastive_fwd":
-            C.contrastive_fwd(q, k, scale, bias, targets, labels, labels, *flags)
+            C.contrastive_fwd(q, None if kw.get("self_sim") else k, scale, bias, targets,
+                              labels, labels, *flags)
             return
         grads = kw["grads"].split(",")
         vec = torch.ones(N)

@@ -8,6 +8,7 @@ FlashAttention tests by: the kernel's error against the fp64 oracle is at most a
 error of plain PyTorch computing the same thing in the input dtype.
 """
 
+import inspect
 import itertools
 import os
 
@@ -270,14 +271,19 @@ def check_self(R, D, dtype, mode, flags, present, **kw):
     if rl is not None:
         cl = rl  # one feature set: one label per sample
     grads = make_grads(R, R, present)
-    stats = tk.contrastive_fwd(q, q, scale, bias, targets, rl, cl, flags["exclude_diag"],
+    stats = tk.contrastive_fwd(q, None, scale, bias, targets, rl, cl, flags["exclude_diag"],
                                flags["decoupled"], flags["pos_lse"], False)
+    ref_stats, ref = oracle(q, q, scale, bias, targets, rl, cl, flags, grads)
+    for name, a, e in zip(STAT_NAMES[:4], stats, ref_stats):
+        assert a.dtype == torch.float32 and a.shape == (R,), name
+        assert_close(a, e, FWD_TOL[dtype], name)
+    assert torch.equal(stats[2].cpu(), ref_stats[2].float().cpu()), "npos"
+    assert all(t.numel() == 0 for t in stats[4:])
     lse, pos, npos = stats[:3]
     dz, dk, ds, db = tk.contrastive_bwd(*grads, q, None, scale, bias, targets, rl, cl, lse, pos,
                                         npos, stats[4], flags["exclude_diag"],
                                         flags["decoupled"], flags["pos_lse"], False)
     assert dk.shape == (0, D) and dz.shape == q.shape and dz.dtype == q.dtype
-    _stats, ref = oracle(q, q, scale, bias, targets, rl, cl, flags, grads)
     tol = BWD_TOL[dtype]
     for name, a, e in zip(("dz", "dscale", "dbias"), (dz, ds, db), (ref[0] + ref[1], *ref[2:])):
         assert_close(a, e, tol, name)
@@ -489,6 +495,89 @@ def test_slabs_self_similarity(mode, exclude_diag, decoupled, pos_lse, slabs):
     assert slabs.calls == [23]
 
 
+def self_budget(monkeypatch, N, blocks, mode, pos_lse):
+    """A byte budget of ``blocks`` row blocks of the self-similarity forward's partials."""
+    fields = tk._state_fields(mode != "none", pos_lse and mode != "none", mode == "labels")
+    monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(blocks * 4 * fields * N))
+
+
+def recording_fwd(monkeypatch):
+    """The forward launches, as ``(o0, o_end, SELF)``."""
+    launches = []
+    real = tk._launch_fwd
+
+    def recording(*args, **kw):
+        bound = inspect.signature(real).bind(*args, **kw)
+        bound.apply_defaults()
+        launches.append((bound.arguments["o0"], bound.arguments["o_end"],
+                         bound.arguments["state"] is not None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tk, "_launch_fwd", recording)
+    return launches
+
+
+@pytest.mark.parametrize("mode,exclude_diag,decoupled,pos_lse", SELF_COMBOS)
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_self_forward_half_square(mode, exclude_diag, decoupled, pos_lse, blocks, slabs,
+                                  monkeypatch):
+    """k=None by slabs: each slab's tiles on and below the diagonal give the rows' states and,
+    transposed, the partial states of the columns above; merged, they give the statistics of
+    the full square. 53 rows: four row blocks of the interpreter (the last one partial) in
+    slabs of ``blocks`` of them."""
+    N = 53
+    self_budget(monkeypatch, N, blocks, mode, pos_lse)
+    launches = recording_fwd(monkeypatch)
+    check_self(N, 8, torch.float32, mode, flags_of(exclude_diag, decoupled, pos_lse),
+               ("lse", "pos", "mean"), scale=5.0, n_labels=3)
+    rows = blocks * tk._INTERP_BLOCK
+    assert launches == [(o0, min(N, o0 + rows), True) for o0 in range(0, N, rows)]
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 20), (torch.float16, 40),
+                                     (torch.float32, 100)])
+def test_self_forward_half_square_dtypes(dtype, D, slabs, monkeypatch):
+    self_budget(monkeypatch, 45, 1, "labels", True)
+    launches = recording_fwd(monkeypatch)
+    check_self(45, D, dtype, "labels", flags_of(exclude_diag=True, pos_lse=True),
+               ("lse", "pos"))
+    assert len(launches) == 3 and all(s for *_, s in launches)
+
+
+def test_self_forward_falls_back_to_the_square(slabs, monkeypatch):
+    """Slabs of too few row blocks (or ``FASTCL_TRITON_SELF_FWD=0``): one launch over the full
+    square, the same statistics."""
+    N = 53
+    self_budget(monkeypatch, N, 1, "targets", False)
+    inputs = make_inputs(N, N, 8, torch.float32, "targets")
+    q, targets = inputs[0], inputs[4]
+    args = (inputs[2], inputs[3], targets, None, None, True, False, False, False)
+    launches = recording_fwd(monkeypatch)
+    half = tk.contrastive_fwd(q, None, *args)
+    assert len(launches) == 4 and all(s for *_, s in launches)
+    launches.clear()
+    monkeypatch.setenv("FASTCL_TRITON_SELF_FWD", "0")
+    switched_off = tk.contrastive_fwd(q, None, *args)
+    monkeypatch.delenv("FASTCL_TRITON_SELF_FWD")
+    monkeypatch.setattr(tk, "_MIN_COL_PROGRAMS", 2)
+    square = tk.contrastive_fwd(q, None, *args)
+    assert launches == [(0, None, False)] * 2
+    for name, a, b, c in zip(STAT_NAMES[:4], half, square, switched_off):
+        assert_close(a, b, 1e-6, name)
+        assert torch.equal(b, c), name
+
+
+def test_self_forward_allocation_is_bounded(slabs, monkeypatch):
+    """The partials of one slab and the states of the rows: nothing of N x N."""
+    N, D = 70, 3
+    self_budget(monkeypatch, N, 1, "labels", True)
+    q, _k, scale, bias, _t, rl, _cl = make_inputs(N, N, D, torch.float32, "labels")
+    with LargestAllocation() as rec:
+        tk.contrastive_fwd(q, None, scale, bias, None, rl, rl, True, False, True, False)
+    assert rec.largest[0] < N * N, rec.largest
+    assert rec.largest_bytes[0] <= 4 * tk._state_fields(True, True, True) * N, rec.largest_bytes
+
+
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 20), (torch.float16, 40)])
 def test_slabs_self_similarity_low_precision(dtype, D, slabs):
     slabs(37)
@@ -592,7 +681,7 @@ def test_slabs_forward_column_partials(R, C, mode, exclude_diag, slabs, monkeypa
     real = tk._launch_fwd
 
     def recording(*args, **kw):
-        launches.append(args[-1] is not None if len(args) > 12 else kw.get("col_parts"))
+        launches.append(args[-1] is not None if len(args) > 12 else kw.get("parts"))
         return real(*args, **kw)
 
     monkeypatch.setattr(tk, "_launch_fwd", recording)
@@ -797,14 +886,18 @@ class TestGPU:
         (4096, 256, torch.float32, "targets", flags_of(exclude_diag=True, decoupled=True)),
     ])
     def test_self_similarity_real_sizes(self, R, D, dtype, mode, flags):
-        """k=None at real sizes: the gradient of q equals the sum of the two launches'."""
+        """k=None at real sizes: the statistics of the half-square forward equal those of the
+        full square, the gradient of q the sum of the two launches'."""
         q, _k, scale, bias, targets, rl, _cl = make_inputs(R, R, D, dtype, mode, n_labels=100)
         if mode == "targets":
             targets = torch.arange(R, device=DEVICE).roll(R // 2)  # NT-Xent's pairs
         grads = [g / R for g in make_grads(R, R, ("lse", "pos"))[:2]] + [None] * 3
-        lse, pos, npos, *_ = tk.contrastive_fwd(q, q, scale, bias, targets, rl, rl,
-                                                flags["exclude_diag"], flags["decoupled"],
-                                                flags["pos_lse"], False)
+        fwd_args = (scale, bias, targets, rl, rl, flags["exclude_diag"], flags["decoupled"],
+                    flags["pos_lse"], False)
+        lse, pos, npos, mean, *_ = tk.contrastive_fwd(q, q, *fwd_args)
+        half = tk.contrastive_fwd(q, None, *fwd_args)
+        for name, a, b in zip(STAT_NAMES[:4], half, (lse, pos, npos, mean)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
         args = (scale, bias, targets, rl, rl, lse, pos, npos, lse, flags["exclude_diag"],
                 flags["decoupled"], flags["pos_lse"], False)
         dz, dk, ds, db = tk.contrastive_bwd(*grads, q, None, *args)

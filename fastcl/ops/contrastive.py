@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import _backends
 
 __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrastive_stats",
-           "FUSED_BACKENDS", "SELF_BWD_BACKENDS", "SELF_FUSED_BACKENDS"]
+           "FUSED_BACKENDS", "SELF_FWD_BACKENDS", "SELF_BWD_BACKENDS", "SELF_FUSED_BACKENDS"]
 
 #: Backends whose ``contrastive_fused`` saves work: their slabs hold whole rows, so one sweep
 #: gives the statistics and then the gradients (three GEMMs, not the four of a forward and a
@@ -35,6 +35,11 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 #: runs on the others too, as a forward and a backward. Static lists: they are consulted while
 #: tracing, when nothing may be imported.
 FUSED_BACKENDS = ("cpu", "cuda")
+#: Backends whose forward kernel takes ``k=None`` (the keys are the queries): Triton computes the
+#: row statistics from the blocks on and below the diagonal of the symmetric logits (half the
+#: square) when the features are wide enough for the logits to dominate. The others get
+#: ``k = q``.
+SELF_FWD_BACKENDS = ("triton",)
 #: Backends whose backward kernel takes ``k=None`` (the keys are the queries) and builds
 #: ``G + G.T`` for the whole gradient: the CPU and CUDA C++ sweeps on the blocks on and below the
 #: diagonal only (half a GEMM to recompute them, one for the gradient, instead of three), Triton
@@ -69,9 +74,15 @@ def contrastive_fwd(
     if k is None and col_stats:
         raise ValueError("fastcl::contrastive_fwd: col_stats needs k; with k=None the logits "
                          "are symmetric and the column statistics are the row statistics")
+    return _fwd_kernel(backend, q, k, scale, bias, targets, row_labels, col_labels,
+                       exclude_diag, decoupled, pos_lse, col_stats)
+
+
+def _fwd_kernel(backend, q, k, *rest):
+    """The backend's forward kernel; ``k=None`` on a backend outside
+    :data:`SELF_FWD_BACKENDS` runs as ``k = q``."""
     fwd = _backends.kernel(backend, "contrastive_fwd")
-    return fwd(q, q if k is None else k, scale, bias, targets, row_labels, col_labels,
-               exclude_diag, decoupled, pos_lse, col_stats)
+    return fwd(q, q if k is None and backend not in SELF_FWD_BACKENDS else k, *rest)
 
 
 @contrastive_fwd.register_fake
@@ -214,9 +225,9 @@ def _fused_by_parts(g_lse, g_pos, g_mean, q, k, scale, bias, targets, row_labels
     """``contrastive_fused`` as the backend's forward then its backward (no work saved, but
     with ``k=None`` on :data:`SELF_BWD_BACKENDS`)."""
     keys = q if k is None else k
-    lse, pos, npos, avg, _cl, _cm = _backends.kernel(backend, "contrastive_fwd")(
-        q, keys, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse,
-        False)
+    lse, pos, npos, avg, _cl, _cm = _fwd_kernel(
+        backend, q, k, scale, bias, targets, row_labels, col_labels, exclude_diag, decoupled,
+        pos_lse, False)
     has_pos = npos > 0
     norm = 1.0 / has_pos.sum().clamp_min(1).to(lse.dtype) if mean else 1.0
     rows = torch.zeros_like(lse)
