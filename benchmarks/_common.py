@@ -131,12 +131,14 @@ def slab_accumulate():
     return mock.patch.dict(os.environ, {"FASTCL_TRITON_SLAB_ACCUMULATE": "1"})
 
 
-def square_self_forward():
+def self_forward(mode: str):
     """A context within which the Triton forward of self-similarity (``k=None``) computes the
-    full square of logits instead of the blocks on and below the diagonal
-    (``FASTCL_TRITON_SELF_FWD=0``, through the environment, restored on exit): the B side of
-    the A/B comparison of the half-square forward, in the same process."""
-    return mock.patch.dict(os.environ, {"FASTCL_TRITON_SELF_FWD": "0"})
+    full square of logits (``mode="square"``) or the blocks on and below the diagonal whatever
+    the size (``"half"``), instead of choosing by size (``FASTCL_TRITON_SELF_FWD`` 0 or 2,
+    through the environment, restored on exit): the sides of the A/B comparison of the
+    half-square forward, in the same process."""
+    value = {"square": "0", "half": "2"}[mode]
+    return mock.patch.dict(os.environ, {"FASTCL_TRITON_SELF_FWD": value})
 
 
 def timed(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> dict:

@@ -23,8 +23,9 @@ Implementations (each skipped with a note where it cannot run):
   and the backward by slabs of ``G`` and GEMMs; and ``fastcl-triton-acc``, the backward by
   slabs with ``SLAB_ACCUMULATE`` (the gradient of the columns accumulated from the slabs of
   rows: one logit recompute instead of two, for an fp32 ``C x D`` buffer); for NT-Xent also
-  ``fastcl-triton-squarefwd``, the forward over the full square of logits instead of the
-  blocks on and below the diagonal.
+  ``fastcl-triton-squarefwd`` and ``fastcl-triton-halffwd``, the forward over the full square
+  of logits, or over the blocks on and below the diagonal, whatever the size (the default
+  takes the half square where the full one would take more than one wave of programs).
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
@@ -52,8 +53,7 @@ from fastcl import dispatch
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_info_nce, eager_nt_xent,
                       eager_siglip, environment, infcl_clip, keys_given, open_clip_clip,
-                      pml_clip, slab_accumulate, square_self_forward, timed,
-                      without_slabs)
+                      pml_clip, self_forward, slab_accumulate, timed, without_slabs)
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -97,8 +97,9 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
                 impls[f"fastcl-{backend}-noslabs"] = _in_context(fast, backend, without_slabs)
                 impls[f"fastcl-{backend}-acc"] = _in_context(fast, backend, slab_accumulate)
                 if loss == "ntxent":
-                    impls[f"fastcl-{backend}-squarefwd"] = _in_context(fast, backend,
-                                                                       square_self_forward)
+                    for mode in ("square", "half"):
+                        impls[f"fastcl-{backend}-{mode}fwd"] = _in_context(
+                            fast, backend, lambda _m=mode: self_forward(_m))
     return {k: v for k, v in impls.items() if not which or k in which}
 
 

@@ -9,8 +9,9 @@
 #                 section of docs/benchmarks.md)
 #         siglip  SigLIP on every GPU backend against eager and torch.compile
 #         ntxent  NT-Xent: the self-similarity paths against two feature sets
-#                 (fastcl-triton-pairs, fastcl-cuda-pairs) and the half-square forward
-#                 against the full square (fastcl-triton-squarefwd), eager and torch.compile
+#                 (fastcl-triton-pairs, fastcl-cuda-pairs) and the forward over the full
+#                 square or the half (fastcl-triton-squarefwd, -halffwd), eager and
+#                 torch.compile
 #         infonce InfoNCE in one direction (the one-sweep fused path of the CUDA C++ backend)
 #                 on every GPU backend against eager and torch.compile
 #         topk    top-k similarity search
@@ -84,7 +85,7 @@ stage_topk() {
 }
 
 declare -A LIMIT=([build]=${LIMIT_build:-300} [test]=${LIMIT_test:-420} [report]=${LIMIT_report:-420}
-                  [siglip]=${LIMIT_siglip:-150} [ntxent]=${LIMIT_ntxent:-150}
+                  [siglip]=${LIMIT_siglip:-150} [ntxent]=${LIMIT_ntxent:-200}
                   [infonce]=${LIMIT_infonce:-150} [topk]=${LIMIT_topk:-90})
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build test report siglip ntxent infonce topk)

@@ -21,7 +21,9 @@ the logits are symmetric, so the launch with ``SELF`` computes the blocks on and
 diagonal only (half the square) and each tile strictly below it gives, transposed, the partial
 states of its columns as rows; per slab of rows, ``_merge_partials_kernel`` folds them into the
 states of those rows and ``_finalize_kernel`` turns the states into the statistics
-(``_fwd_self``; ``FASTCL_TRITON_SELF_FWD=0`` computes the full square instead).
+(``_fwd_self``; where the full square takes more than one wave of programs, as otherwise the
+longest row block sets the time of both; ``FASTCL_TRITON_SELF_FWD=0`` computes the full square,
+``2`` the half whatever the size).
 
 Backward (``_contrastive_bwd_kernel``): one kernel, two launches. Row-parallel
 (``TRANSPOSED=False``): a program owns ``BLOCK_M`` rows and a ``BLOCK_DV`` slice of ``dq``,
@@ -1127,6 +1129,24 @@ def _state_fields(has_pos: bool, pos_lse: bool, has_labels: bool) -> int:
     return 3 + (1 + int(pos_lse)) * int(has_pos) + int(has_labels)
 
 
+def _half_square_pays(row_blocks: int, sms: Optional[int]) -> bool:
+    """Whether the self-similarity forward over the half square beats the full square.
+
+    A program of either walks the columns of one row block: all of them in the full square, up
+    to its diagonal block in the half, so the half's longest program (the last row block) takes
+    as long as every program of the full square. The half square wins (up to twice as fast)
+    only when the full square's programs take more than one wave, that is when there are more
+    row blocks than multiprocessors (``sms``; one program of ``_COLS_BLOCK_M`` rows fills one);
+    otherwise both take one program's time, plus the half's transposed statistics and its
+    merge. The environment variable ``FASTCL_TRITON_SELF_FWD=2`` takes the half square
+    whatever the size (``0``: never; ``1``, the default: when it pays). Always under the
+    interpreter (``sms=None``).
+    """
+    if sms is None or _env_int("FASTCL_TRITON_SELF_FWD", 1) == 2:
+        return True
+    return row_blocks > sms
+
+
 def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
     """Row statistics of the symmetric logits ``scale * q @ q.T + bias`` from the blocks on and
     below the diagonal only (half the logits of the full square), or False.
@@ -1137,11 +1157,16 @@ def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
     merges them into the states of the columns (rows of this slab or of earlier ones, whose
     states are written by then). Once every slab is in, ``_finalize_kernel`` turns the states
     into the statistics. False when a slab would have fewer than ``_MIN_COL_PROGRAMS`` row
-    blocks (and more rows remain): the caller then computes the full square.
+    blocks (and more rows remain), or when the half square would not pay
+    (:func:`_half_square_pays`): the caller then computes the full square.
     """
     N = q.shape[0]
     family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
     block_m = _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
+    sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
+           if q.device.type == "cuda" and not _INTERPRET else None)
+    if not _half_square_pays(triton.cdiv(N, block_m), sms):
+        return False
     has_pos = flags["HAS_TARGETS"] or flags["HAS_LABELS"]
     layout = dict(HAS_POS=has_pos, POS_LSE=flags["POS_LSE"], HAS_LABELS=flags["HAS_LABELS"])
     fields = _state_fields(*layout.values())
@@ -1395,8 +1420,9 @@ def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
     Labels take precedence over targets when both are given. ``k=None`` (no column
     statistics): the keys are ``q`` itself; from ``SLAB_MIN_D`` features on, the statistics
     then come from the blocks on and below the diagonal of the symmetric logits
-    (``_fwd_self``): half the logits of the full square (unless the environment variable
-    ``FASTCL_TRITON_SELF_FWD`` is ``0``).
+    (``_fwd_self``): half the logits of the full square, when the full square would take more
+    than one wave of programs (``_half_square_pays``; the environment variable
+    ``FASTCL_TRITON_SELF_FWD``: ``0`` never, ``2`` always).
     """
     self_sim = k is None and _env_int("FASTCL_TRITON_SELF_FWD", 1) != 0
     if k is None:

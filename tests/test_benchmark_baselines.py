@@ -162,15 +162,18 @@ def test_schedule_variants_take_their_path(loss, variant, monkeypatch):
     assert len(calls) == (1 if loss == "ntxent" else 2)
 
 
-def test_square_self_forward_variant(monkeypatch):
+@pytest.mark.parametrize("mode", ["square", "half"])
+def test_self_forward_variants(mode, monkeypatch):
     """bench_clip's fastcl-triton-squarefwd (NT-Xent only) computes the forward over the full
-    square where the default takes the half below the diagonal, with the default's loss and
-    gradients; the setting is restored afterwards."""
+    square where the default takes the half below the diagonal (always, under the
+    interpreter), -halffwd takes the half too, both with the default's loss and gradients; the
+    setting is restored afterwards."""
     calls = _triton_calls(monkeypatch, "_fwd_self")
-    impls = implementations(torch.device("cpu"), torch.float32,
-                            ["fastcl-triton", "fastcl-triton-squarefwd"], "ntxent")
-    assert set(impls) == {"fastcl-triton", "fastcl-triton-squarefwd"}
-    default, other = impls["fastcl-triton"], impls["fastcl-triton-squarefwd"]
+    name = f"fastcl-triton-{mode}fwd"
+    impls = implementations(torch.device("cpu"), torch.float32, ["fastcl-triton", name],
+                            "ntxent")
+    assert set(impls) == {"fastcl-triton", name}
+    default, other = impls["fastcl-triton"], impls[name]
     g = torch.Generator().manual_seed(5)
     z1, z2 = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
     scale = torch.tensor(3.0)
@@ -178,13 +181,13 @@ def test_square_self_forward_variant(monkeypatch):
     assert calls == [True]
     calls.clear()
     with other.step_context():
+        assert os.environ["FASTCL_TRITON_SELF_FWD"] == ("0" if mode == "square" else "2")
         got = _loss_and_grads(other, z1, z2, scale)
-    assert calls == []
+    assert calls == ([] if mode == "square" else [True])
     assert "FASTCL_TRITON_SELF_FWD" not in os.environ
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert "fastcl-triton-squarefwd" not in implementations(torch.device("cpu"), torch.float32,
-                                                            None, "clip")
+    assert name not in implementations(torch.device("cpu"), torch.float32, None, "clip")
 
 
 def test_pml_ntxent_refuses_cubic_memory():

@@ -567,6 +567,18 @@ def test_self_forward_falls_back_to_the_square(slabs, monkeypatch):
         assert torch.equal(b, c), name
 
 
+def test_half_square_pays(monkeypatch):
+    """The half square where the full one takes more than one wave of programs (more row
+    blocks than multiprocessors), or always with ``FASTCL_TRITON_SELF_FWD=2``; always under the
+    interpreter."""
+    monkeypatch.delenv("FASTCL_TRITON_SELF_FWD", raising=False)
+    assert not tk._half_square_pays(128, 132) and not tk._half_square_pays(132, 132)
+    assert tk._half_square_pays(133, 132) and tk._half_square_pays(512, 132)
+    assert tk._half_square_pays(1, None)
+    monkeypatch.setenv("FASTCL_TRITON_SELF_FWD", "2")
+    assert tk._half_square_pays(1, 132)
+
+
 def test_self_forward_allocation_is_bounded(slabs, monkeypatch):
     """The partials of one slab and the states of the rows: nothing of N x N."""
     N, D = 70, 3
@@ -885,7 +897,7 @@ class TestGPU:
         (8192, 768, torch.float16, "labels", flags_of(exclude_diag=True, pos_lse=True)),
         (4096, 256, torch.float32, "targets", flags_of(exclude_diag=True, decoupled=True)),
     ])
-    def test_self_similarity_real_sizes(self, R, D, dtype, mode, flags):
+    def test_self_similarity_real_sizes(self, R, D, dtype, mode, flags, monkeypatch):
         """k=None at real sizes: the statistics of the half-square forward equal those of the
         full square, the gradient of q the sum of the two launches'."""
         q, _k, scale, bias, targets, rl, _cl = make_inputs(R, R, D, dtype, mode, n_labels=100)
@@ -895,7 +907,9 @@ class TestGPU:
         fwd_args = (scale, bias, targets, rl, rl, flags["exclude_diag"], flags["decoupled"],
                     flags["pos_lse"], False)
         lse, pos, npos, mean, *_ = tk.contrastive_fwd(q, q, *fwd_args)
+        monkeypatch.setenv("FASTCL_TRITON_SELF_FWD", "2")  # the half square at every size
         half = tk.contrastive_fwd(q, None, *fwd_args)
+        monkeypatch.delenv("FASTCL_TRITON_SELF_FWD")
         for name, a, b in zip(STAT_NAMES[:4], half, (lse, pos, npos, mean)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
         args = (scale, bias, targets, rl, rl, lse, pos, npos, lse, flags["exclude_diag"],
