@@ -1070,9 +1070,10 @@ def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
             lambda meta: (triton.cdiv(o_end - o0, meta["BLOCK_M"]),), args, flags)
 
 
-#: The forward takes the column statistics from per-slab partials only when a slab has at
-#: least this many row blocks (or all of them): fewer programs would leave the GPU idle, and
-#: the second launch over the columns is used instead.
+#: The forward takes the column statistics from per-slab partials (and the self-similarity
+#: forward the half square) only when a slab has at least this many row blocks (or all of
+#: them): fewer programs would leave the GPU idle, and the second launch over the columns (the
+#: full square) is used instead.
 _MIN_COL_PROGRAMS = 128
 
 
