@@ -579,19 +579,14 @@ def _contrastive_fwd_kernel(
             den = allowed
 
         cp = blk.to(tl.int64) * NB + offs_n
-        if COL_PARTIALS:
-            s_col = tl.where(allowed, s2, neg_inf)
-            c_max = tl.max(s_col, 0)
-            c_safe = tl.where(c_max == neg_inf, 0.0, c_max)
-            c_l = tl.sum(tl.exp2(s_col - c_safe[None, :]), 0)
-            c_sd = tl.sum(tl.where(allowed, qk, 0.0), 0)
-            _store_state(P, cp, P_FSTRIDE, n_in, c_max, c_l, c_sd, c_sd, c_sd, c_sd,
-                         False, False, False)
+        if COL_PARTIALS:  # the den set of a column: allowed (positives play no role)
+            _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_ptr,
+                          rlab_ptr, clab_r, False, False, False, False)
         if SELF:
             if start_n < row0:  # below the diagonal block: the columns' statistics as rows
-                _self_col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n,
-                                   tgt_ptr, rlab_ptr, clab_r,
-                                   HAS_TARGETS, HAS_LABELS, DECOUPLED, POS_LSE)
+                _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n,
+                              tgt_ptr, rlab_ptr, clab_r,
+                              HAS_TARGETS, HAS_LABELS, DECOUPLED, POS_LSE)
 
         s_den = tl.where(den, s2, neg_inf)
         m_new = tl.maximum(m_i, tl.max(s_den, 1))
@@ -624,13 +619,14 @@ def _contrastive_fwd_kernel(
 
 
 @triton.jit
-def _self_col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_ptr,
-                       rlab_ptr, clab_r, HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr,
-                       DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr):
-    """The statistics of the columns ``c`` of a tile of symmetric logits below the diagonal,
-    as rows of the transposed tile: ``pos(c, r)`` (``targets[c] == r``, or
-    ``row_labels[c] == col_labels[r]``) and ``den(c, r)`` over the tile's rows ``r``, stored as
-    one row of partials of every field (``_store_state``)."""
+def _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_ptr,
+                  rlab_ptr, clab_r, HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr):
+    """The statistics of the columns ``c`` of a tile over its rows ``r``, stored as one row of
+    partials (``_store_state``). Without positives (``COL_PARTIALS``) the fields ``m``, ``l``
+    and ``sd`` over ``allowed``; with them (``SELF``: a tile of symmetric logits below the
+    diagonal, whose columns are rows of the transposed tile) every field, with ``pos(c, r)``
+    (``targets[c] == r``, or ``row_labels[c] == col_labels[r]``) and ``den(c, r)``."""
     neg_inf = float("-inf")
     HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
     den_c = allowed
@@ -1077,6 +1073,22 @@ def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
 _MIN_COL_PROGRAMS = 128
 
 
+def _partials_block_m(q) -> int:
+    """The rows of a block of the forward launches that write partials (``_COLS_BLOCK_M``)."""
+    family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
+    return _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
+
+
+def _partial_blocks(all_blocks: int, fields: int, cols: int) -> Optional[int]:
+    """Row blocks per slab whose ``[fields, blocks, cols]`` fp32 partials fit ``SLAB_BYTES``
+    (and whose row offsets ``blocks * cols`` fit 32 bits), or None when a slab would have
+    fewer than ``_MIN_COL_PROGRAMS`` of the ``all_blocks`` row blocks."""
+    budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
+    cols = max(cols, 1)
+    blocks = min(all_blocks, max(1, budget // (4 * fields * cols)), (2 ** 31 - 1) // cols)
+    return None if blocks < min(all_blocks, _MIN_COL_PROGRAMS) else blocks
+
+
 def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
                       exclude_diag):
     """Row statistics and ``(col_lse, col_mean)`` in one pass over the logits, or None.
@@ -1084,18 +1096,16 @@ def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, 
     By slabs of rows: each launch writes the column statistics of every row block of the slab
     (``[blocks, C]`` partials within ``SLAB_BYTES``), merged into running per-column states
     (max, sum of ``exp2``, sum of ``q . k``) after each slab by ``_merge_partials_kernel``, as
-    the online log-sum-exp merges tiles; ``_finalize_kernel`` then gives the statistics. None when a slab would have fewer than ``_MIN_COL_PROGRAMS`` row blocks (and more
-    rows remain): the caller then launches the columns as rows of ``k @ q.T``.
+    the online log-sum-exp merges tiles; ``_finalize_kernel`` then gives the statistics. None
+    when a slab would have fewer than ``_MIN_COL_PROGRAMS`` row blocks (and more rows remain):
+    the caller then launches the columns as rows of ``k @ q.T``.
     """
     R, C = q.shape[0], k.shape[0]
     if R == 0:
         return None
-    family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
-    block_m = _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
-    budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
-    all_blocks = triton.cdiv(R, block_m)
-    blocks = min(all_blocks, max(1, budget // (12 * max(C, 1))))
-    if blocks < min(all_blocks, _MIN_COL_PROGRAMS):
+    block_m = _partials_block_m(q)
+    blocks = _partial_blocks(triton.cdiv(R, block_m), 3, C)
+    if blocks is None:
         return None
     f32 = torch.float32
     dev = q.device
@@ -1162,19 +1172,17 @@ def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
     (:func:`_half_square_pays`): the caller then computes the full square.
     """
     N = q.shape[0]
-    family = _tiling(q.shape[1], q.dtype, bool(ALLOW_TF32))[0]
-    block_m = _INTERP_BLOCK if _INTERPRET else _COLS_BLOCK_M[family]
+    block_m = _partials_block_m(q)
+    all_blocks = triton.cdiv(N, block_m)
     sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
            if q.device.type == "cuda" and not _INTERPRET else None)
-    if not _half_square_pays(triton.cdiv(N, block_m), sms):
+    if not _half_square_pays(all_blocks, sms):
         return False
     has_pos = flags["HAS_TARGETS"] or flags["HAS_LABELS"]
     layout = dict(HAS_POS=has_pos, POS_LSE=flags["POS_LSE"], HAS_LABELS=flags["HAS_LABELS"])
     fields = _state_fields(*layout.values())
-    budget = _env_int("FASTCL_TRITON_SLAB_BYTES", SLAB_BYTES)
-    all_blocks = triton.cdiv(N, block_m)
-    blocks = min(all_blocks, max(1, budget // (4 * fields * N)), (2 ** 31 - 1) // N)
-    if blocks < min(all_blocks, _MIN_COL_PROGRAMS):
+    blocks = _partial_blocks(all_blocks, fields, N)
+    if blocks is None:
         return False
     dev = q.device
     state = torch.empty((fields, N), dtype=torch.float32, device=dev)
