@@ -59,14 +59,17 @@ void check_vec(const char* fn, const char* name, const OptT& t, int64_t n, const
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& q, const OptT& k, const at::Tensor& scale, const at::Tensor& bias,
     const OptT& targets, const OptT& row_labels, const OptT& col_labels, bool exclude_diag,
     bool decoupled, bool pos_lse, bool col_stats) {
   const char* fn = "contrastive_fwd_cpu";
-  check_features(fn, q, k);
+  const at::Tensor& keys = k.has_value() ? *k : q;  // none: the keys are q (self-similarity)
+  check_features(fn, q, keys);
   check_scalar(fn, "scale", scale);
   check_scalar(fn, "bias", bias);
-  check_masks(fn, q, k, targets, row_labels, col_labels);
+  check_masks(fn, q, keys, targets, row_labels, col_labels);
+  TORCH_CHECK(k.has_value() || !col_stats, fn,
+              ": column statistics need k (with k=None the keys are q: use the row statistics)");
   at::NoGradGuard no_grad;
   return fastcl::cpu::contrastive_fwd_cpu(q, k, scale, bias, targets, row_labels, col_labels,
                                           exclude_diag, decoupled, pos_lse, col_stats);
@@ -182,8 +185,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WITH_CUDA") = false;
 #endif
   sig::def_contrastive_fwd(m, "contrastive_fwd_cpu", &fwd_cpu,
-        "Statistics (lse, pos, npos, mean, col_lse, col_mean) of scale * q @ k.T + bias on CPU; "
-        "see fastcl.reference.contrastive for the definitions.");
+        "Statistics (lse, pos, npos, mean, col_lse, col_mean) of scale * q @ k.T + bias on CPU "
+        "(k=None: the keys are q, half of the symmetric logits computed); see "
+        "fastcl.reference.contrastive for the definitions.");
   sig::def_contrastive_bwd(m, "contrastive_bwd_cpu", &bwd_cpu,
         "Gradients (dq, dk, dscale, dbias) of the contrastive statistics on CPU, recomputing the "
         "logits slab by slab. k=None: the keys are q (self-similarity); dq is then the whole "

@@ -567,6 +567,70 @@ def test_bwd_self_refuses_column_statistics():
 
 
 # ---------------------------------------------------------------------------------------------
+# The forward kernel with k=None: half of the symmetric logits (each slab's columns up to its
+# end; the part before the slab transposed for the earlier rows), every row's state merged
+# slab after slab. Against the oracle with k = q, and against the full square (k given).
+
+
+def kernel_fwd_self(case, **flags):
+    return call_fwd(_C.contrastive_fwd_cpu, dict(case, k=None), **flags)
+
+
+@pytest.mark.parametrize("mode,flags", [(m, f) for m in MODES for f in FUSED_FLAGS],
+                         ids=[f"{m}-{_id(f)}" for m in MODES for f in FUSED_FLAGS])
+def test_fwd_self_fp64(mode, flags, slab_bytes):
+    R, D = 37, 6
+    slab_bytes(7 * R * 8)  # slabs of 4 rows (the fp64 vector), a ragged last one
+    case = self_case(R, D, F64, mode, scale=4.0, bias=-0.5)
+    got = kernel_fwd_self(case, **flags)
+    check_stats(got, ref_stats(case, **flags), F64)
+    square = kernel_fwd(case, **flags)
+    for name, a, b in zip(("lse", "pos", "npos", "mean"), got, square):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("isa", ("generic", "auto"))
+@pytest.mark.parametrize("rows", (1, 8, 13, 200), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("dtype", (F64, F32), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fwd_self_slab_sizes(mode, dtype, rows, isa, slab_bytes, monkeypatch):
+    """Slabs of one vector, of a few vectors with a ragged last one, and one slab for all; the
+    targets point both below and above the diagonal (seen by the row pass or the transposed
+    one)."""
+    monkeypatch.setenv("FASTCL_CPU_ISA", isa)
+    R, D = 61, 5
+    slab_bytes(rows * R * dtype.itemsize)
+    for flags in (dict(exclude_diag=True, decoupled=True),
+                  dict(exclude_diag=True, pos_lse=(mode == "labels"))):
+        case = self_case(R, D, dtype, mode, scale=6.0)
+        check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), dtype)
+
+
+@pytest.mark.parametrize("dtype", (BF16, F16), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fwd_self_low_precision(dtype, mode, slab_bytes):
+    R, D = 70, 24
+    slab_bytes(20 * R * 4)  # slabs of 16 rows
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+    case = self_case(R, D, dtype, mode, scale=8.0)
+    check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), dtype)
+
+
+@pytest.mark.parametrize("R", (0, 1, 2, 9))
+def test_fwd_self_tiny(R):
+    for mode in ("none", "targets", "labels"):
+        case = self_case(R, 3, F64, mode if R > 0 else "none")
+        for flags in (dict(), dict(exclude_diag=True, decoupled=True)):
+            check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), F64)
+
+
+def test_fwd_self_refuses_column_statistics():
+    case = self_case(6, 4, F32, "targets")
+    with pytest.raises(RuntimeError, match=r"column statistics need k"):
+        kernel_fwd_self(case, col_stats=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: a clear error, never a crash
 
 
@@ -663,13 +727,18 @@ FUSED_MEMORY_SCRIPT = """
 """
 
 
-SELF_MEMORY_SCRIPT = """
+# self-similarity: z, its scale and bias, targets half the batch away (the other view)
+_SELF_INPUTS = """
     from fastcl import _C
 
     n, d = int(sys.argv[1]), int(sys.argv[2])
     z = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
     scale, bias = torch.tensor(14.0), torch.tensor(0.0)
     t = torch.arange(n).roll(n // 2)
+"""
+
+
+SELF_MEMORY_SCRIPT = _SELF_INPUTS + """
     ones = torch.ones(n)
     small = _C.contrastive_fused_cpu(ones[:64], -ones[:64], None, z[:64], None, scale, bias,
                                      t[:64] % 64, None, None, True, False, False, True)
@@ -681,9 +750,24 @@ SELF_MEMORY_SCRIPT = """
 """
 
 
+SELF_STATS_MEMORY_SCRIPT = _SELF_INPUTS + """
+    g = torch.ones(n)
+    small = _C.contrastive_fwd_cpu(z[:64], None, scale, bias, t[:64] % 64, None, None, True,
+                                   False, False, False)
+    reset_peak()
+    lse, pos, npos, mean, cl, cm = _C.contrastive_fwd_cpu(z, None, scale, bias, t, None, None,
+                                                          True, False, False, False)
+    dz, dk, ds, db = _C.contrastive_bwd_cpu(g, -g, None, None, None, z, None, scale, bias, t,
+                                            None, None, lse, pos, npos, cl, True, False, False,
+                                            False)
+    assert torch.isfinite(lse).all() and torch.isfinite(dz).all() and dk.numel() == 0
+    print(peak_growth())
+"""
+
+
 @pytest.mark.parametrize("script,slabs", ((MEMORY_SCRIPT, 1), (FUSED_MEMORY_SCRIPT, 1),
-                                          (SELF_MEMORY_SCRIPT, 2)),
-                         ids=("fwd-bwd", "fused", "fused-self"))
+                                          (SELF_MEMORY_SCRIPT, 2), (SELF_STATS_MEMORY_SCRIPT, 2)),
+                         ids=("fwd-bwd", "fused", "fused-self", "fwd-bwd-self"))
 def test_peak_memory_is_linear(script, slabs):
     n, d = 8192, 64
     slab = 16 << 20

@@ -10,6 +10,9 @@
 //   each chunk's running column statistics; the chunks' column statistics are merged in chunk
 //   order at the end, so one sweep gives row and column LSEs. Means need no pass over the logits:
 //   sum_c s_rc = scale * q_r . sum_c k_c + C * bias (fp64), minus the excluded entries.
+//   Without k (self-similarity, q . q^T symmetric) the logits are computed on the blocks on and
+//   below the diagonal only (half a GEMM): the rows before a slab take their statistics over the
+//   slab's columns from its transposed left part (FwdSweep).
 // - backward: the slab's logits are recomputed and turned in place into G (one pass, the formula
 //   of fastcl/reference/contrastive.py, also summing G and G * l for dbias and dscale), then
 //   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm). Without k (self-similarity,
@@ -104,11 +107,33 @@ struct TileArgs {
   }
 };
 
+// A row's running forward state over some of its columns (log2 units, as the kernels keep it).
+template <class T>
+struct RowState {
+  T m, se;       // denominator set: max and sum of 2^(s2 - max)
+  T pm, pse;     // positives (label mode, pos_lse): max and sum of 2^(s2 - max)
+  double psum;   // positives (label mode): sum of s, natural units
+  double pcnt;   // positives (label mode): count
+  double tl;     // target mode: the target's logit s (0 until its column is seen)
+
+  static RowState empty() {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    return {ninf, T(0), ninf, T(0), 0.0, 0.0, 0.0};
+  }
+  void merge(const RowState& o);  // defined after lse_merge_scalar
+};
+
 template <class T>
 struct FwdArgs : TileArgs<T> {
   bool col_stats;
-  const T* L;              // slab [rows, C] of raw dot products, row-major, padded
+  // Slab of raw dot products, row-major, padded: row b at L + b * ld holds columns
+  // [cbeg, cend), column c at index c - cbeg (cbeg a multiple of the vector width).
+  const T* L;
+  int64_t ld, cbeg, cend;
   T *lse, *pos, *npos, *mean;
+  // nullptr: the rows' statistics are final when the kernel ends (every column in the range);
+  // else the kernel merges each row's partial state into run[row].
+  RowState<T>* run;
 };
 
 template <class T>
@@ -152,6 +177,38 @@ inline void lse_merge_scalar(T& m, T& s, T pm, T ps) {
     m = pm;
   } else {
     s += ps * std::exp2(pm - m);
+  }
+}
+
+template <class T>
+void RowState<T>::merge(const RowState& o) {
+  lse_merge_scalar<T>(m, se, o.m, o.se);
+  lse_merge_scalar<T>(pm, pse, o.pm, o.pse);
+  psum += o.psum;
+  pcnt += o.pcnt;
+  tl += o.tl;
+}
+
+// Final statistics of row gr (geometry g) from its state over every column: lse, pos, npos and,
+// in mean, the sum of s over the row's positives (the sweep completes the mean).
+template <class T>
+inline void finish_row(const FwdArgs<T>& P, int64_t gr, const RowGeom& g, const RowState<T>& st) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const double npos = P.labels ? st.pcnt : (g.tcol >= 0 ? 1.0 : 0.0);
+  P.npos[gr] = static_cast<T>(npos);
+  P.lse[gr] = st.m > ninf ? static_cast<T>((static_cast<double>(st.m) +
+                                            std::log2(static_cast<double>(st.se))) * kLn2)
+                          : ninf;
+  P.mean[gr] = static_cast<T>(P.labels ? st.psum : st.tl);
+  if (npos <= 0) {
+    P.pos[gr] = T(0);
+  } else if (!P.labels) {
+    P.pos[gr] = static_cast<T>(st.tl);
+  } else if (P.pos_lse) {
+    P.pos[gr] = static_cast<T>(
+        (static_cast<double>(st.pm) + std::log2(static_cast<double>(st.pse))) * kLn2);
+  } else {
+    P.pos[gr] = static_cast<T>(st.psum / npos);
   }
 }
 
@@ -260,24 +317,51 @@ struct Slabs {
   }
 };
 
+// dst[j][i] (+)= src[i][j] for i < n, j < m (row strides lds, ldd), in cache blocks.
+template <bool ADD, class T>
+void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t n, int64_t m) {
+  constexpr int64_t B = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += B) {
+    const int64_t i1 = std::min(n, i0 + B);
+    for (int64_t j = 0; j < m; ++j) {
+      T* d = dst + j * ldd;
+      for (int64_t i = i0; i < i1; ++i) {
+        if (ADD)
+          d[i] += src[i * lds + j];
+        else
+          d[i] = src[i * lds + j];
+      }
+    }
+  }
+}
+
 // The forward over slabs: row statistics per slab, column statistics merged at the end.
+//
+// Self-similarity (`self`: the keys are the queries, the logits symmetric; no column
+// statistics): the slab of rows I holds the dot products of the columns up to its end only
+// (half of the logits). Its rows take their states over those columns; the columns before the
+// slab, transposed in chunks of kSelfChunk, give the rows before the slab their states over the
+// columns I, through the same row kernel. Every row's state is merged slab after slab (in slab
+// order: the result does not depend on scheduling) and finished after the last one.
 template <class T>
 struct FwdSweep {
   static constexpr int W = Lanes<T>::W;
   Slabs<T>& sl;
-  bool exclude_diag, decoupled, col_stats;
+  bool exclude_diag, decoupled, col_stats, self;
   at::Tensor lse, pos, npos, mean, col_lse, col_mean;
   at::Tensor ksum, qsum;
   std::vector<double> sdiag;
+  std::vector<double> rsum;          // self: q_r . ksum of every row, for the means
+  std::vector<RowState<T>> run;      // self: every row's running state
   int64_t nchunks, per_chunk;
   std::vector<T> cstate;
   FwdArgs<T> P;
   Kernels<T> K;
 
   FwdSweep(Slabs<T>& s, double scale, double bias, bool exclude_diag_, bool decoupled_,
-           bool pos_lse, bool col_stats_)
+           bool pos_lse, bool col_stats_, bool self_ = false)
       : sl(s), exclude_diag(exclude_diag_), decoupled(decoupled_), col_stats(col_stats_),
-        K(kernels<T>()) {
+        self(self_ && !col_stats_), K(kernels<T>()) {
     const T ninf = -std::numeric_limits<T>::infinity();
     const int64_t R = sl.R, C = sl.C;
     lse = at::empty({R}, sl.opt);
@@ -296,6 +380,14 @@ struct FwdSweep {
     sl.set(P, scale, bias, exclude_diag, decoupled, pos_lse);
     P.col_stats = col_stats;
     P.L = nullptr;
+    P.ld = C;
+    P.cbeg = 0;
+    P.cend = C;
+    P.run = nullptr;
+    if (self) {
+      run.assign(static_cast<size_t>(R), RowState<T>::empty());
+      rsum.resize(static_cast<size_t>(R));
+    }
     P.lse = lse.data_ptr<T>();
     P.pos = pos.data_ptr<T>();
     P.npos = npos.data_ptr<T>();
@@ -311,25 +403,31 @@ struct FwdSweep {
     }
   }
 
-  // Statistics of rows r0 .. r0 + s from their slab (qs, Ls) of raw dot products.
+  // Statistics of rows r0 .. r0 + s from their slab (qs, Ls) of raw dot products (self: states,
+  // from the columns up to r0 + s).
   void slab(int64_t r0, int64_t s, const at::Tensor& qs, const at::Tensor& Ls) {
     const int64_t C = sl.C;
     P.r0 = r0;
     P.L = Ls.data_ptr<T>();
-    const int64_t nc = std::min(nchunks, s);
-    T* cs = cstate.data();
-    at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t t = cb; t < ce; ++t) {
-        T* base = col_stats ? cs + t * per_chunk : nullptr;
-        T* cm = base;
-        T* cse = col_stats ? base + (C + W) : nullptr;
-        T* tcm = col_stats ? base + 2 * (C + W) : nullptr;
-        T* tcs = col_stats ? tcm + (kColBlock + W) : nullptr;
-        K.fwd(P, s * t / nc, s * (t + 1) / nc, cm, cse, tcm, tcs);
-      }
-    });
+    if (self) {
+      self_slab(r0, s);
+    } else {
+      const int64_t nc = std::min(nchunks, s);
+      T* cs = cstate.data();
+      at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t t = cb; t < ce; ++t) {
+          T* base = col_stats ? cs + t * per_chunk : nullptr;
+          T* cm = base;
+          T* cse = col_stats ? base + (C + W) : nullptr;
+          T* tcm = col_stats ? base + 2 * (C + W) : nullptr;
+          T* tcs = col_stats ? tcm + (kColBlock + W) : nullptr;
+          K.fwd(P, s * t / nc, s * (t + 1) / nc, cm, cse, tcm, tcs);
+        }
+      });
+    }
     // Means: sum over the denominator set = sum over all columns (q_r . ksum, fp64) minus the
-    // excluded diagonal and, decoupled, the positives (the kernel left their sum in mean).
+    // excluded diagonal and, decoupled, the positives (the kernel left their sum in mean):
+    // completed here, or (self) once the positives are complete, in finish().
     const double a = static_cast<double>(P.a), b = static_cast<double>(P.b);
     const at::Tensor qd = qs.to(at::kDouble);
     const at::Tensor rs = at::mv(qd, ksum).contiguous();
@@ -339,28 +437,77 @@ struct FwdSweep {
     if (nd > 0)
       dd = (qd.narrow(0, 0, nd) * sl.kf.narrow(0, r0, nd).to(at::kDouble)).sum(1).contiguous();
     const double* rsp = rs.data_ptr<double>();
-    T* mp = P.mean;
-    const T* np = P.npos;
+    for (int64_t i = 0; i < nd; ++i) sdiag[r0 + i] = a * dd.data_ptr<double>()[i] + b;
     for (int64_t i = 0; i < s; ++i) {
-      const int64_t r = r0 + i;
-      double sum = a * rsp[i] + b * static_cast<double>(C);
-      double nden = static_cast<double>(C);
-      if (i < nd) {
-        const double sd = a * dd.data_ptr<double>()[i] + b;
-        sdiag[r] = sd;
-        sum -= sd;
-        nden -= 1.0;
-      }
-      if (decoupled) {
-        sum -= static_cast<double>(mp[r]);
-        nden -= static_cast<double>(np[r]);
-      }
-      mp[r] = nden > 0 ? static_cast<T>(sum / nden) : T(0);
+      if (self)
+        rsum[r0 + i] = rsp[i];
+      else
+        complete_mean(r0 + i, rsp[i]);
     }
   }
 
-  // Column statistics from the chunks' running states (after the last slab).
+  // Self-similarity, rows I = r0 .. r0 + s (r0 a multiple of W), the slab holding the columns
+  // up to r0 + s: the states of rows I over those columns, then those of the rows before the
+  // slab over the columns I (the slab's left part transposed, chunk by chunk, each thread with
+  // its own chunks and so its own rows).
+  void self_slab(int64_t r0, int64_t s) {
+    const int64_t C = sl.C, e = r0 + s;
+    P.cbeg = 0;
+    P.cend = e;
+    P.run = run.data();
+    const int64_t nc = std::min(nchunks, s);
+    at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t t = cb; t < ce; ++t)
+        K.fwd(P, s * t / nc, s * (t + 1) / nc, nullptr, nullptr, nullptr, nullptr);
+    });
+    const int64_t lt = round_up(s, W) + 2 * W;  // padded: no power-of-two stride in the cache
+    const int64_t nch = (r0 + kSelfChunk - 1) / kSelfChunk;
+    const T* L = P.L;
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<T> tt(static_cast<size_t>(kSelfChunk * lt + W), T(0));
+      FwdArgs<T> Q = P;
+      Q.L = tt.data();
+      Q.ld = lt;
+      Q.cbeg = r0;
+      Q.cend = e;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = c * kSelfChunk, nj = std::min(kSelfChunk, r0 - j0);
+        transpose<false>(L + j0, C, tt.data(), lt, s, nj);
+        Q.r0 = j0;
+        K.fwd(Q, 0, nj, nullptr, nullptr, nullptr, nullptr);
+      }
+    });
+  }
+
+  // mean[r] from the row's sum over all columns (rs = q_r . ksum) once its positives are known.
+  void complete_mean(int64_t r, double rs) {
+    const int64_t C = sl.C;
+    const double a = static_cast<double>(P.a), b = static_cast<double>(P.b);
+    double sum = a * rs + b * static_cast<double>(C);
+    double nden = static_cast<double>(C);
+    if (exclude_diag && r < C) {
+      sum -= sdiag[r];
+      nden -= 1.0;
+    }
+    if (decoupled) {
+      sum -= static_cast<double>(P.mean[r]);
+      nden -= static_cast<double>(P.npos[r]);
+    }
+    P.mean[r] = nden > 0 ? static_cast<T>(sum / nden) : T(0);
+  }
+
+  // Self: every row's statistics from its state. Else the column statistics from the chunks'
+  // running states. After the last slab.
   void finish() {
+    if (self) {
+      at::parallel_for(0, sl.R, 4096, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          finish_row(P, r, row_geom(P, r), run[static_cast<size_t>(r)]);
+          complete_mean(r, rsum[static_cast<size_t>(r)]);
+        }
+      });
+      return;
+    }
     if (!col_stats) return;
     const T ninf = -std::numeric_limits<T>::infinity();
     const int64_t R = sl.R, C = sl.C;
@@ -588,24 +735,6 @@ struct BwdSweep {
     if (r0 > 0) dq_acc.narrow(0, 0, r0).addmm_(Ls.narrow(1, 0, r0).t(), qs, 1.0, scale);
   }
 
-  // dst[j][i] (+)= src[i][j] for i < n, j < m (row strides lds, ldd), in cache blocks.
-  template <bool ADD>
-  static void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t n, int64_t m) {
-    constexpr int64_t B = 16;
-    for (int64_t i0 = 0; i0 < n; i0 += B) {
-      const int64_t i1 = std::min(n, i0 + B);
-      for (int64_t j = 0; j < m; ++j) {
-        T* d = dst + j * ldd;
-        for (int64_t i = i0; i < i1; ++i) {
-          if (ADD)
-            d[i] += src[i * lds + j];
-          else
-            d[i] = src[i * lds + j];
-        }
-      }
-    }
-  }
-
   // The s x s block at X (row stride ld) becomes X + X.T.
   static void symmetrize(T* X, int64_t ld, int64_t s) {
     at::parallel_for(0, s, 64, [&](int64_t i0, int64_t i1) {
@@ -648,15 +777,18 @@ at::Tensor stat_vec(const std::optional<at::Tensor>& t) {
 
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_impl(
-    const at::Tensor& q, const at::Tensor& k, double scale, double bias,
+    const at::Tensor& q, const std::optional<at::Tensor>& k_opt, double scale, double bias,
     const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
     const std::optional<at::Tensor>& col_labels, bool exclude_diag, bool decoupled, bool pos_lse,
     bool col_stats) {
-  Slabs<T> sl(q, k, targets, row_labels, col_labels);
-  FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, col_stats);
+  const bool self = !k_opt.has_value();
+  const at::Tensor& k = self ? q : *k_opt;
+  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
+  FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, col_stats, self);
   for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
     const int64_t s = std::min(sl.S, sl.R - r0);
-    const auto qL = sl.slab(q, r0, s);
+    // self: the columns up to the slab's end only (half of the logits)
+    const auto qL = sl.slab(q, r0, s, F.self ? r0 + s : -1);
     F.slab(r0, s, qL.first, qL.second);
   }
   F.finish();
@@ -777,7 +909,8 @@ int64_t slab_bytes() {
 const char* kernel_isa() { return use_avx2() ? "avx2" : "generic"; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-contrastive_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+contrastive_fwd_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                    const at::Tensor& scale,
                     const at::Tensor& bias, const std::optional<at::Tensor>& targets,
                     const std::optional<at::Tensor>& row_labels,
                     const std::optional<at::Tensor>& col_labels, bool exclude_diag,

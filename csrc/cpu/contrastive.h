@@ -12,9 +12,12 @@ namespace fastcl {
 namespace cpu {
 
 // (lse, pos, npos, mean, col_lse, col_mean) of s = scale * q @ k.T + bias. Statistics are fp32
-// (fp64 for fp64 inputs); col_lse and col_mean are empty unless col_stats.
+// (fp64 for fp64 inputs); col_lse and col_mean are empty unless col_stats. Without k the keys
+// are q itself (self-similarity, no column statistics): the symmetric logits are computed on
+// the blocks on and below the diagonal only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-contrastive_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+contrastive_fwd_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                    const at::Tensor& scale,
                     const at::Tensor& bias, const std::optional<at::Tensor>& targets,
                     const std::optional<at::Tensor>& row_labels,
                     const std::optional<at::Tensor>& col_labels, bool exclude_diag,

@@ -103,7 +103,8 @@ struct PassA {
   using M = typename Lanes<T>::M;
   using I = typename Lanes<T>::I;
   const RowConst<T>& K;
-  const T* x;       // slab row
+  const T* x;       // slab row: column c at x[c - xoff]
+  int64_t xoff;
   const I* cid;     // label ids of the columns (label mode)
   T* tcm;           // tile column max, indexed by column
   V mx, pmx, psm;
@@ -111,7 +112,7 @@ struct PassA {
 
   template <bool MASKED>
   FASTCL_FN void step(int64_t c, const M& valid) {
-    const V s = vload<V>(x + c) * K.av + K.bv;
+    const V s = vload<V>(x + (c - xoff)) * K.av + K.bv;
     if constexpr (!MASKED && !LABELS) {
       mx = vmax(mx, s);
       if constexpr (COL) vstore(tcm + c, vmax(vload<V>(tcm + c), s));
@@ -142,7 +143,8 @@ struct PassB {
   using M = typename Lanes<T>::M;
   using I = typename Lanes<T>::I;
   const RowConst<T>& K;
-  const T* x;
+  const T* x;       // column c at x[c - xoff]
+  int64_t xoff;
   const I* cid;
   const T* tcm;
   T* tcs;           // tile column sums
@@ -151,7 +153,7 @@ struct PassB {
 
   template <bool MASKED>
   FASTCL_FN void step(int64_t c, const M& valid) {
-    const V s = vload<V>(x + c) * K.av + K.bv;
+    const V s = vload<V>(x + (c - xoff)) * K.av + K.bv;
     if constexpr (!MASKED && !LABELS) {
       if constexpr (MODE == 1) {
         const V e = vexp2(s - mr);
@@ -199,9 +201,10 @@ FASTCL_TGT void fwd_pass_a(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
   for (int j = 0; j < nr; ++j) {
     const RowGeom& g = RR.geom[j];
     const RowConst<T> K = row_const<T>(P.a2, P.b2, g, P.decoupled);
-    PassA<T, LABELS, COL> op{K, P.L + (i0 + j) * P.C, P.col_id, tcm, K.ninf, K.ninf, K.zero, M{}};
+    PassA<T, LABELS, COL> op{K,      P.L + (i0 + j) * P.ld, P.cbeg, P.col_id,
+                             tcm,    K.ninf,                K.ninf, K.zero, M{}};
     const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
-    for_vectors<T, LABELS>(op, K, c0, c1, P.C, vec_of<T>(g.dcol), sp2);
+    for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(g.dcol), sp2);
     RR.trm[j] = static_cast<T>(hmax(op.mx));
     if constexpr (LABELS) {
       RR.tpm[j] = static_cast<T>(hmax(op.pmx));
@@ -224,23 +227,24 @@ FASTCL_TGT void fwd_pass_b(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
     const RowConst<T> K = row_const<T>(P.a2, P.b2, g, P.decoupled);
     const T mr = MODE == 1 ? shared_max : (row_live ? RR.trm[j] : T(0));
     const T mp = MODE == 1 ? shared_max : (pos_live ? RR.tpm[j] : T(0));
-    PassB<T, LABELS, MODE, PEXP> op{K, P.L + (i0 + j) * P.C, P.col_id, tcm, tcs,
+    PassB<T, LABELS, MODE, PEXP> op{K,   P.L + (i0 + j) * P.ld, P.cbeg, P.col_id, tcm, tcs,
                                     vsplat<V>(mr), vsplat<V>(mp), K.zero, K.zero};
     const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
-    for_vectors<T, LABELS>(op, K, c0, c1, P.C, vec_of<T>(g.dcol), sp2);
+    for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(g.dcol), sp2);
     if (row_live) lse_merge_scalar<T>(RR.m[j], RR.se[j], mr, static_cast<T>(hsum(op.se)));
     if (pos_live) lse_merge_scalar<T>(RR.pm[j], RR.pse[j], mp, static_cast<T>(hsum(op.spe)));
   }
 }
 
-// Forward over rows [i0, i1) of the slab. cm/cse: this chunk's running column statistics over
-// allowed entries (max and sum of 2^(s2 - max), log2 units); tcm/tcs: tile scratch. Writes lse,
-// pos, npos and, in mean, the sum of s over the row's positives (the caller completes the mean).
+// Forward over rows [i0, i1) of the slab, columns [P.cbeg, P.cend). cm/cse: this chunk's running
+// column statistics over allowed entries (max and sum of 2^(s2 - max), log2 units); tcm/tcs: tile
+// scratch. Writes lse, pos, npos and, in mean, the sum of s over the row's positives (the caller
+// completes the mean); with P.run, merges the rows' partial states into P.run instead.
 template <class T>
 FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* cse, T* tcm,
                          T* tcs) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t C = P.C;
+  const int64_t cbeg = P.cbeg, cend = P.cend;
   const bool col = P.col_stats, labels = P.labels;
   const bool pexp = labels && P.pos_lse;
   RowRun<T> RR;
@@ -255,9 +259,9 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
       RR.psum[j] = 0.0;
       RR.pcnt[j] = 0.0;
     }
-    for (int64_t c0 = 0; c0 < C; c0 += kColBlock) {
-      const int64_t c1 = std::min<int64_t>(C, c0 + kColBlock);
-      const int64_t c1v = std::min<int64_t>(c1 + Lanes<T>::W, C + Lanes<T>::W);
+    for (int64_t c0 = cbeg; c0 < cend; c0 += kColBlock) {
+      const int64_t c1 = std::min<int64_t>(cend, c0 + kColBlock);
+      const int64_t c1v = std::min<int64_t>(c1 + Lanes<T>::W, cend + Lanes<T>::W);
       if (col)
         for (int64_t c = c0; c < c1v; ++c) {
           tcm[c - c0] = ninf;
@@ -313,24 +317,14 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
     for (int j = 0; j < nr; ++j) {
       const RowGeom& g = RR.geom[j];
       const int64_t gr = P.r0 + b0 + j;
-      const double npos = labels ? RR.pcnt[j] : (g.tcol >= 0 ? 1.0 : 0.0);
-      const double st = (!labels && g.tcol >= 0)
-                            ? static_cast<double>(P.L[(b0 + j) * C + g.tcol] * P.a + P.b)
-                            : 0.0;
-      P.npos[gr] = static_cast<T>(npos);
-      const double m2 = RR.m[j], se = RR.se[j];
-      P.lse[gr] = RR.m[j] > ninf ? static_cast<T>((m2 + std::log2(se)) * kLn2) : ninf;
-      P.mean[gr] = static_cast<T>(labels ? RR.psum[j] : st);
-      if (npos <= 0) {
-        P.pos[gr] = T(0);
-      } else if (!labels) {
-        P.pos[gr] = static_cast<T>(st);
-      } else if (P.pos_lse) {
-        P.pos[gr] = static_cast<T>(
-            (static_cast<double>(RR.pm[j]) + std::log2(static_cast<double>(RR.pse[j]))) * kLn2);
-      } else {
-        P.pos[gr] = static_cast<T>(RR.psum[j] / npos);
-      }
+      const bool has_t = !labels && g.tcol >= cbeg && g.tcol < cend;
+      const RowState<T> st{
+          RR.m[j],  RR.se[j], RR.pm[j], RR.pse[j], RR.psum[j], RR.pcnt[j],
+          has_t ? static_cast<double>(P.L[(b0 + j) * P.ld + (g.tcol - cbeg)] * P.a + P.b) : 0.0};
+      if (P.run != nullptr)
+        P.run[gr].merge(st);
+      else
+        finish_row(P, gr, g, st);
     }
   }
 }
