@@ -215,7 +215,7 @@ def worker(impl: str, n: int, d: int, reps: int, seed: int) -> dict:
         can_reset = can_reset and peak.reset
         peaks.append(peak.extra)
     return dict(impl=impl, n=n, d=d, times_s=times, time_s=statistics.median(times),
-                peak_extra_bytes=max(peaks), peak_reset=can_reset, loss=float(loss),
+                peak_extra_bytes=max(peaks), peak_reset=can_reset, loss=float(loss.detach()),
                 grad_norms=[float(x.grad.norm()) for x in (q, k, scale)],
                 threads=torch.get_num_threads())
 

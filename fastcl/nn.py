@@ -89,6 +89,8 @@ class InfoNCELoss(_TemperatureLoss):
 
     def forward(self, query: Tensor, key: Tensor, targets: Optional[Tensor] = None,
                 negatives: Optional[Tensor] = None) -> Tensor:
+        """The loss of queries ``[N, D]`` against keys ``[M, D]`` (row ``i``'s positive is key
+        ``targets[i]``, by default key ``i``), with optional extra negatives ``[Q, D]``."""
         return F.info_nce(query, key, logit_scale=self.logit_scale(), targets=targets,
                           negatives=negatives, symmetric=self.symmetric,
                           symmetric_weight=self.symmetric_weight,
@@ -96,6 +98,7 @@ class InfoNCELoss(_TemperatureLoss):
                           reduction=self.reduction, backend=self.backend, **self._dist())
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
         return (f"{self._settings()}, symmetric={self.symmetric}, "
                 f"symmetric_weight={self.symmetric_weight}, label_smoothing={self.label_smoothing}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}")
@@ -120,6 +123,7 @@ class ClipLoss(InfoNCELoss):
 
     def forward(self, image_features: Tensor, text_features: Tensor,
                 logit_scale=None) -> Tensor:
+        """The symmetric loss of paired ``[N, D]`` image and text features."""
         scale = self.logit_scale() if logit_scale is None else logit_scale
         return F.clip_loss(image_features, text_features, scale,
                            symmetric_weight=self.symmetric_weight,
@@ -143,11 +147,13 @@ class NTXentLoss(_TemperatureLoss):
         self.reduction = reduction
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """The loss of two ``[N, D]`` views of the same ``N`` samples."""
         return F.nt_xent(z1, z2, temperature=None, logit_scale=self.logit_scale(),
                          normalize=self.normalize, reduction=self.reduction, backend=self.backend,
                          **self._dist())
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
         return (f"{self._settings()}, normalize={self.normalize}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}")
 
@@ -168,12 +174,15 @@ class SupConLoss(_TemperatureLoss):
         self.reduction = reduction
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """The loss of ``[N, V, D]`` (or ``[N, D]``) features with ``[N]`` class labels
+        (``None``: each sample its own class, the SimCLR case)."""
         return F.supcon(features, labels, temperature=None, logit_scale=self.logit_scale(),
                         variant=self.variant, base_temperature=self.base_temperature,
                         normalize=self.normalize, reduction=self.reduction, backend=self.backend,
                         **self._dist())
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
         return (f"{self._settings()}, variant={self.variant!r}, "
                 f"base_temperature={self.base_temperature}, normalize={self.normalize}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
@@ -194,11 +203,13 @@ class MultiViewLoss(_TemperatureLoss):
         self.reduction = reduction
 
     def forward(self, views: Tensor) -> Tensor:
+        """The loss of ``V`` views ``[V, N, D]`` of the same ``N`` samples."""
         return F.multiview_loss(views, logit_scale=self.logit_scale(), method=self.method,
                                 cmc_mode=self.cmc_mode, normalize=self.normalize,
                                 reduction=self.reduction, backend=self.backend, **self._dist())
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
         return (f"{self._settings()}, method={self.method!r}, cmc_mode={self.cmc_mode!r}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}")
 
@@ -220,12 +231,14 @@ class HardNegativeNCELoss(nn.Module):
         self.backend = backend
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """The loss of two ``[N, D]`` views (``layout="paired"``: queries and keys)."""
         return F.hard_negative_nce(z1, z2, temperature=self.temperature, beta=self.beta,
                                    tau_plus=self.tau_plus, layout=self.layout,
                                    normalize=self.normalize, reduction=self.reduction,
                                    backend=self.backend, gather=self.gather, group=self.group)
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
         return (f"temperature={self.temperature:g}, beta={self.beta:g}, tau_plus={self.tau_plus:g}, "
                 f"layout={self.layout!r}, normalize={self.normalize}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}"
@@ -250,11 +263,13 @@ class DCLLoss(_TemperatureLoss):
         self.reduction = reduction
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """The loss of two ``[N, D]`` views of the same ``N`` samples."""
         return F.dcl(z1, z2, temperature=None, logit_scale=self.logit_scale(),
                      weighted=self.weighted, sigma=self.sigma, normalize=self.normalize,
                      reduction=self.reduction, backend=self.backend, **self._dist())
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
         return (f"{self._settings()}, weighted={self.weighted}, sigma={self.sigma:g}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}")
 
@@ -279,6 +294,7 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None,
                 logit_bias=None) -> Tensor:
+        """The loss of paired ``[N, D]`` image and text features."""
         scale = self.log_logit_scale.exp() if logit_scale is None else logit_scale
         bias = self.logit_bias if logit_bias is None else logit_bias
         return F.siglip_loss(image_features, text_features, scale, bias,
@@ -286,6 +302,7 @@ class SigLipLoss(nn.Module):
                              backend=self.backend, gather=self.gather, group=self.group)
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
         return (f"normalize={self.normalize}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}"
                 + ("" if self.gather is None else f", gather={self.gather!r}"))
