@@ -201,8 +201,8 @@ FASTCL_TGT void fwd_pass_a(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
   for (int j = 0; j < nr; ++j) {
     const RowGeom& g = RR.geom[j];
     const RowConst<T> K = row_const<T>(P.a2, P.b2, g, P.decoupled);
-    PassA<T, LABELS, COL> op{K,      P.L + (i0 + j) * P.ld, P.cbeg, P.col_id,
-                             tcm,    K.ninf,                K.ninf, K.zero, M{}};
+    PassA<T, LABELS, COL> op{K, P.L + (i0 + j) * P.ld, P.cbeg, P.col_id, tcm,
+                             K.ninf, K.ninf, K.zero, M{}};
     const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
     for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(g.dcol), sp2);
     RR.trm[j] = static_cast<T>(hmax(op.mx));
@@ -227,7 +227,7 @@ FASTCL_TGT void fwd_pass_b(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
     const RowConst<T> K = row_const<T>(P.a2, P.b2, g, P.decoupled);
     const T mr = MODE == 1 ? shared_max : (row_live ? RR.trm[j] : T(0));
     const T mp = MODE == 1 ? shared_max : (pos_live ? RR.tpm[j] : T(0));
-    PassB<T, LABELS, MODE, PEXP> op{K,   P.L + (i0 + j) * P.ld, P.cbeg, P.col_id, tcm, tcs,
+    PassB<T, LABELS, MODE, PEXP> op{K, P.L + (i0 + j) * P.ld, P.cbeg, P.col_id, tcm, tcs,
                                     vsplat<V>(mr), vsplat<V>(mp), K.zero, K.zero};
     const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
     for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(g.dcol), sp2);
@@ -317,10 +317,11 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
     for (int j = 0; j < nr; ++j) {
       const RowGeom& g = RR.geom[j];
       const int64_t gr = P.r0 + b0 + j;
+      // target mode: the target's logit, where its column is in the range
       const bool has_t = !labels && g.tcol >= cbeg && g.tcol < cend;
-      const RowState<T> st{
-          RR.m[j],  RR.se[j], RR.pm[j], RR.pse[j], RR.psum[j], RR.pcnt[j],
-          has_t ? static_cast<double>(P.L[(b0 + j) * P.ld + (g.tcol - cbeg)] * P.a + P.b) : 0.0};
+      const double tl =
+          has_t ? static_cast<double>(P.L[(b0 + j) * P.ld + (g.tcol - cbeg)] * P.a + P.b) : 0.0;
+      const RowState<T> st{RR.m[j], RR.se[j], RR.pm[j], RR.pse[j], RR.psum[j], RR.pcnt[j], tl};
       if (P.run != nullptr)
         P.run[gr].merge(st);
       else
