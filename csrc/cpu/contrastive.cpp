@@ -341,8 +341,8 @@ void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t n, int64_
 // statistics): the slab of rows I holds the dot products of the columns up to its end only
 // (half of the logits). Its rows take their states over those columns; the columns before the
 // slab, transposed in chunks of kSelfChunk, give the rows before the slab their states over the
-// columns I, through the same row kernel. Every row's state is merged slab after slab (in slab
-// order: the result does not depend on scheduling) and finished after the last one.
+// columns I, through the same row kernel. Every row's state is merged slab after slab, in slab
+// order whatever the threads' schedule, and finished after the last one.
 template <class T>
 struct FwdSweep {
   static constexpr int W = Lanes<T>::W;
