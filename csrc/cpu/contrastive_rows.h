@@ -186,10 +186,7 @@ struct PassB {
 // Running statistics of the rows of one row block.
 template <class T>
 struct RowRun {
-  T m[kRowBlock], se[kRowBlock];     // denominator set: max and sum of 2^(s2 - max)
-  T pm[kRowBlock], pse[kRowBlock];   // positives (label mode, pos_lse)
-  double psum[kRowBlock];            // positives: sum of s (label mode)
-  double pcnt[kRowBlock];            // positives: count (label mode)
+  RowState<T> st[kRowBlock];         // over the columns seen (tl: set at the end)
   T trm[kRowBlock], tpm[kRowBlock];  // tile: row max over the denominator set / the positives
   RowGeom geom[kRowBlock];
 };
@@ -208,8 +205,8 @@ FASTCL_TGT void fwd_pass_a(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
     RR.trm[j] = static_cast<T>(hmax(op.mx));
     if constexpr (LABELS) {
       RR.tpm[j] = static_cast<T>(hmax(op.pmx));
-      RR.psum[j] += hsum(op.psm) * kLn2;  // log2 units -> natural
-      RR.pcnt[j] += hsum(op.pc);
+      RR.st[j].psum += hsum(op.psm) * kLn2;  // log2 units -> natural
+      RR.st[j].pcnt += hsum(op.pc);
     }
   }
 }
@@ -231,8 +228,9 @@ FASTCL_TGT void fwd_pass_b(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
                                     vsplat<V>(mr), vsplat<V>(mp), K.zero, K.zero};
     const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
     for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(g.dcol), sp2);
-    if (row_live) lse_merge_scalar<T>(RR.m[j], RR.se[j], mr, static_cast<T>(hsum(op.se)));
-    if (pos_live) lse_merge_scalar<T>(RR.pm[j], RR.pse[j], mp, static_cast<T>(hsum(op.spe)));
+    RowState<T>& st = RR.st[j];
+    if (row_live) lse_merge_scalar<T>(st.m, st.se, mr, static_cast<T>(hsum(op.se)));
+    if (pos_live) lse_merge_scalar<T>(st.pm, st.pse, mp, static_cast<T>(hsum(op.spe)));
   }
 }
 
@@ -252,12 +250,7 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
     const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, i1 - b0));
     for (int j = 0; j < nr; ++j) {
       RR.geom[j] = row_geom(P, P.r0 + b0 + j);
-      RR.m[j] = ninf;
-      RR.se[j] = T(0);
-      RR.pm[j] = ninf;
-      RR.pse[j] = T(0);
-      RR.psum[j] = 0.0;
-      RR.pcnt[j] = 0.0;
+      RR.st[j] = RowState<T>::empty();
     }
     for (int64_t c0 = cbeg; c0 < cend; c0 += kColBlock) {
       const int64_t c1 = std::min<int64_t>(cend, c0 + kColBlock);
@@ -317,11 +310,10 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
     for (int j = 0; j < nr; ++j) {
       const RowGeom& g = RR.geom[j];
       const int64_t gr = P.r0 + b0 + j;
+      RowState<T>& st = RR.st[j];
       // target mode: the target's logit, where its column is in the range
-      const bool has_t = !labels && g.tcol >= cbeg && g.tcol < cend;
-      const double tl =
-          has_t ? static_cast<double>(P.L[(b0 + j) * P.ld + (g.tcol - cbeg)] * P.a + P.b) : 0.0;
-      const RowState<T> st{RR.m[j], RR.se[j], RR.pm[j], RR.pse[j], RR.psum[j], RR.pcnt[j], tl};
+      if (!labels && g.tcol >= cbeg && g.tcol < cend)
+        st.tl = static_cast<double>(P.L[(b0 + j) * P.ld + (g.tcol - cbeg)] * P.a + P.b);
       if (P.run != nullptr)
         P.run[gr].merge(st);
       else

@@ -4,9 +4,10 @@
 :mod:`fastcl.reference.contrastive`; ``fastcl::contrastive_bwd`` turns the gradients of those
 statistics into gradients of ``q``, ``k``, the logit scale and the bias, recomputing the logits
 tile by tile. ``k=None`` means the keys are ``q`` itself (NT-Xent, SupCon, DCL, the multi-view
-losses: a symmetric logit matrix, which the forward kernels of :data:`SELF_FWD_BACKENDS` and the
-backward kernels of :data:`SELF_BWD_BACKENDS` exploit); there are no column statistics then, ``dq`` is the whole gradient of ``q`` (as
-queries and as keys) and ``dk`` an empty ``[0, D]`` tensor. ``fastcl::contrastive_fused``
+losses: a symmetric logit matrix, which the forward kernels of :data:`SELF_FWD_BACKENDS` and
+the backward kernels of :data:`SELF_BWD_BACKENDS` exploit); there are no column statistics then,
+``dq`` is the whole gradient of ``q`` (as queries and as keys) and ``dk`` an empty ``[0, D]``
+tensor. ``fastcl::contrastive_fused``
 serves losses that are linear in the row statistics with coefficients known before the forward
 (InfoNCE in one direction, NT-Xent, SupCon, DCL with ``mean`` or ``sum``): it returns the loss
 and its gradients from one sweep, and its backward only multiplies them by the upstream
