@@ -246,6 +246,17 @@ def check_fused_equals_two_kernels(fused_out, stats, kernel_bwd, case, grads, **
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def check_self_stats(fwd, case, **flags):
+    """A backend's forward ``fwd`` (``contrastive_fwd_*``) without k on the fp64 ``case``: the
+    statistics against the oracle (k = q), and against the same kernel with k given (the full
+    square) to 1e-12."""
+    got = call_fwd(fwd, dict(case, k=None), **flags)
+    check_stats(got, ref_stats(case, **flags), F64)
+    square = call_fwd(fwd, case, **flags)
+    for name, a, b in zip(STAT_NAMES[:4], got, square):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def check_self_grads(case, scaled, got, dtype, **flags):
     """``(dz, dk, dscale, dbias)`` of a self-similarity kernel (``k=None``) against the oracle's
     dq + dk, dscale, dbias for the statistics' gradients ``scaled`` (fp64: tight; lower

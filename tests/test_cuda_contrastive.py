@@ -25,8 +25,9 @@ from fastcl import _backends, dispatch
 
 from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, GRAD_NAMES, MODES, call_bwd,
                                  call_bwd_self, call_fused, call_fwd,
-                                 check_fused_equals_two_kernels, check_self_grads, check_stats,
-                                 fused_expected, ref_grads, ref_stats)
+                                 check_fused_equals_two_kernels, check_self_grads,
+                                 check_self_stats, check_stats, fused_expected, ref_grads,
+                                 ref_stats)
 from _contrastive_checks import check_grads as check_grads_of
 from _contrastive_checks import flag_id as _id
 from _contrastive_checks import make_case as make_case_on
@@ -247,6 +248,10 @@ def self_case(R, D, dtype, mode, **kw):
     return self_case_on(R, D, dtype, mode, device=DEVICE, **kw)
 
 
+def kernel_fwd_self(case, **flags):
+    return call_fwd(_ext().contrastive_fwd_cuda, dict(case, k=None), **flags)
+
+
 def kernel_self(kind, case, grads, mean, **flags):
     """``(loss, npos, dz, dk, dscale, dbias, scaled)`` of the fused sweep (``kind="fused"``) or
     of the forward then the backward without k (``"bwd"``, given the fused contract's scaled
@@ -255,7 +260,7 @@ def kernel_self(kind, case, grads, mean, **flags):
     if kind == "fused":
         loss, npos, *got = kernel_fused(case, grads, mean, keys=None, **flags)
         return loss, npos, got, want_loss, want_npos, scaled
-    stats = kernel_fwd(case, **flags)
+    stats = kernel_fwd_self(case, **flags)
     sdt = _stat_dtype(case["q"].dtype)
     coefs = [None if g is None else g.to(sdt) for g in scaled[:3]]
     got = call_bwd_self(_ext().contrastive_bwd_cuda, case, coefs, stats, **flags)
@@ -350,6 +355,82 @@ def test_bwd_self_refuses_column_statistics():
         _ext().contrastive_bwd_cuda(g, None, None, g, None, case["q"], None, case["scale"],
                                     case["bias"], case["targets"], None, None, lse, pos, npos,
                                     lse, False, False, False, True)
+
+
+# The forward without k: per slab the columns up to its end; the rows before the slab get their
+# sets over its columns from the part left of its diagonal block, read column by column, in
+# running states finished after the last slab. Against the oracle with k = q, and against the
+# full square (k given).
+
+
+SELF_FWD_CASES = [(m, f) for m in MODES for f in FUSED_FLAGS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,flags", SELF_FWD_CASES,
+                         ids=[f"{m}-{_id(f)}" for m, f in SELF_FWD_CASES])
+def test_fwd_self_fp64(mode, flags, slab_bytes):
+    R, D = 37, 6
+    slab_bytes(7 * _padded(R) * 8)  # slabs of 7 rows, a ragged last one
+    check_self_stats(_ext().contrastive_fwd_cuda, self_case(R, D, F64, mode, scale=4.0, bias=-0.5), **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", (1, 8, 13, 200), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("dtype", (F64, F32), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fwd_self_slab_sizes(mode, dtype, rows, slab_bytes):
+    """Slabs of one row, of a few rows with a ragged last one, and one slab for all; the targets
+    point both below and above the diagonal (seen by the row kernel or the column kernel)."""
+    R, D = 61, 5
+    slab_bytes(rows * _padded(R) * _stat_dtype(dtype).itemsize)
+    for flags in (dict(exclude_diag=True, decoupled=True),
+                  dict(exclude_diag=True, pos_lse=(mode == "labels"))):
+        case = self_case(R, D, dtype, mode, scale=6.0)
+        check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", (128, 256), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fwd_self_row_parts(mode, rows, slab_bytes):
+    """Slabs of 128 and 256 rows: the column kernel cuts them into two and four row parts, each
+    merged into its own states; a slab narrower than one block of columns and a ragged one."""
+    R, D = 300, 4
+    slab_bytes(rows * _padded(R) * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"), decoupled=(mode == "targets"))
+    case = self_case(R, D, F32, mode, scale=5.0, n_classes=7)
+    check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), F32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (BF16, F16), ids=str)
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_fwd_self_low_precision(dtype, mode, slab_bytes):
+    R, D = 70, 24
+    slab_bytes(16 * _padded(R) * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+    case = self_case(R, D, dtype, mode, scale=8.0)
+    check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R", (0, 1, 2, 9))
+def test_fwd_self_tiny(R, slab_bytes):
+    slab_bytes(2 * _padded(max(R, 1)) * 8)  # slabs of two rows
+    for mode in ("none", "targets", "labels"):
+        case = self_case(R, 3, F64, mode if R > 0 else "none")
+        for flags in (dict(), dict(exclude_diag=True, decoupled=True)):
+            check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), F64)
+
+
+def test_fwd_self_refuses_column_statistics():
+    """Checked before the tensors' device: runs without a GPU."""
+    ext = _ext()
+    q = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match=r"column statistics need k"):
+        ext.contrastive_fwd_cuda(q, None, torch.tensor(1.0), torch.tensor(0.0), None, None, None,
+                                 False, False, False, True)
 
 
 @pytest.mark.gpu

@@ -118,9 +118,13 @@ void addmm_into(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
       [&] { acc.add_(mm_new(a, b, acc.scalar_type())); });
 }
 
-Slabs::Slabs(int64_t R, int64_t C, const at::Tensor& q)
+Slabs::Slabs(int64_t R, int64_t C, const at::Tensor& q, bool self)
     : C_(C), Cp_(round_up(C, kRowPad)), st_(stat_type_of(q)) {
   S_ = slab_rows(R, Cp_, static_cast<int64_t>(at::elementSize(st_)));
+  if (self) {
+    const int64_t part = round_up((R + kSelfSlabs - 1) / kSelfSlabs, kRowPad);
+    S_ = std::min(S_, std::max(part, kMinSelfSlabRows));
+  }
   buf_ = at::empty({S_ * Cp_}, q.options().dtype(st_));
 }
 

@@ -23,7 +23,13 @@
 //   per slab instead of the four of a forward and a backward. The mean's divisor (rows with a
 //   positive) is known after the last slab only: it scales the gradients at the end.
 // - self-similarity (k absent: the keys are q, as in NT-Xent, SupCon and DCL; the logits are
-//   symmetric): the gradient of q is scale * (G + G.T) @ q. A slab of rows I has every row
+//   symmetric): slabs of at most about R / 8 rows (Slabs), so that the blocks on and below the
+//   diagonal are little more than half the square. Forward: a slab of rows I takes the logits of
+//   the columns up to its end only (half a GEMM in all); the row kernel merges its rows' sets
+//   over those columns into running row states, the self column kernel gives every earlier row
+//   its sets over the columns I from the part left of the diagonal block (read column by
+//   column, with that row's masks), and the states are finished after the last slab.
+//   Backward: the gradient of q is scale * (G + G.T) @ q. A slab of rows I has every row
 //   before it done, so its tile holds H = G + G.T on the columns below its end (G.T from the
 //   coefficients of those rows, bwd_coefs), and dq_I = H(I, <=I) @ q, dq_<I += H(I, <I)^T @ q_I:
 //   one GEMM's worth for the gradient instead of two, and the backward recomputes the logits
@@ -35,7 +41,8 @@
 //
 // Memory beyond inputs and outputs: one slab of logits (the gradient tile lives in it), the dk
 // accumulator (C x D fp32 when the inputs are not fp32; self-similarity: the dq accumulator,
-// R x D), per-slab dq products (S x D) and O(R + C) statistics.
+// R x D), per-slab dq products (S x D) and O(R + C) statistics (self-similarity forward: the
+// running row states, 7 values per row and row part of the column kernel, at most S / 64 parts).
 #include "contrastive_cuda.h"
 
 #include <ATen/ATen.h>
@@ -163,21 +170,73 @@ struct RowStats {
     npos.zero_();
     mean.zero_();
   }
+  RowOutputs outputs() {
+    return RowOutputs{lse.data_ptr(), pos.data_ptr(), npos.data_ptr(), mean.data_ptr()};
+  }
 };
 
-// The row kernel's arguments writing `stats` from slabs of leading dimension ldl.
+// The row kernel's arguments writing `stats` from slabs of leading dimension ldl (whole rows:
+// the columns [0, C)).
 FwdRowsArgs rows_args(const MaskSpec& mask, int64_t ldl, const at::Tensor& sc,
                       const at::Tensor& bi, RowStats& stats) {
   FwdRowsArgs ra;
   ra.mask = mask;
   ra.ldl = ldl;
+  ra.cend = mask.C;
   ra.scale = sc.data_ptr();
   ra.bias = bi.data_ptr();
-  ra.lse = stats.lse.data_ptr();
-  ra.pos = stats.pos.data_ptr();
-  ra.npos = stats.npos.data_ptr();
-  ra.mean = stats.mean.data_ptr();
+  ra.out = stats.outputs();
+  ra.states = RowStates{0, 0, nullptr, nullptr};
   return ra;
+}
+
+// Self-similarity forward: the running row states (RowStates) of R rows in `nsplit` parts,
+// initialized to empty sets.
+struct SelfStates {
+  at::Tensor t, d;
+  RowStates states;
+  SelfStates(int64_t R, int nsplit, const at::TensorOptions& opt) {
+    const int64_t ld = round_up(R, kRowPad);
+    const double ninf = -std::numeric_limits<double>::infinity();
+    t = at::empty({4, nsplit, ld}, opt);
+    t.select(0, 0).fill_(ninf);
+    t.select(0, 1).zero_();
+    t.select(0, 2).fill_(ninf);
+    t.select(0, 3).zero_();
+    d = at::zeros({3, nsplit, ld}, opt.dtype(at::kDouble));
+    states = RowStates{nsplit, ld, t.data_ptr(), d.data_ptr<double>()};
+  }
+};
+
+// The self-similarity forward (q's rows against themselves, `slabs` made for it): per slab of
+// rows I = [r0, e), the logits of the columns [0, e), the row kernel over them into the running
+// states of the rows I, the self column kernel over the columns [0, r0) into those of the earlier
+// rows; `stats` from the states after the last slab.
+void self_forward(Slabs& slabs, const at::Tensor& q, const MaskSpec& spec, const at::Tensor& sc,
+                  const at::Tensor& bi, RowStats& stats, cudaStream_t stream) {
+  const int64_t R = spec.R, S = slabs.rows();
+  const DType sdt = dtype_of(stat_type_of(q));
+  // parts sized for the average width of the transposed part, R / 2 columns
+  SelfStates st(R, column_splits(std::max<int64_t>(R / 2, 1), S, sdt), stats.lse.options());
+  FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
+  ra.states = st.states;
+  for (int64_t r0 = 0; r0 < R; r0 += S) {
+    const int64_t s = std::min(S, R - r0);
+    const at::Tensor L = slabs.logits(q.narrow(0, r0, s), q.narrow(0, 0, r0 + s));
+    ra.L = L.data_ptr();
+    ra.r0 = r0;
+    ra.rows = s;
+    ra.cend = r0 + s;
+    C10_CUDA_CHECK(launch_fwd_rows(ra, sdt, stream));
+    C10_CUDA_CHECK(launch_fwd_self_cols(ra, sdt, stream));
+  }
+  RowFinalArgs fa;
+  fa.mask = spec;
+  fa.scale = ra.scale;
+  fa.bias = ra.bias;
+  fa.states = st.states;
+  fa.out = stats.outputs();
+  C10_CUDA_CHECK(launch_row_final(fa, sdt, stream));
 }
 
 // The gradients of the statistics ([R] / [C], statistics dtype, contiguous, on the device;
@@ -276,12 +335,17 @@ class TileSweep {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-                     const at::Tensor& bias, const std::optional<at::Tensor>& targets,
+contrastive_fwd_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k_opt,
+                     const at::Tensor& scale, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& targets,
                      const std::optional<at::Tensor>& row_labels,
                      const std::optional<at::Tensor>& col_labels, bool exclude_diag,
                      bool decoupled, bool pos_lse, bool col_stats) {
   const char* fn = "contrastive_fwd_cuda";
+  const bool self = !k_opt.has_value();
+  const at::Tensor& k = self ? q : *k_opt;  // none: the keys are q
+  TORCH_CHECK(!self || !col_stats, fn,
+              ": column statistics need k (with k=None the keys are q: use the row statistics)");
   check_inputs(fn, q, k, scale, bias, targets, row_labels, col_labels);
   c10::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -307,8 +371,13 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor sc = device_scalar(scale, q, st), bi = device_scalar(bias, q, st);
   const Masks masks = make_masks(targets, row_labels, col_labels);
+  const MaskSpec spec = masks.spec(R, C, exclude_diag, decoupled, pos_lse);
   const at::Tensor kc = k.contiguous();
-  Slabs slabs(R, C, q);
+  Slabs slabs(R, C, q, self);
+  if (self && slabs.rows() < R) {  // one slab for all rows: the square, as with k = q
+    self_forward(slabs, q, spec, sc, bi, stats, stream);
+    return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
+  }
   const int64_t Cp = slabs.ld(), S = slabs.rows();
 
   int nsplit = 0;
@@ -320,8 +389,7 @@ contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     st_lsum = at::zeros({nsplit, Cp}, opt.dtype(at::kDouble));
   }
 
-  FwdRowsArgs ra =
-      rows_args(masks.spec(R, C, exclude_diag, decoupled, pos_lse), Cp, sc, bi, stats);
+  FwdRowsArgs ra = rows_args(spec, Cp, sc, bi, stats);
   FwdColsArgs ca;
   ca.R = R;
   ca.C = C;
@@ -416,7 +484,7 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   const at::Tensor npos_a = npos.to(st).contiguous();
   const at::Tensor col_lse_a = g.g_col_lse.defined() ? col_lse.to(st).contiguous() : at::Tensor();
   const at::Tensor kc = k.contiguous();
-  Slabs slabs(R, C, q);
+  Slabs slabs(R, C, q, self);
   TileSweep sweep(out, q, kc, masks.spec(R, C, exclude_diag, decoupled, pos_lse), slabs.ld(), sc,
                   bi, g, lse_a, pos_a, npos_a, col_lse_a, self, stream);
   for (int64_t r0 = 0; r0 < R; r0 += slabs.rows()) {
@@ -467,7 +535,7 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
     const Masks masks = make_masks(targets, row_labels, col_labels);
     const MaskSpec spec = masks.spec(R, C, exclude_diag, decoupled, pos_lse);
     const at::Tensor kc = k.contiguous();
-    Slabs slabs(R, C, q);
+    Slabs slabs(R, C, q, self);
     FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
     if (g.any())
       sweep.emplace(out, q, kc, spec, slabs.ld(), sc, bi, g, stats.lse, stats.pos, stats.npos,

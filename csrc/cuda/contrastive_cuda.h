@@ -16,9 +16,11 @@ namespace cuda {
 // (lse, pos, npos, mean, col_lse, col_mean) of s = scale * q @ k.T + bias. q, k, targets and
 // labels on one CUDA device; scale and bias 0-dim tensors on that device (or on the CPU). fp32,
 // bf16, fp16 (fp32 statistics) or fp64 (fp64 statistics); col_lse and col_mean are empty unless
-// col_stats.
+// col_stats. k absent means the keys are q (self-similarity, row statistics only, col_stats
+// refused): the statistics come from the symmetric logits on and below the diagonal blocks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-contrastive_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+contrastive_fwd_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                     const at::Tensor& scale,
                      const at::Tensor& bias, const std::optional<at::Tensor>& targets,
                      const std::optional<at::Tensor>& row_labels,
                      const std::optional<at::Tensor>& col_labels, bool exclude_diag,

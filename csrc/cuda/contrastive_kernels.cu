@@ -8,6 +8,10 @@
 // - fwd_cols: a block owns 32 x (16 / sizeof(stat)) columns and one of nsplit parts of the slab's
 //   rows; 8 row lanes stream the rows (coalesced across the columns), merge in shared memory and
 //   into the part's running column state. The states merge once, after the last slab (col_final).
+// - self-similarity forward (k absent): fwd_rows over the columns up to the slab's end, merged
+//   into running row states; fwd_self_cols, laid out as fwd_cols, over the part of the slab left
+//   of its diagonal block, each column read as the sets of the row of the same index (its masks:
+//   its target or label); row_final finishes every row from its states after the last slab.
 // - bwd_tile: one block per row; G from the saved statistics, in place of the logits, with the
 //   row's sums of G and G * l. A G narrower than the logits is written over the first half of
 //   the row's bytes (for_each_row_vector, kernel_common.cuh: each sweep of the block loads,
@@ -142,6 +146,84 @@ __device__ __forceinline__ T nmax(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
+// A row's sets merged over all of its columns: RowPart's fields with the sums and the count in
+// fp64.
+template <class T>
+struct RowTotals {
+  T m, e, pm, pe;
+  double sl, psl, pc;
+};
+
+template <class T>
+__device__ __forceinline__ RowTotals<T> totals_of(const RowPart<T>& p) {
+  return RowTotals<T>{p.m,
+                      p.e,
+                      p.pm,
+                      p.pe,
+                      static_cast<double>(p.sl),
+                      static_cast<double>(p.psl),
+                      static_cast<double>(p.pc)};
+}
+
+// Writes the statistics of row gr from its totals; tl: the raw dot product of its target (target
+// mode with a target).
+template <class T>
+__device__ void finish_row(const MaskSpec& M, const Geom& g, int64_t gr, const RowTotals<T>& p,
+                           T tl, T a, T b, const RowOutputs& out) {
+  const T ninf = neg_inf<T>();
+  const double npos = g.labels ? p.pc : (g.tcol >= 0 ? 1.0 : 0.0);
+  const double nden =
+      static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) - (M.decoupled ? npos : 0.0);
+  static_cast<T*>(out.npos)[gr] = static_cast<T>(npos);
+  static_cast<T*>(out.lse)[gr] = p.m > ninf ? (p.m + lg2(p.e)) * T(kLn2) : ninf;
+  static_cast<T*>(out.mean)[gr] = nden > 0 ? a * static_cast<T>(p.sl / nden) + b : T(0);
+  T pv = T(0);
+  if (npos > 0) {
+    if (!g.labels) {
+      pv = a * tl + b;
+    } else if (M.pos_lse) {
+      pv = (p.pm + lg2(p.pe)) * T(kLn2);
+    } else {
+      pv = a * static_cast<T>(p.psl / npos) + b;
+    }
+  }
+  static_cast<T*>(out.pos)[gr] = pv;
+}
+
+// Self-similarity: the sets p of row `row` merged into its state of part `split`.
+template <class T>
+__device__ void state_merge(const RowStates& S, int split, int64_t row, const RowPart<T>& p) {
+  T* t = static_cast<T*>(S.t);
+  const int64_t n = int64_t(S.nsplit) * S.ld, at = int64_t(split) * S.ld + row;
+  T m = t[at], e = t[n + at], pm = t[2 * n + at], pe = t[3 * n + at];
+  lse_merge(m, e, p.m, p.e);
+  lse_merge(pm, pe, p.pm, p.pe);
+  t[at] = m;
+  t[n + at] = e;
+  t[2 * n + at] = pm;
+  t[3 * n + at] = pe;
+  S.d[at] += static_cast<double>(p.sl);
+  S.d[n + at] += static_cast<double>(p.psl);
+  S.d[2 * n + at] += static_cast<double>(p.pc);
+}
+
+// Self-similarity: the totals of row `row`, its states of every part merged.
+template <class T>
+__device__ RowTotals<T> state_totals(const RowStates& S, int64_t row) {
+  const T* t = static_cast<const T*>(S.t);
+  const int64_t n = int64_t(S.nsplit) * S.ld;
+  RowTotals<T> p{neg_inf<T>(), T(0), neg_inf<T>(), T(0), 0.0, 0.0, 0.0};
+  for (int j = 0; j < S.nsplit; ++j) {
+    const int64_t at = int64_t(j) * S.ld + row;
+    lse_merge(p.m, p.e, t[at], t[n + at]);
+    lse_merge(p.pm, p.pe, t[2 * n + at], t[3 * n + at]);
+    p.sl += S.d[at];
+    p.psl += S.d[n + at];
+    p.pc += S.d[2 * n + at];
+  }
+  return p;
+}
+
 // Adds the N values x (log2 units, -inf for the masked ones) of maximum vmax to (m, e). A NaN
 // reaches e.
 template <class T, int N>
@@ -155,26 +237,41 @@ __device__ __forceinline__ void online_add(T& m, T& e, const T (&x)[N], T vmax) 
   for (int j = 0; j < N; ++j) e += ex2(x[j] - m);
 }
 
+// Adds one value x (log2 units) to (m, e). A NaN reaches e.
+template <class T>
+__device__ __forceinline__ void online_add1(T& m, T& e, T x) {
+  if (x > m) {
+    e = e * ex2(m - x) + T(1);
+    m = x;
+  } else if (x != neg_inf<T>()) {
+    e += ex2(x - m);
+  }
+}
+
 template <class T>
 __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
   constexpr int V = VecWidth<T>::value;
   const MaskSpec& M = P.mask;
   const int64_t i = blockIdx.x;
   const int64_t gr = P.r0 + i;
+  const int64_t end = P.cend;
   const T* x = static_cast<const T*>(P.L) + i * P.ldl;
   const T a = *static_cast<const T*>(P.scale);
   const T b = *static_cast<const T*>(P.bias);
   const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
   const Geom g = row_geom(M, gr);
   const bool pexp = g.labels && M.pos_lse;
+  // with states the target's logit may lie past the slab: its sum over the positives holds it
+  const bool partial = P.states.t != nullptr;
+  const bool pos_sums = g.labels || partial;
   const T ninf = neg_inf<T>();
 
   RowPart<T> p = RowPart<T>::identity();
-  for (int64_t c = int64_t(threadIdx.x) * V; c < M.C; c += int64_t(blockDim.x) * V) {
+  for (int64_t c = int64_t(threadIdx.x) * V; c < end; c += int64_t(blockDim.x) * V) {
     const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(x + c);
     T xd[V], xp[V];
     T dmax = ninf, pmax = ninf;
-    if (plain_vector<V>(g, c, M.C)) {
+    if (plain_vector<V>(g, c, end)) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         xd[j] = v.v[j] * a2 + b2;
@@ -187,16 +284,18 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       bool valid, allowed, pos, den;
-      classify(M, g, c + j, M.C, valid, allowed, pos, den);
+      classify(M, g, c + j, end, valid, allowed, pos, den);
       const T l = v.v[j];
       const T s2 = l * a2 + b2;
       xd[j] = den ? s2 : ninf;
       dmax = nmax(xd[j], dmax);
       p.sl += den ? l : T(0);
       xp[j] = ninf;
-      if (g.labels) {
+      if (pos_sums) {
         p.psl += pos ? l : T(0);
         p.pc += pos ? 1 : 0;
+      }
+      if (pexp) {
         xp[j] = pos ? s2 : ninf;
         pmax = nmax(xp[j], pmax);
       }
@@ -206,28 +305,98 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
   }
   p = block_reduce(p);
   if (threadIdx.x != 0) return;
+  if (partial) {
+    state_merge(P.states, 0, gr, p);
+  } else {
+    finish_row(M, g, gr, totals_of(p), g.tcol >= 0 ? x[g.tcol] : T(0), a, b, P.out);
+  }
+}
 
-  const double npos = g.labels ? static_cast<double>(p.pc) : (g.tcol >= 0 ? 1.0 : 0.0);
-  const double nden =
-      static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) - (M.decoupled ? npos : 0.0);
-  T* lse = static_cast<T*>(P.lse);
-  T* pos = static_cast<T*>(P.pos);
-  T* np = static_cast<T*>(P.npos);
-  T* mean = static_cast<T*>(P.mean);
-  np[gr] = static_cast<T>(npos);
-  lse[gr] = p.m > ninf ? (p.m + lg2(p.e)) * T(kLn2) : ninf;
-  mean[gr] = nden > 0 ? a * static_cast<T>(static_cast<double>(p.sl) / nden) + b : T(0);
-  T pv = T(0);
-  if (npos > 0) {
-    if (!g.labels) {
-      pv = a * x[g.tcol] + b;
-    } else if (M.pos_lse) {
-      pv = (p.pm + lg2(p.pe)) * T(kLn2);
-    } else {
-      pv = a * static_cast<T>(static_cast<double>(p.psl) / npos) + b;
+// Self-similarity: the sets of the rows c < r0 over the columns of the slab's rows, from the
+// part of the slab left of its diagonal block.
+template <class T>
+__global__ void fwd_self_cols_kernel(const FwdRowsArgs P) {
+  constexpr int V = VecWidth<T>::value;
+  constexpr int W = 32 * V;  // columns per block
+  __shared__ RowPart<T> sm[kColRowLanes][W];
+
+  const MaskSpec& M = P.mask;
+  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
+  const int64_t c0 = (int64_t(blockIdx.x) * 32 + tx) * V;
+  const int split = static_cast<int>(blockIdx.y);
+  const int nsplit = P.states.nsplit;
+  const int64_t rb = P.rows * split / nsplit;
+  const int64_t re = P.rows * (split + 1) / nsplit;
+  const T a = *static_cast<const T*>(P.scale);
+  const T b = *static_cast<const T*>(P.bias);
+  const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
+  const bool labels = M.row_labels != nullptr && M.col_labels != nullptr;
+  const bool pexp = labels && M.pos_lse;
+
+  // Column c0 + j is row c0 + j of the statistics: its label, or its target (-1: none), decides
+  // which of the slab's rows (its columns here) are its positives; none is its diagonal.
+  RowPart<T> p[V];
+  int64_t key[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    p[j] = RowPart<T>::identity();
+    const int64_t c = c0 + j;
+    key[j] = -1;
+    if (c < P.r0) {
+      if (labels) {
+        key[j] = M.row_labels[c];
+      } else if (M.targets != nullptr) {
+        key[j] = M.targets[c];
+      }
     }
   }
-  pos[gr] = pv;
+  if (c0 < P.r0) {
+    const T* base = static_cast<const T*>(P.L) + c0;
+    for (int64_t i = rb + ty; i < re; i += kColRowLanes) {
+      const int64_t gr = P.r0 + i;
+      const int64_t glab = labels ? M.col_labels[gr] : 0;
+      const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(base + i * P.ldl);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (c0 + j >= P.r0) continue;  // the diagonal block: the slab's own rows
+        const bool pos = labels ? key[j] == glab : key[j] == gr;
+        const T l = v.v[j];
+        const T s2 = l * a2 + b2;
+        if (!(M.decoupled && pos)) {
+          online_add1(p[j].m, p[j].e, s2);
+          p[j].sl += l;
+        }
+        if (pos) {
+          p[j].psl += l;
+          p[j].pc += 1;
+          if (pexp) online_add1(p[j].pm, p[j].pe, s2);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) sm[ty][tx * V + j] = p[j];
+  __syncthreads();
+  // Each of the block's threads merges the row lanes of at most one column of the block.
+  const int t = ty * 32 + tx;
+  for (int w = t; w < W; w += 32 * kColRowLanes) {
+    const int64_t col = int64_t(blockIdx.x) * W + w;
+    if (col >= P.r0) continue;
+    RowPart<T> s = sm[0][w];
+    for (int y = 1; y < kColRowLanes; ++y) s.merge(sm[y][w]);
+    state_merge(P.states, split, col, s);
+  }
+}
+
+template <class T>
+__global__ void row_final_kernel(const RowFinalArgs P) {
+  const int64_t gr = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (gr >= P.mask.R) return;
+  const T a = *static_cast<const T*>(P.scale);
+  const T b = *static_cast<const T*>(P.bias);
+  const RowTotals<T> p = state_totals<T>(P.states, gr);
+  // target mode: the target is the only positive, its logit the positives' sum
+  finish_row(P.mask, row_geom(P.mask, gr), gr, p, static_cast<T>(p.psl), a, b, P.out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -572,9 +741,36 @@ cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t st
   if (args.rows <= 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(args.rows));
   if (stat == DType::kFloat64) {
-    fwd_rows_kernel<double><<<grid, row_threads(args.mask.C, 2), 0, stream>>>(args);
+    fwd_rows_kernel<double><<<grid, row_threads(args.cend, 2), 0, stream>>>(args);
   } else {
-    fwd_rows_kernel<float><<<grid, row_threads(args.mask.C, 4), 0, stream>>>(args);
+    fwd_rows_kernel<float><<<grid, row_threads(args.cend, 4), 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fwd_self_cols(const FwdRowsArgs& args, DType stat, cudaStream_t stream) {
+  if (args.rows <= 0 || args.r0 <= 0) return cudaSuccess;
+  if (args.states.t == nullptr || args.states.nsplit < 1) return cudaErrorInvalidValue;
+  const int64_t w = fwd_cols_block_columns(stat);
+  const dim3 grid(static_cast<unsigned>((args.r0 + w - 1) / w),
+                  static_cast<unsigned>(args.states.nsplit));
+  const dim3 block(32, kColRowLanes);
+  if (stat == DType::kFloat64) {
+    fwd_self_cols_kernel<double><<<grid, block, 0, stream>>>(args);
+  } else {
+    fwd_self_cols_kernel<float><<<grid, block, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_row_final(const RowFinalArgs& args, DType stat, cudaStream_t stream) {
+  if (args.mask.R <= 0) return cudaSuccess;
+  const int threads = 256;
+  const dim3 grid(static_cast<unsigned>((args.mask.R + threads - 1) / threads));
+  if (stat == DType::kFloat64) {
+    row_final_kernel<double><<<grid, threads, 0, stream>>>(args);
+  } else {
+    row_final_kernel<float><<<grid, threads, 0, stream>>>(args);
   }
   return cudaGetLastError();
 }

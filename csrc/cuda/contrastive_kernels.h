@@ -41,20 +41,62 @@ struct MaskSpec {
   bool pos_lse;
 };
 
-// Row statistics of one slab: one block per row; writes rows [r0, r0 + rows) of lse, pos, npos
-// and mean ([R] arrays of the statistics dtype).
+// The row statistics lse, pos, npos and mean: [R] arrays of the statistics dtype.
+struct RowOutputs {
+  void* lse;
+  void* pos;
+  void* npos;
+  void* mean;
+};
+
+// Running row states of the self-similarity forward (k absent: the keys are the queries, R == C,
+// the logits symmetric). A slab of rows I = [r0, e) holds the logits of the columns [0, e) only:
+// the row kernel gives the rows of I their sets over those columns, and the transposed part
+// (columns [0, r0), launch_fwd_self_cols) gives each earlier row c its sets over the columns I.
+// A row's sets are merged into one of `nsplit` states (one per row part of the column kernel, so
+// no atomics are needed), and launch_row_final finishes every row after the last slab.
+//   t [4, nsplit, ld] (statistics dtype): max and sum of 2^(s - max) of the denominator set,
+//     then of the positives (log2 units; -inf / 0 when empty);
+//   d [3, nsplit, ld] (fp64): sums of raw dot products over the denominator set and over the
+//     positives (target mode: the target's own), number of positives.
+// Initialize to (-inf, 0, -inf, 0) and (0, 0, 0).
+struct RowStates {
+  int nsplit;
+  int64_t ld;  // >= R
+  void* t;
+  double* d;
+};
+
+// Row statistics of one slab: one block per row over the columns [0, cend) of the slab.
+// Without states (states.t == nullptr; cend == C) it writes rows [r0, r0 + rows) of `out`; with
+// them (self-similarity, cend = r0 + rows) it merges each row's sets over those columns into its
+// state of part 0 instead.
+//
+// The same arguments with states serve launch_fwd_self_cols (cend and out unused): the part of
+// the slab left of its diagonal block (columns [0, r0)), read column by column, gives each row
+// c < r0 its sets over the columns of the slab's rows, with the masks of row c (none of them is
+// its diagonal), merged into its states. A block owns 32 x (16 / sizeof(stat)) columns and one of
+// states.nsplit parts of the slab's rows.
 struct FwdRowsArgs {
   MaskSpec mask;
   const void* L;
   int64_t ldl;
   int64_t r0;
   int64_t rows;
+  int64_t cend;
   const void* scale;
   const void* bias;
-  void* lse;
-  void* pos;
-  void* npos;
-  void* mean;
+  RowOutputs out;
+  RowStates states;
+};
+
+// Self-similarity, after the last slab: rows [0, R) of `out` from their merged states.
+struct RowFinalArgs {
+  MaskSpec mask;
+  const void* scale;
+  const void* bias;
+  RowStates states;
+  RowOutputs out;
 };
 
 // Column statistics of one slab merged into running per-column states (one state per row split
@@ -155,10 +197,13 @@ struct BwdTileArgs {
 // Values per row of BwdTileArgs::coefs.
 constexpr int kRowCoefs = 6;
 
-// Columns covered by one block of the column kernel (the driver sizes nsplit from it).
+// Columns covered by one block of the column kernels, fwd_cols and fwd_self_cols (the driver
+// sizes nsplit from it).
 int fwd_cols_block_columns(DType stat);
 
 cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t stream);
+cudaError_t launch_fwd_self_cols(const FwdRowsArgs& args, DType stat, cudaStream_t stream);
+cudaError_t launch_row_final(const RowFinalArgs& args, DType stat, cudaStream_t stream);
 cudaError_t launch_fwd_cols(const FwdColsArgs& args, DType stat, cudaStream_t stream);
 cudaError_t launch_col_final(const ColFinalArgs& args, DType stat, cudaStream_t stream);
 cudaError_t launch_bwd_prep(const BwdPrepArgs& args, DType stat, cudaStream_t stream);
