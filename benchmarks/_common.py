@@ -131,12 +131,21 @@ def slab_accumulate():
     return mock.patch.dict(os.environ, {"FASTCL_TRITON_SLAB_ACCUMULATE": "1"})
 
 
-def self_forward(mode: str):
-    """A context within which the Triton forward of self-similarity (``k=None``) computes the
-    full square of logits (``mode="square"``) or the blocks on and below the diagonal whatever
-    the size (``"half"``), instead of choosing by size (``FASTCL_TRITON_SELF_FWD`` 0 or 2,
-    through the environment, restored on exit): the sides of the A/B comparison of the
-    half-square forward, in the same process."""
+def self_forward(mode: str, backend: str = "triton"):
+    """A context within which the forward of self-similarity (``k=None``) computes the full
+    square of logits (``mode="square"``) or, on Triton, the blocks on and below the diagonal
+    whatever the size (``"half"``), instead of the backend's own choice: the sides of the A/B
+    comparison of the half-square forward, in the same process. Triton:
+    ``FASTCL_TRITON_SELF_FWD`` 0 or 2, through the environment; CUDA C++ (``"square"`` only):
+    the backend left out of ``SELF_FWD_BACKENDS``, so that the statistics op hands its forward
+    ``k = q``. Restored on exit."""
+    if backend == "cuda":
+        if mode != "square":
+            raise ValueError("the CUDA C++ forward of self-similarity has no forced half square")
+        from fastcl.ops import contrastive as contrastive_ops
+
+        kept = tuple(b for b in contrastive_ops.SELF_FWD_BACKENDS if b != "cuda")
+        return mock.patch.object(contrastive_ops, "SELF_FWD_BACKENDS", kept)
     value = {"square": "0", "half": "2"}[mode]
     return mock.patch.dict(os.environ, {"FASTCL_TRITON_SELF_FWD": value})
 

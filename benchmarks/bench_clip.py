@@ -25,7 +25,11 @@ Implementations (each skipped with a note where it cannot run):
   rows: one logit recompute instead of two, for an fp32 ``C x D`` buffer); for NT-Xent also
   ``fastcl-triton-squarefwd`` and ``fastcl-triton-halffwd``, the forward over the full square
   of logits, or over the blocks on and below the diagonal, whatever the size (the default
-  takes the half square where the full one would take more than one wave of programs).
+  takes the half square where the full one would take more than one wave of programs); for
+  NT-Xent on CUDA C++ ``fastcl-cuda-stats``, the loss through the statistics op and its
+  backward (``reduction="none"``, then averaged: the path of the unreduced and multi-view
+  losses) instead of the fused sweep, and ``fastcl-cuda-stats-squarefwd``, the same with the
+  forward over the full square instead of the blocks on and below the diagonal.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
@@ -100,7 +104,18 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
                     for mode in ("square", "half"):
                         impls[f"fastcl-{backend}-{mode}fwd"] = _in_context(
                             fast, backend, lambda _m=mode: self_forward(_m))
+            if loss == "ntxent" and backend == "cuda":
+                impls["fastcl-cuda-stats"] = _in_context(
+                    nt_xent_unreduced, backend, contextlib.nullcontext)
+                impls["fastcl-cuda-stats-squarefwd"] = _in_context(
+                    nt_xent_unreduced, backend, lambda: self_forward("square", "cuda"))
     return {k: v for k, v in impls.items() if not which or k in which}
+
+
+def nt_xent_unreduced(x, y, s, backend):
+    """NT-Xent through the statistics op and its backward: the per-anchor losses
+    (``reduction="none"``), then their mean, instead of the fused one-sweep path."""
+    return fastcl.nt_xent(x, y, logit_scale=s, reduction="none", backend=backend).mean()
 
 
 def _pairs(fast, backend):
@@ -116,9 +131,9 @@ def _pairs(fast, backend):
 
 
 def _in_context(fast, backend, context):
-    """fastcl's loss with another Triton schedule: ``context()`` (``without_slabs``,
-    ``slab_accumulate`` of :mod:`benchmarks._common`) around forward and backward, as its
-    ``step_context``, against the default in the same process."""
+    """fastcl's loss with another schedule: ``context()`` (``without_slabs``,
+    ``slab_accumulate``, ``self_forward`` of :mod:`benchmarks._common`) around forward and
+    backward, as its ``step_context``, against the default in the same process."""
 
     def fn(x, y, s):
         return fast(x, y, s, backend)

@@ -9,9 +9,10 @@
 #                 section of docs/benchmarks.md)
 #         siglip  SigLIP on every GPU backend against eager and torch.compile
 #         ntxent  NT-Xent: the self-similarity paths against two feature sets
-#                 (fastcl-triton-pairs, fastcl-cuda-pairs) and the forward over the full
-#                 square or the half (fastcl-triton-squarefwd, -halffwd), eager and
-#                 torch.compile
+#                 (fastcl-triton-pairs, fastcl-cuda-pairs), the forward over the full
+#                 square or the half (fastcl-triton-squarefwd, -halffwd; through the
+#                 statistics op on CUDA C++: fastcl-cuda-stats, -stats-squarefwd), eager
+#                 and torch.compile
 #         infonce InfoNCE in one direction (the one-sweep fused path of the CUDA C++ backend)
 #                 on every GPU backend against eager and torch.compile
 #         topk    top-k similarity search

@@ -11,8 +11,8 @@ import torch
 
 import fastcl
 from benchmarks._common import (eager_clip, eager_info_nce, eager_nt_xent, open_clip_clip,
-                                pml_clip, pml_info_nce)
-from benchmarks.bench_clip import LOSSES, _pairs, implementations, measure
+                                pml_clip, pml_info_nce, self_forward)
+from benchmarks.bench_clip import LOSSES, _pairs, implementations, measure, nt_xent_unreduced
 from fastcl import dispatch
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +188,43 @@ def test_self_forward_variants(mode, monkeypatch):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert name not in implementations(torch.device("cpu"), torch.float32, None, "clip")
+
+
+def test_cuda_square_forward_variant(monkeypatch, stats_keys):
+    """bench_clip's fastcl-cuda-stats-squarefwd: within its context the statistics op hands the
+    CUDA C++ forward ``k = q`` (the full square) where it otherwise hands it ``k=None``; the
+    list of backends is restored on exit. fastcl-cuda-stats takes the statistics op with
+    ``k=None`` and gives fastcl.nt_xent's loss and gradients (checked on the CPU backend)."""
+    from fastcl import _backends
+    from fastcl.ops import contrastive as contrastive_ops
+
+    seen = []
+    q = torch.randn(4, 3)
+    before = contrastive_ops.SELF_FWD_BACKENDS
+    with monkeypatch.context() as m:
+        m.setattr(_backends, "kernel",
+                  lambda backend, op: (lambda q, k, *rest: seen.append(k is None)))
+        contrastive_ops._fwd_kernel("cuda", q, None)
+        with self_forward("square", "cuda"):
+            contrastive_ops._fwd_kernel("cuda", q, None)
+        contrastive_ops._fwd_kernel("cuda", q, None)
+    assert seen == [True, False, True]
+    assert contrastive_ops.SELF_FWD_BACKENDS == before
+    with pytest.raises(ValueError, match="no forced half square"):
+        self_forward("half", "cuda")
+
+    if dispatch.why_not("cpu", "nt_xent", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the CPU backend is not built")
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    scale = torch.tensor(2.0)
+    want = _loss_and_grads(lambda a, b, s: fastcl.nt_xent(a, b, logit_scale=s, backend="cpu"),
+                           z1, z2, scale)
+    stats_keys.clear()
+    got = _loss_and_grads(lambda a, b, s: nt_xent_unreduced(a, b, s, "cpu"), z1, z2, scale)
+    assert stats_keys == [True]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_pml_ntxent_refuses_cubic_memory():
