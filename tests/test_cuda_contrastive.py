@@ -669,8 +669,11 @@ def test_large(N, D, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.device_only
-def test_peak_memory_is_linear(monkeypatch):
-    """At N = 32768 the extra memory is one slab plus O(N D) terms, far below N^2 bytes."""
+@pytest.mark.parametrize("keys", ("k", "self"))
+def test_peak_memory_is_linear(keys, monkeypatch):
+    """At N = 32768 the extra memory is one slab plus O(N D) terms, far below N^2 bytes; with
+    k=None (self-similarity: the running row states of the forward, the dq accumulator of the
+    backward) too."""
     ext = _ext()
     N, D = 32768, 256
     budget = 64 << 20
@@ -683,6 +686,13 @@ def test_peak_memory_is_linear(monkeypatch):
     flags = (False, False, False, True)
 
     def run(n):
+        if keys == "self":
+            no_cols = flags[:3] + (False,)
+            st = ext.contrastive_fwd_cuda(q[:n], None, scale, bias, targets[:n], None, None,
+                                          *no_cols)
+            return ext.contrastive_bwd_cuda(g[:n], -g[:n], g[:n], None, None, q[:n], None,
+                                            scale, bias, targets[:n], None, None, st[0], st[1],
+                                            st[2], st[4], *no_cols)
         st = ext.contrastive_fwd_cuda(q[:n], k[:n], scale, bias, targets[:n], None, None, *flags)
         return ext.contrastive_bwd_cuda(g[:n], -g[:n], None, g[:n], None, q[:n], k[:n], scale,
                                         bias, targets[:n], None, None, st[0], st[1], st[2], st[4],
