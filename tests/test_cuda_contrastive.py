@@ -404,6 +404,17 @@ def test_fwd_self_row_parts(mode, rows, slab_bytes):
 
 
 @pytest.mark.gpu
+def test_self_default_slabs():
+    """The default budget: 2500 rows take slabs of 2048 and 452 (at most about an eighth of the
+    rows, at least 2048), 32 row parts in the column kernel; forward, then backward."""
+    R, D = 2500, 4
+    flags = dict(exclude_diag=True, pos_lse=True)
+    case = self_case(R, D, F32, "labels", scale=5.0, n_classes=50)
+    check_stats(kernel_fwd_self(case, **flags), ref_stats(case, **flags), F32)
+    check_self("bwd", case, random_grads(R, R, F32, False)[:3], True, F32, **flags)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (BF16, F16), ids=str)
 @pytest.mark.parametrize("mode", ("targets", "labels"))
 def test_fwd_self_low_precision(dtype, mode, slab_bytes):

@@ -49,17 +49,19 @@ at::Tensor mm_new(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_t
 // acc += a @ b, acc of the statistics dtype.
 void addmm_into(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b);
 
-// Self-similarity slabs (the keys are the queries; the sweeps compute the blocks on and below
-// the diagonal only, (n + 1) / (2 n) of the square with n slabs): at most about R / kSelfSlabs
-// rows, but at least kMinSelfSlabRows (fewer launches where the square is small).
+// Slabs of the self-similarity forward and backward (the keys are the queries; those sweeps
+// compute the blocks on and below the diagonal only, (n + 1) / (2 n) of the square with n
+// slabs): at most about R / kSelfSlabs rows, but at least kMinSelfSlabRows (fewer launches where
+// the square is small). The fused sweep keeps the budget's slabs: its forward GEMM covers whole
+// rows whatever the slab, so finer slabs would trim only its tile pass, for more launches.
 constexpr int64_t kSelfSlabs = 8;
-constexpr int64_t kMinSelfSlabRows = 1024;
+constexpr int64_t kMinSelfSlabRows = 2048;
 
 // The slab buffer: S rows of Cp = round_up(C, kRowPad) elements of the statistics dtype.
 class Slabs {
  public:
   // For R rows of `q` against C columns (q gives the dtype and device); `self`: the rows and
-  // the columns are the same (R == C), slabs of self-similarity.
+  // the columns are the same (R == C), slabs of the self-similarity forward or backward.
   Slabs(int64_t R, int64_t C, const at::Tensor& q, bool self = false);
   int64_t rows() const { return S_; }  // S
   int64_t ld() const { return Cp_; }   // Cp

@@ -23,12 +23,13 @@
 //   per slab instead of the four of a forward and a backward. The mean's divisor (rows with a
 //   positive) is known after the last slab only: it scales the gradients at the end.
 // - self-similarity (k absent: the keys are q, as in NT-Xent, SupCon and DCL; the logits are
-//   symmetric): slabs of at most about R / 8 rows (Slabs), so that the blocks on and below the
-//   diagonal are little more than half the square. Forward: a slab of rows I takes the logits of
-//   the columns up to its end only (half a GEMM in all); the row kernel merges its rows' sets
-//   over those columns into running row states, the self column kernel gives every earlier row
-//   its sets over the columns I from the part left of the diagonal block (read column by
-//   column, with that row's masks), and the states are finished after the last slab.
+//   symmetric): forward and backward take slabs of at most about R / 8 rows (Slabs, at least
+//   2048), so that the blocks on and below the diagonal are little more than half the square.
+//   Forward: a slab of rows I takes the logits of the columns up to its end only (about half a
+//   GEMM in all); the row kernel merges its rows' sets over those columns into running row
+//   states, the self column kernel gives every earlier row its sets over the columns I from the
+//   part left of the diagonal block (read column by column, with that row's masks), and the
+//   states are finished after the last slab.
 //   Backward: the gradient of q is scale * (G + G.T) @ q. A slab of rows I has every row
 //   before it done, so its tile holds H = G + G.T on the columns below its end (G.T from the
 //   coefficients of those rows, bwd_coefs), and dq_I = H(I, <=I) @ q, dq_<I += H(I, <I)^T @ q_I:
@@ -535,7 +536,7 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
     const Masks masks = make_masks(targets, row_labels, col_labels);
     const MaskSpec spec = masks.spec(R, C, exclude_diag, decoupled, pos_lse);
     const at::Tensor kc = k.contiguous();
-    Slabs slabs(R, C, q, self);
+    Slabs slabs(R, C, q);  // the budget's slabs (common.h)
     FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
     if (g.any())
       sweep.emplace(out, q, kc, spec, slabs.ld(), sc, bi, g, stats.lse, stats.pos, stats.npos,
