@@ -574,6 +574,13 @@ def test_non_contiguous_inputs():
         check_stats(stats, ref_stats(base, **flags), F64)
         grads = random_grads(R, C, F64, True)
         check_grads(case, grads, stats, F64, **flags)
+    # k=None: the forward over half the square of non-contiguous features, slabs of 8 rows
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FASTCL_CUDA_SLAB_BYTES", str(8 * _padded(R) * 8))
+        for q in (wide[:, ::2], base["q"].t().contiguous().t()):
+            square = dict(base, k=base["q"])
+            got = kernel_fwd_self(dict(square, q=q), **dict(flags, col_stats=False))
+            check_stats(got, ref_stats(square, exclude_diag=True), F64)
     # non-contiguous targets, labels and statistic gradients; int32 targets
     targets = torch.stack([base["targets"], base["targets"]], 1)[:, 0]
     for t in (targets, base["targets"].int()):

@@ -209,21 +209,21 @@ struct SelfStates {
   }
 };
 
-// The self-similarity forward (q's rows against themselves, `slabs` made for it): per slab of
-// rows I = [r0, e), the logits of the columns [0, e), the row kernel over them into the running
-// states of the rows I, the self column kernel over the columns [0, r0) into those of the earlier
-// rows; `stats` from the states after the last slab.
-void self_forward(Slabs& slabs, const at::Tensor& q, const MaskSpec& spec, const at::Tensor& sc,
+// The self-similarity forward (the rows of qc, contiguous, against themselves; `slabs` made
+// for it): per slab of rows I = [r0, e), the logits of the columns [0, e), the row kernel over
+// them into the running states of the rows I, the self column kernel over the columns [0, r0)
+// into those of the earlier rows; `stats` from the states after the last slab.
+void self_forward(Slabs& slabs, const at::Tensor& qc, const MaskSpec& spec, const at::Tensor& sc,
                   const at::Tensor& bi, RowStats& stats, cudaStream_t stream) {
   const int64_t R = spec.R, S = slabs.rows();
-  const DType sdt = dtype_of(stat_type_of(q));
+  const DType sdt = dtype_of(stat_type_of(qc));
   // parts sized for the average width of the transposed part, R / 2 columns
   SelfStates st(R, column_splits(std::max<int64_t>(R / 2, 1), S, sdt), stats.lse.options());
   FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
   ra.states = st.states;
   for (int64_t r0 = 0; r0 < R; r0 += S) {
     const int64_t s = std::min(S, R - r0);
-    const at::Tensor L = slabs.logits(q.narrow(0, r0, s), q.narrow(0, 0, r0 + s));
+    const at::Tensor L = slabs.logits(qc.narrow(0, r0, s), qc.narrow(0, 0, r0 + s));
     ra.L = L.data_ptr();
     ra.r0 = r0;
     ra.rows = s;
@@ -376,7 +376,7 @@ contrastive_fwd_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k_opt
   const at::Tensor kc = k.contiguous();
   Slabs slabs(R, C, q, self);
   if (self && slabs.rows() < R) {  // one slab for all rows: the square, as with k = q
-    self_forward(slabs, q, spec, sc, bi, stats, stream);
+    self_forward(slabs, kc, spec, sc, bi, stats, stream);
     return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
   }
   const int64_t Cp = slabs.ld(), S = slabs.rows();
