@@ -264,7 +264,7 @@ class TileSweep {
   TileSweep(GradOutputs& out, const at::Tensor& q, const at::Tensor& kc, const MaskSpec& mask,
             int64_t ldl, const at::Tensor& sc, const at::Tensor& bi, const GradCoefs& g,
             const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
-            const at::Tensor& col_lse, bool self, cudaStream_t stream)
+            const at::Tensor& col_lse, bool self, bool pos_rows_only, cudaStream_t stream)
       : out_(out), st_(stat_type_of(q)), gt_(q.scalar_type()), stream_(stream) {
     const auto opt = q.options().dtype(st_);
     if (g.g_col_lse.defined() || g.g_col_mean.defined()) cols_ = at::empty({3, ldl}, opt);
@@ -304,6 +304,7 @@ class TileSweep {
     ta_.row_parts = parts_.data_ptr<double>();
     ta_.self = self;
     ta_.coefs = self ? coefs_.data_ptr() : nullptr;
+    ta_.pos_rows_only = pos_rows_only;
   }
 
   // The slab of rows [r0, r0 + q_slab.size(0)) whose logits `slabs` holds (L: its view; self:
@@ -487,7 +488,7 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   const at::Tensor kc = k.contiguous();
   Slabs slabs(R, C, q, self);
   TileSweep sweep(out, q, kc, masks.spec(R, C, exclude_diag, decoupled, pos_lse), slabs.ld(), sc,
-                  bi, g, lse_a, pos_a, npos_a, col_lse_a, self, stream);
+                  bi, g, lse_a, pos_a, npos_a, col_lse_a, self, /*pos_rows_only=*/false, stream);
   for (int64_t r0 = 0; r0 < R; r0 += slabs.rows()) {
     const int64_t s = std::min(slabs.rows(), R - r0);
     const at::Tensor qs = q.narrow(0, r0, s);
@@ -518,11 +519,9 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
 
   const at::ScalarType st = stat_type_of(q);
   const auto opt = q.options().dtype(st);
-  // Copies (the caller's tensors stay as they are), masked slab by slab: rows without a positive
-  // count for nothing.
+  // Read only (rows without a positive count for nothing: the tile kernel skips them).
   auto coef = [&](const OptT& t) -> at::Tensor {
-    return t.has_value() ? t->to(st, /*non_blocking=*/false, /*copy=*/true).contiguous()
-                         : at::Tensor();
+    return t.has_value() ? t->to(st).contiguous() : at::Tensor();
   };
   GradCoefs g{coef(g_lse), coef(g_pos), coef(g_mean), at::Tensor(), at::Tensor()};
   RowStats stats(R, opt);
@@ -540,7 +539,7 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
     FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
     if (g.any())
       sweep.emplace(out, q, kc, spec, slabs.ld(), sc, bi, g, stats.lse, stats.pos, stats.npos,
-                    at::Tensor(), self, stream);
+                    at::Tensor(), self, /*pos_rows_only=*/true, stream);
     // A slab holds whole rows: its row statistics are final after the row kernel, and the same
     // logits then become the gradient tile (three GEMMs per slab, not the four of a forward
     // and a backward; self: two, the gradient's on the blocks on and below the diagonal).
@@ -552,11 +551,7 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
       ra.r0 = r0;
       ra.rows = s;
       C10_CUDA_CHECK(launch_fwd_rows(ra, dtype_of(st), stream));
-      if (!sweep) continue;
-      const at::Tensor no_pos = stats.npos.narrow(0, r0, s).le(0);
-      for (at::Tensor* t : {&g.g_lse, &g.g_pos, &g.g_mean})
-        if (t->defined()) t->narrow(0, r0, s).masked_fill_(no_pos, 0);
-      sweep->slab(slabs, L, r0, qs);
+      if (sweep) sweep->slab(slabs, L, r0, qs);
     }
   }
 
@@ -566,7 +561,8 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
     sweep->finish(mean ? at::reciprocal(count.to(st)) : at::Tensor());
   else
     out.zero();
-  // Masked rows hold zero coefficients but possibly infinite statistics: select, not multiply.
+  // Rows without a positive count for nothing and may hold infinite statistics: select, not
+  // multiply.
   at::Tensor rows = at::zeros({R}, opt.dtype(at::kDouble));
   const std::pair<const at::Tensor*, const at::Tensor*> terms[] = {
       {&g.g_lse, &stats.lse}, {&g.g_pos, &stats.pos}, {&g.g_mean, &stats.mean}};

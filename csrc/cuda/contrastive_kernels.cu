@@ -594,6 +594,7 @@ template <class T>
 __device__ RowCoefs<T> row_coefs(const BwdTileArgs& P, const Geom& g, int64_t gr) {
   const MaskSpec& M = P.mask;
   const T npos = g.labels ? static_cast<const T*>(P.npos)[gr] : T(g.tcol >= 0 ? 1 : 0);
+  if (P.pos_rows_only && !(npos > T(0))) return RowCoefs<T>{};  // all zero: no term
   const double nden = static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) -
                       (M.decoupled ? static_cast<double>(npos) : 0.0);
   const T lse = static_cast<const T*>(P.lse)[gr];

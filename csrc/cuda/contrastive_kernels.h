@@ -192,6 +192,8 @@ struct BwdTileArgs {
   double* row_parts;   // [2, R]
   bool self;           // self-similarity (cols == nullptr)
   void* coefs;         // self: [kRowCoefs, R], the rows' coefficients of G
+  bool pos_rows_only;  // rows without a positive (npos == 0) have zero coefficients (the fused
+                       // sweep's loss counts only the others)
 };
 
 // Values per row of BwdTileArgs::coefs.
