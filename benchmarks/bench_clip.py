@@ -105,8 +105,7 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
                         impls[f"fastcl-{backend}-{mode}fwd"] = _in_context(
                             fast, backend, lambda _m=mode: self_forward(_m))
             if loss == "ntxent" and backend == "cuda":
-                impls["fastcl-cuda-stats"] = _in_context(
-                    nt_xent_unreduced, backend, contextlib.nullcontext)
+                impls["fastcl-cuda-stats"] = lambda x, y, s: nt_xent_unreduced(x, y, s, "cuda")
                 impls["fastcl-cuda-stats-squarefwd"] = _in_context(
                     nt_xent_unreduced, backend, lambda: self_forward("square", "cuda"))
     return {k: v for k, v in impls.items() if not which or k in which}

@@ -240,6 +240,12 @@ void self_forward(Slabs& slabs, const at::Tensor& qc, const MaskSpec& spec, cons
   C10_CUDA_CHECK(launch_row_final(fa, sdt, stream));
 }
 
+// An optional vector of the statistics dtype st, contiguous (the caller's tensor itself when it
+// already is; read only); undefined when absent.
+at::Tensor stat_vector(const OptT& t, at::ScalarType st) {
+  return t.has_value() ? t->to(st).contiguous() : at::Tensor();
+}
+
 // The gradients of the statistics ([R] / [C], statistics dtype, contiguous, on the device;
 // undefined when absent).
 struct GradCoefs {
@@ -470,11 +476,9 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   const c10::cuda::CUDAGuard guard(q.device());
 
   const at::ScalarType st = stat_type_of(q);
-  auto acc = [&](const OptT& t) -> at::Tensor {
-    return t.has_value() ? t->to(st).contiguous() : at::Tensor();
-  };
-  GradCoefs g{acc(g_lse), acc(g_pos), acc(g_mean), col_stats ? acc(g_col_lse) : at::Tensor(),
-              col_stats ? acc(g_col_mean) : at::Tensor()};
+  GradCoefs g{stat_vector(g_lse, st), stat_vector(g_pos, st), stat_vector(g_mean, st),
+              col_stats ? stat_vector(g_col_lse, st) : at::Tensor(),
+              col_stats ? stat_vector(g_col_mean, st) : at::Tensor()};
 
   GradOutputs out(q, self ? no_keys(q) : k, scale, bias);  // dx = dq, dy = dk
   if (!g.any() || R == 0 || C == 0) return out.zero().tuple();
@@ -519,11 +523,9 @@ contrastive_fused_cuda(const std::optional<at::Tensor>& g_lse,
 
   const at::ScalarType st = stat_type_of(q);
   const auto opt = q.options().dtype(st);
-  // Read only (rows without a positive count for nothing: the tile kernel skips them).
-  auto coef = [&](const OptT& t) -> at::Tensor {
-    return t.has_value() ? t->to(st).contiguous() : at::Tensor();
-  };
-  GradCoefs g{coef(g_lse), coef(g_pos), coef(g_mean), at::Tensor(), at::Tensor()};
+  // rows without a positive count for nothing: the tile kernel skips them (pos_rows_only)
+  GradCoefs g{stat_vector(g_lse, st), stat_vector(g_pos, st), stat_vector(g_mean, st),
+              at::Tensor(), at::Tensor()};
   RowStats stats(R, opt);
   GradOutputs out(q, self ? no_keys(q) : k, scale, bias);
   std::optional<TileSweep> sweep;

@@ -38,10 +38,10 @@ __all__ = ["contrastive_fwd", "contrastive_bwd", "contrastive_fused", "contrasti
 FUSED_BACKENDS = ("cpu", "cuda")
 #: Backends whose forward kernel takes ``k=None`` (the keys are the queries) and computes the row
 #: statistics from the blocks on and below the diagonal of the symmetric logits (half the
-#: square): the CPU and CUDA C++ sweeps (each slab's columns up to its end, the part before the
-#: slab read column by column for the earlier rows; CUDA where the rows take more than one
-#: slab), Triton where the full square would take more than one wave of programs. The others
-#: get ``k = q``.
+#: square): the CPU and CUDA C++ sweeps (each slab's columns up to its end; the part before the
+#: slab, transposed in chunks on the CPU and read column by column on CUDA, for the earlier
+#: rows; CUDA where the rows take more than one slab), Triton where the full square would take
+#: more than one wave of programs. The others get ``k = q``.
 SELF_FWD_BACKENDS = ("triton", "cpu", "cuda")
 #: Backends whose backward kernel takes ``k=None`` (the keys are the queries) and builds
 #: ``G + G.T`` for the whole gradient: the CPU and CUDA C++ sweeps on the blocks on and below the
