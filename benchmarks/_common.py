@@ -112,6 +112,19 @@ def keys_given():
         contrastive_ops.SELF_FUSED_BACKENDS, functional.contrastive_stats = saved
 
 
+def lse2_second_pass(backend: str):
+    """A context within which the statistics op of ``backend`` computes the second
+    log-sum-exp (``lse2``, the hard-negative loss's LSE at ``beta / (1 + beta)``) by a second
+    run of its kernels at that multiplier, forward and backward (``backend`` left out of
+    ``fastcl.ops.contrastive.LSE2_BACKENDS``, restored on exit): the cost of two statistics
+    passes, the B side of the A/B comparison of the one-pass ``lse2``, in the same process. It
+    must cover the backward, which reads the list again."""
+    from fastcl.ops import contrastive as contrastive_ops
+
+    kept = tuple(b for b in contrastive_ops.LSE2_BACKENDS if b != backend)
+    return mock.patch.object(contrastive_ops, "LSE2_BACKENDS", kept)
+
+
 def without_slabs():
     """A context within which the Triton kernels never take the schedule by slabs
     (``SLAB_MIN_D`` of :mod:`fastcl.kernels.contrastive` out of reach, through the environment,

@@ -1,6 +1,7 @@
 """Symmetric CLIP loss (or, with ``--loss siglip``, the sigmoid loss; with ``--loss ntxent``,
 NT-Xent over two views of N samples, 2N anchors; with ``--loss infonce``, InfoNCE in one
-direction), forward + backward: fastcl against its baselines, in one process.
+direction; with ``--loss hcl``, the hard-negative loss over two views), forward + backward:
+fastcl against its baselines, in one process.
 
 Implementations (each skipped with a note where it cannot run):
 
@@ -29,11 +30,16 @@ Implementations (each skipped with a note where it cannot run):
   NT-Xent on CUDA C++ ``fastcl-cuda-stats``, the loss through the statistics op and its
   backward (``reduction="none"``, then averaged: the path of the unreduced and multi-view
   losses) instead of the fused sweep, and ``fastcl-cuda-stats-squarefwd``, the same with the
-  forward over the full square instead of the blocks on and below the diagonal.
+  forward over the full square instead of the blocks on and below the diagonal; for the
+  hard-negative loss (``hard_negative_nce``, ``beta = 1``, ``tau_plus = 0.1``; eager: its
+  materializing reference) ``fastcl-<backend>-twopass``, the second log-sum-exp of the
+  negatives from a second run of the kernels (:func:`benchmarks._common.lse2_second_pass`)
+  instead of the same pass.
 
 For every N it reports the median time of forward + backward, the peak memory beyond the inputs,
 effective TFLOP/s (``8 N^2 D / s``: four GEMMs; ``6 N^2 D / s`` for SigLIP, whose gradient is
-known in the forward; ``32 N^2 D / s`` for NT-Xent, four GEMMs over its 2N x 2N logits) and
+known in the forward; ``32 N^2 D / s`` for NT-Xent and the hard-negative loss, four GEMMs over
+their 2N x 2N logits) and
 ratios to eager and to Inf-CL, as a
 Markdown table and as JSON (``--json``). GPU: CUDA events around ``triton.testing.do_bench``-like
 repeats, memory from ``torch.cuda.max_memory_allocated``. CPU: wall time only.
@@ -56,8 +62,16 @@ import fastcl
 from fastcl import dispatch
 
 from ._common import (DTYPES, PML_LOSSES, eager_clip, eager_info_nce, eager_nt_xent,
-                      eager_siglip, environment, infcl_clip, keys_given, open_clip_clip,
-                      pml_clip, self_forward, slab_accumulate, timed, without_slabs)
+                      eager_siglip, environment, infcl_clip, keys_given, lse2_second_pass,
+                      open_clip_clip, pml_clip, self_forward, slab_accumulate, timed,
+                      without_slabs)
+
+def hard_negatives(x, y, s, backend):
+    """The hard-negative loss over the two views ``x`` and ``y`` (``beta = 1``,
+    ``tau_plus = 0.1``, temperature ``1 / s``)."""
+    return fastcl.hard_negative_nce(x, y, temperature=1 / s, beta=1.0, tau_plus=0.1,
+                                    backend=backend)
+
 
 # per loss: the eager baseline, fastcl's function f(x, y, scale, backend), the op that
 # dispatch checks, and the GEMMs' worth of work counted in the effective TFLOP/s (in units of
@@ -72,6 +86,8 @@ LOSSES = {
     "infonce": (eager_info_nce,
                 lambda x, y, s, be: fastcl.info_nce(x, y, logit_scale=s, backend=be),
                 "info_nce", 4),
+    "hcl": (lambda x, y, s: hard_negatives(x, y, s, "reference"), hard_negatives,
+            "hard_negative_nce", 16),
 }
 
 
@@ -95,6 +111,10 @@ def implementations(device: torch.device, dtype: torch.dtype, which, loss: str =
     for backend in ("triton", "cuda", "cpu"):
         if dispatch.why_not(backend, op, device, dtype) is None:
             impls[f"fastcl-{backend}"] = (lambda x, y, s, _b=backend: fast(x, y, s, _b))
+            if loss == "hcl":
+                impls[f"fastcl-{backend}-twopass"] = _in_context(
+                    fast, backend, lambda _b=backend: lse2_second_pass(_b))
+                continue
             if loss == "ntxent" and backend in ("triton", "cuda"):
                 impls[f"fastcl-{backend}-pairs"] = _pairs(fast, backend)
             if backend == "triton":

@@ -25,7 +25,13 @@ Implementations:
   and its backward (the per-anchor losses, ``reduction="none"``, then averaged; the path of the
   multi-view losses and of the unreduced ones), with ``k=None`` (the symmetric backward) and
   with the keys passed as a second feature set (``k = z``: the two-feature-set backward), an
-  A/B of the symmetric backward in the same run.
+  A/B of the symmetric backward in the same run;
+- ``eager-hcl``, ``fastcl-hcl`` and ``fastcl-hcl-twopass``: the hard-negative loss
+  (:func:`fastcl.hard_negative_nce`, ``beta = 1``, ``tau_plus = 0.1``) over two views of N / 2
+  samples: the materializing reference, the C++ kernels with both log-sum-exps of the
+  negatives from one pass (the statistics op's ``lse2``), and the same with the second one from
+  a second run of the kernels (:func:`benchmarks._common.lse2_second_pass`), an A/B of the
+  one-pass ``lse2`` in the same run; their ratios are taken to ``eager-hcl``.
 
 Each implementation runs in a fresh subprocess (so its peak RSS is its own): one warm-up at a
 small size, then ``--reps`` timed forward + backward passes on unit-norm fp32 inputs with logit
@@ -52,21 +58,25 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (RssPeak, eager_clip, eager_info_nce, eager_nt_xent, keys_given,
-                      open_clip_clip, pml_clip, pml_info_nce)
+                      lse2_second_pass, open_clip_clip, pml_clip, pml_info_nce)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pytorch-metric-learning's losses by implementation name: (kind, symmetric)
 PML = {"pml": ("ntxent", True), "pml-supcon": ("supcon", True),
        "pml-one": ("ntxent", False), "pml-supcon-one": ("supcon", False)}
 IMPLS = ("eager", "fastcl", "compile", "open_clip", "slabs", "eager-one", "fastcl-one",
-         "eager-ntxent", "fastcl-ntxent", "fastcl-stats-ntxent", "fastcl-pairs-ntxent", *PML)
-# losses other than the symmetric CLIP loss, by the suffix of their implementations' names
-SUFFIXES = ("-one", "-ntxent")
+         "eager-ntxent", "fastcl-ntxent", "fastcl-stats-ntxent", "fastcl-pairs-ntxent",
+         "eager-hcl", "fastcl-hcl", "fastcl-hcl-twopass", *PML)
+# losses other than the symmetric CLIP loss, by the part of their implementations' names
+SUFFIXES = ("-one", "-ntxent", "-hcl")
+# the two-view losses (N / 2 samples per view: N logit rows in all)
+TWO_VIEWS = ("-ntxent", "-hcl")
 
 
 def suffix(impl: str) -> str:
-    """``"-one"`` (InfoNCE, one direction), ``"-ntxent"`` or ``""`` (symmetric CLIP)."""
-    return next((x for x in SUFFIXES if impl.endswith(x)), "")
+    """``"-one"`` (InfoNCE, one direction), ``"-ntxent"``, ``"-hcl"`` (hard negatives) or
+    ``""`` (symmetric CLIP)."""
+    return next((x for x in SUFFIXES if x in impl), "")
 
 
 def baseline(impl: str) -> str:
@@ -155,6 +165,21 @@ def fastcl_nt_xent_pairs(z1, z2, scale):
         return fastcl_nt_xent_stats(z1, z2, scale)
 
 
+def _hcl(backend: str):
+    def loss(z1, z2, scale):
+        import fastcl
+
+        return fastcl.hard_negative_nce(z1, z2, temperature=1 / scale, beta=1.0, tau_plus=0.1,
+                                        backend=backend)
+    return loss
+
+
+def fastcl_hcl_twopass(z1, z2, scale):
+    """The hard-negative loss with the second log-sum-exp from a second run of the kernels."""
+    with lse2_second_pass("cpu"):
+        return _hcl("cpu")(z1, z2, scale)
+
+
 def _loss(impl: str):
     if impl == "compile":
         return torch.compile(eager_clip)
@@ -173,7 +198,9 @@ def _loss(impl: str):
             "eager-one": eager_info_nce, "fastcl-one": fastcl_one_direction,
             "eager-ntxent": eager_nt_xent, "fastcl-ntxent": fastcl_nt_xent,
             "fastcl-stats-ntxent": fastcl_nt_xent_stats,
-            "fastcl-pairs-ntxent": fastcl_nt_xent_pairs}[impl]
+            "fastcl-pairs-ntxent": fastcl_nt_xent_pairs,
+            "eager-hcl": _hcl("reference"), "fastcl-hcl": _hcl("cpu"),
+            "fastcl-hcl-twopass": fastcl_hcl_twopass}[impl]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +225,7 @@ def _step(loss_fn, q, k, scale):
 
 def worker(impl: str, n: int, d: int, reps: int, seed: int) -> dict:
     loss_fn = _loss(impl)
-    rows = n // 2 if suffix(impl) == "-ntxent" else n  # two views: N logit rows in all
+    rows = n // 2 if suffix(impl) in TWO_VIEWS else n  # two views: N logit rows in all
     # warm-up: libraries, thread pools, the extension; torch.compile at the measured size
     _step(loss_fn, *_inputs(n if impl == "compile" else 256, d, seed))
     q, k, scale = _inputs(rows, d, seed)
@@ -295,7 +322,8 @@ def main(argv=None) -> int:
             if eager in losses and abs(v - losses[eager]) > 1e-4 * max(1.0, abs(losses[eager])):
                 print(f"WARNING: N={n} {impl} loss {v} differs from {eager} {losses[eager]}")
     print()
-    print(f"Symmetric CLIP loss (-one: one direction, -ntxent: NT-Xent), fp32, forward + backward, "
+    print(f"Symmetric CLIP loss (-one: one direction, -ntxent: NT-Xent, -hcl: hard negatives), "
+          f"fp32, forward + backward, "
           f"{platform.machine()} "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {ok[0]['threads'] if ok else '?'} "
           f"threads, median of {args.reps}")

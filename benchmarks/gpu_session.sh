@@ -15,6 +15,9 @@
 #                 and torch.compile
 #         infonce InfoNCE in one direction (the one-sweep fused path of the CUDA C++ backend)
 #                 on every GPU backend against eager and torch.compile
+#         hcl     the hard-negative loss (two views) on every GPU backend: both log-sum-exps
+#                 of the negatives from one pass against a second run of the kernels
+#                 (fastcl-<backend>-twopass), and the materializing reference
 #         topk    top-k similarity search
 #
 # Each stage runs under its own time limit (LIMIT_<stage> seconds) and all of them under
@@ -81,15 +84,19 @@ stage_infonce() {
   python3 -m benchmarks.bench_clip --loss infonce --n ${INFONCE_N:-16384 65536} --d 1024 \
     --dtype bf16 --reps 5 --json "$WORK/bench_infonce.json" 2>&1
 }
+stage_hcl() {
+  python3 -m benchmarks.bench_clip --loss hcl --n ${HCL_N:-8192 16384} --d 1024 \
+    --dtype bf16 --reps 5 --json "$WORK/bench_hcl.json" 2>&1
+}
 stage_topk() {
   python3 -m benchmarks.bench_topk --json "$WORK/bench_topk.json" 2>&1
 }
 
 declare -A LIMIT=([build]=${LIMIT_build:-300} [test]=${LIMIT_test:-420} [report]=${LIMIT_report:-420}
                   [siglip]=${LIMIT_siglip:-150} [ntxent]=${LIMIT_ntxent:-200}
-                  [infonce]=${LIMIT_infonce:-150} [topk]=${LIMIT_topk:-90})
+                  [infonce]=${LIMIT_infonce:-150} [hcl]=${LIMIT_hcl:-100} [topk]=${LIMIT_topk:-90})
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test report siglip ntxent infonce topk)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test report siglip ntxent infonce hcl topk)
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage: $s (stages: ${!LIMIT[*]})" >&2; exit 2; }
 done
@@ -100,7 +107,7 @@ done
 cat "$WORK/device.txt"
 printf '%-8s %6s %8s  %s\n' stage rc seconds log > "$WORK/summary.txt"
 export -f built stage_build stage_test stage_report stage_siglip stage_ntxent stage_infonce \
-  stage_topk
+  stage_hcl stage_topk
 for s in "${STAGES[@]}"; do
   left=$(( DEADLINE - ($(date +%s) - T0) - 10 ))
   lim=$(( left < ${LIMIT[$s]} ? left : ${LIMIT[$s]} ))

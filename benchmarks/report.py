@@ -41,7 +41,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CPU_IMPLS = ("eager", "compile", "open_clip", "slabs", "fastcl", "eager-one", "fastcl-one",
              "eager-ntxent", "fastcl-ntxent")
 # the loss of each group of implementations (by the suffix of their names)
-LOSSES = {"": "clip", "-one": "info_nce", "-ntxent": "nt_xent"}
+LOSSES = {"": "clip", "-one": "info_nce", "-ntxent": "nt_xent", "-hcl": "hard_negative_nce"}
 CPU_PML = ("pml", "pml-supcon", "pml-one", "pml-supcon-one")
 if importlib.util.find_spec("pytorch_metric_learning") is not None:
     CPU_IMPLS += CPU_PML

@@ -2,6 +2,7 @@
 // fused ops. Argument checks with user-facing messages live here, at the boundary.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -58,10 +59,17 @@ void check_vec(const char* fn, const char* name, const OptT& t, int64_t n, const
   fastcl::checks::check_vec(fn, name, t, n, what, kCpu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
-    const at::Tensor& q, const OptT& k, const at::Tensor& scale, const at::Tensor& bias,
-    const OptT& targets, const OptT& row_labels, const OptT& col_labels, bool exclude_diag,
-    bool decoupled, bool pos_lse, bool col_stats) {
+// lse2_mult: 0 (no lse2) or a finite positive multiplier of the logits.
+void check_lse2_mult(const char* fn, double lse2_mult) {
+  TORCH_CHECK(std::isfinite(lse2_mult) && lse2_mult >= 0, fn,
+              ": lse2_mult must be a finite number >= 0 (0: no second log-sum-exp), got ",
+              lse2_mult);
+}
+
+fastcl::cpu::FwdStats fwd_cpu(const at::Tensor& q, const OptT& k, const at::Tensor& scale,
+                              const at::Tensor& bias, const OptT& targets, const OptT& row_labels,
+                              const OptT& col_labels, bool exclude_diag, bool decoupled,
+                              bool pos_lse, bool col_stats, double lse2_mult) {
   const char* fn = "contrastive_fwd_cpu";
   const at::Tensor& keys = k.has_value() ? *k : q;  // none: the keys are q (self-similarity)
   check_features(fn, q, keys);
@@ -70,9 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_masks(fn, q, keys, targets, row_labels, col_labels);
   TORCH_CHECK(k.has_value() || !col_stats, fn,
               ": column statistics need k (with k=None the keys are q: use the row statistics)");
+  check_lse2_mult(fn, lse2_mult);
   at::NoGradGuard no_grad;
   return fastcl::cpu::contrastive_fwd_cpu(q, k, scale, bias, targets, row_labels, col_labels,
-                                          exclude_diag, decoupled, pos_lse, col_stats);
+                                          exclude_diag, decoupled, pos_lse, col_stats, lse2_mult);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
@@ -80,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const OptT& g_col_mean, const at::Tensor& q, const OptT& k, const at::Tensor& scale,
     const at::Tensor& bias, const OptT& targets, const OptT& row_labels, const OptT& col_labels,
     const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
-    const at::Tensor& col_lse, bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
+    const at::Tensor& col_lse, bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats,
+    const OptT& g_lse2, const OptT& lse2, double lse2_mult) {
   const char* fn = "contrastive_bwd_cpu";
   const at::Tensor& keys = k.has_value() ? *k : q;  // none: the keys are q (self-similarity)
   check_features(fn, q, keys);
@@ -101,11 +111,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   check_vec(fn, "pos", pos, R, "R");
   check_vec(fn, "npos", npos, R, "R");
   if (col_stats && g_col_lse.has_value()) check_vec(fn, "col_lse", col_lse, C, "C");
+  check_lse2_mult(fn, lse2_mult);
+  if (g_lse2.has_value()) {
+    TORCH_CHECK(lse2_mult > 0, fn,
+                ": g_lse2 was given but lse2_mult is 0 (no lse2 statistic to differentiate)");
+    check_vec(fn, "g_lse2", g_lse2, R, "R");
+    TORCH_CHECK(lse2.has_value(), fn,
+                ": g_lse2 was given without lse2 (the forward's lse2 output, a 1-D tensor of "
+                "length R = ", R, ")");
+    check_vec(fn, "lse2", lse2, R, "R");
+  }
   at::NoGradGuard no_grad;
   return fastcl::cpu::contrastive_bwd_cpu(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k,
                                           scale, bias, targets, row_labels, col_labels, lse, pos,
                                           npos, col_lse, exclude_diag, decoupled, pos_lse,
-                                          col_stats);
+                                          col_stats, g_lse2, lse2, lse2_mult);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
@@ -185,13 +205,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WITH_CUDA") = false;
 #endif
   sig::def_contrastive_fwd(m, "contrastive_fwd_cpu", &fwd_cpu,
-        "Statistics (lse, pos, npos, mean, col_lse, col_mean) of scale * q @ k.T + bias on CPU "
-        "(k=None: the keys are q, half of the symmetric logits computed); see "
-        "fastcl.reference.contrastive for the definitions.");
+        "Statistics (lse, pos, npos, mean, col_lse, col_mean, lse2) of scale * q @ k.T + bias on "
+        "CPU (k=None: the keys are q, half of the symmetric logits computed; lse2 empty unless "
+        "lse2_mult > 0); see fastcl.reference.contrastive for the definitions.");
   sig::def_contrastive_bwd(m, "contrastive_bwd_cpu", &bwd_cpu,
         "Gradients (dq, dk, dscale, dbias) of the contrastive statistics on CPU, recomputing the "
-        "logits slab by slab. k=None: the keys are q (self-similarity); dq is then the whole "
-        "gradient of q and dk is empty.");
+        "logits slab by slab (g_lse2 with the forward's lse2 and lse2_mult > 0: the lse2 term "
+        "too). k=None: the keys are q (self-similarity); dq is then the whole gradient of q and "
+        "dk is empty.");
   sig::def_contrastive_fused(m, "contrastive_fused_cpu", &fused_cpu,
         "(loss, npos, dq, dk, dscale, dbias) on CPU: the loss sum_r [npos_r > 0] (g_lse lse + "
         "g_pos pos + g_mean mean)_r (divided by the number of such rows when mean) and its "

@@ -282,7 +282,7 @@ def info_nce(
         else:
             if extra is not None:
                 cols = torch.cat([cols, extra], dim=0)
-            lse, pos, npos, mean, col_lse, col_mean = contrastive_stats(
+            lse, pos, npos, mean, col_lse, col_mean, _ = contrastive_stats(
                 rows, cols, a, b, targets, col_stats=col_stats, backend=be)
         has_pos = npos > 0
         row = lse - (1.0 - e) * pos
@@ -587,7 +587,7 @@ def multiview_loss(
         per = 0
         for l, m in pairs:
             if sh is None:
-                lse, pos, _np, _m, col_lse, _cm = contrastive_stats(
+                lse, pos, _np, _m, col_lse, *_ = contrastive_stats(
                     views[l], views[m], a, zero, diag, col_stats=True, backend=be)
                 per = per + (lse - pos) + (col_lse - pos)
                 continue
@@ -626,8 +626,9 @@ def hard_negative_nce(
     ``z1`` against keys ``z2`` with ``Nn = N - 1``.
 
     Fused as two streaming log-sum-exps over the negatives, ``LSE_n (1+beta) s_n`` and
-    ``LSE_n beta s_n`` (one when ``beta = 0``), evaluated in log space so that large scales
-    do not overflow.
+    ``LSE_n beta s_n`` (one when ``beta = 0``), from one pass over the logits (the statistics
+    op's ``lse2``; with ``gather="ring"``, one ring pass each), evaluated in log space so that
+    large scales do not overflow.
     """
     V.paired("z1", z1, "z2", z2)
     V.reduction(reduction)
@@ -664,17 +665,17 @@ def hard_negative_nce(
         # Shard.stats lays them out), then both passes run on one process's layout
         k, cols_sh = sh.columns(q if k is None else k), None
 
-    def negatives_lse(mult: float):
-        lse, pos, *_ = _stats(cols_sh, q, k, a * mult, zero, targets,
-                              exclude_diag=(layout == "two_view"), decoupled=True, backend=be)
-        return lse, pos / mult
-
-    lse_hard, s_p = negatives_lse(1.0 + beta)
-    log_r = lse_hard + math.log(n_neg)
-    if beta:
-        log_r = log_r - negatives_lse(beta)[0]
-    else:
-        log_r = log_r - math.log(n_neg)
+    flags = dict(exclude_diag=(layout == "two_view"), decoupled=True, backend=be)
+    mult = 1.0 + beta
+    if cols_sh is None:  # both log-sum-exps from one pass: the second at beta / (1 + beta)
+        lse_hard, pos, *_, lse_beta = contrastive_stats(
+            q, k, a * mult, zero, targets, lse2_mult=beta / mult, **flags)
+    else:  # the ring merges the row statistics of one multiplier at a time
+        lse_hard, pos, *_ = _stats(cols_sh, q, k, a * mult, zero, targets, **flags)
+        lse_beta = _stats(cols_sh, q, k, a * beta, zero, targets, **flags)[0] if beta else None
+    s_p = pos / mult
+    # R = sum_n exp((1+beta) s_n) / mean_n exp(beta s_n)
+    log_r = lse_hard - lse_beta + math.log(n_neg) if beta else lse_hard
     if tau_plus:
         # Ng_est = R (1 - u) / (1 - tau_plus), u = tau_plus Nn exp(s_p) / R, defined while u < 1
         log_u = math.log(tau_plus * n_neg) + s_p - log_r

@@ -8,7 +8,9 @@ columns in tiles of ``BLOCK_N``. Each tile is a ``tl.dot`` over ``D`` in ``BLOCK
 dtype on the tensor cores, fp32 accumulator), followed by the masks (tails, ``exclude_diag``,
 targets or labels, ``decoupled``), an online log-sum-exp in base 2 (running max, ``log2(e)``
 folded into the scale and bias), running positive sums / counts (or a second online log-sum-exp
-for ``pos_lse``) and running sums over the denominator set for the mean. Column statistics are the
+for ``pos_lse``), running sums over the denominator set for the mean and, with ``HAS_LSE2``, one
+more running sum for ``lse2`` (the log-sum-exp at ``lse2_mult`` times the logits, whose maximum
+is ``lse2_mult`` times the running max). Column statistics are the
 same kernel launched a second time with the roles of ``q`` and ``k`` swapped (positives play no
 role there, ``allowed`` is symmetric in ``r`` and ``c``): no atomics, no ``R x C`` buffer. From
 ``SLAB_MIN_D`` features on they come from the row launch itself (``COL_PARTIALS``), one pass
@@ -256,15 +258,15 @@ def _program_tiles(O0, O_END, NB, STORE_G: tl.constexpr, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _row_coefs(r, r_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
-               tgt_ptr, rlab_ptr,
+               tgt_ptr, rlab_ptr, l2_ptr, g_l2_ptr, lse2_mult,
                HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
                DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, HAS_G_LSE: tl.constexpr,
-               HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr):
+               HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr, HAS_G_LSE2: tl.constexpr):
     """Per-row coefficients of ``G`` for the rows ``r`` (1-D), zeros for disabled terms.
 
-    Returns ``(g_lse, lse2, g_pos, pos2, g_mean / |den|, target, label)`` where ``lse2`` and
-    ``pos2`` are in base-2 units, and ``g_pos`` is already divided by ``npos`` unless
-    ``POS_LSE``.
+    Returns ``(g_lse, lse2, g_pos, pos2, g_mean / |den|, target, label, g_l2, l2)`` where
+    ``lse2``, ``pos2`` and ``l2`` (the statistic ``lse2``) are in base-2 units, ``g_pos`` is
+    already divided by ``npos`` unless ``POS_LSE``, and ``g_l2`` is ``g_lse2 * lse2_mult``.
     """
     zero = tl.zeros(r.shape, dtype=tl.float32)
     g_l = zero
@@ -299,7 +301,12 @@ def _row_coefs(r, r_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_m
     lab = tl.zeros(r.shape, dtype=tl.int64)
     if HAS_LABELS:
         lab = tl.load(rlab_ptr + r, mask=r_in, other=0).to(tl.int64)
-    return g_l, lse2, g_p, pos2, g_m, tgt, lab
+    g_l2 = zero
+    l2 = zero
+    if HAS_G_LSE2:
+        g_l2 = tl.load(g_l2_ptr + r, mask=r_in, other=0.0).to(tl.float32) * lse2_mult
+        l2 = tl.load(l2_ptr + r, mask=r_in, other=0.0).to(tl.float32) * _LOG2E
+    return g_l, lse2, g_p, pos2, g_m, tgt, lab, g_l2, l2
 
 
 @triton.jit
@@ -327,11 +334,12 @@ def _col_coefs(c, c_in, R, col_lse_ptr, g_col_lse_ptr, g_col_mean_ptr, clab_ptr,
 
 
 @triton.jit
-def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_cl, cl2, g_cm, clab,
+def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_l2, l2, lse2_mult,
+               g_cl, cl2, g_cm, clab,
                HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
                DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, HAS_G_LSE: tl.constexpr,
                HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr, HAS_G_COL_LSE: tl.constexpr,
-               HAS_G_COL_MEAN: tl.constexpr):
+               HAS_G_COL_MEAN: tl.constexpr, HAS_G_LSE2: tl.constexpr):
     """``G`` on one tile. Row quantities broadcast along rows, column quantities along columns.
 
     The tile may be oriented either way (rows of ``s`` on the first or the second axis); every
@@ -356,6 +364,8 @@ def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_cl,
         g = tl.where(den, g_l * tl.exp2(s2 - lse2) + g_m, 0.0)
     elif HAS_G_MEAN:
         g = tl.where(den, g_m, 0.0)
+    if HAS_G_LSE2:
+        g += tl.where(den, g_l2 * tl.exp2(lse2_mult * s2 - l2), 0.0)
     if HAS_G_POS and HAS_POS:
         if POS_LSE:
             g += tl.where(pos, g_p * tl.exp2(s2 - pos2), 0.0)
@@ -373,14 +383,15 @@ def _grad_tile(s2, r, c, r_in, c_in, g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_cl,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _store_state(ptr, off, FSTRIDE, mask, m, l, sd, p0, p1, cnt, HAS_POS: tl.constexpr,
-                 POS_LSE: tl.constexpr, HAS_LABELS: tl.constexpr):
+def _store_state(ptr, off, FSTRIDE, mask, m, l, sd, p0, p1, cnt, l2, HAS_POS: tl.constexpr,
+                 POS_LSE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_LSE2: tl.constexpr):
     """Store the online state of rows (or column partials) at ``ptr + off``, one field every
     ``FSTRIDE`` elements, the absent fields left out: the max of ``s2`` over the denominator
     set (``m``), the sum of ``exp2(s2 - m)`` (``l``), the sum of ``q . k`` over that set
     (``sd``); with positives ``p0`` (their max of ``s2`` with ``POS_LSE``, else their sum of
     ``q . k``) and, with ``POS_LSE``, ``p1`` (their sum of ``exp2(s2 - p0)``); with labels
-    ``cnt`` (their count)."""
+    ``cnt`` (their count); with ``HAS_LSE2`` ``l2`` (the sum of ``exp2(mu (s2 - m))`` over the
+    denominator set, ``mu = lse2_mult``)."""
     tl.store(ptr + off, m, mask=mask)
     off += FSTRIDE
     tl.store(ptr + off, l, mask=mask)
@@ -395,12 +406,15 @@ def _store_state(ptr, off, FSTRIDE, mask, m, l, sd, p0, p1, cnt, HAS_POS: tl.con
     if HAS_LABELS:
         off += FSTRIDE
         tl.store(ptr + off, cnt, mask=mask)
+    if HAS_LSE2:
+        off += FSTRIDE
+        tl.store(ptr + off, l2, mask=mask)
 
 
 @triton.jit
 def _load_state(ptr, off, FSTRIDE, mask, HAS_POS: tl.constexpr, POS_LSE: tl.constexpr,
-                HAS_LABELS: tl.constexpr):
-    """``(m, l, sd, p0, p1, cnt)`` stored by :func:`_store_state`; masked-out elements and
+                HAS_LABELS: tl.constexpr, HAS_LSE2: tl.constexpr):
+    """``(m, l, sd, p0, p1, cnt, l2)`` stored by :func:`_store_state`; masked-out elements and
     absent fields are the empty state (a max of ``-inf``, sums of zero)."""
     neg_inf = float("-inf")
     m = tl.load(ptr + off, mask=mask, other=neg_inf)
@@ -423,7 +437,11 @@ def _load_state(ptr, off, FSTRIDE, mask, HAS_POS: tl.constexpr, POS_LSE: tl.cons
     if HAS_LABELS:
         off += FSTRIDE
         cnt = tl.load(ptr + off, mask=mask, other=0.0)
-    return m, l, sd, p0, p1, cnt
+    l2 = zeros
+    if HAS_LSE2:
+        off += FSTRIDE
+        l2 = tl.load(ptr + off, mask=mask, other=0.0)
+    return m, l, sd, p0, p1, cnt, l2
 
 
 @triton.jit
@@ -435,13 +453,20 @@ def _merge_lse(m, l, m2, l2):
 
 
 @triton.jit
-def _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, offs_m, m_in, tgt, NB,
-                   scale, bias, lse_ptr, pos_ptr, npos_ptr, mean_ptr,
+def _rescale_lse2(l2, m, m_new, mu):
+    """The sum ``l2`` of ``exp2(mu (s2 - m))`` taken to the maximum ``m_new >= m``."""
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return l2 * tl.exp2(mu * (m - safe))
+
+
+@triton.jit
+def _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, l2_i, offs_m, m_in, tgt, NB,
+                   scale, bias, lse_ptr, pos_ptr, npos_ptr, mean_ptr, lse2_ptr, lse2_mult,
                    HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr,
                    EXCLUDE_DIAG: tl.constexpr, DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr,
-                   WRITE_POS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Write ``lse``, ``mean`` (and ``pos``, ``npos``) of rows ``offs_m`` from their online
-    state over all ``NB`` columns."""
+                   WRITE_POS: tl.constexpr, HAS_LSE2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Write ``lse``, ``mean`` (and ``pos``, ``npos``; ``lse2``) of rows ``offs_m`` from their
+    online state over all ``NB`` columns."""
     neg_inf = float("-inf")
     HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
     # |pos(r)| and |den(r)|
@@ -465,6 +490,10 @@ def _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, offs_m, m_in
     mean = tl.where(n_den > 0.0, scale * (sum_den / tl.maximum(n_den, 1.0)) + bias, 0.0)
     tl.store(lse_ptr + offs_m, lse, mask=m_in)
     tl.store(mean_ptr + offs_m, mean, mask=m_in)
+    if HAS_LSE2:  # the maximum of mu s2 over the set is mu m_i
+        l2_safe = tl.where(l2_i > 0.0, l2_i, 1.0)
+        lse2 = tl.where(l2_i > 0.0, (lse2_mult * m_i + tl.log2(l2_safe)) * _LN2, neg_inf)
+        tl.store(lse2_ptr + offs_m, lse2, mask=m_in)
     if WRITE_POS:
         if HAS_POS:
             if POS_LSE:
@@ -482,12 +511,12 @@ def _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, offs_m, m_in
 @triton.jit
 def _contrastive_fwd_kernel(
     A, B, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
-    lse_ptr, pos_ptr, npos_ptr, mean_ptr, P, ST,
-    O0, O_END, NB, D, P_FSTRIDE, ST_FSTRIDE,
+    lse_ptr, pos_ptr, npos_ptr, mean_ptr, lse2_ptr, P, ST,
+    O0, O_END, NB, D, P_FSTRIDE, ST_FSTRIDE, lse2_mult,
     stride_am, stride_ad, stride_bn, stride_bd,
     HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
     DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
-    COL_PARTIALS: tl.constexpr, SELF: tl.constexpr, TF32: tl.constexpr,
+    HAS_LSE2: tl.constexpr, COL_PARTIALS: tl.constexpr, SELF: tl.constexpr, TF32: tl.constexpr,
     SINGLE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -497,7 +526,8 @@ def _contrastive_fwd_kernel(
     ``[blocks, NB]`` partials ``P`` (one field every ``P_FSTRIDE`` elements, laid out by
     :func:`_store_state`). ``COL_PARTIALS`` (a slab of rows, see ``_fwd_col_partials``): each
     tile also gives the column statistics of its rows over the ``allowed`` set (fields ``m``,
-    ``l``, ``sd``).
+    ``l``, ``sd``). ``HAS_LSE2``: the rows' ``lse2`` too, from one more running sum that shares
+    the running max (``mu = lse2_mult > 0``).
 
     ``SELF`` (``B`` is ``A``: the logits are symmetric; ``BLOCK_N`` divides ``BLOCK_M`` and
     ``O0`` is a multiple of ``BLOCK_M``; see ``_fwd_self``): a program walks the columns below
@@ -546,6 +576,7 @@ def _contrastive_fwd_kernel(
     lp_i = tl.zeros([BLOCK_M], dtype=tl.float32)       # positives: running exp-sum (pos_lse)
     sum_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: sum of q.k
     cnt_pos = tl.zeros([BLOCK_M], dtype=tl.float32)    # positives: count (label mode)
+    l2_i = tl.zeros([BLOCK_M], dtype=tl.float32)       # running sum of exp2(mu (s2 - m_i))
 
     if SELF:
         n_end = tl.minimum(row0 + BLOCK_M, NB)
@@ -581,18 +612,21 @@ def _contrastive_fwd_kernel(
         cp = blk.to(tl.int64) * NB + offs_n
         if COL_PARTIALS:  # the den set of a column: allowed (positives play no role)
             _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_ptr,
-                          rlab_ptr, clab_r, False, False, False, False)
+                          rlab_ptr, clab_r, lse2_mult, False, False, False, False, False)
         if SELF:
             if start_n < row0:  # below the diagonal block: the columns' statistics as rows
                 _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n,
-                              tgt_ptr, rlab_ptr, clab_r,
-                              HAS_TARGETS, HAS_LABELS, DECOUPLED, POS_LSE)
+                              tgt_ptr, rlab_ptr, clab_r, lse2_mult,
+                              HAS_TARGETS, HAS_LABELS, DECOUPLED, POS_LSE, HAS_LSE2)
 
         s_den = tl.where(den, s2, neg_inf)
         m_new = tl.maximum(m_i, tl.max(s_den, 1))
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
         p = tl.exp2(s_den - m_safe[:, None])
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
+        if HAS_LSE2:
+            p2 = tl.exp2(lse2_mult * (s_den - m_safe[:, None]))
+            l2_i = _rescale_lse2(l2_i, m_i, m_new, lse2_mult) + tl.sum(p2, 1)
         m_i = m_new
         sum_den += tl.sum(tl.where(den, qk, 0.0), 1)
 
@@ -611,22 +645,26 @@ def _contrastive_fwd_kernel(
     if SELF:
         tl.static_assert(WRITE_POS)
         _store_state(ST, offs_m.to(tl.int64), ST_FSTRIDE, m_in, m_i, l_i, sum_den,
-                     mp_i if POS_LSE else sum_pos, lp_i, cnt_pos, HAS_POS, POS_LSE, HAS_LABELS)
+                     mp_i if POS_LSE else sum_pos, lp_i, cnt_pos, l2_i, HAS_POS, POS_LSE,
+                     HAS_LABELS, HAS_LSE2)
     else:
-        _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, offs_m, m_in, tgt, NB,
-                       scale, bias, lse_ptr, pos_ptr, npos_ptr, mean_ptr, HAS_TARGETS,
-                       HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE, WRITE_POS, BLOCK_M)
+        _finalize_rows(m_i, l_i, sum_den, mp_i, lp_i, sum_pos, cnt_pos, l2_i, offs_m, m_in, tgt,
+                       NB, scale, bias, lse_ptr, pos_ptr, npos_ptr, mean_ptr, lse2_ptr,
+                       lse2_mult, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE,
+                       WRITE_POS, HAS_LSE2, BLOCK_M)
 
 
 @triton.jit
 def _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_ptr,
-                  rlab_ptr, clab_r, HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr,
-                  DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr):
+                  rlab_ptr, clab_r, lse2_mult, HAS_TARGETS: tl.constexpr,
+                  HAS_LABELS: tl.constexpr, DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr,
+                  HAS_LSE2: tl.constexpr):
     """The statistics of the columns ``c`` of a tile over its rows ``r``, stored as one row of
     partials (``_store_state``). Without positives (``COL_PARTIALS``) the fields ``m``, ``l``
     and ``sd`` over ``allowed``; with them (``SELF``: a tile of symmetric logits below the
     diagonal, whose columns are rows of the transposed tile) every field, with ``pos(c, r)``
-    (``targets[c] == r``, or ``row_labels[c] == col_labels[r]``) and ``den(c, r)``."""
+    (``targets[c] == r``, or ``row_labels[c] == col_labels[r]``) and ``den(c, r)``, and with
+    ``HAS_LSE2`` the sum of ``exp2(mu (s2 - m))`` over ``den(c, r)``."""
     neg_inf = float("-inf")
     HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
     den_c = allowed
@@ -646,6 +684,9 @@ def _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_p
     p0 = c_sd  # placeholders of the absent fields (never stored)
     p1 = c_sd
     cnt = c_sd
+    c_l2 = c_sd
+    if HAS_LSE2:
+        c_l2 = tl.sum(tl.exp2(lse2_mult * (s_col - c_safe[None, :])), 0)
     if HAS_POS:
         if POS_LSE:
             s_pos = tl.where(pos_c, s2, neg_inf)
@@ -656,15 +697,15 @@ def _col_partials(P, cp, P_FSTRIDE, n_in, s2, qk, allowed, offs_m, offs_n, tgt_p
             p0 = tl.sum(tl.where(pos_c, qk, 0.0), 0)
         if HAS_LABELS:
             cnt = tl.sum(pos_c.to(tl.float32), 0)
-    _store_state(P, cp, P_FSTRIDE, n_in, c_max, c_l, c_sd, p0, p1, cnt, HAS_POS, POS_LSE,
-                 HAS_LABELS)
+    _store_state(P, cp, P_FSTRIDE, n_in, c_max, c_l, c_sd, p0, p1, cnt, c_l2, HAS_POS, POS_LSE,
+                 HAS_LABELS, HAS_LSE2)
 
 
 @triton.jit
 def _merge_partials_kernel(
-    P, ST, O0, N_PARTS, C_END, NB, P_FSTRIDE, ST_FSTRIDE,
+    P, ST, O0, N_PARTS, C_END, NB, P_FSTRIDE, ST_FSTRIDE, lse2_mult,
     HAS_POS: tl.constexpr, POS_LSE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    BELOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_LSE2: tl.constexpr, BELOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merge the ``N_PARTS`` rows of partials ``P`` of a slab into the states ``ST`` of the
     columns ``[0, C_END)``: ``COL_PARTIALS`` (every row valid for every column), or with
@@ -675,8 +716,8 @@ def _merge_partials_kernel(
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_in = offs_c < C_END
     offs_c64 = offs_c.to(tl.int64)
-    m, l, sd, p0, p1, cnt = _load_state(ST, offs_c64, ST_FSTRIDE, c_in, HAS_POS, POS_LSE,
-                                        HAS_LABELS)
+    m, l, sd, p0, p1, cnt, l2 = _load_state(ST, offs_c64, ST_FSTRIDE, c_in, HAS_POS, POS_LSE,
+                                            HAS_LABELS, HAS_LSE2)
     p_lo = 0
     if BELOW:
         p_lo = tl.where(c0 < O0, 0, (c0 - O0) // ROWS + 1)  # the first row block below c0
@@ -684,8 +725,12 @@ def _merge_partials_kernel(
         valid = c_in
         if BELOW:
             valid = valid & (offs_c < O0 + p * ROWS)
-        pm, pl, psd, pp0, pp1, pcnt = _load_state(P, offs_c64 + p * NB, P_FSTRIDE, valid,
-                                                  HAS_POS, POS_LSE, HAS_LABELS)
+        pm, pl, psd, pp0, pp1, pcnt, pl2 = _load_state(P, offs_c64 + p * NB, P_FSTRIDE, valid,
+                                                       HAS_POS, POS_LSE, HAS_LABELS, HAS_LSE2)
+        if HAS_LSE2:
+            m_new = tl.maximum(m, pm)
+            l2 = (_rescale_lse2(l2, m, m_new, lse2_mult)
+                  + _rescale_lse2(pl2, pm, m_new, lse2_mult))
         m, l = _merge_lse(m, l, pm, pl)
         sd += psd
         if POS_LSE:
@@ -693,32 +738,33 @@ def _merge_partials_kernel(
         else:
             p0 += pp0
         cnt += pcnt
-    _store_state(ST, offs_c64, ST_FSTRIDE, c_in, m, l, sd, p0, p1, cnt, HAS_POS, POS_LSE,
-                 HAS_LABELS)
+    _store_state(ST, offs_c64, ST_FSTRIDE, c_in, m, l, sd, p0, p1, cnt, l2, HAS_POS, POS_LSE,
+                 HAS_LABELS, HAS_LSE2)
 
 
 @triton.jit
 def _finalize_kernel(
-    ST, ST_FSTRIDE, tgt_ptr, scale_ptr, bias_ptr, lse_ptr, pos_ptr, npos_ptr, mean_ptr, NA, NB,
+    ST, ST_FSTRIDE, tgt_ptr, scale_ptr, bias_ptr, lse_ptr, pos_ptr, npos_ptr, mean_ptr, lse2_ptr,
+    NA, NB, lse2_mult,
     HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
     DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr, WRITE_POS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    HAS_LSE2: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """The statistics of the ``NA`` rows (or columns) of ``[NA, NB]`` logits from their merged
     online states ``ST``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_in = offs_m < NA
     HAS_POS: tl.constexpr = HAS_TARGETS or HAS_LABELS
-    m, l, sd, p0, p1, cnt = _load_state(ST, offs_m.to(tl.int64), ST_FSTRIDE, m_in, HAS_POS,
-                                        POS_LSE, HAS_LABELS)
+    m, l, sd, p0, p1, cnt, l2 = _load_state(ST, offs_m.to(tl.int64), ST_FSTRIDE, m_in, HAS_POS,
+                                            POS_LSE, HAS_LABELS, HAS_LSE2)
     tgt = offs_m
     if HAS_TARGETS:
         tgt = tl.load(tgt_ptr + offs_m, mask=m_in, other=-1).to(tl.int64)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    _finalize_rows(m, l, sd, p0, p1, p0, cnt, offs_m, m_in, tgt, NB, scale, bias, lse_ptr,
-                   pos_ptr, npos_ptr, mean_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG,
-                   DECOUPLED, POS_LSE, WRITE_POS, BLOCK_M)
+    _finalize_rows(m, l, sd, p0, p1, p0, cnt, l2, offs_m, m_in, tgt, NB, scale, bias, lse_ptr,
+                   pos_ptr, npos_ptr, mean_ptr, lse2_ptr, lse2_mult, HAS_TARGETS, HAS_LABELS,
+                   EXCLUDE_DIAG, DECOUPLED, POS_LSE, WRITE_POS, HAS_LSE2, BLOCK_M)
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,14 +776,14 @@ def _contrastive_bwd_kernel(
     A, B, OUT, scale_ptr, bias_ptr, tgt_ptr, rlab_ptr, clab_ptr,
     lse_ptr, pos_ptr, npos_ptr, col_lse_ptr,
     g_lse_ptr, g_pos_ptr, g_mean_ptr, g_col_lse_ptr, g_col_mean_ptr, g_mul_ptr,
-    ds_ptr, db_ptr,
+    l2_ptr, g_l2_ptr, lse2_mult, ds_ptr, db_ptr,
     O0, O_END, PART_STRIDE, NA, NB, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_od,
     TRANSPOSED: tl.constexpr, SELF: tl.constexpr, STORE_G: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
     DECOUPLED: tl.constexpr, POS_LSE: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_POS: tl.constexpr, HAS_G_MEAN: tl.constexpr,
-    HAS_G_COL_LSE: tl.constexpr, HAS_G_COL_MEAN: tl.constexpr,
+    HAS_G_COL_LSE: tl.constexpr, HAS_G_COL_MEAN: tl.constexpr, HAS_G_LSE2: tl.constexpr,
     WRITE_PARTIALS: tl.constexpr, RESCALE_G: tl.constexpr, TF32: tl.constexpr,
     SINGLE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -804,10 +850,10 @@ def _contrastive_bwd_kernel(
             offs_o, o_in, R, col_lse_ptr, g_col_lse_ptr, g_col_mean_ptr, clab_ptr,
             HAS_LABELS, EXCLUDE_DIAG, HAS_G_COL_LSE, HAS_G_COL_MEAN)
     if not TRANSPOSED:
-        g_l_o, lse2_o, g_p_o, pos2_o, g_m_o, tgt_o, rlab_o = _row_coefs(
+        g_l_o, lse2_o, g_p_o, pos2_o, g_m_o, tgt_o, rlab_o, g_l2_o, l2_o = _row_coefs(
             offs_o, o_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
-            tgt_ptr, rlab_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE,
-            HAS_G_LSE, HAS_G_POS, HAS_G_MEAN)
+            tgt_ptr, rlab_ptr, l2_ptr, g_l2_ptr, lse2_mult, HAS_TARGETS, HAS_LABELS,
+            EXCLUDE_DIAG, DECOUPLED, POS_LSE, HAS_G_LSE, HAS_G_POS, HAS_G_MEAN, HAS_G_LSE2)
 
     if RESCALE_G:
         g_mul = tl.load(g_mul_ptr).to(tl.float32)
@@ -833,17 +879,17 @@ def _contrastive_bwd_kernel(
         s2 = qk * scale2 + bias2
 
         if TRANSPOSED or SELF:  # G of the inner rows against the outer columns
-            g_l, lse2, g_p, pos2, g_m, tgt, rlab = _row_coefs(
+            g_l, lse2, g_p, pos2, g_m, tgt, rlab, g_l2, l2 = _row_coefs(
                 offs_n, n_in, C, lse_ptr, pos_ptr, npos_ptr, g_lse_ptr, g_pos_ptr, g_mean_ptr,
-                tgt_ptr, rlab_ptr, HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE,
-                HAS_G_LSE, HAS_G_POS, HAS_G_MEAN)
+                tgt_ptr, rlab_ptr, l2_ptr, g_l2_ptr, lse2_mult, HAS_TARGETS, HAS_LABELS,
+                EXCLUDE_DIAG, DECOUPLED, POS_LSE, HAS_G_LSE, HAS_G_POS, HAS_G_MEAN, HAS_G_LSE2)
             g_t = _grad_tile(
                 s2, offs_n[None, :], offs_o[:, None], n_in[None, :], o_in[:, None],
                 g_l[None, :], lse2[None, :], g_p[None, :], pos2[None, :], g_m[None, :],
-                tgt[None, :], rlab[None, :],
+                tgt[None, :], rlab[None, :], g_l2[None, :], l2[None, :], lse2_mult,
                 g_cl_o[:, None], cl2_o[:, None], g_cm_o[:, None], clab_o[:, None],
                 HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE, HAS_G_LSE,
-                HAS_G_POS, HAS_G_MEAN, HAS_G_COL_LSE, HAS_G_COL_MEAN)
+                HAS_G_POS, HAS_G_MEAN, HAS_G_COL_LSE, HAS_G_COL_MEAN, HAS_G_LSE2)
         if TRANSPOSED:
             g = g_t
         else:
@@ -853,10 +899,11 @@ def _contrastive_bwd_kernel(
             g = _grad_tile(
                 s2, offs_o[:, None], offs_n[None, :], o_in[:, None], n_in[None, :],
                 g_l_o[:, None], lse2_o[:, None], g_p_o[:, None], pos2_o[:, None],
-                g_m_o[:, None], tgt_o[:, None], rlab_o[:, None],
+                g_m_o[:, None], tgt_o[:, None], rlab_o[:, None], g_l2_o[:, None],
+                l2_o[:, None], lse2_mult,
                 g_cl[None, :], cl2[None, :], g_cm[None, :], clab[None, :],
                 HAS_TARGETS, HAS_LABELS, EXCLUDE_DIAG, DECOUPLED, POS_LSE, HAS_G_LSE,
-                HAS_G_POS, HAS_G_MEAN, HAS_G_COL_LSE, HAS_G_COL_MEAN)
+                HAS_G_POS, HAS_G_MEAN, HAS_G_COL_LSE, HAS_G_COL_MEAN, HAS_G_LSE2)
 
         if WRITE_PARTIALS:
             ds_acc += tl.sum(g * qk, 1)
@@ -971,10 +1018,10 @@ def _prune_chunked(configs, named_args, **kwargs):
 
 
 _FWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
-             "WRITE_POS", "COL_PARTIALS", "SELF", "TF32", "SINGLE_D", "BLOCK_D"]
+             "WRITE_POS", "HAS_LSE2", "COL_PARTIALS", "SELF", "TF32", "SINGLE_D", "BLOCK_D"]
 _BWD_KEYS = ["D", "HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED", "POS_LSE",
              "TRANSPOSED", "SELF", "STORE_G", "HAS_G_LSE", "HAS_G_POS", "HAS_G_MEAN",
-             "HAS_G_COL_LSE", "HAS_G_COL_MEAN", "TF32", "SINGLE_D", "BLOCK_D"]
+             "HAS_G_COL_LSE", "HAS_G_COL_MEAN", "HAS_G_LSE2", "TF32", "SINGLE_D", "BLOCK_D"]
 
 # autotuned launchers, one per (kernel, tiling family); the autotuner also keys on dtypes
 _TUNED = {}
@@ -987,12 +1034,12 @@ for (_kind, _family), _configs in _CONFIGS.items():
             _contrastive_bwd_kernel)
     elif _kind == "merge":
         _TUNED[_kind, _family] = triton.autotune(
-            _configs, key=["HAS_POS", "POS_LSE", "HAS_LABELS", "BELOW", "ROWS"])(
+            _configs, key=["HAS_POS", "POS_LSE", "HAS_LABELS", "HAS_LSE2", "BELOW", "ROWS"])(
                 _merge_partials_kernel)
     elif _kind == "finalize":
         _TUNED[_kind, _family] = triton.autotune(
             _configs, key=["HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG", "DECOUPLED",
-                           "POS_LSE", "WRITE_POS"])(_finalize_kernel)
+                           "POS_LSE", "WRITE_POS", "HAS_LSE2"])(_finalize_kernel)
     else:
         _TUNED[_kind, _family] = triton.autotune(
             _configs, key=_BWD_KEYS, prune_configs_by={"early_config_prune": _prune_chunked})(
@@ -1037,11 +1084,12 @@ def _launch(kind, family, kernel, grid, args, flags, table=None):
 
 
 def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
-                o0=0, o_end=None, parts=None, state=None):
+                o0=0, o_end=None, parts=None, state=None, lse2=None, lse2_mult=0.0):
     """Row statistics of the rows ``[o0, o_end)`` of ``a`` (all by default). With ``parts``
     (``[fields, blocks, NB]`` fp32) also the column partials of each row block:
     ``COL_PARTIALS``, or with ``state`` (``[fields, NA]`` fp32) ``SELF``, where the rows' online
-    states go to ``state`` instead of the statistics."""
+    states go to ``state`` instead of the statistics. ``HAS_LSE2`` in ``flags``: ``lse2`` at
+    ``lse2_mult`` too."""
     NA, D = a.shape
     NB = b.shape[0]
     o_end = NA if o_end is None else o_end
@@ -1052,9 +1100,10 @@ def _launch_fwd(a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
     self_sim = state is not None
     p = lse if parts is None else parts
     st = state if self_sim else lse
-    args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, p, st, o0, o_end, NB, D,
+    args = (a, b, scale, bias, tgt, rlab, clab, lse, pos, npos, mean,
+            lse if lse2 is None else lse2, p, st, o0, o_end, NB, D,
             p.stride(0) if parts is not None else 0, st.stride(0) if self_sim else 0,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+            float(lse2_mult), a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     flags = dict(flags, COL_PARTIALS=parts is not None and not self_sim, SELF=self_sim,
                  TF32=tf32, SINGLE_D=single, BLOCK_D=block_d)
     if _INTERPRET:
@@ -1090,7 +1139,7 @@ def _partial_blocks(all_blocks: int, fields: int, cols: int) -> Optional[int]:
 
 
 def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
-                      exclude_diag):
+                      exclude_diag, lse2=None, lse2_mult=0.0):
     """Row statistics and ``(col_lse, col_mean)`` in one pass over the logits, or None.
 
     By slabs of rows: each launch writes the column statistics of every row block of the slab
@@ -1112,32 +1161,33 @@ def _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, 
     parts = torch.empty((3, blocks, C), dtype=f32, device=dev)  # the fields m, l, sd
     state = torch.zeros((3, C), dtype=f32, device=dev)          # the columns' states
     state[0] = float("-inf")
-    layout = dict(HAS_POS=False, POS_LSE=False, HAS_LABELS=False, BELOW=False, ROWS=block_m)
+    layout = dict(HAS_POS=False, POS_LSE=False, HAS_LABELS=False, HAS_LSE2=False, BELOW=False,
+                  ROWS=block_m)
     rows = blocks * block_m
     for o0 in range(0, R, rows):
         o_end = min(R, o0 + rows)
         _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags,
-                    o0, o_end, parts)
+                    o0, o_end, parts, lse2=lse2, lse2_mult=lse2_mult)
         n = triton.cdiv(o_end - o0, block_m)
         if C > 0:
             _launch_elementwise(
                 "merge", _merge_partials_kernel, C, "BLOCK_C",
-                (parts, state, o0, n, C, C, parts.stride(0), state.stride(0)), layout)
+                (parts, state, o0, n, C, C, parts.stride(0), state.stride(0), 0.0), layout)
     col_lse = torch.empty(C, dtype=f32, device=dev)
     col_mean = torch.empty(C, dtype=f32, device=dev)
     if C > 0:  # the columns as the rows of k @ q.T, with the row counts of the columns
         _launch_elementwise(
             "finalize", _finalize_kernel, C, "BLOCK_M",
             (state, state.stride(0), lse, scale, bias, col_lse, col_lse, col_lse, col_mean,
-             C, R),
+             col_lse, C, R, 0.0),
             dict(HAS_TARGETS=False, HAS_LABELS=False, EXCLUDE_DIAG=bool(exclude_diag),
-                 DECOUPLED=False, POS_LSE=False, WRITE_POS=False))
+                 DECOUPLED=False, POS_LSE=False, WRITE_POS=False, HAS_LSE2=False))
     return col_lse, col_mean
 
 
-def _state_fields(has_pos: bool, pos_lse: bool, has_labels: bool) -> int:
+def _state_fields(has_pos: bool, pos_lse: bool, has_labels: bool, has_lse2: bool) -> int:
     """How many fields :func:`_store_state` writes."""
-    return 3 + (1 + int(pos_lse)) * int(has_pos) + int(has_labels)
+    return 3 + (1 + int(pos_lse)) * int(has_pos) + int(has_labels) + int(has_lse2)
 
 
 def _half_square_pays(row_blocks: int, sms: Optional[int]) -> bool:
@@ -1158,7 +1208,8 @@ def _half_square_pays(row_blocks: int, sms: Optional[int]) -> bool:
     return row_blocks > sms
 
 
-def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
+def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags, lse2=None,
+              lse2_mult=0.0):
     """Row statistics of the symmetric logits ``scale * q @ q.T + bias`` from the blocks on and
     below the diagonal only (half the logits of the full square), or False.
 
@@ -1179,7 +1230,8 @@ def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
     if not _half_square_pays(all_blocks, sms):
         return False
     has_pos = flags["HAS_TARGETS"] or flags["HAS_LABELS"]
-    layout = dict(HAS_POS=has_pos, POS_LSE=flags["POS_LSE"], HAS_LABELS=flags["HAS_LABELS"])
+    layout = dict(HAS_POS=has_pos, POS_LSE=flags["POS_LSE"], HAS_LABELS=flags["HAS_LABELS"],
+                  HAS_LSE2=flags["HAS_LSE2"])
     fields = _state_fields(*layout.values())
     blocks = _partial_blocks(all_blocks, fields, N)
     if blocks is None:
@@ -1191,19 +1243,22 @@ def _fwd_self(q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags):
     for o0 in range(0, N, rows):
         o_end = min(N, o0 + rows)
         _launch_fwd(q, q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, flags, o0, o_end,
-                    parts, state)
+                    parts, state, lse2, lse2_mult)
         n = triton.cdiv(o_end - o0, block_m)
         c_end = o0 + (n - 1) * block_m  # the columns below the slab's last row block
         if c_end > 0:
             _launch_elementwise(
                 "merge", _merge_partials_kernel, c_end, "BLOCK_C",
-                (parts, state, o0, n, c_end, N, parts.stride(0), state.stride(0)),
+                (parts, state, o0, n, c_end, N, parts.stride(0), state.stride(0),
+                 float(lse2_mult)),
                 dict(layout, BELOW=True, ROWS=block_m))
     _launch_elementwise(
         "finalize", _finalize_kernel, N, "BLOCK_M",
-        (state, state.stride(0), tgt, scale, bias, lse, pos, npos, mean, N, N),
+        (state, state.stride(0), tgt, scale, bias, lse, pos, npos, mean,
+         lse if lse2 is None else lse2, N, N, float(lse2_mult)),
         dict({name: flags[name] for name in ("HAS_TARGETS", "HAS_LABELS", "EXCLUDE_DIAG",
-                                             "DECOUPLED", "POS_LSE")}, WRITE_POS=True))
+                                             "DECOUPLED", "POS_LSE", "HAS_LSE2")},
+             WRITE_POS=True))
     return True
 
 
@@ -1421,11 +1476,14 @@ def _check_inputs(q, k, scale, bias, targets, row_labels, col_labels):
 
 
 def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
-                    exclude_diag, decoupled, pos_lse, col_stats):
-    """Statistics ``(lse, pos, npos, mean, col_lse, col_mean)`` of ``scale * q @ k.T + bias``.
+                    exclude_diag, decoupled, pos_lse, col_stats, lse2_mult=0.0):
+    """Statistics ``(lse, pos, npos, mean, col_lse, col_mean, lse2)`` of
+    ``scale * q @ k.T + bias``.
 
     Same signature and return conventions as :func:`fastcl.ops._reference_impl.contrastive_fwd`:
-    four fp32 ``[R]`` tensors, then two fp32 ``[C]`` tensors (empty unless ``col_stats``).
+    four fp32 ``[R]`` tensors, two fp32 ``[C]`` tensors (empty unless ``col_stats``), then
+    ``lse2`` (fp32 ``[R]`` when ``lse2_mult > 0``, else empty), from the same pass: one more
+    running sum per row, sharing the running max.
     Labels take precedence over targets when both are given. ``k=None`` (no column
     statistics): the keys are ``q`` itself; from ``SLAB_MIN_D`` features on, the statistics
     then come from the blocks on and below the diagonal of the symmetric logits
@@ -1450,35 +1508,41 @@ def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
     tgt = _vec(targets if has_targets else None, lse)
     rlab = _vec(row_labels if has_labels else None, lse)
     clab = _vec(col_labels if has_labels else None, lse)
+    lse2_mult = float(lse2_mult)
+    has_lse2 = lse2_mult > 0
     row_flags = dict(HAS_TARGETS=has_targets, HAS_LABELS=has_labels,
                      EXCLUDE_DIAG=bool(exclude_diag), DECOUPLED=bool(decoupled),
-                     POS_LSE=bool(pos_lse), WRITE_POS=True)
+                     POS_LSE=bool(pos_lse), WRITE_POS=True, HAS_LSE2=has_lse2)
+    lse2 = torch.empty(R if has_lse2 else 0, dtype=f32, device=dev)
+    rows_lse2 = dict(lse2=lse2 if has_lse2 else None, lse2_mult=lse2_mult)
     if self_sim and R > 0 and _use_slabs(q.shape[1], q.dtype) and _fwd_self(
-            q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, row_flags):
+            q, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, row_flags, **rows_lse2):
         return (lse, pos, npos, mean, torch.empty(0, dtype=f32, device=dev),
-                torch.empty(0, dtype=f32, device=dev))
+                torch.empty(0, dtype=f32, device=dev), lse2)
     if col_stats and _use_slabs(q.shape[1], q.dtype):
         cols = _fwd_col_partials(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean,
-                                 row_flags, exclude_diag)
+                                 row_flags, exclude_diag, **rows_lse2)
         if cols is not None:
-            return (lse, pos, npos, mean, *cols)
-    _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, row_flags)
+            return (lse, pos, npos, mean, *cols, lse2)
+    _launch_fwd(q, k, scale, bias, tgt, rlab, clab, lse, pos, npos, mean, row_flags,
+                **rows_lse2)
     if col_stats:
         col_lse = torch.empty(C, dtype=f32, device=dev)
         col_mean = torch.empty(C, dtype=f32, device=dev)
         # the columns as rows of k @ q.T: the set is `allowed` (symmetric in r and c)
         _launch_fwd(k, q, scale, bias, lse, lse, lse, col_lse, lse, lse, col_mean,
                     dict(HAS_TARGETS=False, HAS_LABELS=False, EXCLUDE_DIAG=bool(exclude_diag),
-                         DECOUPLED=False, POS_LSE=False, WRITE_POS=False))
+                         DECOUPLED=False, POS_LSE=False, WRITE_POS=False, HAS_LSE2=False))
     else:
         col_lse = torch.empty(0, dtype=f32, device=dev)
         col_mean = torch.empty(0, dtype=f32, device=dev)
-    return lse, pos, npos, mean, col_lse, col_mean
+    return lse, pos, npos, mean, col_lse, col_mean, lse2
 
 
 def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, targets,
                     row_labels, col_labels, lse, pos, npos, col_lse,
-                    exclude_diag, decoupled, pos_lse, col_stats):
+                    exclude_diag, decoupled, pos_lse, col_stats, g_lse2=None, lse2=None,
+                    lse2_mult=0.0):
     """Gradients ``(dq, dk, dscale, dbias)`` from the gradients of the statistics.
 
     Same signature and return conventions as :func:`fastcl.ops._reference_impl.contrastive_bwd`:
@@ -1508,7 +1572,7 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     f32 = torch.float32
     no_dk = q.new_empty((0, q.shape[1])) if self_sim else None
     if g_lse is None and g_pos is None and g_mean is None and g_col_lse is None \
-            and g_col_mean is None:
+            and g_col_mean is None and g_lse2 is None:
         return (torch.zeros(q.shape, dtype=q.dtype, device=dev),
                 no_dk if self_sim else torch.zeros(k.shape, dtype=k.dtype, device=dev),
                 torch.zeros((), dtype=f32, device=dev), torch.zeros((), dtype=f32, device=dev))
@@ -1519,10 +1583,14 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     def v(t):
         return _vec(t, dummy)
 
+    lse2_mult = float(lse2_mult)
     present = [t for t in (g_lse, g_pos, g_mean, g_col_lse, g_col_mean) if t is not None]
+    if g_lse2 is not None:
+        present.append(g_lse2.detach().float() * lse2_mult)
     rescale = q.dtype == torch.float16
     if rescale:
-        # |G| <= sum of max |g_*| (every factor multiplying a g_* in G is at most 1)
+        # |G| <= sum of max |g_*| (every factor multiplying a g_* in G is at most 1; g_lse2's,
+        # lse2_mult, is folded in above)
         parts = [torch.linalg.vector_norm(t.detach().float(), float("inf"))
                  for t in present if t.numel() > 0]
         g_bound = torch.stack(parts).sum() if parts else torch.ones((), dtype=f32, device=dev)
@@ -1537,13 +1605,15 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
             v(lse if g_lse is not None else None), v(pos if g_pos is not None else None),
             v(npos if (has_labels or has_targets) else None),
             v(col_lse if g_col_lse is not None else None),
-            v(g_lse), v(g_pos), v(g_mean), v(g_col_lse), v(g_col_mean), g_mul)
+            v(g_lse), v(g_pos), v(g_mean), v(g_col_lse), v(g_col_mean), g_mul,
+            v(lse2 if g_lse2 is not None else None), v(g_lse2), lse2_mult)
     flags = dict(
         HAS_TARGETS=has_targets, HAS_LABELS=has_labels, EXCLUDE_DIAG=bool(exclude_diag),
         DECOUPLED=bool(decoupled), POS_LSE=bool(pos_lse),
         HAS_G_LSE=g_lse is not None, HAS_G_POS=g_pos is not None,
         HAS_G_MEAN=g_mean is not None, HAS_G_COL_LSE=g_col_lse is not None,
-        HAS_G_COL_MEAN=g_col_mean is not None, RESCALE_G=rescale,
+        HAS_G_COL_MEAN=g_col_mean is not None, HAS_G_LSE2=g_lse2 is not None,
+        RESCALE_G=rescale,
     )
     row_flags = dict(flags, TRANSPOSED=False, SELF=self_sim, WRITE_PARTIALS=True)
     col_flags = dict(flags, TRANSPOSED=True, SELF=False, WRITE_PARTIALS=False)

@@ -96,7 +96,7 @@ def call_bwd(fn, case, grads, stats, **flags):
     """``fn`` (a backend's ``contrastive_bwd_*``) on ``case`` with the statistics' gradients
     ``grads`` and the forward's ``stats``."""
     f = flags_of(flags)
-    lse, pos, npos, _mean, col_lse, _col_mean = stats
+    lse, pos, npos, _mean, col_lse = stats[:5]
     return fn(*grads, case["q"], case["k"], case["scale"], case["bias"], case["targets"],
               case["row_labels"], case["col_labels"], lse, pos, npos, col_lse,
               f["exclude_diag"], f["decoupled"], f["pos_lse"], f["col_stats"])
@@ -136,21 +136,26 @@ def _cast(case, dtype):
     return out
 
 
-def ref_stats(case, dtype=None, **flags):
-    """The oracle's statistics of ``case`` (at ``dtype`` when given)."""
+def ref_stats(case, dtype=None, lse2_mult=0.0, **flags):
+    """The oracle's seven statistics of ``case`` (at ``dtype`` when given; ``lse2`` at
+    ``lse2_mult``, empty when 0)."""
     c = _cast(case, dtype) if dtype is not None else case
     with torch.no_grad():
         return contrastive_stats_ref(c["q"], c["k"], c["scale"], c["bias"], c["targets"],
-                                     c["row_labels"], c["col_labels"], **flags_of(flags))
+                                     c["row_labels"], c["col_labels"], lse2_mult=lse2_mult,
+                                     **flags_of(flags))
 
 
-def ref_grads(case, grads, dtype, **flags):
-    """Gradients (dq, dk, dscale, dbias) of sum(g * stat) by the oracle's autograd at ``dtype``."""
+def ref_grads(case, grads, dtype, g_lse2=None, lse2_mult=0.0, **flags):
+    """Gradients (dq, dk, dscale, dbias) of sum(g * stat) (``grads``: of lse, pos, mean,
+    col_lse, col_mean; ``g_lse2``: of lse2 at ``lse2_mult``) by the oracle's autograd at
+    ``dtype``; infinite statistics count for nothing."""
     c = _cast(case, dtype)
     leaves = [c[n].detach().clone().requires_grad_(True) for n in ("q", "k", "scale", "bias")]
     out = contrastive_stats_ref(*leaves, c["targets"], c["row_labels"], c["col_labels"],
-                                **flags_of(flags))
-    pairs = [(o, g) for o, g in zip((out[0], out[1], out[3], out[4], out[5]), grads)
+                                lse2_mult=lse2_mult, **flags_of(flags))
+    pairs = [(o, g) for o, g in zip((out[0], out[1], out[3], out[4], out[5], out[6]),
+                                    list(grads) + [g_lse2])
              if g is not None and o.numel() > 0]
     if not pairs:
         return [torch.zeros_like(x) for x in leaves]
@@ -244,6 +249,55 @@ def check_fused_equals_two_kernels(fused_out, stats, kernel_bwd, case, grads, **
     torch.testing.assert_close(npos, stats[2], rtol=0, atol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def check_fwd_lse2(got, case, mu, dtype, **flags):
+    """A forward's seven outputs at ``lse2_mult=mu`` against the oracle's at ``dtype`` (lse2:
+    its dtype, device, shape, -inf pattern and values, as the other statistics)."""
+    assert len(got) == 7
+    want = ref_stats(case, dtype, lse2_mult=mu, **flags)
+    check_stats(got[:6], want[:6], dtype)
+    a, b = got[6], want[6]
+    assert a.dtype == stat_dtype(dtype) and a.device == case["q"].device, \
+        f"lse2: {a.dtype} {a.device}"
+    assert a.shape == b.shape == ((case["q"].shape[0],) if mu > 0 else (0,)), a.shape
+    assert torch.equal(torch.isneginf(a).cpu(), torch.isneginf(b).cpu()), \
+        "lse2: -inf pattern differs"
+    assert torch.isfinite(a[~torch.isneginf(a)]).all(), "lse2: NaN or +inf"
+    torch.testing.assert_close(a.masked_fill(torch.isinf(a), 0).to(F64).cpu(),
+                               b.masked_fill(torch.isinf(b), 0).to(F64).cpu(),
+                               msg=lambda m: f"lse2: {m}", **FWD_TOL[dtype])
+
+
+def check_grads_lse2(got, case, grads, g_lse2, mu, dtype, self_sim=False, mag_floor=1e-3,
+                     **flags):
+    """A backward's (dq, dk, dscale, dbias) for the statistics' gradients ``grads`` and
+    ``g_lse2`` at ``lse2_mult=mu`` against the oracle's (``self_sim``, k=None: dz against the
+    oracle's dq + dk, dk empty): fp64 tight; lower precision within twice the error of the
+    oracle run at that dtype (both against fp64) plus GRAD_ATOL times the magnitude."""
+    q = case["q"]
+    for name, a, x in zip(GRAD_NAMES, got, (q, case["k"], case["scale"], case["bias"])):
+        want_shape = (0, q.shape[1]) if (name == "dk" and self_sim) else x.shape
+        assert a.dtype == x.dtype and a.shape == want_shape, f"{name}: {a.dtype} {tuple(a.shape)}"
+        assert a.device == x.device and torch.isfinite(a).all(), f"{name}: NaN or inf"
+    to64 = lambda g: None if g is None else g.to(F64)  # noqa: E731
+    fold = (lambda r: [r[0].to(F64) + r[1].to(F64), r[2], r[3]]) if self_sim else list
+    names, got = list(GRAD_NAMES), list(got)
+    if self_sim:
+        names, got = ["dz", "dscale", "dbias"], [got[0], got[2], got[3]]
+    exact = fold(ref_grads(case, [to64(g) for g in grads], F64, to64(g_lse2), mu, **flags))
+    if dtype == F64:
+        for name, a, b in zip(names, got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        return
+    plain = fold(ref_grads(case, grads, dtype, g_lse2, mu, **flags))
+    for name, a, p, b in zip(names, got, plain, exact):
+        mag = max(b.abs().max().item() if b.numel() else 0.0, mag_floor)
+        err = (a.to(F64) - b).abs().max().item() if b.numel() else 0.0
+        err_plain = (p.to(F64) - b).abs().max().item() if b.numel() else 0.0
+        bound = 2 * err_plain + GRAD_ATOL[dtype] * mag
+        assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e}"
 
 
 def check_self_stats(fwd, case, **flags):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastcl
-from benchmarks._common import (eager_clip, eager_info_nce, eager_nt_xent, open_clip_clip,
-                                pml_clip, pml_info_nce, self_forward)
+from benchmarks._common import (eager_clip, eager_info_nce, eager_nt_xent, lse2_second_pass,
+                                open_clip_clip, pml_clip, pml_info_nce, self_forward)
 from benchmarks.bench_clip import LOSSES, _pairs, implementations, measure, nt_xent_unreduced
 from fastcl import dispatch
 
@@ -225,6 +225,56 @@ def test_cuda_square_forward_variant(monkeypatch, stats_keys):
     assert stats_keys == [True]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_lse2_second_pass_variant(backend, monkeypatch):
+    """The -twopass variants of the hard-negative loss: within lse2_second_pass the statistics
+    op runs the backend's forward kernel twice (the second at lse2_mult times the scale) and
+    its backward twice, outside once each; the list is restored on exit; the loss and its
+    gradients are the same."""
+    from fastcl import _backends
+    from fastcl.ops import contrastive as contrastive_ops
+
+    reason = dispatch.why_not(backend, "hard_negative_nce", torch.device("cpu"), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    calls = []
+    real = _backends.kernel
+
+    def counting(be, op):
+        fn = real(be, op)
+
+        def wrapped(*args, **kw):
+            calls.append(op)
+            return fn(*args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(_backends, "kernel", counting)
+    before = contrastive_ops.LSE2_BACKENDS
+    assert backend in before
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(12, 6, generator=g), torch.randn(12, 6, generator=g)
+
+    def loss(a, b, s):
+        return fastcl.hard_negative_nce(a, b, temperature=1 / s, beta=1.0, tau_plus=0.1,
+                                        backend=backend)
+
+    scale = torch.tensor(2.0)
+    one = _loss_and_grads(loss, z1, z2, scale)
+    assert calls == ["contrastive_fwd", "contrastive_bwd"]
+    calls.clear()
+    with lse2_second_pass(backend):
+        assert backend not in contrastive_ops.LSE2_BACKENDS
+        two = _loss_and_grads(loss, z1, z2, scale)
+    assert calls == ["contrastive_fwd"] * 2 + ["contrastive_bwd"] * 2
+    assert contrastive_ops.LSE2_BACKENDS == before
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    impls = implementations(torch.device("cpu"), torch.float32, None, "hcl")
+    if backend == "cpu":
+        assert {"eager", "fastcl-cpu", "fastcl-cpu-twopass"} <= set(impls)
+        assert impls["fastcl-cpu-twopass"].step_context is not None
 
 
 def test_pml_ntxent_refuses_cubic_memory():

@@ -17,9 +17,10 @@ import torch
 from _cases import SLAB_SHAPES
 from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, MODES, call_bwd,
                                  call_bwd_self, call_fused, call_fwd,
-                                 check_fused_equals_two_kernels, check_self_grads,
-                                 check_self_stats, check_stats, fused_expected, make_case,
-                                 random_grads, ref_stats, self_case)
+                                 check_fused_equals_two_kernels, check_fwd_lse2,
+                                 check_grads_lse2, check_self_grads, check_self_stats,
+                                 check_stats, flags_of, fused_expected, make_case, random_grads,
+                                 ref_stats, self_case)
 from _contrastive_checks import check_grads as check_grads_of
 from _contrastive_checks import flag_id as _id
 from _contrastive_checks import stat_dtype as _stat_dtype
@@ -242,7 +243,8 @@ def test_empty_sets_give_minus_inf_and_zero_grad():
     case = make_case(1, 1, 4, F64, "targets")
     flags = dict(exclude_diag=True, col_stats=True)
     stats = kernel_fwd(case, **flags)
-    lse, pos, npos, mean, col_lse, col_mean = stats
+    lse, pos, npos, mean, col_lse, col_mean, lse2 = stats
+    assert lse2.shape == (0,)
     assert torch.isneginf(lse).all() and torch.isneginf(col_lse).all()
     assert (pos == 0).all() and (npos == 0).all() and (mean == 0).all() and (col_mean == 0).all()
     dq, dk, ds, db = kernel_bwd(case, random_grads(1, 1, F64, True), stats, **flags)
@@ -287,7 +289,7 @@ def test_through_the_custom_op():
     q = case["q"].clone().requires_grad_(True)
     k = case["k"].clone().requires_grad_(True)
     scale = case["scale"].clone().requires_grad_(True)
-    lse, pos, _n, _m, col_lse, _cm = contrastive_stats(
+    lse, pos, _n, _m, col_lse, _cm, *_ = contrastive_stats(
         q, k, scale, case["bias"], torch.arange(33), col_stats=True, backend="cpu")
     loss = 0.5 * (lse - pos).mean() + 0.5 * (col_lse - pos).mean()
     loss.backward()
@@ -560,7 +562,7 @@ def test_bwd_self_equals_two_feature_sets():
 
 def test_bwd_self_refuses_column_statistics():
     case = self_case(6, 4, F32, "targets")
-    lse, pos, npos, _m, _cl, _cm = kernel_fwd(case)
+    lse, pos, npos, *_ = kernel_fwd(case)
     with pytest.raises(RuntimeError, match=r"column statistics need k"):
         _C.contrastive_bwd_cpu(torch.ones(6), None, None, torch.ones(6), None, case["q"], None,
                                case["scale"], case["bias"], case["targets"], None, None, lse, pos,
@@ -624,6 +626,309 @@ def test_fwd_self_refuses_column_statistics():
     case = self_case(6, 4, F32, "targets")
     with pytest.raises(RuntimeError, match=r"column statistics need k"):
         kernel_fwd_self(case, col_stats=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# lse2: log sum_{c in den(r)} exp(mu * s[r, c]) (lse2_mult = mu > 0), from the same sweep as lse
+# (one more running sum per row, the running max shared), and its gradient term
+# g_lse2 * den * mu * exp(mu * s - lse2). k given and k=None (the half-square forward, the
+# G + G.T backward), several slabs and row parts, both instruction sets, both ways of taking the
+# exponentials. Against the oracle's lse2 and the autograd of sum(g . stats) + sum(g_lse2 lse2).
+
+
+MUS = (0.5, 2.0)
+
+
+def fwd_lse2(case, mu, self_=False, **flags):
+    """The forward kernel at lse2_mult = mu (``self_``: k=None): its seven outputs."""
+    f = flags_of(flags)
+    return _C.contrastive_fwd_cpu(case["q"], None if self_ else case["k"], case["scale"],
+                                  case["bias"], case["targets"], case["row_labels"],
+                                  case["col_labels"], f["exclude_diag"], f["decoupled"],
+                                  f["pos_lse"], f["col_stats"], lse2_mult=mu)
+
+
+def bwd_lse2(case, grads, g_lse2, stats, mu, self_=False, **flags):
+    """The backward kernel for the gradients ``grads`` (g_lse, g_pos, g_mean, g_col_lse,
+    g_col_mean) and ``g_lse2``, from the forward's seven outputs ``stats``."""
+    f = flags_of(flags)
+    lse, pos, npos, _mean, col_lse, _col_mean, lse2 = stats
+    return _C.contrastive_bwd_cpu(*grads, case["q"], None if self_ else case["k"],
+                                  case["scale"], case["bias"], case["targets"],
+                                  case["row_labels"], case["col_labels"], lse, pos, npos,
+                                  col_lse, f["exclude_diag"], f["decoupled"], f["pos_lse"],
+                                  f["col_stats"], g_lse2=g_lse2, lse2=lse2, lse2_mult=mu)
+
+
+def lse2_grad_sets(R, C, dtype, col_stats, seed=1):
+    """(grads, g_lse2) pairs: g_lse2 alone; with g_lse and g_pos; with every other gradient."""
+    sdt = _stat_dtype(dtype)
+    g2 = torch.randn(R, generator=torch.Generator().manual_seed(seed + 100), dtype=F64).to(sdt)
+    full = random_grads(R, C, dtype, col_stats, seed=seed)
+    return [([None] * 5, g2), (full[:2] + [None] * 3, g2), (full, g2)]
+
+
+LSE2_FP64_CASES = [(mode, flags, shift, mu) for mode in MODES for flags in FLAG_COMBOS
+                   for shift in SHIFTS for mu in MUS
+                   if shift == "shared-shift" or flags["col_stats"]]
+
+
+@pytest.mark.parametrize("mode,flags,shift,mu", LSE2_FP64_CASES,
+                         ids=[f"{m}-{_id(f)}-{s}-mu{u}" for m, f, s, u in LSE2_FP64_CASES])
+def test_lse2_fp64(mode, flags, shift, mu, slab_bytes, monkeypatch):
+    use_shift(monkeypatch, shift)
+    R, C, D = 37, 29, 6
+    slab_bytes(7 * C * 8)  # several slabs, a ragged last one
+    case = make_case(R, C, D, F64, mode, scale=4.0, bias=-0.5)
+    stats = fwd_lse2(case, mu, **flags)
+    check_fwd_lse2(stats, case, mu, F64, **flags)
+    for grads, g2 in lse2_grad_sets(R, C, F64, flags["col_stats"]):
+        got = bwd_lse2(case, grads, g2, stats, mu, **flags)
+        check_grads_lse2(got, case, grads, g2, mu, F64, **flags)
+
+
+LSE2_SELF_CASES = [(mode, flags, mu) for mode in MODES for flags in FUSED_FLAGS for mu in MUS]
+
+
+@pytest.mark.parametrize("mode,flags,mu", LSE2_SELF_CASES,
+                         ids=[f"{m}-{_id(f)}-mu{u}" for m, f, u in LSE2_SELF_CASES])
+def test_lse2_self_fp64(mode, flags, mu, slab_bytes):
+    """k=None: the half-square forward (and the same kernel with k given, the full square, to
+    1e-12) and the G + G.T backward."""
+    R, D = 37, 6
+    slab_bytes(7 * R * 8)  # slabs of 4 rows (the fp64 vector), a ragged last one
+    case = self_case(R, D, F64, mode, scale=4.0, bias=-0.5)
+    stats = fwd_lse2(case, mu, self_=True, **flags)
+    check_fwd_lse2(stats, case, mu, F64, **flags)
+    square = fwd_lse2(case, mu, **flags)
+    torch.testing.assert_close(stats[6], square[6], rtol=1e-12, atol=1e-12)
+    for grads, g2 in lse2_grad_sets(R, R, F64, False):
+        got = bwd_lse2(case, grads, g2, stats, mu, self_=True, **flags)
+        check_grads_lse2(got, case, grads, g2, mu, F64, self_sim=True, **flags)
+
+
+@pytest.mark.parametrize("self_", (False, True), ids=("k", "self"))
+@pytest.mark.parametrize("isa", ("generic", "auto"))
+@pytest.mark.parametrize("rows", (1, 8, 13, 200), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("dtype", (F64, F32), ids=str)
+def test_lse2_slab_sizes(dtype, rows, isa, self_, slab_bytes, monkeypatch):
+    """One-row (self: one-vector) slabs, a few rows with a ragged last slab, one slab for all;
+    with k=None the part before each slab spans one and two row parts."""
+    monkeypatch.setenv("FASTCL_CPU_ISA", isa)
+    R, D = 61, 5
+    slab_bytes(rows * R * dtype.itemsize)
+    flags = dict(exclude_diag=True, decoupled=True)
+    mu = MUS[rows % 2]
+    case = self_case(R, D, dtype, "labels", scale=6.0)
+    stats = fwd_lse2(case, mu, self_=self_, **flags)
+    check_fwd_lse2(stats, case, mu, dtype, **flags)
+    for grads, g2 in lse2_grad_sets(R, R, dtype, False, seed=rows)[:2]:
+        got = bwd_lse2(case, grads, g2, stats, mu, self_=self_, **flags)
+        check_grads_lse2(got, case, grads, g2, mu, dtype, self_sim=self_, **flags)
+
+
+@pytest.mark.parametrize("self_", (False, True), ids=("k", "self"))
+@pytest.mark.parametrize("mu", MUS, ids=lambda u: f"mu{u}")
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+@pytest.mark.parametrize("dtype", (F32, BF16, F16), ids=str)
+def test_lse2_low_precision(dtype, mode, mu, self_, slab_bytes):
+    if self_:
+        R, C, D = 70, 70, 24
+        flags = dict(exclude_diag=True, pos_lse=(mode == "labels"))
+        case = self_case(R, D, dtype, mode, scale=8.0)
+    else:
+        R, C, D = 53, 41, 24
+        flags = dict(exclude_diag=True, decoupled=(mode == "labels"), col_stats=True)
+        case = make_case(R, C, D, dtype, mode, scale=10.0, bias=0.1, seed=3)
+    slab_bytes(16 * C * 4)
+    stats = fwd_lse2(case, mu, self_=self_, **flags)
+    check_fwd_lse2(stats, case, mu, dtype, **flags)
+    for grads, g2 in lse2_grad_sets(R, C, dtype, flags.get("col_stats", False), seed=4):
+        got = bwd_lse2(case, grads, g2, stats, mu, self_=self_, **flags)
+        check_grads_lse2(got, case, grads, g2, mu, dtype, self_sim=self_, **flags)
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("mu", MUS, ids=lambda u: f"mu{u}")
+def test_lse2_rows_far_apart_in_one_tile(mu, shift, monkeypatch):
+    """fp32 rows whose maxima lie ~45 apart in every tile (rows of norm 0.1 and 1 alternate,
+    every cosine in [0.7, 1]), within the span of one shared shift M per tile (the largest
+    maximum): a row's sum of exp(mu (s - M)) would underflow at mu = 2; the kernel keeps lse2
+    relative to the row's own maximum."""
+    use_shift(monkeypatch, shift)
+    R, C, D = 32, 64, 4
+    case = make_case(R, C, D, F32, "targets", scale=55.0, bias=0.0, seed=12)
+    g = torch.Generator().manual_seed(12)
+    axis = torch.zeros(D, dtype=F64)
+    axis[0] = 1.0
+
+    def near_axis(n):
+        return torch.nn.functional.normalize(axis + 0.25 * torch.randn(n, D, generator=g,
+                                                                       dtype=F64), dim=1)
+
+    norms = torch.tensor([0.1, 1.0], dtype=F64).repeat(R // 2)[:, None]
+    case["q"] = (near_axis(R) * norms).to(F32)
+    case["k"] = near_axis(C).to(F32)
+    flags = dict(exclude_diag=True, col_stats=True)
+    stats = fwd_lse2(case, mu, **flags)
+    check_fwd_lse2(stats, case, mu, F32, **flags)
+    want64 = ref_stats(case, F64, lse2_mult=mu, **flags)[6]
+    torch.testing.assert_close(stats[6].to(F64), want64, rtol=1e-5, atol=1e-4)
+    for grads, g2 in lse2_grad_sets(R, C, F32, True)[:2]:
+        got = bwd_lse2(case, grads, g2, stats, mu, **flags)
+        check_grads_lse2(got, case, grads, g2, mu, F32, **flags)
+
+
+def test_lse2_empty_denominator_rows():
+    """Rows whose denominator set is empty: lse2 = -inf (like lse), no NaN in the gradients."""
+    mu = 2.0
+    # R = C = 1, the diagonal excluded (k given and k=None)
+    for self_ in (False, True):
+        case = make_case(1, 1, 4, F64, "targets")
+        flags = dict(exclude_diag=True, col_stats=not self_)
+        stats = fwd_lse2(case, mu, self_=self_, **flags)
+        assert torch.isneginf(stats[6]).all() and torch.isneginf(stats[0]).all()
+        grads = random_grads(1, 1, F64, not self_)
+        for gs in ([None] * 5, grads):
+            for t in bwd_lse2(case, gs, torch.ones(1, dtype=F64), stats, mu, self_=self_, **flags):
+                assert (t == 0).all()
+    # decoupled labels: rows of class 0 have every column as a positive (empty set), the others
+    # none; several slabs
+    for self_ in (False, True):
+        R = 13
+        case = make_case(R, R, 4, F64, "labels", seed=3)
+        case["row_labels"] = torch.arange(R) % 2
+        case["col_labels"] = torch.zeros(R, dtype=torch.long)
+        if self_:
+            case["k"] = case["q"]
+        flags = dict(exclude_diag=True, decoupled=True, pos_lse=True)
+        stats = fwd_lse2(case, mu, self_=self_, **flags)
+        check_fwd_lse2(stats, case, mu, F64, **flags)
+        assert torch.isneginf(stats[6]).any() and torch.isfinite(stats[6]).any()
+        for grads, g2 in lse2_grad_sets(R, R, F64, False):
+            got = bwd_lse2(case, grads, g2, stats, mu, self_=self_, **flags)
+            check_grads_lse2(got, case, grads, g2, mu, F64, self_sim=self_, **flags)
+
+
+@pytest.mark.parametrize("self_", (False, True), ids=("k", "self"))
+@pytest.mark.parametrize("R,C", [(0, 5), (1, 5), (1, 1), (4, 0)])
+def test_lse2_empty_and_tiny(R, C, self_):
+    if self_:
+        C = R
+    mu = 0.5
+    case = make_case(R, C, 3, F64, "targets" if R > 0 and C > 0 else "none")
+    if self_:
+        case["k"] = case["q"]
+    flags = dict(exclude_diag=True)
+    stats = fwd_lse2(case, mu, self_=self_, **flags)
+    assert stats[6].shape == (R,)
+    check_fwd_lse2(stats, case, mu, F64, **flags)
+    for grads, g2 in lse2_grad_sets(R, C, F64, False):
+        got = bwd_lse2(case, grads, g2, stats, mu, self_=self_, **flags)
+        check_grads_lse2(got, case, grads, g2, mu, F64, self_sim=self_, **flags)
+
+
+@pytest.mark.parametrize("self_", (False, True), ids=("k", "self"))
+@pytest.mark.parametrize("dtype", (F64, BF16), ids=str)
+def test_lse2_off_and_unchanged(dtype, self_):
+    """lse2_mult = 0 (the default) gives an empty lse2 of the statistics dtype and the same six
+    statistics; lse2_mult > 0 leaves the other statistics, and g_lse2 = None the gradients, as
+    they are."""
+    R, C = 41, 41
+    flags = dict(exclude_diag=True, pos_lse=True, col_stats=not self_)
+    case = self_case(R, 8, dtype, "labels") if self_ else make_case(R, C, 8, dtype, "labels")
+    base = fwd_lse2(case, 0.0, self_=self_, **flags)
+    k = None if self_ else case["k"]
+    f = flags_of(flags)
+    default = _C.contrastive_fwd_cpu(case["q"], k, case["scale"], case["bias"], None,
+                                     case["row_labels"], case["col_labels"], f["exclude_diag"],
+                                     f["decoupled"], f["pos_lse"], f["col_stats"])
+    assert base[6].shape == (0,) and base[6].dtype == _stat_dtype(dtype)
+    assert default[6].shape == (0,) and default[6].dtype == _stat_dtype(dtype)
+    for a, b in zip(base[:6], default[:6]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    on = fwd_lse2(case, 2.0, self_=self_, **flags)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-6, atol=1e-5)
+    for a, b in zip(on[:6], base[:6]):
+        torch.testing.assert_close(a, b, **tol)
+    grads = random_grads(R, C, dtype, not self_)
+    plain = bwd_lse2(case, grads, None, base, 0.0, self_=self_, **flags)
+    with_mult = bwd_lse2(case, grads, None, (*base[:6], on[6]), 2.0, self_=self_, **flags)
+    for a, b in zip(plain, with_mult):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", (F32, F64), ids=str)
+def test_lse2_generic_and_avx2_variants_agree(dtype, monkeypatch, slab_bytes):
+    R, D = 45, 9
+    flags = dict(exclude_diag=True, pos_lse=True, decoupled=True)
+    case = self_case(R, D, dtype, "labels", seed=5)
+    slab_bytes(8 * R * dtype.itemsize)
+    grads, g2 = lse2_grad_sets(R, R, dtype, False)[1]
+    results = []
+    for isa in ("generic", "auto"):
+        monkeypatch.setenv("FASTCL_CPU_ISA", isa)
+        out = []
+        for self_ in (False, True):
+            stats = fwd_lse2(case, 2.0, self_=self_, **flags)
+            out += [stats[6], *bwd_lse2(case, grads, g2, stats, 2.0, self_=self_, **flags)]
+        results.append(out)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_lse2_slab_size_does_not_change_results(slab_bytes):
+    R, D = 300, 16
+    flags = dict(exclude_diag=True, decoupled=True, pos_lse=True)
+    case = self_case(R, D, F64, "labels", seed=11)
+    grads, g2 = lse2_grad_sets(R, R, F64, False)[2]
+    for self_ in (False, True):
+        outs = []
+        for rows in (1, 13, 300):
+            slab_bytes(rows * R * 8)
+            stats = fwd_lse2(case, 0.5, self_=self_, **flags)
+            outs.append([stats[6], *bwd_lse2(case, grads, g2, stats, 0.5, self_=self_, **flags)])
+        for out in outs[1:]:
+            for a, b in zip(out, outs[0]):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _lse2_call(self_=False, fwd=True, mu=0.5, g_lse2="ok", lse2="ok"):
+    R, C = 6, 5
+    case = make_case(R, C, 4, F32, "targets")
+    k = None if self_ else case["k"]
+    args = (case["q"], k, case["scale"], case["bias"], case["targets"], None, None, False, False,
+            False, False)
+    if fwd:
+        return lambda: _C.contrastive_fwd_cpu(*args, lse2_mult=mu)
+    stats = _C.contrastive_fwd_cpu(*args, lse2_mult=0.5)
+    g = {"ok": torch.ones(R), "short": torch.ones(R - 1), None: None}[g_lse2]
+    saved = {"ok": stats[6], "short": stats[6][:-1], "2d": stats[6][:, None], None: None}[lse2]
+    return lambda: _C.contrastive_bwd_cpu(torch.ones(R), None, None, None, None, case["q"], k,
+                                          case["scale"], case["bias"], case["targets"], None,
+                                          None, stats[0], stats[1], stats[2], stats[4], False,
+                                          False, False, False, g_lse2=g, lse2=saved,
+                                          lse2_mult=mu)
+
+
+@pytest.mark.parametrize("self_", (False, True), ids=("k", "self"))
+@pytest.mark.parametrize("call,match", [
+    (dict(mu=-0.5), r"lse2_mult must be a finite number >= 0"),
+    (dict(mu=float("nan")), r"lse2_mult must be a finite number >= 0"),
+    (dict(mu=float("inf")), r"lse2_mult must be a finite number >= 0"),
+    (dict(fwd=False, mu=-1.0), r"lse2_mult must be a finite number >= 0"),
+    (dict(fwd=False, mu=float("inf"), g_lse2=None), r"lse2_mult must be a finite number >= 0"),
+    (dict(fwd=False, mu=0.0), r"g_lse2 was given but lse2_mult is 0"),
+    (dict(fwd=False, lse2=None), r"g_lse2 was given without lse2"),
+    (dict(fwd=False, lse2="short"), r"lse2 must be a 1-D tensor of length R = 6"),
+    (dict(fwd=False, lse2="2d"), r"lse2 must be a 1-D tensor of length R = 6"),
+    (dict(fwd=False, g_lse2="short"), r"g_lse2 must be a 1-D tensor of length R = 6"),
+], ids=["neg", "nan", "inf", "bwd-neg", "bwd-inf", "g_lse2-mult0", "no-lse2", "lse2-short",
+        "lse2-2d", "g_lse2-short"])
+def test_lse2_bad_input(call, match, self_):
+    with pytest.raises(RuntimeError, match=match):
+        _lse2_call(self_=self_, **call)()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,8 +999,8 @@ MEMORY_SCRIPT = """
     small = _C.contrastive_fwd_cpu(q[:64], k[:64], scale, bias, t[:64], None, None,
                                    False, False, False, True)  # load libraries, start threads
     reset_peak()
-    lse, pos, npos, mean, cl, cm = _C.contrastive_fwd_cpu(q, k, scale, bias, t, None, None,
-                                                          False, False, False, True)
+    lse, pos, npos, mean, cl, cm, _ = _C.contrastive_fwd_cpu(q, k, scale, bias, t, None, None,
+                                                             False, False, False, True)
     g = torch.full((n,), 0.5 / n)
     dq, dk, ds, db = _C.contrastive_bwd_cpu(g, -2 * g, None, g, None, q, k, scale, bias, t, None,
                                             None, lse, pos, npos, cl, False, False, False, True)
@@ -751,8 +1056,8 @@ SELF_STATS_MEMORY_SCRIPT = _SELF_INPUTS + """
     small = _C.contrastive_fwd_cpu(z[:64], None, scale, bias, t[:64] % 64, None, None, True,
                                    False, False, False)
     reset_peak()
-    lse, pos, npos, mean, cl, cm = _C.contrastive_fwd_cpu(z, None, scale, bias, t, None, None,
-                                                          True, False, False, False)
+    lse, pos, npos, mean, cl, cm, _ = _C.contrastive_fwd_cpu(z, None, scale, bias, t, None, None,
+                                                             True, False, False, False)
     dz, dk, ds, db = _C.contrastive_bwd_cpu(g, -g, None, None, None, z, None, scale, bias, t,
                                             None, None, lse, pos, npos, cl, True, False, False,
                                             False)

@@ -9,8 +9,10 @@ With a GPU (``gpu`` marker): forward statistics against
 same oracle in fp64, as in ``test_cpu_contrastive.py``: tight in fp64; in fp32, bf16 and fp16 a
 gradient's error against the fp64 oracle may be at most about twice the error of the plain-PyTorch
 oracle run at that dtype, plus a small slack relative to the gradient's magnitude. Slab
-boundaries are exercised through ``FASTCL_CUDA_SLAB_BYTES`` (read at every call). Then large
-shapes, peak memory, ``torch.library.opcheck`` and the public losses end to end.
+boundaries are exercised through ``FASTCL_CUDA_SLAB_BYTES`` (read at every call). The seventh
+statistic ``lse2`` (``lse2_mult > 0``) and its gradient ``g_lse2`` are checked the same way, with k
+given and with k=None. Then large shapes, peak memory, ``torch.library.opcheck`` and the public
+losses end to end.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from fastcl import _backends, dispatch
 
 from _contrastive_checks import (BF16, F16, F32, F64, FLAG_COMBOS, GRAD_NAMES, MODES, call_bwd,
                                  call_bwd_self, call_fused, call_fwd,
-                                 check_fused_equals_two_kernels, check_self_grads,
-                                 check_self_stats, check_stats, fused_expected, ref_grads,
-                                 ref_stats)
+                                 check_fused_equals_two_kernels, check_fwd_lse2,
+                                 check_grads_lse2, check_self_grads, check_self_stats,
+                                 check_stats, flags_of, fused_expected, ref_grads, ref_stats)
 from _contrastive_checks import check_grads as check_grads_of
 from _contrastive_checks import flag_id as _id
 from _contrastive_checks import make_case as make_case_on
@@ -129,7 +131,8 @@ def kernel_fwd(case, **flags):
 
 
 def kernel_bwd(case, grads, stats, **flags):
-    return call_bwd(_ext().contrastive_bwd_cuda, case, grads, stats, **flags)
+    """The backward given the forward's statistics (the first six of its seven outputs)."""
+    return call_bwd(_ext().contrastive_bwd_cuda, case, grads, tuple(stats)[:6], **flags)
 
 
 def check_grads(case, grads, stats, dtype, mag_floor=1e-3, got=None, **flags):
@@ -349,7 +352,7 @@ def test_self_empty_and_tiny(R):
 @pytest.mark.gpu
 def test_bwd_self_refuses_column_statistics():
     case = self_case(6, 4, F32, "targets")
-    lse, pos, npos, _m, _cl, _cm = kernel_fwd(case)
+    lse, pos, npos, *_ = kernel_fwd(case)
     g = torch.ones(6, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"column statistics need k"):
         _ext().contrastive_bwd_cuda(g, None, None, g, None, case["q"], None, case["scale"],
@@ -615,7 +618,8 @@ def test_empty_sets_give_minus_inf_and_zero_grad():
     case = make_case(1, 1, 4, F64, "targets")
     flags = dict(exclude_diag=True, col_stats=True)
     stats = kernel_fwd(case, **flags)
-    lse, pos, npos, mean, col_lse, col_mean = stats
+    lse, pos, npos, mean, col_lse, col_mean, lse2 = stats
+    assert lse2.shape == (0,)
     assert torch.isneginf(lse).all() and torch.isneginf(col_lse).all()
     assert (pos == 0).all() and (npos == 0).all() and (mean == 0).all() and (col_mean == 0).all()
     dq, dk, ds, db = kernel_bwd(case, random_grads(1, 1, F64, True), stats, **flags)
@@ -657,6 +661,301 @@ def test_fp16_gradient_tile_keeps_small_and_large_entries(scale, magnitude):
     stats = kernel_fwd(case, **flags)
     grads = random_grads(R, C, F16, True, seed=5, magnitude=magnitude)
     check_grads(case, grads, stats, F16, mag_floor=0.0, **flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# lse2: the second log-sum-exp of the denominator set at lse2_mult = mu times the logits, from the
+# same kernels (one more running sum under lse's running maximum; in the backward one more
+# exponential per element of the tile, only with g_lse2), with k given and with k=None (the
+# self-similarity forward over several slabs and row parts, the G + G.T backward). Against the
+# oracle's lse2 (contrastive_stats_ref(..., lse2_mult=mu)) and the autograd of
+# sum g . stats + g_lse2 . lse2, as above.
+
+
+LSE2_MULTS = (0.5, 2.0)
+
+
+def kernel_fwd2(case, mu, keys="k", **flags):
+    """The forward's seven outputs at ``lse2_mult=mu`` (``keys=None``: k=None)."""
+    f = flags_of(flags)
+    return _ext().contrastive_fwd_cuda(
+        case["q"], case[keys] if keys else None, case["scale"], case["bias"], case["targets"],
+        case["row_labels"], case["col_labels"], f["exclude_diag"], f["decoupled"], f["pos_lse"],
+        f["col_stats"], mu)
+
+
+def kernel_bwd2(case, grads, g_lse2, stats, mu, keys="k", **flags):
+    """The backward given the five statistics' gradients ``grads``, ``g_lse2`` and the forward's
+    seven outputs ``stats``."""
+    f = flags_of(flags)
+    lse, pos, npos, _mean, col_lse, _col_mean, lse2 = stats
+    return _ext().contrastive_bwd_cuda(
+        *grads, case["q"], case[keys] if keys else None, case["scale"], case["bias"],
+        case["targets"], case["row_labels"], case["col_labels"], lse, pos, npos, col_lse,
+        f["exclude_diag"], f["decoupled"], f["pos_lse"], f["col_stats"], g_lse2, lse2, mu)
+
+
+def lse2_grad(R, dtype, seed=21, magnitude=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(R, generator=g, dtype=F64) * magnitude).to(_stat_dtype(dtype)).to(DEVICE)
+
+
+def run_lse2(case, mu, dtype, keys="k", grads=None, **flags):
+    """Forward at mu against the oracle, then the backward with g_lse2 alone and with the other
+    statistics' gradients ``grads`` (default: g_lse, g_pos, and the column ones with
+    col_stats) too."""
+    R, C = case["q"].shape[0], case["k"].shape[0]
+    stats = kernel_fwd2(case, mu, keys, **flags)
+    check_fwd_lse2(stats, case, mu, dtype, **flags)
+    g2 = lse2_grad(R, dtype)
+    none = [None] * 5
+    if grads is None:
+        grads = random_grads(R, C, dtype, flags.get("col_stats", False), drop=(2,))
+    for gs in (none, grads):
+        got = kernel_bwd2(case, gs, g2, stats, mu, keys, **flags)
+        check_grads_lse2(got, case, gs, g2, mu, dtype, keys is None, **flags)
+    return stats
+
+
+LSE2_CASES = [(mode, flags, mu) for mode in MODES for flags in FLAG_COMBOS for mu in LSE2_MULTS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,flags,mu", LSE2_CASES,
+                         ids=[f"{m}-{_id(f)}-mu{mu}" for m, f, mu in LSE2_CASES])
+def test_lse2_fp64(mode, flags, mu, slab_bytes):
+    R, C, D = 37, 29, 6
+    slab_bytes(7 * _padded(C) * 8)  # several slabs, a ragged last one
+    case = make_case(R, C, D, F64, mode, scale=4.0, bias=-0.5)
+    run_lse2(case, mu, F64, **flags)
+
+
+LSE2_SELF_CASES = [(mode, flags, mu) for mode in MODES for flags in FUSED_FLAGS
+                   for mu in LSE2_MULTS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,flags,mu", LSE2_SELF_CASES,
+                         ids=[f"{m}-{_id(f)}-mu{mu}" for m, f, mu in LSE2_SELF_CASES])
+def test_lse2_self_fp64(mode, flags, mu, slab_bytes):
+    """k=None: the forward over slabs of 7 rows (running row states, the self column kernel)
+    and the G + G.T backward; the statistics also equal those of the full square (k given)."""
+    R, D = 37, 6
+    slab_bytes(7 * _padded(R) * 8)
+    case = self_case(R, D, F64, mode, scale=4.0, bias=-0.5)
+    stats = run_lse2(case, mu, F64, keys=None, **flags)
+    square = kernel_fwd2(case, mu, **flags)
+    for name, a, b in zip(("lse", "pos", "npos", "mean", "lse2"),
+                          stats[:4] + stats[6:], square[:4] + square[6:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", (1, 13, 200), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_lse2_self_slab_sizes(mode, rows, slab_bytes):
+    """k=None with slabs of one row, of a few rows with a ragged last one, and one for all."""
+    R, D = 61, 5
+    slab_bytes(rows * _padded(R) * 8)
+    flags = dict(exclude_diag=True, decoupled=(mode == "targets"), pos_lse=(mode == "labels"))
+    case = self_case(R, D, F64, mode, scale=6.0)
+    run_lse2(case, 2.0 if rows == 13 else 0.5, F64, keys=None, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", (128, 256), ids=lambda r: f"slab{r}")
+@pytest.mark.parametrize("mode", ("targets", "labels"))
+def test_lse2_self_row_parts(mode, rows, slab_bytes):
+    """k=None, slabs of 128 and 256 rows: the self column kernel's two and four row parts, each
+    with its own running states (lse2's sums merged with theirs)."""
+    R, D = 300, 4
+    slab_bytes(rows * _padded(R) * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"), decoupled=(mode == "targets"))
+    case = self_case(R, D, F32, mode, scale=5.0, n_classes=7)
+    stats = kernel_fwd2(case, 0.5, None, **flags)
+    check_fwd_lse2(stats, case, 0.5, F32, **flags)
+
+
+@pytest.mark.gpu
+def test_lse2_self_default_slabs():
+    """k=None at the default budget: 2100 rows take slabs of 2048 and 52, 32 row parts in the
+    self column kernel; forward, then the backward with g_lse2 and g_lse."""
+    R, D, mu = 2100, 4, 0.5
+    flags = dict(exclude_diag=True, pos_lse=True)
+    case = self_case(R, D, F32, "labels", scale=5.0, n_classes=50)
+    stats = kernel_fwd2(case, mu, None, **flags)
+    check_fwd_lse2(stats, case, mu, F32, **flags)
+    grads = [random_grads(R, R, F32, False)[0], None, None, None, None]
+    g2 = lse2_grad(R, F32)
+    got = kernel_bwd2(case, grads, g2, stats, mu, None, **flags)
+    check_grads_lse2(got, case, grads, g2, mu, F32, True, **flags)
+
+
+LSE2_LOWP_CASES = [(dtype, keys, mode) for dtype in (F32, BF16, F16) for keys in ("k", None)
+                   for mode in ("targets", "labels")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,keys,mode", LSE2_LOWP_CASES,
+                         ids=[f"{str(d)[6:]}-{k or 'self'}-{m}" for d, k, m in LSE2_LOWP_CASES])
+def test_lse2_low_precision(dtype, keys, mode, slab_bytes):
+    R, C, D = (53, 41, 24) if keys else (70, 70, 24)
+    slab_bytes(16 * _padded(C) * 4)
+    flags = dict(exclude_diag=True, pos_lse=(mode == "labels"), decoupled=(mode == "targets"),
+                 col_stats=keys is not None)
+    case = (make_case(R, C, D, dtype, mode, scale=10.0, bias=0.1, seed=3) if keys
+            else self_case(R, D, dtype, mode, scale=8.0))
+    for mu in LSE2_MULTS:
+        run_lse2(case, mu, dtype, keys, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys", ("k", None), ids=("k", "self"))
+@pytest.mark.parametrize("magnitude", (1e-5, 1e3))
+def test_lse2_fp16_tile_range(magnitude, keys):
+    """g_lse2 alone sets the fp16 tile's factor (|G| <= |g_lse2| mu): small gradients are not
+    flushed to zero, large ones do not overflow."""
+    R, D, mu = 256, 32, 0.5
+    flags = dict(exclude_diag=True)
+    case = (make_case(R, R, D, F16, "targets", scale=10.0, seed=12) if keys
+            else self_case(R, D, F16, "targets", scale=10.0, seed=12))
+    stats = kernel_fwd2(case, mu, keys, **flags)
+    g2 = lse2_grad(R, F16, magnitude=magnitude)
+    got = kernel_bwd2(case, [None] * 5, g2, stats, mu, keys, **flags)
+    check_grads_lse2(got, case, [None] * 5, g2, mu, F16, keys is None, mag_floor=0.0, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys", ("k", None), ids=("k", "self"))
+def test_lse2_empty_sets(keys):
+    """Rows with an empty denominator set: lse2 = -inf, and their g_lse2 gives no term (no
+    NaN), beside rows whose set is not empty."""
+    mu = 0.5
+    # R = C = 1 with the diagonal excluded: every set is empty
+    case = make_case(1, 1, 4, F64, "targets") if keys else self_case(1, 4, F64, "targets")
+    flags = dict(exclude_diag=True)
+    stats = kernel_fwd2(case, mu, keys, **flags)
+    assert torch.isneginf(stats[6]).all()
+    got = kernel_bwd2(case, [torch.ones(1, dtype=F64, device=DEVICE)] + [None] * 4,
+                      torch.ones(1, dtype=F64, device=DEVICE), stats, mu, keys, **flags)
+    assert all((t == 0).all() for t in got)
+    # decoupled label mode: the rows of label 0 have every column as a positive (k given: the
+    # others none; k=None: every row has the same label, all sets empty)
+    flags = dict(exclude_diag=True, decoupled=True, pos_lse=True)
+    if keys:
+        case = make_case(5, 4, 4, F64, "labels")
+        case["row_labels"] = torch.tensor([0, 1, 0, 1, 1], device=DEVICE)
+        case["col_labels"] = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    else:
+        case = self_case(4, 4, F64, "labels")
+        case["row_labels"] = case["col_labels"] = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    R = case["q"].shape[0]
+    grads = [lse2_grad(R, F64, seed=1), lse2_grad(R, F64, seed=2), None, None, None]
+    stats = run_lse2(case, mu, F64, keys, grads=grads, **flags)
+    empty = case["row_labels"] == 0
+    assert torch.isneginf(stats[6][empty]).all() and torch.isfinite(stats[6][~empty]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,C,keys", [(0, 5, "k"), (5, 0, "k"), (0, 0, "k"), (1, 1, "k"),
+                                      (1, 3, "k"), (0, 0, None), (1, 1, None), (2, 2, None)])
+def test_lse2_tiny(R, C, keys, slab_bytes):
+    slab_bytes(2 * _padded(max(C, 1)) * 8)  # slabs of two rows
+    mu = 2.0
+    mode = "targets" if R > 0 and C > 0 else "none"
+    case = make_case(R, C, 3, F64, mode) if keys else self_case(R, 3, F64, mode)
+    for flags in (dict(), dict(exclude_diag=True, col_stats=keys is not None)):
+        stats = kernel_fwd2(case, mu, keys, **flags)
+        check_fwd_lse2(stats, case, mu, F64, **flags)
+        if C == 0:
+            assert torch.isneginf(stats[6]).all()
+        grads = [lse2_grad(R, F64, seed=3), None, None, None, None]
+        for gs in ([None] * 5, grads):
+            got = kernel_bwd2(case, gs, lse2_grad(R, F64), stats, mu, keys, **flags)
+            check_grads_lse2(got, case, gs, lse2_grad(R, F64), mu, F64, keys is None, **flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (F64, BF16), ids=str)
+@pytest.mark.parametrize("keys", ("k", None), ids=("k", "self"))
+def test_lse2_off(keys, dtype, slab_bytes):
+    """mu = 0 (the default): lse2 is an empty [0] of the statistics dtype; lse2 changes none of
+    the other statistics; the backward without g_lse2 ignores lse2 and its multiplier, and a
+    zero g_lse2 adds nothing."""
+    R, D = 29, 8
+    slab_bytes(8 * _padded(R) * 8)
+    flags = dict(exclude_diag=True, pos_lse=True)
+    case = (make_case(R, R, D, dtype, "labels", scale=5.0) if keys
+            else self_case(R, D, dtype, "labels", scale=5.0))
+    off = kernel_fwd2(case, 0.0, keys, **flags)
+    default = call_fwd(_ext().contrastive_fwd_cuda, dict(case, k=case["k"] if keys else None),
+                       **flags)
+    on = kernel_fwd2(case, 2.0, keys, **flags)
+    sdt = _stat_dtype(dtype)
+    for stats in (off, default):
+        assert len(stats) == 7 and stats[6].shape == (0,) and stats[6].dtype == sdt
+    for a, b, c in zip(off[:6], default[:6], on[:6]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, rtol=1e-12 if dtype == F64 else 1e-6, atol=1e-12)
+    grads = random_grads(R, R, dtype, False, drop=(2,))
+    want = kernel_bwd2(case, grads, None, off, 0.0, keys, **flags)
+    for g2 in (None, torch.zeros(R, dtype=sdt, device=DEVICE)):
+        got = kernel_bwd2(case, grads, g2, on, 2.0, keys, **flags)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12 if dtype == F64 else 1e-5, atol=1e-12)
+
+
+def check_lse2_errors(ext, device):
+    """The refusals of the lse2 arguments (before the tensors' device is checked)."""
+    R, D = 5, 3
+    q = torch.randn(R, D, device=device)
+    k = torch.randn(4, D, device=device)
+    scale = torch.tensor(2.0, device=device)
+    bias = torch.tensor(0.0, device=device)
+    for keys in (k, None):
+        for mu in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(RuntimeError,
+                               match=r"contrastive_fwd_cuda: lse2_mult must be a finite number "
+                                     r">= 0"):
+                ext.contrastive_fwd_cuda(q, keys, scale, bias, None, None, None, False, False,
+                                         False, False, mu)
+    g = torch.ones(R, device=device)
+    empty = torch.empty(0, device=device)
+
+    def bwd(g_lse2, lse2, mu, keys=k):
+        return ext.contrastive_bwd_cuda(g, None, None, None, None, q, keys, scale, bias, None,
+                                        None, None, g, g, g, empty, False, False, False, False,
+                                        g_lse2, lse2, mu)
+
+    for keys in (k, None):
+        with pytest.raises(RuntimeError, match=r"contrastive_bwd_cuda: lse2_mult must be a "
+                                               r"finite number >= 0"):
+            bwd(g, g, -0.5, keys)
+        with pytest.raises(RuntimeError, match=r"contrastive_bwd_cuda: g_lse2 was given but "
+                                               r"lse2_mult is 0"):
+            bwd(g, g, 0.0, keys)
+        with pytest.raises(RuntimeError, match=r"contrastive_bwd_cuda: g_lse2 was given but "
+                                               r"lse2 is None"):
+            bwd(g, None, 0.5, keys)
+        with pytest.raises(RuntimeError, match=r"contrastive_bwd_cuda: lse2 must be a 1-D "
+                                               r"tensor of length R = 5, got shape \[4\]"):
+            bwd(g, g[:4], 0.5, keys)
+        with pytest.raises(RuntimeError, match=r"contrastive_bwd_cuda: lse2 must be a 1-D "
+                                               r"tensor of length R = 5"):
+            bwd(g, g[:, None], 0.5, keys)
+        with pytest.raises(RuntimeError, match=r"contrastive_bwd_cuda: g_lse2 must be a 1-D "
+                                               r"tensor of length R = 5, got shape \[6\]"):
+            bwd(torch.ones(6, device=device), g, 0.5, keys)
+
+
+def test_lse2_bad_arguments_are_refused_before_the_device():
+    """Checked before the tensors' device: runs without a GPU (CPU tensors)."""
+    check_lse2_errors(_ext(), "cpu")
+
+
+@pytest.mark.gpu
+def test_lse2_bad_arguments():
+    check_lse2_errors(_ext(), DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,8 +1028,9 @@ def test_peak_memory_is_linear(keys, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mu", (0.0, 0.5), ids=("no-lse2", "lse2"))
 @pytest.mark.parametrize("labels,col", [(False, True), (True, False)])
-def test_opcheck(labels, col):
+def test_opcheck(labels, col, mu):
     from fastcl.ops.contrastive import contrastive_bwd, contrastive_fwd
 
     _ext()
@@ -741,14 +1041,16 @@ def test_opcheck(labels, col):
     bias = torch.tensor(0.5, device=dev, requires_grad=True)
     targets = None if labels else torch.tensor([1, 0, 3, -1, 5, 4], device=dev)
     lab = torch.tensor([0, 1, 0, 1, 2, 2], device=dev) if labels else None
-    args = (q, k, scale, bias, targets, lab, lab, labels, False, labels, col, "cuda")
+    args = (q, k, scale, bias, targets, lab, lab, labels, False, labels, col, mu, "cuda")
     torch.library.opcheck(contrastive_fwd, args)
     with torch.no_grad():
-        lse, pos, npos, mean, col_lse, col_mean = contrastive_fwd(*args)
+        lse, pos, npos, mean, col_lse, col_mean, lse2 = contrastive_fwd(*args)
+    assert lse2.shape == ((6,) if mu > 0 else (0,))
     g = [torch.randn_like(lse), torch.randn_like(pos), None,
          torch.randn_like(col_lse) if col else None, None]
+    g_lse2 = torch.randn_like(lse) if mu > 0 else None
     bwd_args = (*g, q.detach(), k.detach(), scale.detach(), bias.detach(), targets, lab, lab,
-                lse, pos, npos, col_lse, labels, False, labels, col, "cuda")
+                lse, pos, npos, col_lse, labels, False, labels, col, g_lse2, lse2, mu, "cuda")
     torch.library.opcheck(contrastive_bwd, bwd_args)
 
 

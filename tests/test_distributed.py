@@ -148,13 +148,15 @@ def test_backward_counts_den_from_the_npos_passed_in(backend, more):
     rl = torch.tensor([0, 1, 0, 2, 1])
     cl = torch.tensor([0, 0, 1, 3, 1, 0, 2])
     scale, bias = torch.tensor(2.0, dtype=dt), torch.tensor(0.0, dtype=dt)
-    flags = (True, True, False, False, backend)  # exclude_diag, decoupled, pos_lse, col_stats
-    lse, pos, npos, _mean, col_lse, _ = contrastive_fwd(q, k, scale, bias, None, rl, cl, *flags)
+    flags = (True, True, False, False)  # exclude_diag, decoupled, pos_lse, col_stats
+    lse, pos, npos, _mean, col_lse, *_ = contrastive_fwd(q, k, scale, bias, None, rl, cl, *flags,
+                                                         0.0, backend)
     # a caller's counts, not this block's
     npos_in = npos + (torch.arange(R) % 2 if more == "some" else C)
     g_mean = torch.randn(R, dtype=torch.float64, generator=g).to(dt)
     dq, dk, _ds, _db = contrastive_bwd(None, None, g_mean, None, None, q, k, scale, bias, None,
-                                       rl, cl, lse, pos, npos_in, col_lse, *flags)
+                                       rl, cl, lse, pos, npos_in, col_lse, *flags, None,
+                                       lse.new_empty(0), 0.0, backend)
     _allowed, _pos, den = contrastive_masks_ref(R, C, None, rl, cl, True, True, q.device)
     count = (C - (torch.arange(R) < C).double() - npos_in.double()).clamp_min(1)
     G = den.double() * (g_mean.double() / count)[:, None]

@@ -34,14 +34,14 @@ def backend(request):
     return request.param
 
 
-def _fwd_args(backend, *, labels=False, col=False, dtype=torch.float32):
+def _fwd_args(backend, *, labels=False, col=False, dtype=torch.float32, lse2_mult=0.0):
     q = torch.randn(6, 5, dtype=dtype, requires_grad=True)
     k = torch.randn(6, 5, dtype=dtype, requires_grad=True)
     scale = torch.tensor(2.0, requires_grad=True)
     bias = torch.tensor(0.5, requires_grad=True)
     targets = None if labels else torch.tensor([1, 0, 3, -1, 5, 4])
     lab = torch.tensor([0, 1, 0, 1, 2, 2]) if labels else None
-    return (q, k, scale, bias, targets, lab, lab, labels, False, labels, col, backend)
+    return (q, k, scale, bias, targets, lab, lab, labels, False, labels, col, lse2_mult, backend)
 
 
 @pytest.mark.parametrize("backend", op_backends(), indirect=True)
@@ -50,12 +50,12 @@ def test_opcheck_contrastive(backend, labels, col):
     args = _fwd_args(backend, labels=labels, col=col)
     torch.library.opcheck(contrastive_fwd, args)
     with torch.no_grad():
-        lse, pos, npos, mean, col_lse, col_mean = contrastive_fwd(*args)
-    q, k, scale, bias, targets, rl, cl, ex, dec, plse, colf, be = args
+        lse, pos, npos, mean, col_lse, col_mean, _lse2 = contrastive_fwd(*args)
+    q, k, scale, bias, targets, rl, cl, ex, dec, plse, colf, _m, be = args
     g = [torch.randn_like(lse), torch.randn_like(pos), None,
          torch.randn_like(col_lse) if col else None, None]
     bwd_args = (*g, q.detach(), k.detach(), scale.detach(), bias.detach(), targets, rl, cl,
-                lse, pos, npos, col_lse, ex, dec, plse, colf, be)
+                lse, pos, npos, col_lse, ex, dec, plse, colf, None, _lse2, 0.0, be)
     torch.library.opcheck(contrastive_bwd, bwd_args)
 
 
@@ -63,14 +63,15 @@ def test_opcheck_contrastive(backend, labels, col):
 @pytest.mark.parametrize("labels", [False, True])
 def test_opcheck_contrastive_self(backend, labels):
     """The statistics op and its backward with k=None (the keys are q)."""
-    q, _k, scale, bias, targets, rl, cl, ex, dec, plse, _c, be = _fwd_args(backend, labels=labels)
-    args = (q, None, scale, bias, targets, rl, cl, True, dec, plse, False, be)
+    q, _k, scale, bias, targets, rl, cl, ex, dec, plse, _c, _m, be = _fwd_args(backend,
+                                                                              labels=labels)
+    args = (q, None, scale, bias, targets, rl, cl, True, dec, plse, False, 0.0, be)
     torch.library.opcheck(contrastive_fwd, args)
     with torch.no_grad():
-        lse, pos, npos, mean, col_lse, _cm = contrastive_fwd(*args)
+        lse, pos, npos, mean, col_lse, _cm, lse2 = contrastive_fwd(*args)
     g = [torch.randn_like(lse), torch.randn_like(pos), torch.randn_like(mean), None, None]
     bwd_args = (*g, q.detach(), None, scale.detach(), bias.detach(), targets, rl, cl,
-                lse, pos, npos, col_lse, True, dec, plse, False, be)
+                lse, pos, npos, col_lse, True, dec, plse, False, None, lse2, 0.0, be)
     torch.library.opcheck(contrastive_bwd, bwd_args)
     assert contrastive_bwd(*bwd_args)[1].shape == (0, q.shape[1])
 
@@ -87,7 +88,7 @@ def test_stats_op_self_similarity(backend):
         leaves = [z, scale.detach().clone().requires_grad_(True),
                   bias.detach().clone().requires_grad_(True)]
         out = contrastive_fwd(z, None if self_sim else z, leaves[1], leaves[2], targets, None,
-                              None, True, True, False, False, backend)
+                              None, True, True, False, False, 0.0, backend)
         total = sum(((o.masked_fill(torch.isinf(o), 0) * w).sum()
                      for o, w in zip((out[0], out[1], out[3]), g)))
         return out, torch.autograd.grad(total, leaves)
@@ -99,14 +100,15 @@ def test_stats_op_self_similarity(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="col_stats needs k"):
         contrastive_fwd(q, None, scale, bias, targets, None, None, True, False, False, True,
-                        backend)
+                        0.0, backend)
 
 
 @pytest.mark.parametrize("backend", op_backends(), indirect=True)
 @pytest.mark.parametrize("self_sim", [False, True], ids=("two-sets", "self"))
 @pytest.mark.parametrize("labels", [False, True])
 def test_opcheck_contrastive_fused(backend, labels, self_sim):
-    q, k, scale, bias, targets, rl, cl, _l, _d, plse, _c, be = _fwd_args(backend, labels=labels)
+    q, k, scale, bias, targets, rl, cl, _l, _d, plse, _c, _m, be = _fwd_args(backend,
+                                                                            labels=labels)
     g = [torch.randn(6), -torch.ones(6), torch.randn(6) if not labels else None]
     k = None if self_sim else k
     torch.library.opcheck(contrastive_fused,
@@ -144,7 +146,7 @@ def test_fused_op_matches_forward_and_backward(backend):
     got = torch.autograd.grad(3.0 * loss, leaves)
     leaves2 = [t.detach().clone().requires_grad_(True) for t in (q, k, scale, bias)]
     lse, pos, npos, mean, *_ = contrastive_fwd(*leaves2, targets, None, None, True, False, False,
-                                               False, backend)
+                                               False, 0.0, backend)
     has = npos > 0
     rows = torch.where(has, lse - 0.9 * pos - 0.1 * mean, torch.zeros_like(lse))
     want_loss = rows.sum() / has.sum()
@@ -152,6 +154,76 @@ def test_fused_op_matches_forward_and_backward(backend):
     torch.testing.assert_close(loss, want_loss)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
+@pytest.mark.parametrize("self_sim", [False, True], ids=("two-sets", "self"))
+@pytest.mark.parametrize("labels", [False, True])
+def test_opcheck_contrastive_lse2(backend, labels, self_sim):
+    """The second log-sum-exp (lse2_mult > 0): the op schema, the fake kernel and autograd."""
+    q, k, scale, bias, targets, rl, cl, ex, dec, plse, _c, _m, be = _fwd_args(
+        backend, labels=labels, lse2_mult=0.4)
+    k = None if self_sim else k
+    args = (q, k, scale, bias, targets, rl, cl, True, dec, plse, False, 0.4, be)
+    torch.library.opcheck(contrastive_fwd, args)
+    with torch.no_grad():
+        lse, pos, npos, mean, col_lse, _cm, lse2 = contrastive_fwd(*args)
+    assert lse2.shape == lse.shape
+    g = [torch.randn_like(lse), None, None, None, None]
+    bwd_args = (*g, q.detach(), None if k is None else k.detach(), scale.detach(),
+                bias.detach(), targets, rl, cl, lse, pos, npos, col_lse, True, dec, plse, False,
+                torch.randn_like(lse2), lse2, 0.4, be)
+    torch.library.opcheck(contrastive_bwd, bwd_args)
+
+
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
+@pytest.mark.parametrize("self_sim", [False, True], ids=("two-sets", "self"))
+def test_lse2_matches_reference(backend, self_sim):
+    """lse2 and the gradients of a loss built from it (with lse and pos) against the autograd of
+    the materializing oracle."""
+    from fastcl.reference.contrastive import contrastive_stats_ref
+
+    gen = torch.Generator().manual_seed(7)
+    base = [torch.randn(9, 6, generator=gen, dtype=torch.float64).float(),
+            torch.randn(9, 6, generator=gen, dtype=torch.float64).float(),
+            torch.tensor(1.7), torch.tensor(-0.3)]
+    targets = torch.tensor([1, 0, 3, -1, 5, 4, 8, 6, 7])
+    w = [torch.randn(9, generator=gen) for _ in range(3)]
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in base]
+        q, k, a, b = leaves
+        out = fn(q, q if self_sim else k, a, b)
+        lse, pos, lse2 = out[0], out[1], out[6]
+        total = (w[0] * lse).sum() + (w[1] * pos).sum() + (w[2] * lse2).sum()
+        return lse2, torch.autograd.grad(total, leaves, allow_unused=True)
+
+    flags = dict(exclude_diag=True, decoupled=True)
+    want, want_g = run(lambda q, k, a, b: contrastive_stats_ref(
+        q, k, a, b, targets, lse2_mult=0.6, **flags))
+    got, got_g = run(lambda q, k, a, b: contrastive_ops.contrastive_stats(
+        q, None if self_sim else k, a, b, targets, lse2_mult=0.6, backend=backend, **flags))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for i, (x, y) in enumerate(zip(got_g, want_g)):
+        if self_sim and i == 1:
+            continue  # k unused: the gradient of q covers both roles
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", op_backends(), indirect=True)
+def test_lse2_bad_arguments(backend):
+    q, k, scale, bias, targets, rl, cl, ex, dec, plse, col, _m, be = _fwd_args(backend)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lse2_mult must be a finite number >= 0"):
+            contrastive_fwd(q, k, scale, bias, targets, rl, cl, ex, dec, plse, col, bad, be)
+    with torch.no_grad():
+        lse, pos, npos, _mean, col_lse, _cm, lse2 = contrastive_fwd(
+            q, k, scale, bias, targets, rl, cl, ex, dec, plse, col, 0.0, be)
+    assert lse2.numel() == 0
+    with pytest.raises(ValueError, match="g_lse2 was given but lse2_mult is 0"):
+        contrastive_bwd(None, None, None, None, None, q.detach(), k.detach(), scale.detach(),
+                        bias.detach(), targets, rl, cl, lse, pos, npos, col_lse, ex, dec, plse,
+                        col, torch.ones_like(lse), lse, 0.0, be)
 
 
 def _clip(x, y, scale):

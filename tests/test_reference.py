@@ -948,10 +948,11 @@ def _lse(values):
     return m + math.log(sum(math.exp(v - m) for v in values))
 
 
-def _stats_loop(s, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse, col_stats):
+def _stats_loop(s, targets, row_labels, col_labels, exclude_diag, decoupled, pos_lse, col_stats,
+                lse2_mult=0.0):
     """Per-row / per-column Python loops of the statistics defined in contrastive.py."""
     R, C = len(s), len(s[0])
-    lse, pos, npos, mean = [], [], [], []
+    lse, pos, npos, mean, lse2 = [], [], [], [], []
     for r in range(R):
         allowed = [c for c in range(C) if not (exclude_diag and r == c)]
         if row_labels is not None:
@@ -962,6 +963,8 @@ def _stats_loop(s, targets, row_labels, col_labels, exclude_diag, decoupled, pos
             P = []
         den = [c for c in allowed if c not in P] if decoupled else allowed
         lse.append(_lse([s[r][c] for c in den]))
+        if lse2_mult > 0:
+            lse2.append(_lse([lse2_mult * s[r][c] for c in den]))
         if not P:
             pos.append(0.0)
         elif pos_lse:
@@ -976,7 +979,7 @@ def _stats_loop(s, targets, row_labels, col_labels, exclude_diag, decoupled, pos
             rows = [r for r in range(R) if not (exclude_diag and r == c)]
             col_lse.append(_lse([s[r][c] for r in rows]))
             col_mean.append(sum(s[r][c] for r in rows) / len(rows) if rows else 0.0)
-    return lse, pos, npos, mean, col_lse, col_mean
+    return lse, pos, npos, mean, col_lse, col_mean, lse2
 
 
 _STATS_CONFIGS = {
@@ -1005,19 +1008,22 @@ def _stats_args(cfg):
     return targets, row_labels, col_labels, flags
 
 
+@pytest.mark.parametrize("lse2_mult", [0.0, 0.35])
 @pytest.mark.parametrize("name", list(_STATS_CONFIGS))
-def test_contrastive_stats_vs_loops(name):
+def test_contrastive_stats_vs_loops(name, lse2_mult):
     targets, row_labels, col_labels, flags = _stats_args(_STATS_CONFIGS[name])
     q, k = randn(7, 3, seed=150), randn(8, 3, seed=151)
     scale, bias = torch.tensor(1.7, dtype=F64), torch.tensor(0.3, dtype=F64)
-    out = contrastive_stats_ref(q, k, scale, bias, targets, row_labels, col_labels, **flags)
+    out = contrastive_stats_ref(q, k, scale, bias, targets, row_labels, col_labels,
+                                lse2_mult=lse2_mult, **flags)
     s = (scale * q @ k.T + bias).tolist()
     expected = _stats_loop(
         s, None if targets is None else targets.tolist(),
         None if row_labels is None else row_labels.tolist(),
-        None if col_labels is None else col_labels.tolist(), **flags)
+        None if col_labels is None else col_labels.tolist(), **flags, lse2_mult=lse2_mult)
+    assert len(out) == len(expected) == 7
     for got, want, label in zip(out, expected, ("lse", "pos", "npos", "mean", "col_lse",
-                                                "col_mean")):
+                                                "col_mean", "lse2")):
         assert got.dtype == F64, label
         torch.testing.assert_close(got, torch.tensor(want, dtype=F64), rtol=1e-12, atol=1e-12,
                                    msg=label)
@@ -1036,11 +1042,13 @@ def test_contrastive_stats_gradient_is_G_formula(name):
     q = randn(7, 3, seed=154, requires_grad=True)
     k = randn(8, 3, seed=155, requires_grad=True)
     scale, bias = scalar(1.3), scalar(-0.2)
-    lse, pos, npos, mean, col_lse, col_mean = contrastive_stats_ref(
-        q, k, scale, bias, targets, row_labels, col_labels, **flags)
+    mu = 0.6
+    lse, pos, npos, mean, col_lse, col_mean, lse2 = contrastive_stats_ref(
+        q, k, scale, bias, targets, row_labels, col_labels, lse2_mult=mu, **flags)
     assert torch.isfinite(lse).all()
     g = [randn(7, seed=156 + i) for i in range(3)] + [randn(8, seed=160 + i) for i in range(2)]
-    L = (g[0] * lse).sum() + (g[1] * pos).sum() + (g[2] * mean).sum()
+    g_lse2 = randn(7, seed=163)
+    L = (g[0] * lse).sum() + (g[1] * pos).sum() + (g[2] * mean).sum() + (g_lse2 * lse2).sum()
     if flags["col_stats"]:
         L = L + (g[3] * col_lse).sum() + (g[4] * col_mean).sum()
     dq, dk, dscale, dbias = grads(L, [q, k, scale, bias])
@@ -1058,6 +1066,7 @@ def test_contrastive_stats_gradient_is_G_formula(name):
         else:
             G += g[1][:, None] * posm / npos.clamp_min(1)[:, None]
         G += g[2][:, None] * den / den.sum(1, keepdim=True)
+        G += g_lse2[:, None] * den * mu * torch.exp(mu * s - lse2[:, None])
         if flags["col_stats"]:
             G += g[3][None, :] * allowed * torch.exp(s - col_lse[None, :])
             G += g[4][None, :] * allowed / allowed.sum(0, keepdim=True)

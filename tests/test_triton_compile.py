@@ -102,9 +102,9 @@ MID_TILINGS = [FMA_MID, TF32_MID, BF16_MID, FP16_MID]
 # Heaviest modes: every switch that adds work to a tile at once.
 _HEAVY = {
     "contrastive_fwd": dict(labels=True, exclude_diag=True, decoupled=True, pos_lse=True,
-                            col_stats=True),
+                            col_stats=True, lse2=True),
     "contrastive_bwd": dict(labels=True, exclude_diag=True, decoupled=True, pos_lse=True,
-                            col_stats=True, grads="lse,pos,mean,col_lse,col_mean"),
+                            col_stats=True, grads="lse,pos,mean,col_lse,col_mean,lse2"),
     "siglip_fwd": dict(diag_pos=True),
     "siglip_bwd": dict(diag_pos=True),
     "siglip_fused": dict(diag_pos=True, mean=True),
@@ -131,6 +131,10 @@ _MODES = [
     _sc("contrastive_fwd", "bf16", 1024, targets=True, exclude_diag=True, self_sim=True),
     _sc("contrastive_fwd", "fp32", 768, tf32=True, targets=True, exclude_diag=True,
         decoupled=True, self_sim=True),                                         # DCL
+    _sc("contrastive_fwd", "bf16", 768, labels=True, exclude_diag=True, pos_lse=True,
+        self_sim=True, lse2=True),                          # every field of the half square
+    _sc("contrastive_fwd", "bf16", 128, targets=True, exclude_diag=True, decoupled=True,
+        lse2=True),                                                             # HCL, two views
     _sc("contrastive_bwd", "bf16", 768, targets=True, col_stats=True, grads="lse,pos,col_lse"),
     _sc("contrastive_bwd", "fp32", 32, targets=True, exclude_diag=True, decoupled=True,
         grads="lse,pos"),
@@ -147,6 +151,10 @@ _MODES = [
         grads="lse,pos"),
     _sc("contrastive_bwd", "fp16", 64, labels=True, exclude_diag=True, self_sim=True,
         grads="lse,pos,mean"),
+    _sc("contrastive_bwd", "bf16", 768, targets=True, exclude_diag=True, decoupled=True,
+        self_sim=True, grads="lse,pos,lse2"),                                   # HCL
+    _sc("contrastive_bwd", "fp16", 64, targets=True, exclude_diag=True, decoupled=True,
+        self_sim=True, grads="lse,pos,lse2"),
     _sc("siglip_fwd", "bf16", 768, diag_pos=False),
     _sc("siglip_bwd", "fp16", 64, diag_pos=False),
     _sc("siglip_fused", "bf16", 128, diag_pos=False, mean=False),
@@ -256,7 +264,7 @@ def _call(mods, sc: Scenario):
                  bool(kw.get("pos_lse")), bool(kw.get("col_stats")))
         if sc.op == "contrastive_fwd":
             C.contrastive_fwd(q, None if kw.get("self_sim") else k, scale, bias, targets,
-                              labels, labels, *flags)
+                              labels, labels, *flags, 0.5 if kw.get("lse2") else 0.0)
             return
         grads = kw["grads"].split(",")
         vec = torch.ones(N)
@@ -266,7 +274,8 @@ def _call(mods, sc: Scenario):
 
         C.contrastive_bwd(grad("lse"), grad("pos"), grad("mean"), grad("col_lse"),
                           grad("col_mean"), q, None if kw.get("self_sim") else k, scale, bias,
-                          targets, labels, labels, vec, vec, vec, vec, *flags)
+                          targets, labels, labels, vec, vec, vec, vec, *flags, grad("lse2"),
+                          vec, 0.5)
     elif sc.op == "siglip_fwd":
         S.siglip_fwd(q, k, scale, bias, kw["diag_pos"])
     elif sc.op == "siglip_bwd":
@@ -354,6 +363,8 @@ def _signature(fn, values):
             sig[p.name] = "*" + _TRITON_TYPES[str(v.dtype).replace("torch.", "")]
             if v.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"               # a Python float is passed as fp32
         elif isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{fn.__name__}: unexpected value {v!r} for {p.name}")
         elif v == 1:

@@ -181,7 +181,7 @@ def run_kernels(q, k, scale, bias, targets, row_labels, col_labels, flags, grads
                                flags["col_stats"])
     if grads is None:
         return stats, None
-    lse, pos, npos, _, col_lse, _ = stats
+    lse, pos, npos, _, col_lse, *_ = stats
     g = tk.contrastive_bwd(*grads, q, k, scale, bias, targets, row_labels, col_labels,
                            lse, pos, npos, col_lse, flags["exclude_diag"], flags["decoupled"],
                            flags["pos_lse"], flags["col_stats"])
@@ -312,8 +312,9 @@ def test_low_precision_vs_plain_pytorch(dtype, R, C, D):
     grads = make_grads(R, C, ALL_G)
     stats, g, ref_stats, ref_g = check_against_oracle(*inputs, flags, grads)
     low_stats, low_g = lowp_torch(*inputs, flags, grads)
-    for name, a, lo, e in zip(STAT_NAMES + GRAD_NAMES, stats + tuple(g),
-                              low_stats + tuple(low_g), ref_stats + tuple(ref_g)):
+    six = len(STAT_NAMES)
+    for name, a, lo, e in zip(STAT_NAMES + GRAD_NAMES, stats[:six] + tuple(g),
+                              low_stats[:six] + tuple(low_g), ref_stats[:six] + tuple(ref_g)):
         mag = e.detach().abs().max().item() if e.numel() else 0.0
         err_kernel, err_torch = max_err(a, e), max_err(lo, e)
         assert err_kernel <= 2 * err_torch + 1e-5 * mag + 1e-6, (
@@ -495,9 +496,10 @@ def test_slabs_self_similarity(mode, exclude_diag, decoupled, pos_lse, slabs):
     assert slabs.calls == [23]
 
 
-def self_budget(monkeypatch, N, blocks, mode, pos_lse):
+def self_budget(monkeypatch, N, blocks, mode, pos_lse, lse2=False):
     """A byte budget of ``blocks`` row blocks of the self-similarity forward's partials."""
-    fields = tk._state_fields(mode != "none", pos_lse and mode != "none", mode == "labels")
+    fields = tk._state_fields(mode != "none", pos_lse and mode != "none", mode == "labels",
+                              lse2)
     monkeypatch.setenv("FASTCL_TRITON_SLAB_BYTES", str(blocks * 4 * fields * N))
 
 
@@ -587,7 +589,8 @@ def test_self_forward_allocation_is_bounded(slabs, monkeypatch):
     with LargestAllocation() as rec:
         tk.contrastive_fwd(q, None, scale, bias, None, rl, rl, True, False, True, False)
     assert rec.largest[0] < N * N, rec.largest
-    assert rec.largest_bytes[0] <= 4 * tk._state_fields(True, True, True) * N, rec.largest_bytes
+    assert rec.largest_bytes[0] <= 4 * tk._state_fields(True, True, True, False) * N, \
+        rec.largest_bytes
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 20), (torch.float16, 40)])
@@ -923,3 +926,108 @@ class TestGPU:
         assert (dz.float() - want).abs().max().item() <= tol
         torch.testing.assert_close(ds, ds2, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(db, db2, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# the second log-sum-exp (lse2_mult > 0): the hard-negative loss's LSE at another multiplier
+# --------------------------------------------------------------------------------------------
+
+def check_lse2(R, C, D, dtype, mode, flags, self_sim, mu=0.6, with_lse=True, **kw):
+    """``lse2`` and the gradients of ``g_lse2 . lse2`` (plus ``g_lse . lse``) against the fp64
+    oracle, from the same launches as the other statistics."""
+    q, k, scale, bias, targets, rl, cl = make_inputs(R, C, D, dtype, mode, **kw)
+    if self_sim:
+        k, cl = q, rl
+    keys = None if self_sim else k
+    stats = tk.contrastive_fwd(q, keys, scale, bias, targets, rl, cl, flags["exclude_diag"],
+                               flags["decoupled"], flags["pos_lse"], False, mu)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, scale, bias)]
+    kd = leaves[0] if self_sim else k.detach().double().requires_grad_(True)
+    ref = contrastive_stats_ref(leaves[0], kd, leaves[1], leaves[2], targets, rl, cl,
+                                lse2_mult=mu, **flags)
+    assert stats[6].shape == (R,) and stats[6].dtype == torch.float32
+    assert_close(stats[6], ref[6], FWD_TOL[dtype], "lse2")
+    gen = torch.Generator().manual_seed(5)
+    g_lse2 = torch.randn(R, generator=gen).to(DEVICE)
+    g_lse = torch.randn(R, generator=gen).to(DEVICE) if with_lse else None
+    got = tk.contrastive_bwd(g_lse, None, None, None, None, q, keys, scale, bias, targets, rl,
+                             cl, stats[0], stats[1], stats[2], stats[4], flags["exclude_diag"],
+                             flags["decoupled"], flags["pos_lse"], False, g_lse2, stats[6], mu)
+    total = [(ref[6], g_lse2)] + ([(ref[0], g_lse)] if with_lse else [])
+    fin = [(o, gr.double().masked_fill(torch.isinf(o.detach()), 0)) for o, gr in total]
+    wrt = leaves if self_sim else [leaves[0], kd, leaves[1], leaves[2]]
+    want = torch.autograd.grad([o.masked_fill(torch.isinf(o.detach()), 0) for o, _ in fin],
+                               wrt, [gr for _, gr in fin], allow_unused=True)
+    want = [torch.zeros_like(t) if w is None else w for w, t in zip(want, wrt)]
+    names = ("dz", "dscale", "dbias") if self_sim else GRAD_NAMES
+    outs = (got[0], got[2], got[3]) if self_sim else got
+    for name, a, e in zip(names, outs, want):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, e, BWD_TOL[dtype], name)
+
+
+LSE2_CASES = [
+    # (R, C, D, dtype, mode, flags, self_sim)
+    (37, 29, 8, torch.float32, "targets", flags_of(decoupled=True), False),
+    (29, 37, 100, torch.float32, "labels", flags_of(exclude_diag=True), False),
+    (33, 33, 20, torch.float32, "targets", flags_of(exclude_diag=True, decoupled=True), True),
+    (35, 35, 8, torch.float32, "labels", flags_of(exclude_diag=True, pos_lse=True), True),
+    (20, 31, 8, torch.float32, "none", flags_of(), False),
+    (37, 29, 20, torch.bfloat16, "targets", flags_of(exclude_diag=True, decoupled=True), False),
+    (29, 29, 40, torch.float16, "labels", flags_of(exclude_diag=True, decoupled=True), True),
+]
+LSE2_IDS = [f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}-{'self' if c[6] else 'kq'}"
+            for c in LSE2_CASES]
+
+
+@pytest.mark.parametrize("R,C,D,dtype,mode,flags,self_sim", LSE2_CASES, ids=LSE2_IDS)
+@pytest.mark.parametrize("with_lse", [True, False], ids=("with-lse", "alone"))
+def test_lse2_matches_oracle(R, C, D, dtype, mode, flags, self_sim, with_lse):
+    check_lse2(R, C, D, dtype, mode, flags, self_sim, with_lse=with_lse, scale=5.0,
+               n_labels=3)
+
+
+@pytest.mark.parametrize("R,C,D,dtype,mode,flags,self_sim", LSE2_CASES, ids=LSE2_IDS)
+def test_lse2_slabs_match_oracle(R, C, D, dtype, mode, flags, self_sim, slabs):
+    slabs(C)
+    check_lse2(R, C, D, dtype, mode, flags, self_sim, mu=1.7, scale=5.0, n_labels=3)
+    assert slabs.calls  # by slabs of G
+
+
+@pytest.mark.parametrize("mode,pos_lse", [("targets", False), ("labels", True), ("none", False)])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_lse2_self_forward_half_square(mode, pos_lse, blocks, slabs, monkeypatch):
+    """k=None by slabs of row blocks: the transposed partials and their merge carry the
+    running sum of lse2 (one more field)."""
+    N = 53
+    self_budget(monkeypatch, N, blocks, mode, pos_lse, lse2=True)
+    launches = recording_fwd(monkeypatch)
+    check_lse2(N, N, 8, torch.float32, mode,
+               flags_of(exclude_diag=True, decoupled=mode != "none", pos_lse=pos_lse), True,
+               scale=5.0, n_labels=3)
+    assert launches and all(s for *_, s in launches)
+    assert len(launches) == -(-N // (blocks * tk._INTERP_BLOCK))
+
+
+def test_lse2_accumulated_slabs(accumulated):
+    accumulated(29)
+    check_lse2(37, 29, 20, torch.float32, "targets", flags_of(exclude_diag=True), False,
+               scale=5.0)
+    assert accumulated.calls == [37]  # one sweep
+
+
+def test_lse2_empty_denominator_is_not_nan():
+    """Rows whose denominator set is empty (every other sample a positive, decoupled): lse2 is
+    -inf like lse, and the gradients stay finite."""
+    N = 6
+    q = torch.randn(N, 4).to(DEVICE)
+    labels = torch.zeros(N, dtype=torch.long, device=DEVICE)
+    scale, bias = torch.tensor(3.0, device=DEVICE), torch.tensor(0.0, device=DEVICE)
+    stats = tk.contrastive_fwd(q, None, scale, bias, None, labels, labels, True, True, False,
+                               False, 0.5)
+    assert torch.isinf(stats[6]).all() and (stats[6] < 0).all()
+    dz, _dk, ds, db = tk.contrastive_bwd(None, None, None, None, None, q, None, scale, bias,
+                                         None, labels, labels, stats[0], stats[1], stats[2],
+                                         stats[4], True, True, False, False,
+                                         torch.ones(N, device=DEVICE), stats[6], 0.5)
+    assert torch.isfinite(dz).all() and (dz == 0).all() and ds == 0 and db == 0

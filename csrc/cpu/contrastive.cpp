@@ -10,15 +10,19 @@
 //   each chunk's running column statistics; the chunks' column statistics are merged in chunk
 //   order at the end, so one sweep gives row and column LSEs. Means need no pass over the logits:
 //   sum_c s_rc = scale * q_r . sum_c k_c + C * bias (fp64), minus the excluded entries.
+//   lse2 (lse2_mult = mu > 0) shares lse's running max m: one more running sum per row,
+//   sum 2^(mu (s - m)) (rescaled by 2^(mu (m_old - m_new)) where lse's sum is by
+//   2^(m_old - m_new)), with one more exponential per element only when it is on.
 //   Without k (self-similarity, q . q^T symmetric) the logits are computed on the blocks on and
 //   below the diagonal only (half a GEMM): the rows before a slab take their statistics over the
 //   slab's columns from its transposed left part (FwdSweep).
 // - backward: the slab's logits are recomputed and turned in place into G (one pass, the formula
 //   of fastcl/reference/contrastive.py, also summing G and G * l for dbias and dscale), then
-//   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm). Without k (self-similarity,
-//   q . q^T symmetric) the gradient GEMMs run on the blocks on and below the diagonal only,
-//   with G + G.T (BwdSweep): one GEMM's worth for the gradient instead of two, and the logits
-//   are recomputed on those blocks only (half a GEMM).
+//   dq_slab = scale * G @ k and dk += scale * G.T @ q_slab (addmm); the lse2 term of G takes
+//   one more exponential per element, only for the rows where g_lse2 is given and nonzero.
+//   Without k (self-similarity, q . q^T symmetric) the gradient GEMMs run on the blocks on and
+//   below the diagonal only, with G + G.T (BwdSweep): one GEMM's worth for the gradient instead
+//   of two, and the logits are recomputed on those blocks only (half a GEMM).
 // - fused (row statistics only, gradients of the statistics known before the forward): each
 //   slab serves the forward row kernel and then, in place, the backward one, since a slab holds
 //   whole rows; three GEMMs per slab instead of the four of a forward and a backward. Without k
@@ -111,6 +115,7 @@ struct TileArgs {
 template <class T>
 struct RowState {
   T m, se;       // denominator set: max and sum of 2^(s2 - max)
+  T se2;         // lse2 (mu = lse2_mult > 0): sum of 2^(mu (s2 - m)) over the same set
   T pm, pse;     // positives (label mode, pos_lse): max and sum of 2^(s2 - max)
   double psum;   // positives (label mode): sum of s, natural units
   double pcnt;   // positives (label mode): count
@@ -118,19 +123,24 @@ struct RowState {
 
   static RowState empty() {
     const T ninf = -std::numeric_limits<T>::infinity();
-    return {ninf, T(0), ninf, T(0), 0.0, 0.0, 0.0};
+    return {ninf, T(0), T(0), ninf, T(0), 0.0, 0.0, 0.0};
   }
-  void merge(const RowState& o);  // defined after lse_merge_scalar
+  // e2 (lse2 on): se2 is merged too, with the args' mu (defined after lse_merge_scalar)
+  void merge(const RowState& o, bool e2, T mu);
 };
 
 template <class T>
 struct FwdArgs : TileArgs<T> {
   bool col_stats;
+  // lse2: mu = lse2_mult (0: off, lse2 nullptr), in the kernels' dtype and in fp64 (finish_row)
+  T mu;
+  double mu_d;
   // Slab of raw dot products, row-major, padded: row b at L + b * ld holds columns
   // [cbeg, cend), column c at index c - cbeg (cbeg a multiple of the vector width).
   const T* L;
   int64_t ld, cbeg, cend;
   T *lse, *pos, *npos, *mean;
+  T* lse2;  // [R], or nullptr when lse2 is off
   // nullptr: the rows' statistics are final when the kernel ends (every column in the range);
   // else the kernel merges each row's partial state into run[row].
   RowState<T>* run;
@@ -144,6 +154,9 @@ struct BwdArgs : TileArgs<T> {
   int64_t ld, cbeg, cend;
   const T *g_lse, *g_pos, *g_mean;  // [R] or nullptr
   const T *lse, *pos, *npos;        // [R]
+  // lse2 term (mu = lse2_mult): g_lse2 (nullptr: no term) and the saved lse2, both [R]
+  const T *g_lse2, *lse2;
+  T mu;
   // Per column, padded by one vector:
   const T* col_lse;                 // saved column LSE in log2 units (0 where it is -inf)
   const T* g_col_lse;               // g_col_lse (0 where the column LSE is -inf) or nullptr
@@ -180,9 +193,34 @@ inline void lse_merge_scalar(T& m, T& s, T pm, T ps) {
   }
 }
 
+// The same with a second sum s2 of 2^(mu (x - m)) (relative to the same max m), ps2 relative to
+// pm: its rescaling factors are those of s raised to mu.
 template <class T>
-void RowState<T>::merge(const RowState& o) {
-  lse_merge_scalar<T>(m, se, o.m, o.se);
+inline void lse2_merge_scalar(T& m, T& s, T& s2, T pm, T ps, T ps2, T mu) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (!(pm > ninf)) return;
+  if (!(m > ninf)) {  // nothing yet (and no mu * -inf)
+    m = pm;
+    s = ps;
+    s2 = ps2;
+  } else if (pm > m) {
+    const T d = m - pm;
+    s = s * std::exp2(d) + ps;
+    s2 = s2 * std::exp2(mu * d) + ps2;
+    m = pm;
+  } else {
+    const T d = pm - m;
+    s += ps * std::exp2(d);
+    s2 += ps2 * std::exp2(mu * d);
+  }
+}
+
+template <class T>
+void RowState<T>::merge(const RowState& o, bool e2, T mu) {
+  if (e2)
+    lse2_merge_scalar<T>(m, se, se2, o.m, o.se, o.se2, mu);
+  else
+    lse_merge_scalar<T>(m, se, o.m, o.se);
   lse_merge_scalar<T>(pm, pse, o.pm, o.pse);
   psum += o.psum;
   pcnt += o.pcnt;
@@ -199,6 +237,11 @@ inline void finish_row(const FwdArgs<T>& P, int64_t gr, const RowGeom& g, const 
   P.lse[gr] = st.m > ninf ? static_cast<T>((static_cast<double>(st.m) +
                                             std::log2(static_cast<double>(st.se))) * kLn2)
                           : ninf;
+  // lse2 = mu m + log(se2) (se2 >= 1 where the set is not empty: its maximum gives 2^0)
+  if (P.lse2 != nullptr)
+    P.lse2[gr] = st.m > ninf ? static_cast<T>((P.mu_d * static_cast<double>(st.m) +
+                                               std::log2(static_cast<double>(st.se2))) * kLn2)
+                             : ninf;
   P.mean[gr] = static_cast<T>(P.labels ? st.psum : st.tl);
   if (npos <= 0) {
     P.pos[gr] = T(0);
@@ -348,7 +391,7 @@ struct FwdSweep {
   static constexpr int W = Lanes<T>::W;
   Slabs<T>& sl;
   bool exclude_diag, decoupled, col_stats, self;
-  at::Tensor lse, pos, npos, mean, col_lse, col_mean;
+  at::Tensor lse, pos, npos, mean, col_lse, col_mean, lse2;
   at::Tensor ksum, qsum;
   std::vector<double> sdiag;
   std::vector<double> rsum;          // self: q_r . ksum of every row, for the means
@@ -358,8 +401,9 @@ struct FwdSweep {
   FwdArgs<T> P;
   Kernels<T> K;
 
+  // lse2_mult > 0: lse2 too (else it is empty)
   FwdSweep(Slabs<T>& s, double scale, double bias, bool exclude_diag_, bool decoupled_,
-           bool pos_lse, bool col_stats_, bool self_ = false)
+           bool pos_lse, bool col_stats_, bool self_ = false, double lse2_mult = 0.0)
       : sl(s), exclude_diag(exclude_diag_), decoupled(decoupled_), col_stats(col_stats_),
         self(self_ && !col_stats_), K(kernels<T>()) {
     const T ninf = -std::numeric_limits<T>::infinity();
@@ -370,6 +414,8 @@ struct FwdSweep {
     mean = at::empty({R}, sl.opt);
     col_lse = at::empty({col_stats ? C : 0}, sl.opt);
     col_mean = at::empty({col_stats ? C : 0}, sl.opt);
+    const bool e2 = lse2_mult > 0;
+    lse2 = at::empty({e2 ? R : 0}, sl.opt);
     // Sum of the keys in fp64: row sums of s (for the means) are q_r . ksum, no pass over s.
     const auto dopt = sl.opt.dtype(at::kDouble);
     ksum = at::zeros({sl.D}, dopt);
@@ -392,6 +438,9 @@ struct FwdSweep {
     P.pos = pos.data_ptr<T>();
     P.npos = npos.data_ptr<T>();
     P.mean = mean.data_ptr<T>();
+    P.lse2 = e2 ? lse2.data_ptr<T>() : nullptr;
+    P.mu = e2 ? static_cast<T>(lse2_mult) : T(0);
+    P.mu_d = e2 ? lse2_mult : 0.0;
     // Per chunk: running column max and sum (C + W each), tile scratch (kColBlock + W each).
     nchunks = num_chunks(sl.S);
     per_chunk = 2 * (C + W) + 2 * (kColBlock + W);
@@ -575,12 +624,15 @@ struct BwdSweep {
   Kernels<T> K;
 
   // g_* are in the statistics dtype (or undefined); lse, pos and npos too, and are read only
-  // when slab() runs, so a fused caller may fill them slab by slab.
+  // when slab() runs, so a fused caller may fill them slab by slab. gl2 (g_lse2, or undefined:
+  // no lse2 term) and lse2 are in the statistics dtype too, lse2_mult > 0 where gl2 is given.
   BwdSweep(Slabs<T>& s, const at::Tensor& q_, const at::Tensor& k_, double scale_, double bias,
            const at::Tensor& gl, const at::Tensor& gp, const at::Tensor& gm,
            const at::Tensor& gcl, const at::Tensor& gcm, const at::Tensor& lse,
            const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
-           bool exclude_diag, bool decoupled, bool pos_lse, bool self_ = false)
+           bool exclude_diag, bool decoupled, bool pos_lse, bool self_ = false,
+           const at::Tensor& gl2 = at::Tensor(), const at::Tensor& lse2 = at::Tensor(),
+           double lse2_mult = 0.0)
       : sl(s), q(q_), k(k_), scale(scale_), self(self_), K(kernels<T>()) {
     const T ninf = -std::numeric_limits<T>::infinity();
     const int64_t R = sl.R, C = sl.C, D = sl.D;
@@ -637,6 +689,9 @@ struct BwdSweep {
     P.lse = lse.data_ptr<T>();
     P.pos = pos.data_ptr<T>();
     P.npos = npos.data_ptr<T>();
+    P.g_lse2 = gl2.defined() ? gl2.data_ptr<T>() : nullptr;
+    P.lse2 = gl2.defined() ? lse2.data_ptr<T>() : nullptr;
+    P.mu = gl2.defined() ? static_cast<T>(lse2_mult) : T(0);
     P.col_lse = clse_v.data();
     P.g_col_lse = gcl.defined() ? gcl_v.data() : nullptr;
     P.g_col_mean = gcm_v.data();
@@ -776,15 +831,15 @@ at::Tensor stat_vec(const std::optional<at::Tensor>& t) {
 }
 
 template <class T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_impl(
+FwdStats fwd_impl(
     const at::Tensor& q, const std::optional<at::Tensor>& k_opt, double scale, double bias,
     const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& row_labels,
     const std::optional<at::Tensor>& col_labels, bool exclude_diag, bool decoupled, bool pos_lse,
-    bool col_stats) {
+    bool col_stats, double lse2_mult) {
   const bool self = !k_opt.has_value();
   const at::Tensor& k = self ? q : *k_opt;
   Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
-  FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, col_stats, self);
+  FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, col_stats, self, lse2_mult);
   for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
     const int64_t s = std::min(sl.S, sl.R - r0);
     // self: the columns up to the slab's end only (half of the logits)
@@ -792,7 +847,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     F.slab(r0, s, qL.first, qL.second);
   }
   F.finish();
-  return {F.lse, F.pos, F.npos, F.mean, F.col_lse, F.col_mean};
+  return {F.lse, F.pos, F.npos, F.mean, F.col_lse, F.col_mean, F.lse2};
 }
 
 // Gradients when nothing flows back; self: dk is the empty [0, D] of self-similarity.
@@ -814,13 +869,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     double scale, double bias, const std::optional<at::Tensor>& targets,
     const std::optional<at::Tensor>& row_labels, const std::optional<at::Tensor>& col_labels,
     const at::Tensor& lse, const at::Tensor& pos, const at::Tensor& npos,
-    const at::Tensor& col_lse, bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
+    const at::Tensor& col_lse, bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats,
+    const std::optional<at::Tensor>& g_lse2, const std::optional<at::Tensor>& lse2,
+    double lse2_mult) {
   const bool self = !k_opt.has_value();
   const at::Tensor& k = self ? q : *k_opt;
   const at::Tensor gl = stat_vec<T>(g_lse), gp = stat_vec<T>(g_pos), gm = stat_vec<T>(g_mean);
   const at::Tensor gcl = col_stats ? stat_vec<T>(g_col_lse) : at::Tensor();
   const at::Tensor gcm = col_stats ? stat_vec<T>(g_col_mean) : at::Tensor();
-  const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() || gcm.defined();
+  // the lse2 term needs lse2_mult > 0 and the saved lse2 (checked by the caller)
+  const bool e2 = g_lse2.has_value() && lse2_mult > 0 && lse2.has_value();
+  const at::Tensor gl2 = e2 ? stat_vec<T>(g_lse2) : at::Tensor();
+  const at::Tensor lse2_a = e2 ? stat_vec<T>(lse2) : at::Tensor();
+  const bool any = gl.defined() || gp.defined() || gm.defined() || gcl.defined() ||
+                   gcm.defined() || gl2.defined();
   if (!any || q.size(0) == 0 || k.size(0) == 0) return zero_grads(q, k, scale_t, bias_t, self);
 
   Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
@@ -828,7 +890,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   const at::Tensor lse_a = lse.to(st).contiguous(), pos_a = pos.to(st).contiguous();
   const at::Tensor npos_a = npos.to(st).contiguous();
   BwdSweep<T> B(sl, q, k, scale, bias, gl, gp, gm, gcl, gcm, lse_a, pos_a, npos_a, col_lse,
-                exclude_diag, decoupled, pos_lse, self);
+                exclude_diag, decoupled, pos_lse, self, gl2, lse2_a, lse2_mult);
   for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
     const int64_t s = std::min(sl.S, sl.R - r0);
     // self: the sweep reads the columns up to the slab's end only (half of the logits)
@@ -908,19 +970,18 @@ int64_t slab_bytes() {
 
 const char* kernel_isa() { return use_avx2() ? "avx2" : "generic"; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-contrastive_fwd_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k,
-                    const at::Tensor& scale,
-                    const at::Tensor& bias, const std::optional<at::Tensor>& targets,
-                    const std::optional<at::Tensor>& row_labels,
-                    const std::optional<at::Tensor>& col_labels, bool exclude_diag,
-                    bool decoupled, bool pos_lse, bool col_stats) {
+FwdStats contrastive_fwd_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                             const at::Tensor& scale, const at::Tensor& bias,
+                             const std::optional<at::Tensor>& targets,
+                             const std::optional<at::Tensor>& row_labels,
+                             const std::optional<at::Tensor>& col_labels, bool exclude_diag,
+                             bool decoupled, bool pos_lse, bool col_stats, double lse2_mult) {
   const double a = scalar_value(scale), b = scalar_value(bias);
   if (q.scalar_type() == at::kDouble)
     return fwd_impl<double>(q, k, a, b, targets, row_labels, col_labels, exclude_diag, decoupled,
-                            pos_lse, col_stats);
+                            pos_lse, col_stats, lse2_mult);
   return fwd_impl<float>(q, k, a, b, targets, row_labels, col_labels, exclude_diag, decoupled,
-                         pos_lse, col_stats);
+                         pos_lse, col_stats, lse2_mult);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -933,15 +994,18 @@ contrastive_bwd_cpu(const std::optional<at::Tensor>& g_lse, const std::optional<
                     const std::optional<at::Tensor>& row_labels,
                     const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,
                     const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
-                    bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
+                    bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats,
+                    const std::optional<at::Tensor>& g_lse2,
+                    const std::optional<at::Tensor>& lse2, double lse2_mult) {
   const double a = scalar_value(scale), b = scalar_value(bias);
   if (q.scalar_type() == at::kDouble)
     return bwd_impl<double>(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, a, b,
                             targets, row_labels, col_labels, lse, pos, npos, col_lse,
-                            exclude_diag, decoupled, pos_lse, col_stats);
+                            exclude_diag, decoupled, pos_lse, col_stats, g_lse2, lse2,
+                            lse2_mult);
   return bwd_impl<float>(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, a, b,
                          targets, row_labels, col_labels, lse, pos, npos, col_lse, exclude_diag,
-                         decoupled, pos_lse, col_stats);
+                         decoupled, pos_lse, col_stats, g_lse2, lse2, lse2_mult);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -136,8 +136,10 @@ struct PassA {
 // Pass B over a tile row: sums of 2^(s2 - shift). MODE 0: row sums only, shifted by the row max.
 // MODE 1: one 2^(s2 - M) feeds the row, positive and column sums. MODE 2: separate exponentials,
 // shifted by the row max (positive max) and by the tile column max. PEXP: (label mode, pos_lse)
-// the sum over the positives too.
-template <class T, bool LABELS, int MODE, bool PEXP>
+// the sum over the positives too. E2 (lse2): the sum of 2^(mu (s2 - m)) over the denominator
+// set, m the row's tile max (whatever the mode: a shared shift M would leave mu (M - m) to
+// underflow), its own exponential.
+template <class T, bool LABELS, int MODE, bool PEXP, bool E2>
 struct PassB {
   using V = typename Lanes<T>::V;
   using M = typename Lanes<T>::M;
@@ -150,6 +152,18 @@ struct PassB {
   T* tcs;           // tile column sums
   V mr, mp;         // shifts: row max (MODE 0/2) or M (MODE 1); positive max (MODE 0/2)
   V se, spe;
+  V mu, m2;         // E2: mu and the row's tile max (log2 units)
+  V se2;
+
+  // E2: 2^(mu (s2 - m)); d = s2 - m where the caller has it (the row max is the shift)
+  FASTCL_FN V e2_of(const V& s, const V& d) const {
+    if constexpr (MODE == 1) {
+      return vexp2((s - m2) * mu);
+    } else {
+      (void)s;
+      return vexp2(d * mu);
+    }
+  }
 
   template <bool MASKED>
   FASTCL_FN void step(int64_t c, const M& valid) {
@@ -158,9 +172,12 @@ struct PassB {
       if constexpr (MODE == 1) {
         const V e = vexp2(s - mr);
         se += e;
+        if constexpr (E2) se2 += e2_of(s, s);
         vstore(tcs + c, vload<V>(tcs + c) + e);
       } else {
-        se += vexp2(s - mr);
+        const V d = s - mr;
+        se += vexp2(d);
+        if constexpr (E2) se2 += e2_of(s, d);
         if constexpr (MODE == 2) vstore(tcs + c, vload<V>(tcs + c) + vexp2(s - vload<V>(tcm + c)));
       }
     } else {
@@ -169,10 +186,13 @@ struct PassB {
       if constexpr (MODE == 1) {
         const V e = vexp2(s - mr);
         se += dm ? e : K.zero;
+        if constexpr (E2) se2 += dm ? e2_of(s, s) : K.zero;
         if constexpr (PEXP) spe += pm ? e : K.zero;
         vstore(tcs + c, vload<V>(tcs + c) + (notd ? e : K.zero));
       } else {
-        se += dm ? vexp2(s - mr) : K.zero;
+        const V d = s - mr;
+        se += dm ? vexp2(d) : K.zero;
+        if constexpr (E2) se2 += dm ? e2_of(s, d) : K.zero;
         if constexpr (PEXP) spe += pm ? vexp2(s - mp) : K.zero;
         if constexpr (MODE == 2)
           vstore(tcs + c, vload<V>(tcs + c) + (notd ? vexp2(s - vload<V>(tcm + c)) : K.zero));
@@ -211,7 +231,7 @@ FASTCL_TGT void fwd_pass_a(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
   }
 }
 
-template <class T, bool LABELS, int MODE, bool PEXP>
+template <class T, bool LABELS, int MODE, bool PEXP, bool E2>
 FASTCL_TGT void fwd_pass_b(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int nr, int64_t c0,
                            int64_t c1, const T* tcm, T* tcs, T shared_max) {
   using V = typename Lanes<T>::V;
@@ -224,12 +244,22 @@ FASTCL_TGT void fwd_pass_b(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
     const RowConst<T> K = row_const<T>(P.a2, P.b2, g, P.decoupled);
     const T mr = MODE == 1 ? shared_max : (row_live ? RR.trm[j] : T(0));
     const T mp = MODE == 1 ? shared_max : (pos_live ? RR.tpm[j] : T(0));
-    PassB<T, LABELS, MODE, PEXP> op{K, P.L + (i0 + j) * P.ld, P.cbeg, P.col_id, tcm, tcs,
-                                    vsplat<V>(mr), vsplat<V>(mp), K.zero, K.zero};
+    const T m2 = row_live ? RR.trm[j] : T(0);
+    PassB<T, LABELS, MODE, PEXP, E2> op{K, P.L + (i0 + j) * P.ld, P.cbeg, P.col_id, tcm, tcs,
+                                        vsplat<V>(mr), vsplat<V>(mp), K.zero, K.zero,
+                                        vsplat<V>(P.mu), vsplat<V>(m2), K.zero};
     const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
     for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(g.dcol), sp2);
     RowState<T>& st = RR.st[j];
-    if (row_live) lse_merge_scalar<T>(st.m, st.se, mr, static_cast<T>(hsum(op.se)));
+    if (E2 && row_live) {
+      // both sums relative to the row's tile max (MODE 1: the row sum rescaled from M, by at
+      // most 2^span), so that the running max stays the row's own and se2 cannot underflow
+      T se = static_cast<T>(hsum(op.se));
+      if (MODE == 1) se *= static_cast<T>(std::exp2(mr - m2));
+      lse2_merge_scalar<T>(st.m, st.se, st.se2, m2, se, static_cast<T>(hsum(op.se2)), P.mu);
+    } else if (row_live) {
+      lse_merge_scalar<T>(st.m, st.se, mr, static_cast<T>(hsum(op.se)));
+    }
     if (pos_live) lse_merge_scalar<T>(st.pm, st.pse, mp, static_cast<T>(hsum(op.spe)));
   }
 }
@@ -245,6 +275,7 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
   const int64_t cbeg = P.cbeg, cend = P.cend;
   const bool col = P.col_stats, labels = P.labels;
   const bool pexp = labels && P.pos_lse;
+  const bool e2 = P.lse2 != nullptr;  // lse2 on (also when the states go to P.run)
   RowRun<T> RR;
   for (int64_t b0 = i0; b0 < i1; b0 += kRowBlock) {
     const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, i1 - b0));
@@ -287,9 +318,10 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
         }
         mode = (big > ninf && big - small <= P.span) ? 1 : 2;
       }
-#define FASTCL_PB(L_, M_, P_)                                                                  \
-  if (labels == L_ && mode == M_ && pexp == P_)                                               \
-    fwd_pass_b<T, L_, M_, P_>(P, RR, b0, nr, c0, c1, tm, ts, big);
+#define FASTCL_PB2(L_, M_, P_, E_)                                                             \
+  if (labels == L_ && mode == M_ && pexp == P_ && e2 == E_)                                   \
+    fwd_pass_b<T, L_, M_, P_, E_>(P, RR, b0, nr, c0, c1, tm, ts, big);
+#define FASTCL_PB(L_, M_, P_) FASTCL_PB2(L_, M_, P_, false) FASTCL_PB2(L_, M_, P_, true)
       FASTCL_PB(false, 0, false)
       FASTCL_PB(false, 1, false)
       FASTCL_PB(false, 2, false)
@@ -300,6 +332,7 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
       FASTCL_PB(true, 1, true)
       FASTCL_PB(true, 2, true)
 #undef FASTCL_PB
+#undef FASTCL_PB2
       if (col) {
         for (int64_t c = c0; c < c1; ++c) {
           const T pm = mode == 1 ? (tm[c] > ninf ? big : ninf) : tm[c];
@@ -315,7 +348,7 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
       if (!labels && g.tcol >= cbeg && g.tcol < cend)
         st.tl = static_cast<double>(P.L[(b0 + j) * P.ld + (g.tcol - cbeg)] * P.a + P.b);
       if (P.run != nullptr)
-        P.run[gr].merge(st);
+        P.run[gr].merge(st, e2, P.mu);
       else
         finish_row(P, gr, g, st);
     }
@@ -329,8 +362,10 @@ FASTCL_TGT void fwd_rows(const FwdArgs<T>& P, int64_t i0, int64_t i1, T* cm, T* 
 //   G = dm * (e_row + gmd) + pm * pos_term + notd * (e_col + gcm[c])
 // with e_row = gl * 2^(s2 - lse2) and e_col = gcl[c] * 2^(s2 - col_lse2[c]) (log2 units),
 // computed either directly (DUAL) or as e * frg and e * fcg[c] with one e = 2^(s2 - M) (SINGLE),
-// frg = gl * 2^(M - lse2), fcg[c] = gcl[c] * 2^(M - col_lse2[c]).
-template <class T, bool LABELS, bool REXP, bool CEXP, bool SINGLE, bool PEXP>
+// frg = gl * 2^(M - lse2), fcg[c] = gcl[c] * 2^(M - col_lse2[c]). E2 (the statistic lse2 at
+// the multiplier mu): e_row gains g_lse2 * mu * 2^(mu s2 - l2), l2 the saved lse2 in log2
+// units, with its own exponential.
+template <class T, bool LABELS, bool REXP, bool CEXP, bool SINGLE, bool PEXP, bool E2>
 struct BwdOp {
   using V = typename Lanes<T>::V;
   using M = typename Lanes<T>::M;
@@ -344,6 +379,7 @@ struct BwdOp {
   const T* gcm;     // g_col_mean / count (zeros when absent)
   V gl, lse, gmd, gpc, posr;  // SINGLE: gl holds gl * 2^(M - lse), lse holds M
   V db, ds;                   // sums of G and of G * l
+  V gl2, lse2, mu;            // E2: g_lse2 * mu, lse2 (log2 units), mu
 
   template <bool MASKED>
   FASTCL_FN void step_at(int64_t c, const M& valid, T* xp) {
@@ -358,6 +394,7 @@ struct BwdOp {
       if constexpr (REXP) rowt += gl * vexp2(s - lse);
       if constexpr (CEXP) colt += vload<V>(gclc + c) * vexp2(s - vload<V>(clse + c));
     }
+    if constexpr (E2) rowt += gl2 * vexp2(s * mu - lse2);
     V g;
     if constexpr (!MASKED && !LABELS) {
       g = rowt + colt;
@@ -396,10 +433,11 @@ template <class T>
 struct BwdRow {
   RowGeom geom;
   T gl, lse, gmd, gpc, posr;
-  bool rexp, pexp;
+  T gl2, lse2;  // lse2 term: g_lse2 * mu and lse2 in log2 units
+  bool rexp, pexp, e2;
 };
 
-template <class T, bool LABELS, bool REXP, bool CEXP, bool SINGLE, bool PEXP>
+template <class T, bool LABELS, bool REXP, bool CEXP, bool SINGLE, bool PEXP, bool E2>
 FASTCL_TGT void bwd_row(const BwdArgs<T>& P, const BwdRow<T>& br, T* x, int64_t c0, int64_t c1,
                         const T* gclc, T shared_max, double& db, double& ds) {
   using V = typename Lanes<T>::V;
@@ -409,9 +447,10 @@ FASTCL_TGT void bwd_row(const BwdArgs<T>& P, const BwdRow<T>& br, T* x, int64_t 
     gl = br.rexp ? static_cast<T>(br.gl * std::exp2(shared_max - br.lse)) : T(0);
     lse = shared_max;
   }
-  BwdOp<T, LABELS, REXP, CEXP, SINGLE, PEXP> op{
+  BwdOp<T, LABELS, REXP, CEXP, SINGLE, PEXP, E2> op{
       K, x, P.cbeg, P.col_id, P.col_lse, gclc, P.g_col_mean, vsplat<V>(gl), vsplat<V>(lse),
-      vsplat<V>(br.gmd), vsplat<V>(br.gpc), vsplat<V>(br.posr), K.zero, K.zero};
+      vsplat<V>(br.gmd), vsplat<V>(br.gpc), vsplat<V>(br.posr), K.zero, K.zero,
+      vsplat<V>(br.gl2), vsplat<V>(br.lse2), vsplat<V>(P.mu)};
   for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(br.geom.dcol),
                          vec_of<T>(br.geom.tcol));
   db += hsum(op.db);  // per tile: float lanes sum at most kBwdColBlock / W terms
@@ -443,6 +482,14 @@ FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db
       br.lse = static_cast<T>(static_cast<double>(P.lse[gr]) * kLog2e);
       br.gl = P.g_lse ? P.g_lse[gr] : T(0);
       br.rexp = br.gl != T(0) && br.lse > ninf;
+      // lse2: no term where g_lse2 is 0 or the set is empty (lse2 -inf)
+      br.gl2 = P.g_lse2 ? static_cast<T>(P.g_lse2[gr] * P.mu) : T(0);
+      br.lse2 = P.g_lse2 ? static_cast<T>(static_cast<double>(P.lse2[gr]) * kLog2e) : T(0);
+      br.e2 = P.g_lse2 != nullptr && P.g_lse2[gr] != T(0) && br.lse2 > ninf;
+      if (!br.e2) {
+        br.gl2 = T(0);
+        br.lse2 = T(0);
+      }
       if (!br.rexp) {
         br.gl = T(0);
         br.lse = T(0);
@@ -493,9 +540,11 @@ FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db
         const bool re = br.rexp;
         double& dbr = db[b0 + j];
         double& dsr = ds[b0 + j];
-#define FASTCL_BW(L_, R_, C_, S_, P_)                                                       \
-  if (labels == L_ && re == R_ && cexp == C_ && single == S_ && br.pexp == P_)              \
-    bwd_row<T, L_, R_, C_, S_, P_>(P, br, x, c0, c1, gclc, big, dbr, dsr);
+#define FASTCL_BW2(L_, R_, C_, S_, P_, E_)                                                  \
+  if (labels == L_ && re == R_ && cexp == C_ && single == S_ && br.pexp == P_ && br.e2 == E_) \
+    bwd_row<T, L_, R_, C_, S_, P_, E_>(P, br, x, c0, c1, gclc, big, dbr, dsr);
+#define FASTCL_BW(L_, R_, C_, S_, P_) \
+  FASTCL_BW2(L_, R_, C_, S_, P_, false) FASTCL_BW2(L_, R_, C_, S_, P_, true)
         FASTCL_BW(false, false, false, false, false)
         FASTCL_BW(false, true, false, false, false)
         FASTCL_BW(false, false, true, false, false)
@@ -515,6 +564,7 @@ FASTCL_TGT void bwd_rows(const BwdArgs<T>& P, int64_t i0, int64_t i1, double* db
         FASTCL_BW(true, false, true, true, true)
         FASTCL_BW(true, true, true, true, true)
 #undef FASTCL_BW
+#undef FASTCL_BW2
       }
     }
   }

@@ -16,8 +16,9 @@ namespace sig = fastcl::signatures;
 
 void bind(py::module_& m) {
   sig::def_contrastive_fwd(m, "contrastive_fwd_cuda", &contrastive_fwd_cuda,
-        "Statistics (lse, pos, npos, mean, col_lse, col_mean) of scale * q @ k.T + bias on CUDA "
-        "tensors; see fastcl.reference.contrastive for the definitions.");
+        "Statistics (lse, pos, npos, mean, col_lse, col_mean, lse2) of scale * q @ k.T + bias on "
+        "CUDA tensors (lse2 empty unless lse2_mult > 0); see fastcl.reference.contrastive for the "
+        "definitions.");
   sig::def_contrastive_bwd(m, "contrastive_bwd_cuda", &contrastive_bwd_cuda,
         "Gradients (dq, dk, dscale, dbias) of the contrastive statistics on CUDA tensors, "
         "recomputing the logits slab by slab.");

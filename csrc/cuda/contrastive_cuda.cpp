@@ -43,7 +43,13 @@
 // Memory beyond inputs and outputs: one slab of logits (the gradient tile lives in it), the dk
 // accumulator (C x D fp32 when the inputs are not fp32; self-similarity: the dq accumulator,
 // R x D), per-slab dq products (S x D) and O(R + C) statistics (self-similarity forward: the
-// running row states, 7 values per row and row part of the column kernel, at most S / 64 parts).
+// running row states, 7 values per row and row part of the column kernel, at most S / 64 parts;
+// 8 with lse2).
+//
+// lse2 (lse2_mult = mu > 0, fwd and bwd): the second log-sum-exp of the denominator set at mu
+// times the logits rides along in the same kernels: one more running sum per row (row kernel,
+// self column kernel, running row states) under lse's maximum; in the backward, one more
+// exponential per element in the tile kernel's instantiation for g_lse2 only.
 #include "contrastive_cuda.h"
 
 #include <ATen/ATen.h>
@@ -54,8 +60,10 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "../checks.h"
@@ -100,6 +108,33 @@ void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, cons
   check_scalar(fn, "scale", scale, q);
   check_scalar(fn, "bias", bias, q);
   check_masks(fn, q, k, targets, row_labels, col_labels);
+}
+
+// lse2_mult: 0 (no lse2) or a finite positive multiplier. Checked before the tensors' device.
+void check_lse2_mult(const char* fn, double lse2_mult) {
+  TORCH_CHECK(std::isfinite(lse2_mult) && lse2_mult >= 0.0, fn,
+              ": lse2_mult must be a finite number >= 0 (0: no lse2), got ", lse2_mult);
+}
+
+// The lse2 arguments of the backward, before the tensors' device (q's rows when q is 2-D):
+// g_lse2 needs lse2_mult > 0 and the forward's lse2 [R].
+void check_lse2_grad(const char* fn, const OptT& g_lse2, const OptT& lse2, double lse2_mult,
+                     const at::Tensor& q) {
+  check_lse2_mult(fn, lse2_mult);
+  if (!g_lse2.has_value()) return;
+  TORCH_CHECK(lse2_mult > 0.0, fn,
+              ": g_lse2 was given but lse2_mult is 0 (no lse2): pass the lse2_mult of the "
+              "forward that computed lse2");
+  TORCH_CHECK(lse2.has_value() && lse2->defined(), fn,
+              ": g_lse2 was given but lse2 is None: pass the forward's lse2 output");
+  if (!q.defined() || q.dim() != 2) return;  // check_features says what q must be
+  const auto rows = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == q.size(0), fn, ": ", name,
+                " must be a 1-D tensor of length R = ", q.size(0), ", got shape ",
+                checks::shape_str(t));
+  };
+  rows("g_lse2", *g_lse2);
+  rows("lse2", *lse2);
 }
 
 // The gradients of the row statistics, [R] each where given.
@@ -156,28 +191,40 @@ int column_splits(int64_t C, int64_t S, DType stat) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
 }
 
-// Row statistics [R] of the statistics dtype, as the row kernel writes them.
+// Row statistics [R] of the statistics dtype, as the row kernel writes them; lse2 [R] when
+// lse2_mult > 0, else empty.
 struct RowStats {
-  at::Tensor lse, pos, npos, mean;
-  RowStats(int64_t R, const at::TensorOptions& opt)
+  at::Tensor lse, pos, npos, mean, lse2;
+  double lse2_mult;
+  RowStats(int64_t R, const at::TensorOptions& opt, double lse2_mult = 0.0)
       : lse(at::empty({R}, opt)),
         pos(at::empty({R}, opt)),
         npos(at::empty({R}, opt)),
-        mean(at::empty({R}, opt)) {}
+        mean(at::empty({R}, opt)),
+        lse2(at::empty({lse2_mult > 0 ? R : 0}, opt)),
+        lse2_mult(lse2_mult) {}
+  bool with_lse2() const { return lse2_mult > 0; }
   // The statistics of rows over no column: an empty set.
   void set_empty() {
     lse.fill_(-std::numeric_limits<double>::infinity());
+    lse2.fill_(-std::numeric_limits<double>::infinity());
     pos.zero_();
     npos.zero_();
     mean.zero_();
   }
   RowOutputs outputs() {
-    return RowOutputs{lse.data_ptr(), pos.data_ptr(), npos.data_ptr(), mean.data_ptr()};
+    return RowOutputs{lse.data_ptr(), pos.data_ptr(), npos.data_ptr(), mean.data_ptr(),
+                      with_lse2() ? lse2.data_ptr() : nullptr};
+  }
+  // The forward's outputs with the column statistics.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  tuple(const at::Tensor& col_lse, const at::Tensor& col_mean) const {
+    return {lse, pos, npos, mean, col_lse, col_mean, lse2};
   }
 };
 
-// The row kernel's arguments writing `stats` from slabs of leading dimension ldl (whole rows:
-// the columns [0, C)).
+// The row kernel's arguments writing `stats` (lse2 with it) from slabs of leading dimension ldl
+// (whole rows: the columns [0, C)).
 FwdRowsArgs rows_args(const MaskSpec& mask, int64_t ldl, const at::Tensor& sc,
                       const at::Tensor& bi, RowStats& stats) {
   FwdRowsArgs ra;
@@ -187,16 +234,17 @@ FwdRowsArgs rows_args(const MaskSpec& mask, int64_t ldl, const at::Tensor& sc,
   ra.scale = sc.data_ptr();
   ra.bias = bi.data_ptr();
   ra.out = stats.outputs();
-  ra.states = RowStates{0, 0, nullptr, nullptr};
+  ra.states = RowStates{0, 0, nullptr, nullptr, nullptr};
+  ra.lse2_mult = stats.lse2_mult;
   return ra;
 }
 
 // Self-similarity forward: the running row states (RowStates) of R rows in `nsplit` parts,
-// initialized to empty sets.
+// initialized to empty sets; the lse2 sums too when `lse2`.
 struct SelfStates {
-  at::Tensor t, d;
+  at::Tensor t, d, e2;
   RowStates states;
-  SelfStates(int64_t R, int nsplit, const at::TensorOptions& opt) {
+  SelfStates(int64_t R, int nsplit, const at::TensorOptions& opt, bool lse2) {
     const int64_t ld = round_up(R, kRowPad);
     const double ninf = -std::numeric_limits<double>::infinity();
     t = at::empty({4, nsplit, ld}, opt);
@@ -205,7 +253,9 @@ struct SelfStates {
     t.select(0, 2).fill_(ninf);
     t.select(0, 3).zero_();
     d = at::zeros({3, nsplit, ld}, opt.dtype(at::kDouble));
-    states = RowStates{nsplit, ld, t.data_ptr(), d.data_ptr<double>()};
+    if (lse2) e2 = at::zeros({nsplit, ld}, opt);
+    states = RowStates{nsplit, ld, t.data_ptr(), d.data_ptr<double>(),
+                       lse2 ? e2.data_ptr() : nullptr};
   }
 };
 
@@ -218,7 +268,8 @@ void self_forward(Slabs& slabs, const at::Tensor& qc, const MaskSpec& spec, cons
   const int64_t R = spec.R, S = slabs.rows();
   const DType sdt = dtype_of(stat_type_of(qc));
   // parts sized for the average width of the transposed part, R / 2 columns
-  SelfStates st(R, column_splits(std::max<int64_t>(R / 2, 1), S, sdt), stats.lse.options());
+  SelfStates st(R, column_splits(std::max<int64_t>(R / 2, 1), S, sdt), stats.lse.options(),
+                stats.with_lse2());
   FwdRowsArgs ra = rows_args(spec, slabs.ld(), sc, bi, stats);
   ra.states = st.states;
   for (int64_t r0 = 0; r0 < R; r0 += S) {
@@ -237,6 +288,7 @@ void self_forward(Slabs& slabs, const at::Tensor& qc, const MaskSpec& spec, cons
   fa.bias = ra.bias;
   fa.states = st.states;
   fa.out = stats.outputs();
+  fa.lse2_mult = stats.lse2_mult;
   C10_CUDA_CHECK(launch_row_final(fa, sdt, stream));
 }
 
@@ -247,12 +299,15 @@ at::Tensor stat_vector(const OptT& t, at::ScalarType st) {
 }
 
 // The gradients of the statistics ([R] / [C], statistics dtype, contiguous, on the device;
-// undefined when absent).
+// undefined when absent). g_lse2 comes with the forward's lse2 ([R], same form) and its
+// lse2_mult > 0.
 struct GradCoefs {
   at::Tensor g_lse, g_pos, g_mean, g_col_lse, g_col_mean;
+  at::Tensor g_lse2 = at::Tensor(), lse2 = at::Tensor();
+  double lse2_mult = 0.0;
   bool any() const {
     return g_lse.defined() || g_pos.defined() || g_mean.defined() || g_col_lse.defined() ||
-           g_col_mean.defined();
+           g_col_mean.defined() || g_lse2.defined();
   }
 };
 
@@ -273,8 +328,9 @@ class TileSweep {
             const at::Tensor& col_lse, bool self, bool pos_rows_only, cudaStream_t stream)
       : out_(out), st_(stat_type_of(q)), gt_(q.scalar_type()), stream_(stream) {
     const auto opt = q.options().dtype(st_);
+    const bool lse2 = g.g_lse2.defined();
     if (g.g_col_lse.defined() || g.g_col_mean.defined()) cols_ = at::empty({3, ldl}, opt);
-    if (self) coefs_ = at::empty({kRowCoefs, mask.R}, opt);
+    if (self) coefs_ = at::empty({lse2 ? kRowCoefsLse2 : kRowCoefs, mask.R}, opt);
     gscale_ = at::empty({2}, opt);
     parts_ = at::empty({2, mask.R}, opt.dtype(at::kDouble));
     BwdPrepArgs pa;
@@ -284,6 +340,8 @@ class TileSweep {
     pa.g_lse = ptr_or_null(g.g_lse);
     pa.g_pos = ptr_or_null(g.g_pos);
     pa.g_mean = ptr_or_null(g.g_mean);
+    pa.g_lse2 = ptr_or_null(g.g_lse2);
+    pa.lse2_mult = lse2 ? g.lse2_mult : 0.0;
     pa.g_col_lse = ptr_or_null(g.g_col_lse);
     pa.g_col_mean = ptr_or_null(g.g_col_mean);
     pa.col_lse = ptr_or_null(col_lse);
@@ -311,6 +369,10 @@ class TileSweep {
     ta_.self = self;
     ta_.coefs = self ? coefs_.data_ptr() : nullptr;
     ta_.pos_rows_only = pos_rows_only;
+    ta_.lse2_exp = lse2;
+    ta_.g_lse2 = pa.g_lse2;
+    ta_.lse2 = lse2 ? g.lse2.data_ptr() : nullptr;
+    ta_.lse2_mult = pa.lse2_mult;
   }
 
   // The slab of rows [r0, r0 + q_slab.size(0)) whose logits `slabs` holds (L: its view; self:
@@ -342,18 +404,19 @@ class TileSweep {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contrastive_fwd_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k_opt,
                      const at::Tensor& scale, const at::Tensor& bias,
                      const std::optional<at::Tensor>& targets,
                      const std::optional<at::Tensor>& row_labels,
                      const std::optional<at::Tensor>& col_labels, bool exclude_diag,
-                     bool decoupled, bool pos_lse, bool col_stats) {
+                     bool decoupled, bool pos_lse, bool col_stats, double lse2_mult) {
   const char* fn = "contrastive_fwd_cuda";
   const bool self = !k_opt.has_value();
   const at::Tensor& k = self ? q : *k_opt;  // none: the keys are q
   TORCH_CHECK(!self || !col_stats, fn,
               ": column statistics need k (with k=None the keys are q: use the row statistics)");
+  check_lse2_mult(fn, lse2_mult);
   check_inputs(fn, q, k, scale, bias, targets, row_labels, col_labels);
   c10::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -362,18 +425,18 @@ contrastive_fwd_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k_opt
   const at::ScalarType st = stat_type_of(q);
   const DType sdt = dtype_of(st);
   const auto opt = q.options().dtype(st);
-  RowStats stats(R, opt);
+  RowStats stats(R, opt, lse2_mult);
   at::Tensor col_lse = at::empty({col_stats ? C : 0}, opt);
   at::Tensor col_mean = at::empty({col_stats ? C : 0}, opt);
   const double ninf = -std::numeric_limits<double>::infinity();
   if (C == 0) {
     stats.set_empty();
-    return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
+    return stats.tuple(col_lse, col_mean);
   }
   if (R == 0) {
     col_lse.fill_(ninf);
     col_mean.zero_();
-    return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
+    return stats.tuple(col_lse, col_mean);
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -384,7 +447,7 @@ contrastive_fwd_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k_opt
   Slabs slabs(R, C, q, self);
   if (self && slabs.rows() < R) {  // one slab for all rows: the square, as with k = q
     self_forward(slabs, kc, spec, sc, bi, stats, stream);
-    return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
+    return stats.tuple(col_lse, col_mean);
   }
   const int64_t Cp = slabs.ld(), S = slabs.rows();
 
@@ -441,7 +504,7 @@ contrastive_fwd_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k_opt
     fa.col_mean = col_mean.data_ptr();
     C10_CUDA_CHECK(launch_col_final(fa, sdt, stream));
   }
-  return {stats.lse, stats.pos, stats.npos, stats.mean, col_lse, col_mean};
+  return stats.tuple(col_lse, col_mean);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -455,10 +518,13 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
                      const std::optional<at::Tensor>& row_labels,
                      const std::optional<at::Tensor>& col_labels, const at::Tensor& lse,
                      const at::Tensor& pos, const at::Tensor& npos, const at::Tensor& col_lse,
-                     bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats) {
+                     bool exclude_diag, bool decoupled, bool pos_lse, bool col_stats,
+                     const std::optional<at::Tensor>& g_lse2,
+                     const std::optional<at::Tensor>& lse2, double lse2_mult) {
   const char* fn = "contrastive_bwd_cuda";
   const bool self = !k_opt.has_value();
   const at::Tensor& k = self ? q : *k_opt;  // none: the keys are q
+  check_lse2_grad(fn, g_lse2, lse2, lse2_mult, q);
   check_inputs(fn, q, k, scale, bias, targets, row_labels, col_labels);
   TORCH_CHECK(!self || !col_stats, fn,
               ": column statistics need k (with k=None the keys are q: use the row statistics)");
@@ -472,6 +538,10 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   check_vec(fn, "pos", pos, q, R, "R");
   check_vec(fn, "npos", npos, q, R, "R");
   if (col_stats && g_col_lse.has_value()) check_vec(fn, "col_lse", col_lse, q, C, "C");
+  if (g_lse2.has_value()) {
+    check_vec(fn, "g_lse2", g_lse2, q, R, "R");
+    check_vec(fn, "lse2", lse2, q, R, "R");
+  }
   c10::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard guard(q.device());
 
@@ -479,6 +549,11 @@ contrastive_bwd_cuda(const std::optional<at::Tensor>& g_lse,
   GradCoefs g{stat_vector(g_lse, st), stat_vector(g_pos, st), stat_vector(g_mean, st),
               col_stats ? stat_vector(g_col_lse, st) : at::Tensor(),
               col_stats ? stat_vector(g_col_mean, st) : at::Tensor()};
+  if (g_lse2.has_value()) {
+    g.g_lse2 = stat_vector(g_lse2, st);
+    g.lse2 = stat_vector(lse2, st);
+    g.lse2_mult = lse2_mult;
+  }
 
   GradOutputs out(q, self ? no_keys(q) : k, scale, bias);  // dx = dq, dy = dk
   if (!g.any() || R == 0 || C == 0) return out.zero().tuple();

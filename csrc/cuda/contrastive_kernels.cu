@@ -18,6 +18,10 @@
 //   synchronizes, then stores, so a store never lands on logits that a thread has yet to load).
 //   Self-similarity: G + G.T on the columns up to the slab's end, G.T from the per-row
 //   coefficients that bwd_coefs writes (the same row_coefs as the row's own).
+// - lse2 (lse2_mult = mu > 0): the row kernel, the self column kernel and the row states keep one
+//   more sum per denominator set, e2 = sum 2^(mu (x - m)) under lse's running maximum m (a
+//   template switch of the streaming loops: no exponential more when off); the tile kernel adds
+//   its term only in the instantiation for g_lse2 (BwdTileArgs::lse2_exp).
 #include "contrastive_kernels.h"
 
 #include <cuda_bf16.h>
@@ -51,6 +55,38 @@ __device__ __forceinline__ void lse_merge(T& m, T& e, T m2, T e2) {
   if (!(big > neg_inf<T>())) return;  // both empty
   e = e * ex2(m - big) + e2 * ex2(m2 - big);
   m = big;
+}
+
+// The lse2 statistic in a forward kernel: `on` (lse2_mult > 0), mu = lse2_mult.
+template <class T>
+struct Lse2 {
+  bool on;
+  T mu;
+};
+
+template <class T>
+__device__ __forceinline__ Lse2<T> lse2_of(bool on, double mult) {
+  return Lse2<T>{on, static_cast<T>(mult)};
+}
+
+// (m, e, q) <- merged with (m2, e2, q2): (m, e) as lse_merge, and q (sum of 2^(mu (x - m)), the
+// same set at mu times the logits) with the same shifts times mu, when l2.on.
+template <class T>
+__device__ __forceinline__ void lse_merge2(T& m, T& e, T& q, T m2, T e2, T q2,
+                                           const Lse2<T>& l2) {
+  if (!l2.on) return lse_merge(m, e, m2, e2);
+  const T big = m > m2 ? m : m2;
+  if (!(big > neg_inf<T>())) return;  // both empty
+  e = e * ex2(m - big) + e2 * ex2(m2 - big);
+  q = q * ex2(l2.mu * (m - big)) + q2 * ex2(l2.mu * (m2 - big));
+  m = big;
+}
+
+// lse2 in natural units from the maximum m of the set (log2 units) and its sum q; -inf for an
+// empty set.
+template <class T>
+__device__ __forceinline__ T lse2_value(T m, T q, T mu) {
+  return m > neg_inf<T>() ? (mu * m + lg2(q)) * T(kLn2) : neg_inf<T>();
 }
 
 
@@ -102,15 +138,32 @@ __device__ __forceinline__ bool plain_vector(const Geom& g, int64_t c, int64_t e
 // ---------------------------------------------------------------------------------------------
 // Forward: row statistics
 
+// The lse2 sum of a row's partial, e2 = sum of 2^(mu (x - m)) over the denominator set: a member
+// only with kL2 (without it, no register, shuffle or shared memory more).
+template <class T, bool kL2>
+struct RowPartLse2 {
+  T e2;
+};
 template <class T>
-struct RowPart {
+struct RowPartLse2<T, false> {};
+
+template <class T, bool kL2>
+struct RowPart : RowPartLse2<T, kL2> {
   T m, e;     // denominator set: max (log2 units), sum of 2^(x - m)
   T pm, pe;   // positives (label mode, pos_lse)
   T sl, psl;  // sums of raw dot products over den / over the positives (label mode)
   int pc;     // number of positives (label mode)
 
+  __device__ T lse2_sum() const {
+    if constexpr (kL2) {
+      return this->e2;
+    } else {
+      return T(0);
+    }
+  }
   __device__ static RowPart identity() {
     RowPart p;
+    if constexpr (kL2) p.e2 = T(0);
     p.m = neg_inf<T>();
     p.e = T(0);
     p.pm = neg_inf<T>();
@@ -120,8 +173,12 @@ struct RowPart {
     p.pc = 0;
     return p;
   }
-  __device__ void merge(const RowPart& o) {
-    lse_merge(m, e, o.m, o.e);
+  __device__ void merge(const RowPart& o, const Lse2<T>& l2) {
+    if constexpr (kL2) {
+      lse_merge2(m, e, this->e2, o.m, o.e, o.e2, l2);
+    } else {
+      lse_merge(m, e, o.m, o.e);
+    }
     lse_merge(pm, pe, o.pm, o.pe);
     sl += o.sl;
     psl += o.psl;
@@ -129,6 +186,7 @@ struct RowPart {
   }
   __device__ RowPart shfl(int o) const {
     RowPart p;
+    if constexpr (kL2) p.e2 = shfl_xor(this->e2, o);
     p.m = shfl_xor(m, o);
     p.e = shfl_xor(e, o);
     p.pm = shfl_xor(pm, o);
@@ -150,14 +208,15 @@ __device__ __forceinline__ T nmax(T a, T b) {
 // fp64.
 template <class T>
 struct RowTotals {
-  T m, e, pm, pe;
+  T m, e, e2, pm, pe;
   double sl, psl, pc;
 };
 
-template <class T>
-__device__ __forceinline__ RowTotals<T> totals_of(const RowPart<T>& p) {
+template <class T, bool kL2>
+__device__ __forceinline__ RowTotals<T> totals_of(const RowPart<T, kL2>& p) {
   return RowTotals<T>{p.m,
                       p.e,
+                      p.lse2_sum(),
                       p.pm,
                       p.pe,
                       static_cast<double>(p.sl),
@@ -166,11 +225,12 @@ __device__ __forceinline__ RowTotals<T> totals_of(const RowPart<T>& p) {
 }
 
 // Writes the statistics of row gr from its totals; tl: the raw dot product of its target (target
-// mode with a target).
+// mode with a target); lse2 when l2.on.
 template <class T>
 __device__ void finish_row(const MaskSpec& M, const Geom& g, int64_t gr, const RowTotals<T>& p,
-                           T tl, T a, T b, const RowOutputs& out) {
+                           T tl, T a, T b, const RowOutputs& out, const Lse2<T>& l2) {
   const T ninf = neg_inf<T>();
+  if (l2.on) static_cast<T*>(out.lse2)[gr] = lse2_value(p.m, p.e2, l2.mu);
   const double npos = g.labels ? p.pc : (g.tcol >= 0 ? 1.0 : 0.0);
   const double nden =
       static_cast<double>(M.C) - (g.dcol >= 0 ? 1.0 : 0.0) - (M.decoupled ? npos : 0.0);
@@ -190,13 +250,22 @@ __device__ void finish_row(const MaskSpec& M, const Geom& g, int64_t gr, const R
   static_cast<T*>(out.pos)[gr] = pv;
 }
 
-// Self-similarity: the sets p of row `row` merged into its state of part `split`.
-template <class T>
-__device__ void state_merge(const RowStates& S, int split, int64_t row, const RowPart<T>& p) {
+// Self-similarity: the sets p of row `row` merged into its state of part `split` (e2 too with
+// kL2).
+template <class T, bool kL2>
+__device__ void state_merge(const RowStates& S, int split, int64_t row,
+                            const RowPart<T, kL2>& p, const Lse2<T>& l2) {
   T* t = static_cast<T*>(S.t);
   const int64_t n = int64_t(S.nsplit) * S.ld, at = int64_t(split) * S.ld + row;
   T m = t[at], e = t[n + at], pm = t[2 * n + at], pe = t[3 * n + at];
-  lse_merge(m, e, p.m, p.e);
+  if constexpr (kL2) {
+    T* q = static_cast<T*>(S.e2);
+    T e2 = q[at];
+    lse_merge2(m, e, e2, p.m, p.e, p.e2, l2);
+    q[at] = e2;
+  } else {
+    lse_merge(m, e, p.m, p.e);
+  }
   lse_merge(pm, pe, p.pm, p.pe);
   t[at] = m;
   t[n + at] = e;
@@ -207,15 +276,16 @@ __device__ void state_merge(const RowStates& S, int split, int64_t row, const Ro
   S.d[2 * n + at] += static_cast<double>(p.pc);
 }
 
-// Self-similarity: the totals of row `row`, its states of every part merged.
+// Self-similarity: the totals of row `row`, its states of every part merged (e2 too when l2.on).
 template <class T>
-__device__ RowTotals<T> state_totals(const RowStates& S, int64_t row) {
+__device__ RowTotals<T> state_totals(const RowStates& S, int64_t row, const Lse2<T>& l2) {
   const T* t = static_cast<const T*>(S.t);
+  const T* q = static_cast<const T*>(S.e2);
   const int64_t n = int64_t(S.nsplit) * S.ld;
-  RowTotals<T> p{neg_inf<T>(), T(0), neg_inf<T>(), T(0), 0.0, 0.0, 0.0};
+  RowTotals<T> p{neg_inf<T>(), T(0), T(0), neg_inf<T>(), T(0), 0.0, 0.0, 0.0};
   for (int j = 0; j < S.nsplit; ++j) {
     const int64_t at = int64_t(j) * S.ld + row;
-    lse_merge(p.m, p.e, t[at], t[n + at]);
+    lse_merge2(p.m, p.e, p.e2, t[at], t[n + at], l2.on ? q[at] : T(0), l2);
     lse_merge(p.pm, p.pe, t[2 * n + at], t[3 * n + at]);
     p.sl += S.d[at];
     p.psl += S.d[n + at];
@@ -237,6 +307,22 @@ __device__ __forceinline__ void online_add(T& m, T& e, const T (&x)[N], T vmax) 
   for (int j = 0; j < N; ++j) e += ex2(x[j] - m);
 }
 
+// online_add with the lse2 sum q (sum of 2^(mu (x - m)), mu > 0) under the same maximum m.
+template <class T, int N>
+__device__ __forceinline__ void online_add2(T& m, T& e, T& q, const T (&x)[N], T vmax, T mu) {
+  if (vmax == neg_inf<T>()) return;
+  if (vmax > m) {
+    e *= ex2(m - vmax);
+    q *= ex2(mu * (m - vmax));
+    m = vmax;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    e += ex2(x[j] - m);
+    q += ex2(mu * (x[j] - m));
+  }
+}
+
 // Adds one value x (log2 units) to (m, e). A NaN reaches e.
 template <class T>
 __device__ __forceinline__ void online_add1(T& m, T& e, T x) {
@@ -248,7 +334,21 @@ __device__ __forceinline__ void online_add1(T& m, T& e, T x) {
   }
 }
 
+// online_add1 with the lse2 sum q (mu > 0) under the same maximum m.
 template <class T>
+__device__ __forceinline__ void online_add1_2(T& m, T& e, T& q, T x, T mu) {
+  if (x > m) {
+    e = e * ex2(m - x) + T(1);
+    q = q * ex2(mu * (m - x)) + T(1);
+    m = x;
+  } else if (x != neg_inf<T>()) {
+    e += ex2(x - m);
+    q += ex2(mu * (x - m));
+  }
+}
+
+// kL2: lse2 on (P.lse2_mult > 0).
+template <class T, bool kL2>
 __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
   constexpr int V = VecWidth<T>::value;
   const MaskSpec& M = P.mask;
@@ -265,8 +365,9 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
   const bool partial = P.states.t != nullptr;
   const bool pos_sums = g.labels || partial;
   const T ninf = neg_inf<T>();
+  const Lse2<T> l2 = lse2_of<T>(kL2, P.lse2_mult);
 
-  RowPart<T> p = RowPart<T>::identity();
+  RowPart<T, kL2> p = RowPart<T, kL2>::identity();
   for (int64_t c = int64_t(threadIdx.x) * V; c < end; c += int64_t(blockDim.x) * V) {
     const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(x + c);
     T xd[V], xp[V];
@@ -278,7 +379,11 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
         dmax = nmax(xd[j], dmax);
         p.sl += v.v[j];
       }
-      online_add(p.m, p.e, xd, dmax);
+      if constexpr (kL2) {
+        online_add2(p.m, p.e, p.e2, xd, dmax, l2.mu);
+      } else {
+        online_add(p.m, p.e, xd, dmax);
+      }
       continue;
     }
 #pragma unroll
@@ -300,25 +405,29 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
         pmax = nmax(xp[j], pmax);
       }
     }
-    online_add(p.m, p.e, xd, dmax);
+    if constexpr (kL2) {
+      online_add2(p.m, p.e, p.e2, xd, dmax, l2.mu);
+    } else {
+      online_add(p.m, p.e, xd, dmax);
+    }
     if (pexp) online_add(p.pm, p.pe, xp, pmax);
   }
-  p = block_reduce(p);
+  p = block_reduce(p, l2);
   if (threadIdx.x != 0) return;
   if (partial) {
-    state_merge(P.states, 0, gr, p);
+    state_merge(P.states, 0, gr, p, l2);
   } else {
-    finish_row(M, g, gr, totals_of(p), g.tcol >= 0 ? x[g.tcol] : T(0), a, b, P.out);
+    finish_row(M, g, gr, totals_of(p), g.tcol >= 0 ? x[g.tcol] : T(0), a, b, P.out, l2);
   }
 }
 
 // Self-similarity: the sets of the rows c < r0 over the columns of the slab's rows, from the
-// part of the slab left of its diagonal block.
-template <class T>
+// part of the slab left of its diagonal block. kL2: lse2 on (P.lse2_mult > 0).
+template <class T, bool kL2>
 __global__ void fwd_self_cols_kernel(const FwdRowsArgs P) {
   constexpr int V = VecWidth<T>::value;
   constexpr int W = 32 * V;  // columns per block
-  __shared__ RowPart<T> sm[kColRowLanes][W];
+  __shared__ RowPart<T, kL2> sm[kColRowLanes][W];
 
   const MaskSpec& M = P.mask;
   const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
@@ -332,14 +441,15 @@ __global__ void fwd_self_cols_kernel(const FwdRowsArgs P) {
   const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
   const bool labels = M.row_labels != nullptr && M.col_labels != nullptr;
   const bool pexp = labels && M.pos_lse;
+  const Lse2<T> l2 = lse2_of<T>(kL2, P.lse2_mult);
 
   // Column c0 + j is row c0 + j of the statistics: its label, or its target (-1: none), decides
   // which of the slab's rows (its columns here) are its positives; none is its diagonal.
-  RowPart<T> p[V];
+  RowPart<T, kL2> p[V];
   int64_t key[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    p[j] = RowPart<T>::identity();
+    p[j] = RowPart<T, kL2>::identity();
     const int64_t c = c0 + j;
     key[j] = -1;
     if (c < P.r0) {
@@ -363,7 +473,11 @@ __global__ void fwd_self_cols_kernel(const FwdRowsArgs P) {
         const T l = v.v[j];
         const T s2 = l * a2 + b2;
         if (!(M.decoupled && pos)) {
-          online_add1(p[j].m, p[j].e, s2);
+          if constexpr (kL2) {
+            online_add1_2(p[j].m, p[j].e, p[j].e2, s2, l2.mu);
+          } else {
+            online_add1(p[j].m, p[j].e, s2);
+          }
           p[j].sl += l;
         }
         if (pos) {
@@ -382,9 +496,9 @@ __global__ void fwd_self_cols_kernel(const FwdRowsArgs P) {
   for (int w = t; w < W; w += 32 * kColRowLanes) {
     const int64_t col = int64_t(blockIdx.x) * W + w;
     if (col >= P.r0) continue;
-    RowPart<T> s = sm[0][w];
-    for (int y = 1; y < kColRowLanes; ++y) s.merge(sm[y][w]);
-    state_merge(P.states, split, col, s);
+    RowPart<T, kL2> s = sm[0][w];
+    for (int y = 1; y < kColRowLanes; ++y) s.merge(sm[y][w], l2);
+    state_merge(P.states, split, col, s, l2);
   }
 }
 
@@ -394,9 +508,10 @@ __global__ void row_final_kernel(const RowFinalArgs P) {
   if (gr >= P.mask.R) return;
   const T a = *static_cast<const T*>(P.scale);
   const T b = *static_cast<const T*>(P.bias);
-  const RowTotals<T> p = state_totals<T>(P.states, gr);
+  const Lse2<T> l2 = lse2_of<T>(P.states.e2 != nullptr, P.lse2_mult);
+  const RowTotals<T> p = state_totals<T>(P.states, gr, l2);
   // target mode: the target is the only positive, its logit the positives' sum
-  finish_row(P.mask, row_geom(P.mask, gr), gr, p, static_cast<T>(p.psl), a, b, P.out);
+  finish_row(P.mask, row_geom(P.mask, gr), gr, p, static_cast<T>(p.psl), a, b, P.out, l2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -522,7 +637,8 @@ __global__ void bwd_prep_kernel(const BwdPrepArgs P) {
   T bound_r = T(0), bound_c = T(0);
   for (int64_t r = threadIdx.x; r < P.R; r += blockDim.x) {
     const T v = absv(load_or_zero<T>(P.g_lse, r)) + absv(load_or_zero<T>(P.g_pos, r)) +
-                absv(load_or_zero<T>(P.g_mean, r));
+                absv(load_or_zero<T>(P.g_mean, r)) +
+                absv(load_or_zero<T>(P.g_lse2, r)) * static_cast<T>(P.lse2_mult);
     bound_r = v > bound_r ? v : bound_r;
   }
   T* cols = static_cast<T*>(P.cols);
@@ -577,16 +693,25 @@ struct SumPart {
   __device__ SumPart shfl(int o) const { return SumPart{shfl_xor(ds, o), shfl_xor(db, o)}; }
 };
 
-// The coefficients of G on one row: G = den * (gl 2^(s2 - lse2) + gmd) + pos * (gpe 2^(s2 - posr2)
-// or gpc) + allowed * (column terms), s2 the logit in log2 units (fastcl/reference/contrastive.py).
+// The coefficients of G on one row: G = den * (gl 2^(s2 - lser2) + gmd + gl2 2^(mu s2 - lse2r2))
+// + pos * (gpe 2^(s2 - posr2) or gpc) + allowed * (column terms), s2 the logit in log2 units
+// (fastcl/reference/contrastive.py); the lse2 term (mu = lse2_mult) only in the tiles with kL2.
 template <class T>
 struct RowCoefs {
-  T gl, lse2;    // gl = 0: no exponential term (no g_lse, or an empty denominator set)
-  T gmd;         // g_mean / max(|den|, 1)
-  T gpe, posr2;  // pos_lse in label mode: g_pos times the positives' softmax (gpe = 0: none)
-  T gpc;         // otherwise: g_pos per positive
+  T gl, lser2;    // lse in log2 units; gl = 0: no exponential term (no g_lse, or an empty set)
+  T gmd;          // g_mean / max(|den|, 1)
+  T gpe, posr2;   // pos_lse in label mode: g_pos times the positives' softmax (gpe = 0: none)
+  T gpc;          // otherwise: g_pos per positive
+  T gl2, lse2r2;  // g_lse2 * mu and lse2 in log2 units (gl2 = 0: no term), read with kL2 only
 
-  __device__ T den_term(T s2) const { return gl != T(0) ? gmd + gl * ex2(s2 - lse2) : gmd; }
+  template <bool kL2>
+  __device__ T den_term(T s2, T mu) const {
+    T v = gl != T(0) ? gmd + gl * ex2(s2 - lser2) : gmd;
+    if constexpr (kL2) {
+      if (gl2 != T(0)) v += gl2 * ex2(mu * s2 - lse2r2);
+    }
+    return v;
+  }
   __device__ T pos_term(T s2) const { return gpe != T(0) ? gpe * ex2(s2 - posr2) : gpc; }
 };
 
@@ -605,12 +730,23 @@ __device__ RowCoefs<T> row_coefs(const BwdTileArgs& P, const Geom& g, int64_t gr
   const bool pexp = g.labels && M.pos_lse && gp != T(0);
   RowCoefs<T> k;
   k.gl = rexp ? gl : T(0);
-  k.lse2 = rexp ? lse * T(kLog2e) : T(0);
+  k.lser2 = rexp ? lse * T(kLog2e) : T(0);
   // the contract's count max(|den|, 1): a ring block passes the global npos (see fastcl.reference)
   k.gmd = static_cast<T>(gm / (nden > 1.0 ? nden : 1.0));
   k.gpe = pexp ? gp : T(0);
   k.posr2 = pexp ? static_cast<const T*>(P.pos)[gr] * T(kLog2e) : T(0);
   k.gpc = pexp ? T(0) : ((g.labels && !M.pos_lse && gp != T(0)) ? gp / npos : gp);
+  k.gl2 = T(0);
+  k.lse2r2 = T(0);
+  if (P.lse2_exp) {
+    // an empty denominator set (lse2 = -inf) has no term
+    const T l2 = static_cast<const T*>(P.lse2)[gr];
+    const T g2 = static_cast<const T*>(P.g_lse2)[gr];
+    if (g2 != T(0) && l2 > neg_inf<T>()) {
+      k.gl2 = g2 * static_cast<T>(P.lse2_mult);
+      k.lse2r2 = l2 * T(kLog2e);
+    }
+  }
   return k;
 }
 
@@ -622,18 +758,22 @@ __global__ void bwd_coefs_kernel(const BwdTileArgs P) {
   const RowCoefs<T> k = row_coefs<T>(P, row_geom(P.mask, gr), gr);
   T* out = static_cast<T*>(P.coefs);
   out[gr] = k.gl;
-  out[R + gr] = k.lse2;
+  out[R + gr] = k.lser2;
   out[2 * R + gr] = k.gmd;
   out[3 * R + gr] = k.gpe;
   out[4 * R + gr] = k.posr2;
   out[5 * R + gr] = k.gpc;
+  if (P.lse2_exp) {  // coefs holds kRowCoefsLse2 rows
+    out[6 * R + gr] = k.gl2;
+    out[7 * R + gr] = k.lse2r2;
+  }
 }
 
 // Self-similarity: G[col, gr] from the logit s2 of (gr, col), with row col's coefficients and
 // the mask of (col, gr).
-template <class T>
+template <class T, bool kL2>
 __device__ __forceinline__ T transposed_grad(const BwdTileArgs& P, int64_t gr, int64_t col,
-                                             int64_t glab, T s2) {
+                                             int64_t glab, T s2, T mu) {
   const MaskSpec& M = P.mask;
   const int64_t R = M.R;
   const T* cf = static_cast<const T*>(P.coefs);
@@ -649,9 +789,13 @@ __device__ __forceinline__ T transposed_grad(const BwdTileArgs& P, int64_t gr, i
   T gv = T(0);
   if (den) {
     k.gl = cf[col];
-    k.lse2 = cf[R + col];
+    k.lser2 = cf[R + col];
     k.gmd = cf[2 * R + col];
-    gv = k.den_term(s2);
+    if constexpr (kL2) {
+      k.gl2 = cf[6 * R + col];
+      k.lse2r2 = cf[7 * R + col];
+    }
+    gv = k.template den_term<kL2>(s2, mu);
   }
   if (pos) {
     k.gpe = cf[3 * R + col];
@@ -662,7 +806,8 @@ __device__ __forceinline__ T transposed_grad(const BwdTileArgs& P, int64_t gr, i
   return gv;
 }
 
-template <class T, class G>
+// kL2: the lse2 term (P.lse2_exp).
+template <class T, class G, bool kL2>
 __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   constexpr int V = VecWidth<T>::value;
   const MaskSpec& M = P.mask;
@@ -673,6 +818,7 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   const T b = *static_cast<const T*>(P.bias);
   const T a2 = a * T(kLog2e), b2 = b * T(kLog2e);
   const T f = static_cast<const T*>(P.gscale)[0];
+  const T mu = static_cast<T>(P.lse2_mult);
   const Geom g = row_geom(M, gr);
   const RowCoefs<T> k = row_coefs<T>(P, g, gr);
   const T* cshift = static_cast<const T*>(P.cols);
@@ -694,7 +840,7 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   // self: H = G[gr, col] + G[col, gr]; G[col, gr] counts in the sums below the diagonal block.
   auto add_transposed = [&](T gv, T l, T s2, int64_t col) -> T {
     if (!P.self || col >= end) return gv;
-    const T gt = transposed_grad<T>(P, gr, col, glab, s2);
+    const T gt = transposed_grad<T, kL2>(P, gr, col, glab, s2, mu);
     if (col < P.r0) {
       ds += gt * l;
       db += gt;
@@ -707,7 +853,7 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
       for (int j = 0; j < V; ++j) {
         const T l = v.v[j];
         const T s2 = l * a2 + b2;
-        const T gv = k.den_term(s2) + col_term(s2, c + j);
+        const T gv = k.template den_term<kL2>(s2, mu) + col_term(s2, c + j);
         ds += gv * l;
         db += gv;
         store_as(add_transposed(gv, l, s2, c + j) * f, out.v[j]);
@@ -719,7 +865,8 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
         classify(M, g, c + j, end, valid, allowed, pos, den);
         const T l = valid ? v.v[j] : T(0);
         const T s2 = l * a2 + b2;
-        T gv = (den ? k.den_term(s2) : T(0)) + (allowed ? col_term(s2, c + j) : T(0));
+        T gv = (den ? k.template den_term<kL2>(s2, mu) : T(0)) +
+               (allowed ? col_term(s2, c + j) : T(0));
         if (pos) gv += k.pos_term(s2);
         ds += gv * l;
         db += gv;
@@ -740,11 +887,25 @@ int fwd_cols_block_columns(DType stat) { return stat == DType::kFloat64 ? 32 * 2
 
 cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t stream) {
   if (args.rows <= 0) return cudaSuccess;
+  if (args.lse2_mult > 0 && (args.states.t != nullptr ? args.states.e2 == nullptr
+                                                       : args.out.lse2 == nullptr))
+    return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(args.rows));
+  const bool l2 = args.lse2_mult > 0;
   if (stat == DType::kFloat64) {
-    fwd_rows_kernel<double><<<grid, row_threads(args.cend, 2), 0, stream>>>(args);
+    const int threads = row_threads(args.cend, 2);
+    if (l2) {
+      fwd_rows_kernel<double, true><<<grid, threads, 0, stream>>>(args);
+    } else {
+      fwd_rows_kernel<double, false><<<grid, threads, 0, stream>>>(args);
+    }
   } else {
-    fwd_rows_kernel<float><<<grid, row_threads(args.cend, 4), 0, stream>>>(args);
+    const int threads = row_threads(args.cend, 4);
+    if (l2) {
+      fwd_rows_kernel<float, true><<<grid, threads, 0, stream>>>(args);
+    } else {
+      fwd_rows_kernel<float, false><<<grid, threads, 0, stream>>>(args);
+    }
   }
   return cudaGetLastError();
 }
@@ -752,20 +913,31 @@ cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t st
 cudaError_t launch_fwd_self_cols(const FwdRowsArgs& args, DType stat, cudaStream_t stream) {
   if (args.rows <= 0 || args.r0 <= 0) return cudaSuccess;
   if (args.states.t == nullptr || args.states.nsplit < 1) return cudaErrorInvalidValue;
+  const bool l2 = args.lse2_mult > 0;
+  if (l2 && args.states.e2 == nullptr) return cudaErrorInvalidValue;
   const int64_t w = fwd_cols_block_columns(stat);
   const dim3 grid(static_cast<unsigned>((args.r0 + w - 1) / w),
                   static_cast<unsigned>(args.states.nsplit));
   const dim3 block(32, kColRowLanes);
   if (stat == DType::kFloat64) {
-    fwd_self_cols_kernel<double><<<grid, block, 0, stream>>>(args);
+    if (l2) {
+      fwd_self_cols_kernel<double, true><<<grid, block, 0, stream>>>(args);
+    } else {
+      fwd_self_cols_kernel<double, false><<<grid, block, 0, stream>>>(args);
+    }
   } else {
-    fwd_self_cols_kernel<float><<<grid, block, 0, stream>>>(args);
+    if (l2) {
+      fwd_self_cols_kernel<float, true><<<grid, block, 0, stream>>>(args);
+    } else {
+      fwd_self_cols_kernel<float, false><<<grid, block, 0, stream>>>(args);
+    }
   }
   return cudaGetLastError();
 }
 
 cudaError_t launch_row_final(const RowFinalArgs& args, DType stat, cudaStream_t stream) {
   if (args.mask.R <= 0) return cudaSuccess;
+  if ((args.states.e2 != nullptr) != (args.out.lse2 != nullptr)) return cudaErrorInvalidValue;
   const int threads = 256;
   const dim3 grid(static_cast<unsigned>((args.mask.R + threads - 1) / threads));
   if (stat == DType::kFloat64) {
@@ -823,31 +995,44 @@ cudaError_t launch_bwd_coefs(const BwdTileArgs& args, DType stat, cudaStream_t s
   return cudaGetLastError();
 }
 
-cudaError_t launch_bwd_tile(const BwdTileArgs& args, DType stat, DType grad, cudaStream_t stream) {
-  if (args.rows <= 0) return cudaSuccess;
-  if (args.self && (args.coefs == nullptr || args.cols != nullptr)) return cudaErrorInvalidValue;
+namespace {
+
+// The tile kernel with (kL2) or without the lse2 term.
+template <bool kL2>
+cudaError_t launch_tile(const BwdTileArgs& args, DType stat, DType grad, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(args.rows));
   const int64_t width = args.self ? args.r0 + args.rows : args.mask.C;
   if (stat == DType::kFloat64) {
     if (grad != DType::kFloat64) return cudaErrorInvalidValue;
-    bwd_tile_kernel<double, double><<<grid, row_threads(width, 2), 0, stream>>>(args);
+    bwd_tile_kernel<double, double, kL2><<<grid, row_threads(width, 2), 0, stream>>>(args);
     return cudaGetLastError();
   }
   const int threads = row_threads(width, 4);
   switch (grad) {
     case DType::kFloat32:
-      bwd_tile_kernel<float, float><<<grid, threads, 0, stream>>>(args);
+      bwd_tile_kernel<float, float, kL2><<<grid, threads, 0, stream>>>(args);
       break;
     case DType::kBFloat16:
-      bwd_tile_kernel<float, __nv_bfloat16><<<grid, threads, 0, stream>>>(args);
+      bwd_tile_kernel<float, __nv_bfloat16, kL2><<<grid, threads, 0, stream>>>(args);
       break;
     case DType::kFloat16:
-      bwd_tile_kernel<float, __half><<<grid, threads, 0, stream>>>(args);
+      bwd_tile_kernel<float, __half, kL2><<<grid, threads, 0, stream>>>(args);
       break;
     default:
       return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_bwd_tile(const BwdTileArgs& args, DType stat, DType grad, cudaStream_t stream) {
+  if (args.rows <= 0) return cudaSuccess;
+  if (args.self && (args.coefs == nullptr || args.cols != nullptr)) return cudaErrorInvalidValue;
+  if (args.lse2_exp && (args.g_lse2 == nullptr || args.lse2 == nullptr || !(args.lse2_mult > 0)))
+    return cudaErrorInvalidValue;
+  if (args.lse2_exp) return launch_tile<true>(args, stat, grad, stream);
+  return launch_tile<false>(args, stat, grad, stream);
 }
 
 }  // namespace cuda

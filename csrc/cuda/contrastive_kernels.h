@@ -12,6 +12,13 @@
 // of the statistics dtype), so no value ever travels to the host. Exponentials are taken in log2
 // units (scale and bias premultiplied by log2 e): every exp is a 2^x.
 //
+// The second log-sum-exp lse2[r] = log sum_{c in den(r)} exp(mu s[r, c]) (mu = lse2_mult > 0;
+// 0: off) shares the running maximum m of lse's denominator set (max mu s = mu max s, mu > 0):
+// the kernels keep one more running sum, e2 = sum 2^(mu (x - m)) in log2 units, rescaled by
+// 2^(mu (m_old - m_new)) where m grows and merged like lse's sum with that factor; lse2 =
+// (mu m + log2 e2) ln 2. The backward's term g_lse2[r] mu exp(mu s - lse2[r]) costs its
+// exponential only when g_lse2 is given (BwdTileArgs::lse2_exp; a template switch).
+//
 // All launchers enqueue on `stream` and return cudaGetLastError().
 #pragma once
 
@@ -41,12 +48,14 @@ struct MaskSpec {
   bool pos_lse;
 };
 
-// The row statistics lse, pos, npos and mean: [R] arrays of the statistics dtype.
+// The row statistics lse, pos, npos and mean: [R] arrays of the statistics dtype; lse2 too
+// ([R]) when the kernel's lse2_mult > 0, else nullptr.
 struct RowOutputs {
   void* lse;
   void* pos;
   void* npos;
   void* mean;
+  void* lse2;
 };
 
 // Running row states of the self-similarity forward (k absent: the keys are the queries, R == C,
@@ -58,13 +67,16 @@ struct RowOutputs {
 //   t [4, nsplit, ld] (statistics dtype): max and sum of 2^(s - max) of the denominator set,
 //     then of the positives (log2 units; -inf / 0 when empty);
 //   d [3, nsplit, ld] (fp64): sums of raw dot products over the denominator set and over the
-//     positives (target mode: the target's own), number of positives.
-// Initialize to (-inf, 0, -inf, 0) and (0, 0, 0).
+//     positives (target mode: the target's own), number of positives;
+//   e2 [nsplit, ld] (statistics dtype), only when lse2_mult > 0 (else nullptr): the sum of
+//     2^(lse2_mult (s - max)) of the denominator set, max that of t[0].
+// Initialize to (-inf, 0, -inf, 0), (0, 0, 0) and 0.
 struct RowStates {
   int nsplit;
   int64_t ld;  // >= R
   void* t;
   double* d;
+  void* e2;
 };
 
 // Row statistics of one slab: one block per row over the columns [0, cend) of the slab.
@@ -77,6 +89,9 @@ struct RowStates {
 // c < r0 its sets over the columns of the slab's rows, with the masks of row c (none of them is
 // its diagonal), merged into its states. A block owns 32 x (16 / sizeof(stat)) columns and one of
 // states.nsplit parts of the slab's rows.
+//
+// lse2_mult > 0: lse2 too (out.lse2, and states.e2 with states); 0: off (out.lse2 and
+// states.e2 nullptr).
 struct FwdRowsArgs {
   MaskSpec mask;
   const void* L;
@@ -88,15 +103,18 @@ struct FwdRowsArgs {
   const void* bias;
   RowOutputs out;
   RowStates states;
+  double lse2_mult;
 };
 
-// Self-similarity, after the last slab: rows [0, R) of `out` from their merged states.
+// Self-similarity, after the last slab: rows [0, R) of `out` from their merged states (lse2
+// when lse2_mult > 0, as in FwdRowsArgs).
 struct RowFinalArgs {
   MaskSpec mask;
   const void* scale;
   const void* bias;
   RowStates states;
   RowOutputs out;
+  double lse2_mult;
 };
 
 // Column statistics of one slab merged into running per-column states (one state per row split
@@ -151,6 +169,8 @@ struct BwdPrepArgs {
   const void* g_lse;       // [R] or nullptr
   const void* g_pos;       // [R] or nullptr
   const void* g_mean;      // [R] or nullptr
+  const void* g_lse2;      // [R] or nullptr (its term is bounded by |g_lse2| lse2_mult)
+  double lse2_mult;
   const void* g_col_lse;   // [C] or nullptr
   const void* g_col_mean;  // [C] or nullptr
   const void* col_lse;     // [C] (read only with g_col_lse)
@@ -191,13 +211,22 @@ struct BwdTileArgs {
   const void* gscale;  // [2] from BwdPrepArgs
   double* row_parts;   // [2, R]
   bool self;           // self-similarity (cols == nullptr)
-  void* coefs;         // self: [kRowCoefs, R], the rows' coefficients of G
+  void* coefs;         // self: [kRowCoefs, R] (lse2_exp: [kRowCoefsLse2, R]), the rows'
+                       // coefficients of G
   bool pos_rows_only;  // rows without a positive (npos == 0) have zero coefficients (the fused
                        // sweep's loss counts only the others)
+  // The lse2 term g_lse2[r] den[r, c] mu exp(mu s[r, c] - lse2[r]), mu = lse2_mult > 0: only
+  // when lse2_exp (g_lse2 given; the other tiles take no exponential more). Self: coefs then
+  // holds kRowCoefsLse2 values per row.
+  bool lse2_exp;
+  const void* g_lse2;  // [R] (lse2_exp) or nullptr
+  const void* lse2;    // [R] (lse2_exp) or nullptr
+  double lse2_mult;
 };
 
-// Values per row of BwdTileArgs::coefs.
+// Values per row of BwdTileArgs::coefs: without the lse2 term, with it.
 constexpr int kRowCoefs = 6;
+constexpr int kRowCoefsLse2 = 8;
 
 // Columns covered by one block of the column kernels, fwd_cols and fwd_self_cols (the driver
 // sizes nsplit from it).

@@ -56,19 +56,20 @@ __device__ __forceinline__ T shfl_xor(T v, int m) {
 }
 
 // Block-wide reduction of a partial P (P::merge, P::shfl, P::identity); the result is valid in
-// thread 0. Every thread of the block must call it; blockDim.x * blockDim.y is a multiple of 32.
-template <class P>
-__device__ P block_reduce(P p) {
+// thread 0. `ctx`, the same in every thread, is passed on to each P::merge(other, ctx...). Every
+// thread of the block must call it; blockDim.x * blockDim.y is a multiple of 32.
+template <class P, class... Ctx>
+__device__ P block_reduce(P p, const Ctx&... ctx) {
   __shared__ P part[32];
   const int tid = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
   const int nwarps = static_cast<int>((blockDim.x * blockDim.y) >> 5);
-  for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o));
+  for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o), ctx...);
   if (lane == 0) part[warp] = p;
   __syncthreads();
   if (warp == 0) {
     p = lane < nwarps ? part[lane] : P::identity();
-    for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o));
+    for (int o = 16; o > 0; o >>= 1) p.merge(p.shfl(o), ctx...);
   }
   return p;
 }

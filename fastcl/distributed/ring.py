@@ -142,9 +142,9 @@ class _RingStats(torch.autograd.Function):
 
         def visit(step, hand):
             keys, tgt, labels, diag = spec.block(step, hand, extra, targets)
-            lse_b, pos_b, npos_b, mean_b, _, _ = contrastive_fwd(
+            lse_b, pos_b, npos_b, mean_b, *_ = contrastive_fwd(
                 rows, keys, a, b, tgt, row_labels, labels, diag, spec.decoupled, spec.pos_lse,
-                False, spec.backend)
+                False, 0.0, spec.backend)
             den_b = spec.counts(R, keys.shape[0], step == 0, npos_b, rows.device, dt)
             acc["lse"] = torch.logaddexp(acc["lse"], lse_b)
             if spec.pos_lse:
@@ -193,7 +193,7 @@ class _RingStats(torch.autograd.Function):
             dq_b, dk_b, ds_b, db_b = contrastive_bwd(
                 g_lse, g_pos if with_pos else None, gm, None, None, rows, keys, a, b, tgt,
                 row_labels, labels, lse, pos, npos, no_col, diag, spec.decoupled, spec.pos_lse,
-                False, spec.backend)
+                False, None, no_col, 0.0, spec.backend)
             local["dq"] += dq_b
             local["dscale"] = local["dscale"] + ds_b
             local["dbias"] = local["dbias"] + db_b

@@ -13,16 +13,18 @@ from ..reference.contrastive import contrastive_masks_ref, contrastive_stats_ref
 
 
 def contrastive_fwd(q, k, scale, bias, targets, row_labels, col_labels,
-                    exclude_diag, decoupled, pos_lse, col_stats):
+                    exclude_diag, decoupled, pos_lse, col_stats, lse2_mult=0.0):
     out = contrastive_stats_ref(q.detach(), k.detach(), scale.detach(), bias.detach(), targets,
                                 row_labels, col_labels, exclude_diag=exclude_diag,
-                                decoupled=decoupled, pos_lse=pos_lse, col_stats=col_stats)
+                                decoupled=decoupled, pos_lse=pos_lse, col_stats=col_stats,
+                                lse2_mult=lse2_mult)
     return tuple(t.contiguous() for t in out)
 
 
 def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias, targets,
                     row_labels, col_labels, lse, pos, npos, col_lse,
-                    exclude_diag, decoupled, pos_lse, col_stats):
+                    exclude_diag, decoupled, pos_lse, col_stats, g_lse2=None, lse2=None,
+                    lse2_mult=0.0):
     dt = lse.dtype
     R, C = q.shape[0], k.shape[0]
     dots = q.to(dt) @ k.to(dt).T
@@ -33,6 +35,9 @@ def contrastive_bwd(g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bi
     G = torch.zeros_like(s)
     if g_lse is not None:
         G += torch.where(den, g_lse[:, None] * torch.exp(s - lse[:, None]), zero)
+    if g_lse2 is not None:
+        G += torch.where(den, (g_lse2 * lse2_mult)[:, None]
+                         * torch.exp(lse2_mult * s - lse2[:, None]), zero)
     if g_pos is not None:
         if pos_lse:
             coef = torch.exp(s - pos[:, None])

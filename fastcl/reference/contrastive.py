@@ -26,7 +26,11 @@ Statistics returned, all in fp32 (fp64 for fp64 inputs):
 - ``npos[r] = |pos(r)|`` as a float (not differentiable),
 - ``mean[r] = mean_{c in den} s[r, c]`` (``0`` when the set is empty),
 - ``col_lse[c] = log sum_{r: allowed[r, c]} exp(s[r, c])`` and
-  ``col_mean[c] = mean_{r: allowed[r, c]} s[r, c]``, only when ``col_stats`` (else empty).
+  ``col_mean[c] = mean_{r: allowed[r, c]} s[r, c]``, only when ``col_stats`` (else empty),
+- ``lse2[r] = log sum_{c in den} exp(lse2_mult * s[r, c])``, a second log-sum-exp of the
+  denominator set at the logits times ``lse2_mult`` (the hard-negative weighting needs two),
+  only when ``lse2_mult > 0`` (else empty). Its maximum is ``lse2_mult`` times that of ``lse``,
+  so a streaming kernel keeps one more running sum per row, not another maximum.
 
 The gradient of any scalar ``L`` built from these statistics is ``dL/ds = G`` with
 
@@ -35,6 +39,7 @@ The gradient of any scalar ``L`` built from these statistics is ``dL/ds = G`` wi
 ``       + g_mean[r] den[r,c] / |den(r)|``
 ``       + g_col_lse[c] allowed[r,c] exp(s[r,c] - col_lse[c])``
 ``       + g_col_mean[c] allowed[r,c] / |allowed(:, c)|``
+``       + g_lse2[r] den[r,c] lse2_mult exp(lse2_mult s[r,c] - lse2[r])``
 
 and ``dq = scale * G @ k``, ``dk = scale * G.T @ q``, ``dscale = sum(G * (q @ k.T))``,
 ``dbias = sum(G)``. Kernels compute ``G`` tile by tile from the saved statistics. In the backward,
@@ -110,8 +115,9 @@ def contrastive_stats_ref(
     decoupled: bool = False,
     pos_lse: bool = False,
     col_stats: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Materialize ``s`` and return ``(lse, pos, npos, mean, col_lse, col_mean)``.
+    lse2_mult: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Materialize ``s`` and return ``(lse, pos, npos, mean, col_lse, col_mean, lse2)``.
 
     ``q`` is ``[R, D]``, ``k`` is ``[C, D]``, ``scale`` and ``bias`` are 0-dim tensors (they may
     require grad). See the module docstring for the exact definitions.
@@ -137,4 +143,5 @@ def contrastive_stats_ref(
     else:
         col_lse = s.new_empty(0)
         col_mean = s.new_empty(0)
-    return lse, pos_stat, npos, mean, col_lse, col_mean
+    lse2 = _masked_lse(lse2_mult * s, den, 1) if lse2_mult > 0 else s.new_empty(0)
+    return lse, pos_stat, npos, mean, col_lse, col_mean, lse2
