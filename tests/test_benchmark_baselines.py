@@ -200,14 +200,20 @@ def test_cuda_square_forward_variant(monkeypatch, stats_keys):
 
     seen = []
     q = torch.randn(4, 3)
+    one = torch.ones(())
     before = contrastive_ops.SELF_FWD_BACKENDS
+
+    def forward():
+        contrastive_ops._fwd_kernel("cuda", q, None, one, one, None, None, None, True, False,
+                                    False, False, 0.0)
+
     with monkeypatch.context() as m:
         m.setattr(_backends, "kernel",
                   lambda backend, op: (lambda q, k, *rest: seen.append(k is None)))
-        contrastive_ops._fwd_kernel("cuda", q, None)
+        forward()
         with self_forward("square", "cuda"):
-            contrastive_ops._fwd_kernel("cuda", q, None)
-        contrastive_ops._fwd_kernel("cuda", q, None)
+            forward()
+        forward()
     assert seen == [True, False, True]
     assert contrastive_ops.SELF_FWD_BACKENDS == before
     with pytest.raises(ValueError, match="no forced half square"):

@@ -339,6 +339,19 @@ def test_self_similarity_path_on_triton(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("layout", ["two_view", "paired"])
+def test_hard_negative_nce_takes_one_pass(backend, layout, stats_keys):
+    """Both log-sum-exps of the negatives (at (1 + beta) / T and beta / T) come from one call of
+    the statistics op (its lse2), whose backward serves both."""
+    dt = _dtype_for(backend)
+    x, y = _leaf(7, 4, dtype=dt), _leaf(7, 4, dtype=dt)
+    loss = fastcl.hard_negative_nce(x, y, temperature=0.5, beta=0.8, tau_plus=0.1,
+                                    layout=layout, backend=backend)
+    assert stats_keys == [layout == "two_view"]
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_statistics_op_takes_self_similarity(backend, stats_keys):
     """Losses over the logits of one feature set that go through the statistics op (no
     reduction, the multi-view losses, the two-view hard-negative loss) pass k=None, whose
