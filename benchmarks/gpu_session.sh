@@ -24,7 +24,8 @@
 # DEADLINE seconds in all (default 570), so a command with a 10-minute limit always ends by
 # itself: a stage that runs long is stopped and the ones after it still run or are reported
 # as skipped. Split the stages over several commands when they do not fit in one, e.g.
-# `build test`, then `report`, then `siglip ntxent infonce topk` (a later command finds the build).
+# `build test`, then `report`, then `siglip ntxent infonce`, then `hcl topk` (a later command
+# finds the build).
 #
 # Logs and results are written under $WORK and packed at exit into $OUT/gpu-results.tar.gz,
 # with the stage table in $OUT/summary.txt (default OUT: ./gpu-results): two files, whatever
