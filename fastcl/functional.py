@@ -661,8 +661,8 @@ def hard_negative_nce(
     beta = float(beta)
     cols_sh = sh
     if beta and sh is not None and sh.strategy == "all_gather":
-        # two statistics passes over the same keys: gather them once (own block first, as
-        # Shard.stats lays them out), then both passes run on one process's layout
+        # gather the keys (own block first, as Shard.stats lays them out) and take both
+        # log-sum-exps from one pass on one process's layout
         k, cols_sh = sh.columns(q if k is None else k), None
 
     flags = dict(exclude_diag=(layout == "two_view"), decoupled=True, backend=be)
