@@ -626,7 +626,7 @@ def _contrastive_fwd_kernel(
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
         if HAS_LSE2:
             p2 = tl.exp2(lse2_mult * (s_den - m_safe[:, None]))
-            l2_i = _rescale_lse2(l2_i, m_i, m_new, lse2_mult) + tl.sum(p2, 1)
+            l2_i = l2_i * tl.exp2(lse2_mult * (m_i - m_safe)) + tl.sum(p2, 1)
         m_i = m_new
         sum_den += tl.sum(tl.where(den, qk, 0.0), 1)
 
@@ -727,11 +727,10 @@ def _merge_partials_kernel(
             valid = valid & (offs_c < O0 + p * ROWS)
         pm, pl, psd, pp0, pp1, pcnt, pl2 = _load_state(P, offs_c64 + p * NB, P_FSTRIDE, valid,
                                                        HAS_POS, POS_LSE, HAS_LABELS, HAS_LSE2)
-        if HAS_LSE2:
-            m_new = tl.maximum(m, pm)
-            l2 = (_rescale_lse2(l2, m, m_new, lse2_mult)
-                  + _rescale_lse2(pl2, pm, m_new, lse2_mult))
+        m_old = m
         m, l = _merge_lse(m, l, pm, pl)
+        if HAS_LSE2:
+            l2 = _rescale_lse2(l2, m_old, m, lse2_mult) + _rescale_lse2(pl2, pm, m, lse2_mult)
         sd += psd
         if POS_LSE:
             p0, p1 = _merge_lse(p0, p1, pp0, pp1)

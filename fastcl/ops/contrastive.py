@@ -160,7 +160,7 @@ def contrastive_bwd(
     return _bwd_kernel(backend, g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias,
                        targets, row_labels, col_labels, lse, pos, npos, col_lse,
                        exclude_diag, decoupled, pos_lse, col_stats,
-                       g_lse2, lse2 if g_lse2 is not None else None, lse2_mult)
+                       g_lse2, lse2, lse2_mult)
 
 
 def _bwd_kernel(backend, g_lse, g_pos, g_mean, g_col_lse, g_col_mean, q, k, scale, bias,
