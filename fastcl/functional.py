@@ -99,8 +99,9 @@ def _pair_scale(scale: Tensor, x: Tensor) -> Tensor:
 def _stats(sh: Optional[Shard], rows: Tensor, cols: Optional[Tensor], a: Tensor, b: Tensor,
            targets: Optional[Tensor] = None, row_labels: Optional[Tensor] = None,
            col_labels: Optional[Tensor] = None, extra: Optional[Tensor] = None,
-           **flags) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row statistics ``(lse, pos, npos, mean)`` of ``rows`` against ``[cols; extra]``.
+           **flags) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row statistics ``(lse, pos, npos, mean, lse2)`` of ``rows`` against ``[cols; extra]``
+    (``lse2`` empty unless the flags give ``lse2_mult > 0``).
 
     On one process (``sh`` None) the fused op on the given columns; with a shard, against the
     ``cols`` of every rank by the shard's strategy (:meth:`fastcl.distributed.Shard.stats`).
@@ -113,7 +114,9 @@ def _stats(sh: Optional[Shard], rows: Tensor, cols: Optional[Tensor], a: Tensor,
         return sh.stats(rows, cols, a, b, targets, row_labels, col_labels, extra, **flags)
     if extra is not None:
         cols = torch.cat([cols, extra], dim=0)
-    return contrastive_stats(rows, cols, a, b, targets, row_labels, col_labels, **flags)[:4]
+    lse, pos, npos, mean, _, _, lse2 = contrastive_stats(rows, cols, a, b, targets, row_labels,
+                                                        col_labels, **flags)
+    return lse, pos, npos, mean, lse2
 
 
 def _wants_grad(*tensors: Optional[Tensor]) -> bool:
@@ -277,7 +280,7 @@ def info_nce(
 
     def one_direction(rows, cols, extra, col_stats=False):
         if sh is not None:  # the key->query direction is a second pass with rows and cols swapped
-            lse, pos, npos, mean = sh.stats(rows, cols, a, b, targets, extra=extra, backend=be)
+            lse, pos, npos, mean, _ = sh.stats(rows, cols, a, b, targets, extra=extra, backend=be)
             col_lse = col_mean = None
         else:
             if extra is not None:
@@ -376,8 +379,7 @@ def nt_xent(
     if _fusable(be, sh, reduction, z, a, self_sim=True):  # each row has a positive: 2N rows
         return _fused(z, None, a, zero, targets, reduction=reduction, backend=be,
                       exclude_diag=True)[0]
-    lse, pos, _npos, _mean = _stats(sh, z, None, a, zero, targets, exclude_diag=True,
-                                    backend=be)
+    lse, pos, *_ = _stats(sh, z, None, a, zero, targets, exclude_diag=True, backend=be)
     return _reduce(lse - pos, None, reduction, sh)
 
 
@@ -445,7 +447,7 @@ def supcon(
             logs = torch.where(has_pos, torch.log(npos.clamp_min(1)), torch.zeros_like(npos))
             loss = loss + _reduce(logs, has_pos, reduction)
         return loss if factor is None else loss * factor
-    lse, pos, npos, _mean = _stats(
+    lse, pos, npos, *_ = _stats(
         sh, anchors, None, a, zero, None, anchor_labels, anchor_labels, exclude_diag=True,
         pos_lse=(variant == "in"), backend=be)
     has_pos = npos > 0
@@ -502,7 +504,7 @@ def dcl(
     if _fusable(be, sh, reduction, z, a, self_sim=True):  # each row has a positive: 2N rows
         return _fused(z, None, a, zero, targets, g_pos=-1.0 if w is None else -w.repeat(2),
                       reduction=reduction, backend=be, exclude_diag=True, decoupled=True)[0]
-    lse, pos, _npos, _mean = _stats(sh, z, None, a, zero, targets, exclude_diag=True,
+    lse, pos, *_ = _stats(sh, z, None, a, zero, targets, exclude_diag=True,
                                     decoupled=True, backend=be)
     if w is not None:
         pos = pos * w.repeat(2)
@@ -568,8 +570,8 @@ def multiview_loss(
         ids = (torch.arange(n, device=views.device) if sh is None
                else sh.block_ids(n, views.device)[:n])
         sample = ids.repeat(nv)
-        lse, pos, _np, _m = _stats(sh, anchors, None, a, zero, None, sample, sample,
-                                   exclude_diag=True, pos_lse=True, backend=be)
+        lse, pos, *_ = _stats(sh, anchors, None, a, zero, None, sample, sample,
+                              exclude_diag=True, pos_lse=True, backend=be)
         per = torch.logsumexp(lse.view(nv, n), 0) - torch.logsumexp(pos.view(nv, n), 0)
     elif method == "mv_dhel":
         uniform = 0
@@ -627,8 +629,8 @@ def hard_negative_nce(
 
     Fused as two streaming log-sum-exps over the negatives, ``LSE_n (1+beta) s_n`` and
     ``LSE_n beta s_n`` (one when ``beta = 0``), from one pass over the logits (the statistics
-    op's ``lse2``; with ``gather="ring"``, one ring pass each), evaluated in log space so that
-    large scales do not overflow.
+    op's ``lse2``; with ``gather="ring"`` it is merged across ranks like the other statistics),
+    evaluated in log space so that large scales do not overflow.
     """
     V.paired("z1", z1, "z2", z2)
     V.reduction(reduction)
@@ -659,20 +661,12 @@ def hard_negative_nce(
     a = _pair_scale(scale, q)
     zero = torch.zeros((), dtype=a.dtype, device=q.device)
     beta = float(beta)
-    cols_sh = sh
-    if beta and sh is not None and sh.strategy == "all_gather":
-        # gather the keys (own block first, as Shard.stats lays them out) and take both
-        # log-sum-exps from one pass on one process's layout
-        k, cols_sh = sh.columns(q if k is None else k), None
-
-    flags = dict(exclude_diag=(layout == "two_view"), decoupled=True, backend=be)
     mult = 1.0 + beta
-    if cols_sh is None:  # both log-sum-exps from one pass: the second at beta / (1 + beta)
-        lse_hard, pos, *_, lse_beta = contrastive_stats(
-            q, k, a * mult, zero, targets, lse2_mult=beta / mult, **flags)
-    else:  # the ring merges the row statistics of one multiplier at a time
-        lse_hard, pos, *_ = _stats(cols_sh, q, k, a * mult, zero, targets, **flags)
-        lse_beta = _stats(cols_sh, q, k, a * beta, zero, targets, **flags)[0] if beta else None
+    # both log-sum-exps from one pass: the logits at (1 + beta) a, the second sum at
+    # beta / (1 + beta) of them
+    lse_hard, pos, *_, lse_beta = _stats(sh, q, k, a * mult, zero, targets,
+                                         exclude_diag=(layout == "two_view"), decoupled=True,
+                                         lse2_mult=beta / mult, backend=be)
     s_p = pos / mult
     # R = sum_n exp((1+beta) s_n) / mean_n exp(beta s_n)
     log_r = lse_hard - lse_beta + math.log(n_neg) if beta else lse_hard

@@ -136,6 +136,37 @@ def peak_bytes(rank, gather):
     return {"forward": forward, "backward": mem.peak}
 
 
+def kernel_calls(name, gather):
+    """``(forward, backward)`` kernel calls of the statistics op made by case ``name`` with
+    ``gather`` (loss and gradients), counted at the ring's and the op layer's entry points."""
+    from fastcl.distributed import ring
+    from fastcl.ops import contrastive
+
+    counts = {"fwd": 0, "bwd": 0}
+
+    def counting(module, attr, key):
+        real = getattr(module, attr)
+
+        def call(*args, **kw):
+            counts[key] += 1
+            return real(*args, **kw)
+        return real, call
+
+    patched = [(m, attr, *counting(m, attr, key))
+               for m in (ring, contrastive)
+               for attr, key in (("contrastive_fwd", "fwd"), ("contrastive_bwd", "bwd"))]
+    for module, attr, _real, call in patched:
+        setattr(module, attr, call)
+    try:
+        world = dist.get_world_size()
+        shard = slice(dist.get_rank() * N_PER_RANK, (dist.get_rank() + 1) * N_PER_RANK)
+        run_case(name, world, shard, gather)
+    finally:
+        for module, attr, real, _call in patched:
+            setattr(module, attr, real)
+    return counts["fwd"], counts["bwd"]
+
+
 def unequal_shards(rank, gather):
     """The error of a loss called with shards of different sizes (None if none was raised)."""
     x = torch.randn(N_PER_RANK + rank, D, dtype=torch.float64)
@@ -174,6 +205,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[gather]["ddp"] = ddp_train(world, rank, gather)
             results[gather]["peak_bytes"] = peak_bytes(rank, gather)
             results[gather]["unequal"] = unequal_shards(rank, gather)
+            results[gather]["hcl_calls"] = kernel_calls("hcl_two_view", gather)
         if world == 1:
             results["compile"] = compile_ring()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -102,6 +102,17 @@ def test_ring_holds_at_most_two_foreign_key_blocks():
     assert peak[4]["ring"]["forward"] < peak[4]["all_gather"]["forward"] / 2, peak
 
 
+@pytest.mark.parametrize("gather", W.STRATEGIES)
+def test_hard_negative_loss_takes_one_pass_per_key_block(ranks, gather):
+    """Both log-sum-exps of the hard-negative loss (the second through the op's ``lse2``) come
+    from one kernel call per key block, forward and backward: ``world`` blocks on a ring, one
+    gathered block with all_gather."""
+    world, results = ranks
+    want = (world, world) if gather == "ring" else (1, 1)
+    for rank, res in enumerate(results):
+        assert res[gather]["hcl_calls"] == want, (rank, res[gather]["hcl_calls"])
+
+
 def test_ring_under_torch_compile_runs_eagerly_or_is_refused_with_fullgraph():
     eager, compiled, error = _spawn(1)[0]["compile"]
     torch.testing.assert_close(compiled, eager, **TOL)

@@ -11,7 +11,8 @@ same values and gradients:
 - ``"ring"`` never gathers: the key blocks travel around the ring of ranks with
   ``torch.distributed.batch_isend_irecv``; while block ``t`` is contrasted with the local rows,
   block ``t + 1`` is already in transfer. Each block gives per-row statistics (log-sum-exp,
-  positive term, positive count, mean) that are merged exactly (log-sum-exps by ``logaddexp``,
+  positive term, positive count, mean, and the second log-sum-exp ``lse2`` of the
+  hard-negative loss) that are merged exactly (log-sum-exps by ``logaddexp``,
   means weighted by their counts). The backward runs the ring again with the merged (global)
   statistics: every key block visits every rank together with the accumulator of its gradient,
   each rank adds its contribution, and the accumulator returns to the block's owner. No rank
@@ -92,11 +93,13 @@ class Shard:
         exclude_diag: bool = False,
         decoupled: bool = False,
         pos_lse: bool = False,
+        lse2_mult: float = 0.0,
         backend: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Row statistics ``(lse, pos, npos, mean)`` of this rank's ``rows`` against every rank's
-        ``cols`` (differentiable), as :func:`fastcl.ops.contrastive.contrastive_stats` defines
-        them on the global columns ``[own cols; extra; other ranks' cols]``.
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Row statistics ``(lse, pos, npos, mean, lse2)`` of this rank's ``rows`` against every
+        rank's ``cols`` (differentiable), as :func:`fastcl.ops.contrastive.contrastive_stats`
+        defines them on the global columns ``[own cols; extra; other ranks' cols]`` (``lse2``
+        empty unless ``lse2_mult > 0``).
 
         ``targets`` and ``exclude_diag`` refer to this rank's own block (and ``extra``, this
         rank's additional negative columns, which no other rank sees); ``col_labels`` are the
@@ -105,7 +108,7 @@ class Shard:
         if extra is not None and col_labels is not None:
             raise ValueError("extra columns cannot be combined with column labels")
         flags = dict(exclude_diag=exclude_diag, decoupled=decoupled, pos_lse=pos_lse,
-                     backend=backend)
+                     lse2_mult=lse2_mult, backend=backend)
         if self.strategy == "ring":
             return ring_stats(rows, cols, a, b, targets, row_labels, col_labels, extra,
                               group=self.group, world=self.world, rank=self.rank, **flags)
@@ -113,7 +116,9 @@ class Shard:
         if extra is not None:
             keys = torch.cat([keys, extra], dim=0)
         labels = None if col_labels is None else self.columns_nograd(col_labels)
-        return contrastive_stats(rows, keys, a, b, targets, row_labels, labels, **flags)[:4]
+        lse, pos, npos, mean, _, _, lse2 = contrastive_stats(rows, keys, a, b, targets,
+                                                            row_labels, labels, **flags)
+        return lse, pos, npos, mean, lse2
 
     def siglip_rows(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, backend: str) -> Tensor:
         """Per-row sums ``[n]`` of the sigmoid pair losses of this rank's ``x`` against every

@@ -104,11 +104,13 @@ def _ring_gradient(ring: _Neighbours, world: int, hand: list[Tensor], visit) -> 
 class _Spec:
     """The non-tensor settings of one ring call."""
 
-    def __init__(self, group, world, rank, exclude_diag, decoupled, pos_lse, backend):
+    def __init__(self, group, world, rank, exclude_diag, decoupled, pos_lse, backend,
+                 lse2_mult=0.0):
         self.ring = _Neighbours(group, world, rank)
         self.world = world
         self.exclude_diag, self.decoupled, self.pos_lse = exclude_diag, decoupled, pos_lse
         self.backend = backend
+        self.lse2_mult = float(lse2_mult)
 
     def block(self, step, hand, extra, targets):
         """``(keys, targets, col_labels, exclude_diag)`` of the kernel call of ``step`` on the
@@ -138,15 +140,19 @@ class _RingStats(torch.autograd.Function):
         dt = torch.float64 if rows.dtype == torch.float64 else torch.float32
         ninf = torch.full((R,), float("-inf"), dtype=dt, device=rows.device)
         zero = torch.zeros(R, dtype=dt, device=rows.device)
-        acc = dict(lse=ninf, pos=ninf if spec.pos_lse else zero, npos=zero, mean=zero, den=zero)
+        with_lse2 = spec.lse2_mult > 0
+        acc = dict(lse=ninf, pos=ninf if spec.pos_lse else zero, npos=zero, mean=zero, den=zero,
+                   lse2=ninf if with_lse2 else rows.new_empty(0, dtype=dt))
 
         def visit(step, hand):
             keys, tgt, labels, diag = spec.block(step, hand, extra, targets)
-            lse_b, pos_b, npos_b, mean_b, *_ = contrastive_fwd(
+            lse_b, pos_b, npos_b, mean_b, _, _, lse2_b = contrastive_fwd(
                 rows, keys, a, b, tgt, row_labels, labels, diag, spec.decoupled, spec.pos_lse,
-                False, 0.0, spec.backend)
+                False, spec.lse2_mult, spec.backend)
             den_b = spec.counts(R, keys.shape[0], step == 0, npos_b, rows.device, dt)
             acc["lse"] = torch.logaddexp(acc["lse"], lse_b)
+            if with_lse2:
+                acc["lse2"] = torch.logaddexp(acc["lse2"], lse2_b)
             if spec.pos_lse:
                 acc["pos"] = torch.logaddexp(acc["pos"], torch.where(npos_b > 0, pos_b, ninf))
             else:
@@ -156,7 +162,8 @@ class _RingStats(torch.autograd.Function):
             acc["den"] = acc["den"] + den_b
 
         _ring_pass(spec.ring, spec.world, _travelling(cols, col_labels), visit)
-        lse, pos_acc, npos, mean_acc, den = (acc[k] for k in ("lse", "pos", "npos", "mean", "den"))
+        lse, pos_acc, npos, mean_acc, den, lse2 = (
+            acc[k] for k in ("lse", "pos", "npos", "mean", "den", "lse2"))
         has_pos = npos > 0
         if not spec.pos_lse:
             pos_acc = pos_acc / npos.clamp_min(1)
@@ -164,16 +171,18 @@ class _RingStats(torch.autograd.Function):
         mean = torch.where(den > 0, mean_acc / den.clamp_min(1), torch.zeros_like(mean_acc))
         ctx.spec = spec
         ctx.save_for_backward(rows, cols, extra, a, b, targets, row_labels, col_labels,
-                              lse, pos, npos, den)
+                              lse, pos, npos, den, lse2)
         ctx.mark_non_differentiable(npos)
         ctx.set_materialize_grads(False)
-        return lse, pos, npos, mean
+        return lse, pos, npos, mean, lse2
 
     @staticmethod
-    def backward(ctx, g_lse, g_pos, _g_npos, g_mean):
+    def backward(ctx, g_lse, g_pos, _g_npos, g_mean, g_lse2):
         spec = ctx.spec
         (rows, cols, extra, a, b, targets, row_labels, col_labels,
-         lse, pos, npos, den) = ctx.saved_tensors
+         lse, pos, npos, den, lse2) = ctx.saved_tensors
+        if not spec.lse2_mult > 0:
+            g_lse2 = None
         R, n = rows.shape[0], cols.shape[0]
         dt = lse.dtype
         labelled = row_labels is not None
@@ -193,7 +202,7 @@ class _RingStats(torch.autograd.Function):
             dq_b, dk_b, ds_b, db_b = contrastive_bwd(
                 g_lse, g_pos if with_pos else None, gm, None, None, rows, keys, a, b, tgt,
                 row_labels, labels, lse, pos, npos, no_col, diag, spec.decoupled, spec.pos_lse,
-                False, None, no_col, 0.0, spec.backend)
+                False, g_lse2, lse2, spec.lse2_mult, spec.backend)
             local["dq"] += dq_b
             local["dscale"] = local["dscale"] + ds_b
             local["dbias"] = local["dbias"] + db_b
@@ -265,11 +274,12 @@ def ring_siglip_rows(x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, group, world
 def ring_stats(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor, targets: Optional[Tensor],
                row_labels: Optional[Tensor], col_labels: Optional[Tensor],
                extra: Optional[Tensor], *, group, world: int, rank: int, exclude_diag: bool,
-               decoupled: bool, pos_lse: bool, backend: str):
-    """``(lse, pos, npos, mean)`` of ``rows`` against the keys of every rank, over a ring.
+               decoupled: bool, pos_lse: bool, lse2_mult: float = 0.0, backend: str):
+    """``(lse, pos, npos, mean, lse2)`` of ``rows`` against the keys of every rank, over a ring
+    (``lse2`` empty unless ``lse2_mult > 0``).
 
     See :meth:`fastcl.distributed.Shard.stats` for the arguments.
     """
     _refuse_compile()
-    spec = _Spec(group, world, rank, exclude_diag, decoupled, pos_lse, backend)
+    spec = _Spec(group, world, rank, exclude_diag, decoupled, pos_lse, backend, lse2_mult)
     return _RingStats.apply(spec, rows, cols, extra, a, b, targets, row_labels, col_labels)
