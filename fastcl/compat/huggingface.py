@@ -109,6 +109,7 @@ class ClipTrainerMixin:
     :func:`clip_loss_func`: ``class MyTrainer(ClipTrainerMixin, Trainer)``."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``Trainer.compute_loss`` through :func:`clip_loss_func`."""
         return clip_loss_func(model, inputs, return_outputs=return_outputs,
                               num_items_in_batch=num_items_in_batch)
 

@@ -89,6 +89,8 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, batch: Tensor) -> None:
+        """Write ``batch`` (detached) into the queue at its pointer, wrapping around at
+        the end as lightly does."""
         batch_size = batch.shape[0]
         ptr = int(self.bank_ptr)
         if ptr + batch_size >= self.size[0]:
@@ -125,6 +127,9 @@ class NTXentLoss(nn.Module):
                 "gather_distributed=False or install a torch version with distributed support.")
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """The loss of the two views ``out0``, ``out1`` (``[N, D]``, normalized here), with
+        the memory bank's entries as extra negatives if it is enabled (the bank is then
+        updated with ``out1`` when gradients are wanted)."""
         _check_single_process("NTXentLoss", self.gather_distributed)
         if not self.memory_bank.enabled:
             return _F.nt_xent(out0, out1, temperature=self.temperature, normalize=True)
@@ -137,6 +142,7 @@ class NTXentLoss(nn.Module):
         return _bank_loss(out0, out1, negatives, self.temperature)
 
     def extra_repr(self) -> str:
+        """The loss's settings, for ``repr``."""
         return (f"temperature={self.temperature:g}, memory_bank_size={self.memory_bank.size}, "
                 f"gather_distributed={self.gather_distributed}")
 
@@ -185,6 +191,8 @@ class DCLLoss(nn.Module):
                 "gather_distributed=False or install a torch version with distributed support.")
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """The decoupled loss of the two views ``out0``, ``out1`` (``[N, D]``, normalized
+        here), weighted by ``weight_fn`` if set."""
         _check_single_process(type(self).__name__, self.gather_distributed)
         fn = self.weight_fn
         if not fn:
@@ -207,6 +215,7 @@ class DCLLoss(nn.Module):
         return 0.5 * (loss0 + loss1)
 
     def extra_repr(self) -> str:
+        """The loss's settings, for ``repr``."""
         return (f"temperature={self.temperature:g}, weight_fn={self.weight_fn}, "
                 f"gather_distributed={self.gather_distributed}")
 

@@ -77,6 +77,9 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
+        """The loss (a dict ``{"contrastive_loss": loss}`` with ``output_dict=True``), as
+        open_clip's ``ClipLoss.forward`` returns it; ``logit_bias`` is added to the logits if
+        given."""
         if self.world_size > 1:
             loss = self._distributed_loss(image_features, text_features, logit_scale, logit_bias)
         else:
@@ -103,6 +106,7 @@ class ClipLoss(nn.Module):
         return (per_image + per_text) / 2
 
     def extra_repr(self) -> str:
+        """The distributed settings, for ``repr``."""
         return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
                 f"rank={self.rank}, world_size={self.world_size}, use_horovod={self.use_horovod}")
 
@@ -137,6 +141,8 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
+        """The loss (a dict ``{"contrastive_loss": loss}`` with ``output_dict=True``), as
+        open_clip's ``SigLipLoss.forward`` returns it."""
         if self.world_size > 1:  # the attribute may have been changed after construction
             raise NotImplementedError(
                 f"fastcl.compat.open_clip.SigLipLoss runs in a single process; world_size="
@@ -146,4 +152,5 @@ class SigLipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
+        """The distributed settings, for ``repr``."""
         return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"

@@ -221,6 +221,7 @@ class NTXentLoss(_PML_NTXENT):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
                 ref_labels=None):
+        """pml's ``forward``: fused where the arguments allow, else pml's own computation."""
         return _forward(self, "ntxent", super().forward, self, embeddings, labels,
                         indices_tuple, ref_emb, ref_labels)
 
@@ -231,6 +232,7 @@ class SupConLoss(_PML_SUPCON):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
                 ref_labels=None):
+        """pml's ``forward``: fused where the arguments allow, else pml's own computation."""
         return _forward(self, "supcon", super().forward, self, embeddings, labels,
                         indices_tuple, ref_emb, ref_labels)
 
@@ -248,6 +250,9 @@ class SelfSupervisedLoss(_pml_losses.SelfSupervisedLoss):
     """
 
     def forward(self, embeddings, ref_emb):
+        """The loss of ``embeddings`` against their augmented views ``ref_emb`` (row ``i``
+        of one is the positive of row ``i`` of the other); with ``symmetric`` both sets are
+        anchors, else only ``embeddings``."""
         labels = torch.arange(embeddings.shape[0], device=embeddings.device)
         if self.symmetric:
             args = (torch.cat([embeddings, ref_emb], dim=0), torch.cat([labels, labels], dim=0),

@@ -108,6 +108,9 @@ class MultipleNegativesRankingLoss(_STMNRL):
     ``similarity_fct=cos_sim``) on :func:`fastcl.info_nce`; see the module docstring."""
 
     def compute_loss_from_embeddings(self, embeddings: list, labels: Tensor) -> Tensor:
+        """The loss of the anchors ``embeddings[0]`` against the positives
+        ``embeddings[1]`` and hard negatives ``embeddings[2:]``; the peer's own computation
+        (with a warning) where the settings cannot be fused."""
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         reason = _unfused_reason(self)
@@ -124,6 +127,9 @@ class CachedMultipleNegativesRankingLoss(_STCachedMNRL):
 
     def calculate_loss(self, reps: list, labels: Optional[Tensor] = None, *,
                        with_backward: bool = False) -> Tensor:
+        """The loss of the cached mini-batch embeddings ``reps`` (anchors, positives,
+        hard negatives), backpropagated at once if ``with_backward``; the peer's own
+        computation (with a warning) where the settings cannot be fused."""
         reason = _unfused_reason(self)
         if reason is not None:
             _warn(self, reason)

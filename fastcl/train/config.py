@@ -184,6 +184,7 @@ class TrainConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with the given fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
 

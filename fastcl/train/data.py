@@ -167,6 +167,8 @@ class ViewsData:
         return int(self.x_train.shape[0])
 
     def steps_per_epoch(self, batch_size: int, requested: Optional[int] = None) -> int:
+        """``requested`` if given, else the number of full batches of ``batch_size`` in
+        one pass over the training split (``ValueError`` if even one does not fit)."""
         if batch_size > self.num_train:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.num_train} training "
                              f"samples of {self.name}")
@@ -174,6 +176,7 @@ class ViewsData:
         return full if requested is None else int(requested)
 
     def order(self, epoch: int) -> Tensor:
+        """The permutation of the training samples for ``epoch`` (seeded)."""
         return torch.randperm(self.num_train, generator=derive_generator(self.seed, _STREAM_ORDER, epoch))
 
     def batch(self, epoch: int, step: int, batch_size: int, *, rank: int = 0,
@@ -205,6 +208,7 @@ class ViewsData:
         return [self.augment(x, gen), self.augment(x, gen)]
 
     def fingerprint(self) -> dict:
+        """What identifies the data, for checking that a resume uses the same."""
         return {"name": self.name, "kind": self.kind, "num_train": self.num_train,
                 "views": self.views, "seed": self.seed}
 
@@ -229,6 +233,8 @@ class PairsData:
         return int(self.xa_train.shape[0])
 
     def steps_per_epoch(self, batch_size: int, requested: Optional[int] = None) -> int:
+        """``requested`` if given, else the number of full batches of ``batch_size`` in
+        one pass over the training pairs (``ValueError`` if even one does not fit)."""
         if batch_size > self.num_train:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.num_train} training pairs")
         return self.num_train // batch_size if requested is None else int(requested)
@@ -244,9 +250,11 @@ class PairsData:
         return Batch([self.xa_train[idx], self.xb_train[idx]])
 
     def eval_pairs(self) -> tuple:
+        """The held-out pairs ``(a, b)`` of the retrieval evaluation."""
         return self.xa_eval, self.xb_eval
 
     def fingerprint(self) -> dict:
+        """What identifies the data, for checking that a resume uses the same."""
         return {"name": self.name, "kind": self.kind, "num_train": self.num_train, "seed": self.seed}
 
 
@@ -283,6 +291,7 @@ class SyntheticPairs:
         return a, b
 
     def steps_per_epoch(self, batch_size: int, requested: Optional[int] = None) -> int:
+        """``requested`` if given, else 10 (the data has no end)."""
         return 10 if requested is None else int(requested)
 
     def batch(self, epoch: int, step: int, batch_size: int, *, rank: int = 0,
@@ -293,9 +302,12 @@ class SyntheticPairs:
         return Batch([a, b])
 
     def eval_pairs(self) -> tuple:
+        """The held-out pairs ``(a, b)`` of the retrieval evaluation, the same at every
+        call."""
         return self.sample(self.eval_size, derive_generator(self.seed, _STREAM_EVAL))
 
     def fingerprint(self) -> dict:
+        """What identifies the data, for checking that a resume uses the same."""
         return {"name": self.name, "kind": self.kind, "latent_dim": self.latent_dim,
                 "dims": list(self.dims), "noise": self.noise, "seed": self.seed}
 

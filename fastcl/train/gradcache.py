@@ -57,6 +57,7 @@ class RNGState:
         return cls(torch.get_rng_state(), cuda, device if device.type == "cuda" else None)
 
     def restore(self) -> None:
+        """Put the captured CPU (and CUDA) random-number state back."""
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)

@@ -121,6 +121,7 @@ class TrainResult:
         return {}
 
     def steps(self) -> list:
+        """The logged step records (``event == "step"``), in order."""
         return [r for r in self.history if r.get("event") == "step"]
 
 
@@ -174,6 +175,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Run the configured training (resuming from ``cfg.resume`` if set) and return
+        its :class:`TrainResult`; with several processes every rank calls it."""
         cfg = self.cfg
         prev_threads = torch.get_num_threads()
         if cfg.threads:

@@ -99,6 +99,7 @@ class PeakMemory:
             return False
 
     def reset(self) -> None:
+        """Start a new peak: CUDA's peak statistics, or the process's high-water mark."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.resettable:
@@ -106,11 +107,13 @@ class PeakMemory:
             self._clear_refs()
 
     def current(self) -> Optional[int]:
+        """Bytes in use now (CUDA allocations, or resident memory); None if unknown."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
         return _read_status("VmRSS")
 
     def peak(self) -> Optional[int]:
+        """The highest bytes in use since the last :meth:`reset`; None if unknown."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         hwm = _read_status("VmHWM")

@@ -44,6 +44,7 @@ class TwoTower(nn.Module):
         return 2
 
     def forward(self, x: Tensor, slot: int) -> Tensor:
+        """The embeddings of ``x`` by the tower of ``slot``."""
         return self.towers[slot](x)
 
 
@@ -60,6 +61,7 @@ class SharedEncoder(nn.Module):
         return self._num_slots
 
     def forward(self, x: Tensor, slot: int = 0) -> Tensor:
+        """The embeddings of ``x`` (one encoder for every slot)."""
         return self.encoder(x)
 
 

@@ -91,6 +91,8 @@ class Objective(nn.Module):
         return self.spec.op
 
     def check_slots(self, slots: int) -> None:
+        """Refuse data whose number of embedding slots (views / towers) the loss cannot
+        take (``ValueError``)."""
         s = self.spec
         if (s.slots is not None and slots != s.slots) or slots < s.min_slots:
             want = str(s.slots) if s.slots is not None else f"at least {s.min_slots}"
@@ -98,6 +100,7 @@ class Objective(nn.Module):
                              f"the data gives {slots}")
 
     def forward(self, embeddings: list, labels: Optional[Tensor] = None) -> Tensor:
+        """The loss of the slots' embeddings (and the labels, for a supervised loss)."""
         e = embeddings
         if self.name == "supcon":
             args = (torch.stack(e, dim=1), labels if self.use_labels else None)
