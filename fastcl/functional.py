@@ -99,9 +99,9 @@ def _pair_scale(scale: Tensor, x: Tensor) -> Tensor:
 def _stats(sh: Optional[Shard], rows: Tensor, cols: Optional[Tensor], a: Tensor, b: Tensor,
            targets: Optional[Tensor] = None, row_labels: Optional[Tensor] = None,
            col_labels: Optional[Tensor] = None, extra: Optional[Tensor] = None,
-           **flags) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Row statistics ``(lse, pos, npos, mean, lse2)`` of ``rows`` against ``[cols; extra]``
-    (``lse2`` empty unless the flags give ``lse2_mult > 0``).
+           **flags) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Statistics ``(lse, pos, npos, mean, col_lse, col_mean, lse2)`` of ``rows`` against
+    ``[cols; extra]``, as :func:`fastcl.ops.contrastive.contrastive_stats` returns them.
 
     On one process (``sh`` None) the fused op on the given columns; with a shard, against the
     ``cols`` of every rank by the shard's strategy (:meth:`fastcl.distributed.Shard.stats`).
@@ -114,9 +114,7 @@ def _stats(sh: Optional[Shard], rows: Tensor, cols: Optional[Tensor], a: Tensor,
         return sh.stats(rows, cols, a, b, targets, row_labels, col_labels, extra, **flags)
     if extra is not None:
         cols = torch.cat([cols, extra], dim=0)
-    lse, pos, npos, mean, _, _, lse2 = contrastive_stats(rows, cols, a, b, targets, row_labels,
-                                                        col_labels, **flags)
-    return lse, pos, npos, mean, lse2
+    return contrastive_stats(rows, cols, a, b, targets, row_labels, col_labels, **flags)
 
 
 def _wants_grad(*tensors: Optional[Tensor]) -> bool:
@@ -278,45 +276,28 @@ def info_nce(
     e = float(label_smoothing)
     a, b = _pair_scale(scale, query), _pair_scale(bias, query)
 
-    def one_direction(rows, cols, extra, col_stats=False):
-        if sh is not None:  # the key->query direction is a second pass with rows and cols swapped
-            lse, pos, npos, mean, _ = sh.stats(rows, cols, a, b, targets, extra=extra, backend=be)
-            col_lse = col_mean = None
-        else:
-            if extra is not None:
-                cols = torch.cat([cols, extra], dim=0)
-            lse, pos, npos, mean, col_lse, col_mean, _ = contrastive_stats(
-                rows, cols, a, b, targets, col_stats=col_stats, backend=be)
-        has_pos = npos > 0
-        row = lse - (1.0 - e) * pos
-        if e:
-            row = row - e * mean
-        return torch.where(has_pos, row, torch.zeros_like(row)), has_pos, pos, col_lse, col_mean
-
     w = float(symmetric_weight)
     if not symmetric and _fusable(be, sh, reduction, query, key, negatives, a, b):
         cols = key if negatives is None else torch.cat([key, negatives], dim=0)
         return _fused(query, cols, a, b, targets, g_pos=-(1.0 - e), g_mean=-e if e else None,
                       reduction=reduction, backend=be)[0]
-    if sh is not None:
-        row, has_pos, *_ = one_direction(query, key, negatives)
-        if not symmetric:
-            return _reduce(row, has_pos, reduction, sh)
-        col, *_ = one_direction(key, query, None)
-        if reduction == "none":
-            return w * row + (1.0 - w) * col
-        return w * _reduce(row, None, reduction, sh) + (1.0 - w) * _reduce(col, None, reduction, sh)
-    row, has_pos, pos, col_lse, col_mean = one_direction(query, key, negatives, symmetric)
+    # one pass for both directions: the key->query direction from the column statistics (with
+    # a shard, the keys' statistics against every rank's queries)
+    lse, pos, npos, mean, col_lse, col_mean, _ = _stats(
+        sh, query, key, a, b, targets, extra=negatives, col_stats=symmetric, backend=be)
+    has_pos = npos > 0
+    row = lse - (1.0 - e) * pos
+    if e:
+        row = row - e * mean
+    row = torch.where(has_pos, row, torch.zeros_like(row))
     if not symmetric:
-        return _reduce(row, has_pos, reduction)
+        return _reduce(row, has_pos, reduction, sh)
     col = col_lse[:m] - (1.0 - e) * pos
     if e:
         col = col - e * col_mean[:m]
     if reduction == "none":
         return w * row + (1.0 - w) * col
-    if reduction == "sum":
-        return w * row.sum() + (1.0 - w) * col.sum()
-    return w * row.mean() + (1.0 - w) * col.mean()
+    return w * _reduce(row, None, reduction, sh) + (1.0 - w) * _reduce(col, None, reduction, sh)
 
 
 def clip_loss(
@@ -587,15 +568,10 @@ def multiview_loss(
                  if cmc_mode == "full" or l == 0]
         diag = torch.arange(n, device=views.device)
         per = 0
-        for l, m in pairs:
-            if sh is None:
-                lse, pos, _np, _m, col_lse, *_ = contrastive_stats(
-                    views[l], views[m], a, zero, diag, col_stats=True, backend=be)
-                per = per + (lse - pos) + (col_lse - pos)
-                continue
-            for x, y in ((views[l], views[m]), (views[m], views[l])):
-                lse, pos, *_ = _stats(sh, x, y, a, zero, diag, backend=be)
-                per = per + (lse - pos)
+        for l, m in pairs:  # both directions of a pair from one pass (its column statistics)
+            lse, pos, _np, _m, col_lse, *_ = _stats(sh, views[l], views[m], a, zero, diag,
+                                                    col_stats=True, backend=be)
+            per = per + (lse - pos) + (col_lse[:n] - pos)
     return _reduce(per, None, reduction, sh)
 
 

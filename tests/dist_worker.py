@@ -16,6 +16,11 @@ from benchmarks.bench_distributed import LiveBytes  # noqa: E402
 
 N_PER_RANK, D, V = 3, 5, 3
 STRATEGIES = ("all_gather", "ring")
+# cases whose every kernel call serves the whole loss (both log-sum-exps of the hard-negative
+# loss, both directions of a symmetric loss): one per key block, forward and backward
+# (name -> passes: cmc takes one per pair of views)
+ONE_PASS = {"hcl_two_view": 1, "hcl_paired": 1, "clip": 1, "clip_smooth_sum": 1, "clip_negatives": 1,
+            "cmc": V * (V - 1) // 2}
 # the memory case: per-rank batch and width large enough that O(n) statistics are negligible
 MEM_N, MEM_D = 64, 256
 
@@ -47,6 +52,10 @@ def cases():
         "info_nce_negatives": (lambda I, s, g: fastcl.info_nce(
             sl(I["x"], s), sl(I["y"], s), negatives=I["neg"], temperature=0.5,
             label_smoothing=0.1, gather=g), ("x", "y", "neg")),
+        # both directions from one pass, with local extra columns that only the rows see
+        "clip_negatives": (lambda I, s, g: fastcl.info_nce(
+            sl(I["x"], s), sl(I["y"], s), negatives=I["neg"], temperature=0.5, symmetric=True,
+            symmetric_weight=0.75, label_smoothing=0.1, gather=g), ("x", "y", "neg")),
         "clip": (lambda I, s, g: fastcl.clip_loss(sl(I["x"], s), sl(I["y"], s), I["scale"],
                                                    symmetric_weight=0.75, gather=g),
                  ("x", "y", "scale")),
@@ -205,7 +214,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[gather]["ddp"] = ddp_train(world, rank, gather)
             results[gather]["peak_bytes"] = peak_bytes(rank, gather)
             results[gather]["unequal"] = unequal_shards(rank, gather)
-            results[gather]["hcl_calls"] = kernel_calls("hcl_two_view", gather)
+            results[gather]["calls"] = {name: kernel_calls(name, gather) for name in ONE_PASS}
         if world == 1:
             results["compile"] = compile_ring()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

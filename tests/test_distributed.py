@@ -103,14 +103,17 @@ def test_ring_holds_at_most_two_foreign_key_blocks():
 
 
 @pytest.mark.parametrize("gather", W.STRATEGIES)
-def test_hard_negative_loss_takes_one_pass_per_key_block(ranks, gather):
-    """Both log-sum-exps of the hard-negative loss (the second through the op's ``lse2``) come
-    from one kernel call per key block, forward and backward: ``world`` blocks on a ring, one
-    gathered block with all_gather."""
+@pytest.mark.parametrize("name", W.ONE_PASS)
+def test_one_kernel_call_per_key_block(ranks, gather, name):
+    """Both log-sum-exps of the hard-negative loss (the second through the op's ``lse2``) and
+    both directions of a symmetric loss (the second from the column statistics, merged across
+    ranks) come from one kernel call per key block (per pair of views for cmc), forward and
+    backward: ``world`` blocks on a ring, one gathered block with all_gather."""
     world, results = ranks
-    want = (world, world) if gather == "ring" else (1, 1)
+    blocks = world if gather == "ring" else 1
+    want = (W.ONE_PASS[name] * blocks,) * 2
     for rank, res in enumerate(results):
-        assert res[gather]["hcl_calls"] == want, (rank, res[gather]["hcl_calls"])
+        assert res[gather]["calls"][name] == want, (rank, res[gather]["calls"][name])
 
 
 def test_ring_under_torch_compile_runs_eagerly_or_is_refused_with_fullgraph():

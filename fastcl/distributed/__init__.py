@@ -7,7 +7,9 @@ same values and gradients:
 
 - ``"all_gather"`` gathers the keys of every rank (with gradient) into one ``[world * n, D]``
   tensor, this rank's block first, so the kernels see the layout of one process. Memory per rank:
-  O(world * n * D) for the gathered keys and their gradient.
+  O(world * n * D) for the gathered keys and their gradient. The other direction of a symmetric
+  loss (CLIP) comes from the same pass: the column statistics of the gathered keys against this
+  rank's rows are merged across ranks by ``all_reduce`` (``[world * n]`` vectors).
 - ``"ring"`` never gathers: the key blocks travel around the ring of ranks with
   ``torch.distributed.batch_isend_irecv``; while block ``t`` is contrasted with the local rows,
   block ``t + 1`` is already in transfer. Each block gives per-row statistics (log-sum-exp,
@@ -18,8 +20,10 @@ same values and gradients:
   each rank adds its contribution, and the accumulator returns to the block's owner. No rank
   holds more than two key blocks (the one in hand and the one arriving) and their gradient
   accumulators at a time: memory per rank O(n * D), independent of the world size. A symmetric
-  loss (CLIP) runs one ring per direction; the sigmoid loss (SigLIP) adds up per-block row sums
-  (positives on the diagonal of the own block only). The ring is not traced by
+  loss (CLIP) takes both directions from the same ring: the column statistics of a key block
+  follow it like its gradient accumulator, merged by every rank, and in the backward the
+  block's column gradients and global column log-sum-exp travel with it. The sigmoid loss
+  (SigLIP) adds up per-block row sums (positives on the diagonal of the own block only). The ring is not traced by
   ``torch.compile``: the compiled function breaks the graph there and runs the loss eagerly,
   and ``fullgraph=True`` refuses it (use ``"all_gather"``, which compiles).
 
@@ -93,22 +97,31 @@ class Shard:
         exclude_diag: bool = False,
         decoupled: bool = False,
         pos_lse: bool = False,
+        col_stats: bool = False,
         lse2_mult: float = 0.0,
         backend: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Row statistics ``(lse, pos, npos, mean, lse2)`` of this rank's ``rows`` against every
-        rank's ``cols`` (differentiable), as :func:`fastcl.ops.contrastive.contrastive_stats`
-        defines them on the global columns ``[own cols; extra; other ranks' cols]`` (``lse2``
-        empty unless ``lse2_mult > 0``).
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Statistics ``(lse, pos, npos, mean, col_lse, col_mean, lse2)`` of this rank's
+        ``rows`` against every rank's ``cols`` (differentiable), as
+        :func:`fastcl.ops.contrastive.contrastive_stats` defines them on the global columns
+        ``[own cols; extra; other ranks' cols]`` (``lse2`` empty unless ``lse2_mult > 0``).
 
         ``targets`` and ``exclude_diag`` refer to this rank's own block (and ``extra``, this
         rank's additional negative columns, which no other rank sees); ``col_labels`` are the
         labels of this rank's ``cols``, and travel with them.
+
+        ``col_stats``: ``col_lse`` and ``col_mean`` of this rank's ``cols`` (``[n]``) against
+        the rows of every rank (the other direction of a symmetric loss, from the same pass);
+        only without masks (``exclude_diag``, labels) and ``pos_lse``. Else they are empty.
         """
         if extra is not None and col_labels is not None:
             raise ValueError("extra columns cannot be combined with column labels")
+        if col_stats and (exclude_diag or decoupled or pos_lse or row_labels is not None
+                          or col_labels is not None):
+            raise ValueError("col_stats across ranks needs unmasked logits (no exclude_diag, "
+                             "decoupled, pos_lse or labels)")
         flags = dict(exclude_diag=exclude_diag, decoupled=decoupled, pos_lse=pos_lse,
-                     lse2_mult=lse2_mult, backend=backend)
+                     col_stats=col_stats, lse2_mult=lse2_mult, backend=backend)
         if self.strategy == "ring":
             return ring_stats(rows, cols, a, b, targets, row_labels, col_labels, extra,
                               group=self.group, world=self.world, rank=self.rank, **flags)
@@ -116,9 +129,16 @@ class Shard:
         if extra is not None:
             keys = torch.cat([keys, extra], dim=0)
         labels = None if col_labels is None else self.columns_nograd(col_labels)
-        lse, pos, npos, mean, _, _, lse2 = contrastive_stats(rows, keys, a, b, targets,
-                                                            row_labels, labels, **flags)
-        return lse, pos, npos, mean, lse2
+        lse, pos, npos, mean, col_lse, col_mean, lse2 = contrastive_stats(
+            rows, keys, a, b, targets, row_labels, labels, **flags)
+        if col_stats:  # partial over this rank's rows -> over every rank's, own block kept
+            n = cols.shape[0]
+            own = slice(self.rank * n, (self.rank + 1) * n)
+            order = torch.argsort(self.block_ids(n, cols.device))  # gathered -> global order
+            col_lse = _LseAllReduce.apply(col_lse[:self.world * n][order], self.group)[own]
+            col_mean = _SumAllReduce.apply(col_mean[:self.world * n][order],
+                                           self.group)[own] / self.world
+        return lse, pos, npos, mean, col_lse, col_mean, lse2
 
     def siglip_rows(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, backend: str) -> Tensor:
         """Per-row sums ``[n]`` of the sigmoid pair losses of this rank's ``x`` against every
@@ -184,6 +204,48 @@ class _AllGather(torch.autograd.Function):
                              for g in grads]).contiguous()
         dist.all_reduce(total, group=ctx.group)
         return total[ctx.rank], None, None, None
+
+
+class _SumAllReduce(torch.autograd.Function):
+    """The sum over ranks of ``x``; the backward sums every rank's gradient (all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _LseAllReduce(torch.autograd.Function):
+    """``log sum_ranks exp(x)`` elementwise (log-sum-exps of disjoint sets merged); the backward
+    gives each rank the summed gradient times its share ``exp(x - y)``."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        m = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        total = torch.exp(x.detach() - m)
+        dist.all_reduce(total, group=group)
+        y = m + torch.log(total)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        g = g.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g, group=ctx.group)
+        share = torch.where(x > float("-inf"), torch.exp(x - y), torch.zeros_like(x))
+        return g * share, None
 
 
 def check_gather(gather: Optional[str]) -> Optional[str]:

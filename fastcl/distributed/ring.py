@@ -75,13 +75,19 @@ def _ring_pass(ring: _Neighbours, world: int, hand: list[Tensor], visit) -> None
         hand = incoming
 
 
-def _ring_gradient(ring: _Neighbours, world: int, hand: list[Tensor], visit) -> Tensor:
-    """Like :func:`_ring_pass`, where ``visit(step, hand)`` returns this rank's gradient of the
-    block in hand (fp32/fp64); returns the sum over ranks of the gradients of this rank's block.
+def _add(acc: Tensor, part: Tensor) -> Tensor:
+    return acc.add_(part)
+
+
+def _ring_gradient(ring: _Neighbours, world: int, hand: list[Tensor], visit,
+                   merge=_add) -> Tensor:
+    """Like :func:`_ring_pass`, where ``visit(step, hand)`` returns this rank's part of a
+    quantity of the block in hand (its gradient, fp32/fp64); returns this rank's block's parts
+    of every rank merged (by default summed; ``merge(acc, part)`` returns the merged tensor).
 
     The accumulator of a block follows it one step behind: at step ``t`` the finished
     accumulator of the previous block is sent while the one of the block in hand arrives, and
-    this rank's contribution is added to it; after the last step it goes to the block's owner.
+    this rank's part is merged into it; after the last step it goes to the block's owner.
     """
     sent: list[Tensor] = []
     for step in range(world):
@@ -91,7 +97,7 @@ def _ring_gradient(ring: _Neighbours, world: int, hand: list[Tensor], visit) -> 
         _wait(works)
         del works
         hand = incoming[:len(incoming) - len(sent)]
-        sent = [grad if step == 0 else incoming[-1].add_(grad)]
+        sent = [grad if step == 0 else merge(incoming[-1], grad)]
         del incoming, grad
     if world == 1:
         return sent[0]
@@ -105,17 +111,19 @@ class _Spec:
     """The non-tensor settings of one ring call."""
 
     def __init__(self, group, world, rank, exclude_diag, decoupled, pos_lse, backend,
-                 lse2_mult=0.0):
+                 lse2_mult=0.0, col_stats=False, labelled=False):
         self.ring = _Neighbours(group, world, rank)
         self.world = world
         self.exclude_diag, self.decoupled, self.pos_lse = exclude_diag, decoupled, pos_lse
         self.backend = backend
         self.lse2_mult = float(lse2_mult)
+        self.col_stats, self.labelled = col_stats, labelled
 
     def block(self, step, hand, extra, targets):
         """``(keys, targets, col_labels, exclude_diag)`` of the kernel call of ``step`` on the
-        travelling tensors ``hand`` (``[keys]`` or ``[keys, labels]``)."""
-        keys, labels = hand[0], (hand[1] if len(hand) > 1 else None)
+        travelling tensors ``hand`` (``[keys]``, then the labels if ``labelled``, then what
+        the backward adds)."""
+        keys, labels = hand[0], (hand[1] if self.labelled else None)
         if step == 0:
             if extra is not None:
                 keys = torch.cat([keys, extra], dim=0)
@@ -132,6 +140,24 @@ class _Spec:
         return count
 
 
+def _merge_col_stats(acc: Tensor, part: Tensor) -> Tensor:
+    """Merge ``[col_lse; col_mean sum]`` parts of disjoint row sets: log-sum-exp and sum."""
+    return torch.stack([torch.logaddexp(acc[0], part[0]), acc[1] + part[1]])
+
+
+def _pad_columns(packed: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g_col_lse, g_col_mean, col_lse)`` of a block's ``n`` columns from their packed
+    ``[3, n]`` form, extended to ``C >= n`` columns (the own block's extra columns, which no
+    column term reaches: zero gradients, col_lse +inf)."""
+    g_cl, g_cm, col_lse = packed.unbind(0)
+    pad = C - packed.shape[1]
+    if pad:
+        zeros = packed.new_zeros(pad)
+        g_cl, g_cm = torch.cat([g_cl, zeros]), torch.cat([g_cm, zeros])
+        col_lse = torch.cat([col_lse, packed.new_full((pad,), float("inf"))])
+    return g_cl, g_cm, col_lse
+
+
 class _RingStats(torch.autograd.Function):
 
     @staticmethod
@@ -140,15 +166,16 @@ class _RingStats(torch.autograd.Function):
         dt = torch.float64 if rows.dtype == torch.float64 else torch.float32
         ninf = torch.full((R,), float("-inf"), dtype=dt, device=rows.device)
         zero = torch.zeros(R, dtype=dt, device=rows.device)
+        n = cols.shape[0]
         with_lse2 = spec.lse2_mult > 0
         acc = dict(lse=ninf, pos=ninf if spec.pos_lse else zero, npos=zero, mean=zero, den=zero,
                    lse2=ninf if with_lse2 else rows.new_empty(0, dtype=dt))
 
         def visit(step, hand):
             keys, tgt, labels, diag = spec.block(step, hand, extra, targets)
-            lse_b, pos_b, npos_b, mean_b, _, _, lse2_b = contrastive_fwd(
+            lse_b, pos_b, npos_b, mean_b, col_lse_b, col_mean_b, lse2_b = contrastive_fwd(
                 rows, keys, a, b, tgt, row_labels, labels, diag, spec.decoupled, spec.pos_lse,
-                False, spec.lse2_mult, spec.backend)
+                spec.col_stats, spec.lse2_mult, spec.backend)
             den_b = spec.counts(R, keys.shape[0], step == 0, npos_b, rows.device, dt)
             acc["lse"] = torch.logaddexp(acc["lse"], lse_b)
             if with_lse2:
@@ -160,8 +187,18 @@ class _RingStats(torch.autograd.Function):
             acc["npos"] = acc["npos"] + npos_b
             acc["mean"] = acc["mean"] + mean_b * den_b
             acc["den"] = acc["den"] + den_b
+            if spec.col_stats:  # the block's columns against this rank's rows, to travel on
+                return torch.stack([col_lse_b[:n], col_mean_b[:n]]).to(dt)
+            return None
 
-        _ring_pass(spec.ring, spec.world, _travelling(cols, col_labels), visit)
+        travelling = _travelling(cols, col_labels)
+        if spec.col_stats:  # the keys' statistics follow them round the ring, merged per rank
+            col_lse, col_mean = _ring_gradient(spec.ring, spec.world, travelling, visit,
+                                               merge=_merge_col_stats).unbind(0)
+            col_mean = col_mean / spec.world  # every rank has as many rows
+        else:
+            _ring_pass(spec.ring, spec.world, travelling, visit)
+            col_lse = col_mean = rows.new_empty(0, dtype=dt)
         lse, pos_acc, npos, mean_acc, den, lse2 = (
             acc[k] for k in ("lse", "pos", "npos", "mean", "den", "lse2"))
         has_pos = npos > 0
@@ -171,18 +208,19 @@ class _RingStats(torch.autograd.Function):
         mean = torch.where(den > 0, mean_acc / den.clamp_min(1), torch.zeros_like(mean_acc))
         ctx.spec = spec
         ctx.save_for_backward(rows, cols, extra, a, b, targets, row_labels, col_labels,
-                              lse, pos, npos, den, lse2)
+                              lse, pos, npos, den, lse2, col_lse)
         ctx.mark_non_differentiable(npos)
         ctx.set_materialize_grads(False)
-        return lse, pos, npos, mean, lse2
+        return lse, pos, npos, mean, col_lse, col_mean, lse2
 
     @staticmethod
-    def backward(ctx, g_lse, g_pos, _g_npos, g_mean, g_lse2):
+    def backward(ctx, g_lse, g_pos, _g_npos, g_mean, g_col_lse, g_col_mean, g_lse2):
         spec = ctx.spec
         (rows, cols, extra, a, b, targets, row_labels, col_labels,
-         lse, pos, npos, den, lse2) = ctx.saved_tensors
+         lse, pos, npos, den, lse2, col_lse) = ctx.saved_tensors
         if not spec.lse2_mult > 0:
             g_lse2 = None
+        with_cols = spec.col_stats and (g_col_lse is not None or g_col_mean is not None)
         R, n = rows.shape[0], cols.shape[0]
         dt = lse.dtype
         labelled = row_labels is not None
@@ -192,6 +230,10 @@ class _RingStats(torch.autograd.Function):
 
         def visit(step, hand):
             keys, tgt, labels, diag = spec.block(step, hand, extra, targets)
+            g_cl = g_cm = None
+            block_col_lse = no_col
+            if with_cols:  # the block's column gradients and global col_lse travel with it
+                g_cl, g_cm, block_col_lse = _pad_columns(hand[-1], keys.shape[0])
             with_pos = labelled or tgt is not None
             gm = None
             if g_mean is not None:  # the kernels divide by their own count of the block
@@ -200,9 +242,9 @@ class _RingStats(torch.autograd.Function):
                 gm = torch.where(den > 0, g_mean * count.clamp_min(1) / den.clamp_min(1),
                                  torch.zeros_like(g_mean))
             dq_b, dk_b, ds_b, db_b = contrastive_bwd(
-                g_lse, g_pos if with_pos else None, gm, None, None, rows, keys, a, b, tgt,
-                row_labels, labels, lse, pos, npos, no_col, diag, spec.decoupled, spec.pos_lse,
-                False, g_lse2, lse2, spec.lse2_mult, spec.backend)
+                g_lse, g_pos if with_pos else None, gm, g_cl, g_cm, rows, keys, a, b, tgt,
+                row_labels, labels, lse, pos, npos, block_col_lse, diag, spec.decoupled,
+                spec.pos_lse, with_cols, g_lse2, lse2, spec.lse2_mult, spec.backend)
             local["dq"] += dq_b
             local["dscale"] = local["dscale"] + ds_b
             local["dbias"] = local["dbias"] + db_b
@@ -211,7 +253,14 @@ class _RingStats(torch.autograd.Function):
                 dk_b = dk_b[:n]
             return dk_b.to(dt)
 
-        acc = _ring_gradient(spec.ring, spec.world, _travelling(cols, col_labels), visit)
+        travelling = _travelling(cols, col_labels)
+        if with_cols:
+            zeros = torch.zeros_like(col_lse)
+            travelling.append(torch.stack([
+                zeros if g_col_lse is None else g_col_lse.to(dt),
+                zeros if g_col_mean is None else g_col_mean.to(dt) / spec.world,
+                col_lse]).contiguous())
+        acc = _ring_gradient(spec.ring, spec.world, travelling, visit)
         dscale, dbias, d_extra = local["dscale"], local["dbias"], local["d_extra"]
         return (None, dq.to(rows.dtype), acc.to(cols.dtype),
                 None if d_extra is None else d_extra,
@@ -274,12 +323,15 @@ def ring_siglip_rows(x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, group, world
 def ring_stats(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor, targets: Optional[Tensor],
                row_labels: Optional[Tensor], col_labels: Optional[Tensor],
                extra: Optional[Tensor], *, group, world: int, rank: int, exclude_diag: bool,
-               decoupled: bool, pos_lse: bool, lse2_mult: float = 0.0, backend: str):
-    """``(lse, pos, npos, mean, lse2)`` of ``rows`` against the keys of every rank, over a ring
-    (``lse2`` empty unless ``lse2_mult > 0``).
+               decoupled: bool, pos_lse: bool, col_stats: bool = False, lse2_mult: float = 0.0,
+               backend: str):
+    """``(lse, pos, npos, mean, col_lse, col_mean, lse2)`` of ``rows`` against the keys of
+    every rank, over a ring (``col_lse``, ``col_mean``: of this rank's keys against every rank's
+    rows, when ``col_stats``; ``lse2`` when ``lse2_mult > 0``; else empty).
 
     See :meth:`fastcl.distributed.Shard.stats` for the arguments.
     """
     _refuse_compile()
-    spec = _Spec(group, world, rank, exclude_diag, decoupled, pos_lse, backend, lse2_mult)
+    spec = _Spec(group, world, rank, exclude_diag, decoupled, pos_lse, backend, lse2_mult,
+                 col_stats, col_labels is not None)
     return _RingStats.apply(spec, rows, cols, extra, a, b, targets, row_labels, col_labels)
