@@ -204,6 +204,26 @@ def compile_ring():
     return f(x, y), compiled, error
 
 
+def compile_all_gather(world):
+    """torch.compile(fullgraph=True) around the all_gather CLIP loss on this rank's shard:
+    ``(eager loss, compiled loss, eager gradients, compiled gradients)``."""
+    inputs = global_inputs(world)
+    rank = dist.get_rank()
+    shard = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    x = inputs["x"][shard].clone().requires_grad_(True)
+    y = inputs["y"][shard].clone().requires_grad_(True)
+
+    def f(a, b):
+        return fastcl.clip_loss(a, b, 3.0, label_smoothing=0.1, gather="all_gather")
+
+    eager = f(x, y)
+    eager_grads = torch.autograd.grad(eager, [x, y])
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)(x, y)
+    compiled_grads = torch.autograd.grad(compiled, [x, y])
+    return eager.detach(), compiled.detach(), eager_grads, compiled_grads
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -217,6 +237,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[gather]["calls"] = {name: kernel_calls(name, gather) for name in ONE_PASS}
         if world == 1:
             results["compile"] = compile_ring()
+        if world <= 2:
+            results["compile_all_gather"] = compile_all_gather(world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -116,6 +116,17 @@ def test_one_kernel_call_per_key_block(ranks, gather, name):
         assert res[gather]["calls"][name] == want, (rank, res[gather]["calls"][name])
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_all_gather_compiles_with_fullgraph(world):
+    """gather="all_gather" (the gathered keys and the column statistics merged by all_reduce)
+    traces whole under torch.compile(fullgraph=True) and gives the eager loss and gradients."""
+    for res in _spawn(world):
+        eager, compiled, eager_grads, compiled_grads = res["compile_all_gather"]
+        torch.testing.assert_close(compiled, eager, **TOL)
+        for got, want in zip(compiled_grads, eager_grads):
+            torch.testing.assert_close(got, want, **TOL)
+
+
 def test_ring_under_torch_compile_runs_eagerly_or_is_refused_with_fullgraph():
     eager, compiled, error = _spawn(1)[0]["compile"]
     torch.testing.assert_close(compiled, eager, **TOL)
