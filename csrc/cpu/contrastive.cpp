@@ -182,43 +182,42 @@ inline RowGeom row_geom(const A& P, int64_t gr) {
 }
 
 // Running (max, sum of 2^(x - max)) merged with a partial (pm, ps), ps relative to pm; log2 units.
-template <class T>
-inline void lse_merge_scalar(T& m, T& s, T pm, T ps) {
-  if (!(pm > -std::numeric_limits<T>::infinity())) return;
-  if (pm > m) {
-    s = s * std::exp2(m - pm) + ps;
-    m = pm;
-  } else {
-    s += ps * std::exp2(pm - m);
-  }
-}
-
-// The same with a second sum s2 of 2^(mu (x - m)) (relative to the same max m), ps2 relative to
-// pm: its rescaling factors are those of s raised to mu.
-template <class T>
-inline void lse2_merge_scalar(T& m, T& s, T& s2, T pm, T ps, T ps2, T mu) {
+// kL2: a second sum s2 of 2^(mu (x - m)) too (relative to the same max m), ps2 relative to pm:
+// its rescaling factors are those of s raised to mu.
+template <bool kL2, class T>
+inline void lse_merge_scalar(T& m, T& s, T& s2, T pm, T ps, T ps2, T mu) {
   const T ninf = -std::numeric_limits<T>::infinity();
   if (!(pm > ninf)) return;
-  if (!(m > ninf)) {  // nothing yet (and no mu * -inf)
-    m = pm;
-    s = ps;
-    s2 = ps2;
-  } else if (pm > m) {
+  if constexpr (kL2) {
+    if (!(m > ninf)) {  // nothing yet (and no mu * -inf)
+      m = pm;
+      s = ps;
+      s2 = ps2;
+      return;
+    }
+  }
+  if (pm > m) {
     const T d = m - pm;
     s = s * std::exp2(d) + ps;
-    s2 = s2 * std::exp2(mu * d) + ps2;
+    if constexpr (kL2) s2 = s2 * std::exp2(mu * d) + ps2;
     m = pm;
   } else {
     const T d = pm - m;
     s += ps * std::exp2(d);
-    s2 += ps2 * std::exp2(mu * d);
+    if constexpr (kL2) s2 += ps2 * std::exp2(mu * d);
   }
+}
+
+// lse_merge_scalar without s2.
+template <class T>
+inline void lse_merge_scalar(T& m, T& s, T pm, T ps) {
+  lse_merge_scalar<false, T>(m, s, s, pm, ps, T(0), T(0));
 }
 
 template <class T>
 void RowState<T>::merge(const RowState& o, bool e2, T mu) {
   if (e2)
-    lse2_merge_scalar<T>(m, se, se2, o.m, o.se, o.se2, mu);
+    lse_merge_scalar<true, T>(m, se, se2, o.m, o.se, o.se2, mu);
   else
     lse_merge_scalar<T>(m, se, o.m, o.se);
   lse_merge_scalar<T>(pm, pse, o.pm, o.pse);

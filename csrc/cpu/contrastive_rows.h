@@ -251,14 +251,16 @@ FASTCL_TGT void fwd_pass_b(const FwdArgs<T>& P, RowRun<T>& RR, int64_t i0, int n
     const int64_t sp2 = P.decoupled ? vec_of<T>(g.tcol) : -1;
     for_vectors<T, LABELS>(op, K, c0, c1, P.cend, vec_of<T>(g.dcol), sp2);
     RowState<T>& st = RR.st[j];
-    if (E2 && row_live) {
-      // both sums relative to the row's tile max (MODE 1: the row sum rescaled from M, by at
-      // most 2^span), so that the running max stays the row's own and se2 cannot underflow
-      T se = static_cast<T>(hsum(op.se));
-      if (MODE == 1) se *= static_cast<T>(std::exp2(mr - m2));
-      lse2_merge_scalar<T>(st.m, st.se, st.se2, m2, se, static_cast<T>(hsum(op.se2)), P.mu);
-    } else if (row_live) {
-      lse_merge_scalar<T>(st.m, st.se, mr, static_cast<T>(hsum(op.se)));
+    if (row_live) {
+      T se = static_cast<T>(hsum(op.se)), shift = mr, se2 = T(0);
+      if constexpr (E2) {
+        // both sums relative to the row's tile max (MODE 1: the row sum rescaled from M, by at
+        // most 2^span), so that the running max stays the row's own and se2 cannot underflow
+        if (MODE == 1) se *= static_cast<T>(std::exp2(mr - m2));
+        shift = m2;
+        se2 = static_cast<T>(hsum(op.se2));
+      }
+      lse_merge_scalar<E2, T>(st.m, st.se, st.se2, shift, se, se2, P.mu);
     }
     if (pos_live) lse_merge_scalar<T>(st.pm, st.pse, mp, static_cast<T>(hsum(op.spe)));
   }

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernel_common.cuh"
 
@@ -48,13 +49,22 @@ __device__ __forceinline__ double lg2(double x) { return log2(x); }
 
 
 
-// (m, e) <- (m, e) merged with (m2, e2); e relative to m, e2 to m2; log2 units.
-template <class T>
-__device__ __forceinline__ void lse_merge(T& m, T& e, T m2, T e2) {
+// (m, e) <- (m, e) merged with (m2, e2); e relative to m, e2 to m2; log2 units. kL2: q too (sum
+// of 2^(mu (x - m)), the same set at mu > 0 times the logits), q2 relative to m2, with the same
+// shifts times mu (an empty side, m = -inf, gets the factor 2^-inf = 0).
+template <bool kL2, class T>
+__device__ __forceinline__ void lse_merge(T& m, T& e, T& q, T m2, T e2, T q2, T mu) {
   const T big = m > m2 ? m : m2;
   if (!(big > neg_inf<T>())) return;  // both empty
   e = e * ex2(m - big) + e2 * ex2(m2 - big);
+  if constexpr (kL2) q = q * ex2(mu * (m - big)) + q2 * ex2(mu * (m2 - big));
   m = big;
+}
+
+// lse_merge without q.
+template <class T>
+__device__ __forceinline__ void lse_merge(T& m, T& e, T m2, T e2) {
+  lse_merge<false>(m, e, e, m2, e2, T(0), T(0));
 }
 
 // The lse2 statistic in a forward kernel: `on` (lse2_mult > 0), mu = lse2_mult.
@@ -67,19 +77,6 @@ struct Lse2 {
 template <class T>
 __device__ __forceinline__ Lse2<T> lse2_of(bool on, double mult) {
   return Lse2<T>{on, static_cast<T>(mult)};
-}
-
-// (m, e, q) <- merged with (m2, e2, q2): (m, e) as lse_merge, and q (sum of 2^(mu (x - m)), the
-// same set at mu times the logits) with the same shifts times mu, when l2.on.
-template <class T>
-__device__ __forceinline__ void lse_merge2(T& m, T& e, T& q, T m2, T e2, T q2,
-                                           const Lse2<T>& l2) {
-  if (!l2.on) return lse_merge(m, e, m2, e2);
-  const T big = m > m2 ? m : m2;
-  if (!(big > neg_inf<T>())) return;  // both empty
-  e = e * ex2(m - big) + e2 * ex2(m2 - big);
-  q = q * ex2(l2.mu * (m - big)) + q2 * ex2(l2.mu * (m2 - big));
-  m = big;
 }
 
 // lse2 in natural units from the maximum m of the set (log2 units) and its sum q; -inf for an
@@ -161,6 +158,15 @@ struct RowPart : RowPartLse2<T, kL2> {
       return T(0);
     }
   }
+  // The q argument of online_add, online_add1 and lse_merge: e2 with kL2; without kL2 they leave
+  // q alone, and it is e.
+  __device__ T& lse2_arg() {
+    if constexpr (kL2) {
+      return this->e2;
+    } else {
+      return e;
+    }
+  }
   __device__ static RowPart identity() {
     RowPart p;
     if constexpr (kL2) p.e2 = T(0);
@@ -174,11 +180,7 @@ struct RowPart : RowPartLse2<T, kL2> {
     return p;
   }
   __device__ void merge(const RowPart& o, const Lse2<T>& l2) {
-    if constexpr (kL2) {
-      lse_merge2(m, e, this->e2, o.m, o.e, o.e2, l2);
-    } else {
-      lse_merge(m, e, o.m, o.e);
-    }
+    lse_merge<kL2>(m, e, lse2_arg(), o.m, o.e, o.lse2_sum(), l2.mu);
     lse_merge(pm, pe, o.pm, o.pe);
     sl += o.sl;
     psl += o.psl;
@@ -258,14 +260,11 @@ __device__ void state_merge(const RowStates& S, int split, int64_t row,
   T* t = static_cast<T*>(S.t);
   const int64_t n = int64_t(S.nsplit) * S.ld, at = int64_t(split) * S.ld + row;
   T m = t[at], e = t[n + at], pm = t[2 * n + at], pe = t[3 * n + at];
-  if constexpr (kL2) {
-    T* q = static_cast<T*>(S.e2);
-    T e2 = q[at];
-    lse_merge2(m, e, e2, p.m, p.e, p.e2, l2);
-    q[at] = e2;
-  } else {
-    lse_merge(m, e, p.m, p.e);
-  }
+  T* q = static_cast<T*>(S.e2);  // read and written with kL2 only
+  T e2 = T(0);
+  if constexpr (kL2) e2 = q[at];
+  lse_merge<kL2>(m, e, e2, p.m, p.e, p.lse2_sum(), l2.mu);
+  if constexpr (kL2) q[at] = e2;
   lse_merge(pm, pe, p.pm, p.pe);
   t[at] = m;
   t[n + at] = e;
@@ -285,7 +284,11 @@ __device__ RowTotals<T> state_totals(const RowStates& S, int64_t row, const Lse2
   RowTotals<T> p{neg_inf<T>(), T(0), T(0), neg_inf<T>(), T(0), 0.0, 0.0, 0.0};
   for (int j = 0; j < S.nsplit; ++j) {
     const int64_t at = int64_t(j) * S.ld + row;
-    lse_merge2(p.m, p.e, p.e2, t[at], t[n + at], l2.on ? q[at] : T(0), l2);
+    if (l2.on) {
+      lse_merge<true>(p.m, p.e, p.e2, t[at], t[n + at], q[at], l2.mu);
+    } else {
+      lse_merge(p.m, p.e, t[at], t[n + at]);
+    }
     lse_merge(p.pm, p.pe, t[2 * n + at], t[3 * n + at]);
     p.sl += S.d[at];
     p.psl += S.d[n + at];
@@ -294,57 +297,48 @@ __device__ RowTotals<T> state_totals(const RowStates& S, int64_t row, const Lse2
   return p;
 }
 
-// Adds the N values x (log2 units, -inf for the masked ones) of maximum vmax to (m, e). A NaN
-// reaches e.
-template <class T, int N>
-__device__ __forceinline__ void online_add(T& m, T& e, const T (&x)[N], T vmax) {
+// Adds the N values x (log2 units, -inf for the masked ones) of maximum vmax to (m, e); kL2: to
+// the lse2 sum q too (sum of 2^(mu (x - m)), mu > 0), under the same maximum m. A NaN reaches e
+// (and q).
+template <bool kL2, class T, int N>
+__device__ __forceinline__ void online_add(T& m, T& e, T& q, const T (&x)[N], T vmax, T mu) {
   if (vmax == neg_inf<T>()) return;
   if (vmax > m) {
     e *= ex2(m - vmax);
-    m = vmax;
-  }
-#pragma unroll
-  for (int j = 0; j < N; ++j) e += ex2(x[j] - m);
-}
-
-// online_add with the lse2 sum q (sum of 2^(mu (x - m)), mu > 0) under the same maximum m.
-template <class T, int N>
-__device__ __forceinline__ void online_add2(T& m, T& e, T& q, const T (&x)[N], T vmax, T mu) {
-  if (vmax == neg_inf<T>()) return;
-  if (vmax > m) {
-    e *= ex2(m - vmax);
-    q *= ex2(mu * (m - vmax));
+    if constexpr (kL2) q *= ex2(mu * (m - vmax));
     m = vmax;
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     e += ex2(x[j] - m);
-    q += ex2(mu * (x[j] - m));
+    if constexpr (kL2) q += ex2(mu * (x[j] - m));
   }
 }
 
-// Adds one value x (log2 units) to (m, e). A NaN reaches e.
+// online_add without q.
+template <class T, int N>
+__device__ __forceinline__ void online_add(T& m, T& e, const T (&x)[N], T vmax) {
+  online_add<false>(m, e, e, x, vmax, T(0));
+}
+
+// Adds one value x (log2 units) to (m, e); kL2: to the lse2 sum q too (mu > 0), under the same
+// maximum m. A NaN reaches e (and q).
+template <bool kL2, class T>
+__device__ __forceinline__ void online_add1(T& m, T& e, T& q, T x, T mu) {
+  if (x > m) {
+    e = e * ex2(m - x) + T(1);
+    if constexpr (kL2) q = q * ex2(mu * (m - x)) + T(1);
+    m = x;
+  } else if (x != neg_inf<T>()) {
+    e += ex2(x - m);
+    if constexpr (kL2) q += ex2(mu * (x - m));
+  }
+}
+
+// online_add1 without q.
 template <class T>
 __device__ __forceinline__ void online_add1(T& m, T& e, T x) {
-  if (x > m) {
-    e = e * ex2(m - x) + T(1);
-    m = x;
-  } else if (x != neg_inf<T>()) {
-    e += ex2(x - m);
-  }
-}
-
-// online_add1 with the lse2 sum q (mu > 0) under the same maximum m.
-template <class T>
-__device__ __forceinline__ void online_add1_2(T& m, T& e, T& q, T x, T mu) {
-  if (x > m) {
-    e = e * ex2(m - x) + T(1);
-    q = q * ex2(mu * (m - x)) + T(1);
-    m = x;
-  } else if (x != neg_inf<T>()) {
-    e += ex2(x - m);
-    q += ex2(mu * (x - m));
-  }
+  online_add1<false>(m, e, e, x, T(0));
 }
 
 // kL2: lse2 on (P.lse2_mult > 0).
@@ -379,11 +373,7 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
         dmax = nmax(xd[j], dmax);
         p.sl += v.v[j];
       }
-      if constexpr (kL2) {
-        online_add2(p.m, p.e, p.e2, xd, dmax, l2.mu);
-      } else {
-        online_add(p.m, p.e, xd, dmax);
-      }
+      online_add<kL2>(p.m, p.e, p.lse2_arg(), xd, dmax, l2.mu);
       continue;
     }
 #pragma unroll
@@ -405,11 +395,7 @@ __global__ void fwd_rows_kernel(const FwdRowsArgs P) {
         pmax = nmax(xp[j], pmax);
       }
     }
-    if constexpr (kL2) {
-      online_add2(p.m, p.e, p.e2, xd, dmax, l2.mu);
-    } else {
-      online_add(p.m, p.e, xd, dmax);
-    }
+    online_add<kL2>(p.m, p.e, p.lse2_arg(), xd, dmax, l2.mu);
     if (pexp) online_add(p.pm, p.pe, xp, pmax);
   }
   p = block_reduce(p, l2);
@@ -473,11 +459,7 @@ __global__ void fwd_self_cols_kernel(const FwdRowsArgs P) {
         const T l = v.v[j];
         const T s2 = l * a2 + b2;
         if (!(M.decoupled && pos)) {
-          if constexpr (kL2) {
-            online_add1_2(p[j].m, p[j].e, p[j].e2, s2, l2.mu);
-          } else {
-            online_add1(p[j].m, p[j].e, s2);
-          }
+          online_add1<kL2>(p[j].m, p[j].e, p[j].lse2_arg(), s2, l2.mu);
           p[j].sl += l;
         }
         if (pos) {
@@ -881,6 +863,28 @@ __global__ void bwd_tile_kernel(const BwdTileArgs P) {
   }
 }
 
+// Calls launch(T()) with T the kernels' statistics type for `stat`: double for fp64, else float.
+template <class F>
+void for_stat(DType stat, F&& launch) {
+  if (stat == DType::kFloat64) {
+    launch(double());
+  } else {
+    launch(float());
+  }
+}
+
+// Calls launch(T(), std::bool_constant<l2>()): for_stat with lse2 on or off as a type.
+template <class F>
+void for_stat_lse2(DType stat, bool l2, F&& launch) {
+  for_stat(stat, [&](auto t) {
+    if (l2) {
+      launch(t, std::true_type());
+    } else {
+      launch(t, std::false_type());
+    }
+  });
+}
+
 }  // namespace
 
 int fwd_cols_block_columns(DType stat) { return stat == DType::kFloat64 ? 32 * 2 : 32 * 4; }
@@ -891,22 +895,11 @@ cudaError_t launch_fwd_rows(const FwdRowsArgs& args, DType stat, cudaStream_t st
                                                        : args.out.lse2 == nullptr))
     return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(args.rows));
-  const bool l2 = args.lse2_mult > 0;
-  if (stat == DType::kFloat64) {
-    const int threads = row_threads(args.cend, 2);
-    if (l2) {
-      fwd_rows_kernel<double, true><<<grid, threads, 0, stream>>>(args);
-    } else {
-      fwd_rows_kernel<double, false><<<grid, threads, 0, stream>>>(args);
-    }
-  } else {
-    const int threads = row_threads(args.cend, 4);
-    if (l2) {
-      fwd_rows_kernel<float, true><<<grid, threads, 0, stream>>>(args);
-    } else {
-      fwd_rows_kernel<float, false><<<grid, threads, 0, stream>>>(args);
-    }
-  }
+  for_stat_lse2(stat, args.lse2_mult > 0, [&](auto t, auto l2) {
+    using T = decltype(t);
+    const int threads = row_threads(args.cend, VecWidth<T>::value);
+    fwd_rows_kernel<T, decltype(l2)::value><<<grid, threads, 0, stream>>>(args);
+  });
   return cudaGetLastError();
 }
 
@@ -919,19 +912,9 @@ cudaError_t launch_fwd_self_cols(const FwdRowsArgs& args, DType stat, cudaStream
   const dim3 grid(static_cast<unsigned>((args.r0 + w - 1) / w),
                   static_cast<unsigned>(args.states.nsplit));
   const dim3 block(32, kColRowLanes);
-  if (stat == DType::kFloat64) {
-    if (l2) {
-      fwd_self_cols_kernel<double, true><<<grid, block, 0, stream>>>(args);
-    } else {
-      fwd_self_cols_kernel<double, false><<<grid, block, 0, stream>>>(args);
-    }
-  } else {
-    if (l2) {
-      fwd_self_cols_kernel<float, true><<<grid, block, 0, stream>>>(args);
-    } else {
-      fwd_self_cols_kernel<float, false><<<grid, block, 0, stream>>>(args);
-    }
-  }
+  for_stat_lse2(stat, l2, [&](auto t, auto kl2) {
+    fwd_self_cols_kernel<decltype(t), decltype(kl2)::value><<<grid, block, 0, stream>>>(args);
+  });
   return cudaGetLastError();
 }
 
@@ -940,11 +923,9 @@ cudaError_t launch_row_final(const RowFinalArgs& args, DType stat, cudaStream_t 
   if ((args.states.e2 != nullptr) != (args.out.lse2 != nullptr)) return cudaErrorInvalidValue;
   const int threads = 256;
   const dim3 grid(static_cast<unsigned>((args.mask.R + threads - 1) / threads));
-  if (stat == DType::kFloat64) {
-    row_final_kernel<double><<<grid, threads, 0, stream>>>(args);
-  } else {
-    row_final_kernel<float><<<grid, threads, 0, stream>>>(args);
-  }
+  for_stat(stat, [&](auto t) {
+    row_final_kernel<decltype(t)><<<grid, threads, 0, stream>>>(args);
+  });
   return cudaGetLastError();
 }
 
@@ -953,11 +934,9 @@ cudaError_t launch_fwd_cols(const FwdColsArgs& args, DType stat, cudaStream_t st
   const int64_t w = fwd_cols_block_columns(stat);
   const dim3 grid(static_cast<unsigned>((args.C + w - 1) / w), static_cast<unsigned>(args.nsplit));
   const dim3 block(32, kColRowLanes);
-  if (stat == DType::kFloat64) {
-    fwd_cols_kernel<double><<<grid, block, 0, stream>>>(args);
-  } else {
-    fwd_cols_kernel<float><<<grid, block, 0, stream>>>(args);
-  }
+  for_stat(stat, [&](auto t) {
+    fwd_cols_kernel<decltype(t)><<<grid, block, 0, stream>>>(args);
+  });
   return cudaGetLastError();
 }
 
@@ -965,20 +944,16 @@ cudaError_t launch_col_final(const ColFinalArgs& args, DType stat, cudaStream_t 
   if (args.C <= 0) return cudaSuccess;
   const int threads = 256;
   const dim3 grid(static_cast<unsigned>((args.C + threads - 1) / threads));
-  if (stat == DType::kFloat64) {
-    col_final_kernel<double><<<grid, threads, 0, stream>>>(args);
-  } else {
-    col_final_kernel<float><<<grid, threads, 0, stream>>>(args);
-  }
+  for_stat(stat, [&](auto t) {
+    col_final_kernel<decltype(t)><<<grid, threads, 0, stream>>>(args);
+  });
   return cudaGetLastError();
 }
 
 cudaError_t launch_bwd_prep(const BwdPrepArgs& args, DType stat, cudaStream_t stream) {
-  if (stat == DType::kFloat64) {
-    bwd_prep_kernel<double><<<1, kPrepThreads, 0, stream>>>(args);
-  } else {
-    bwd_prep_kernel<float><<<1, kPrepThreads, 0, stream>>>(args);
-  }
+  for_stat(stat, [&](auto t) {
+    bwd_prep_kernel<decltype(t)><<<1, kPrepThreads, 0, stream>>>(args);
+  });
   return cudaGetLastError();
 }
 
@@ -987,11 +962,9 @@ cudaError_t launch_bwd_coefs(const BwdTileArgs& args, DType stat, cudaStream_t s
   if (args.coefs == nullptr) return cudaErrorInvalidValue;
   const int threads = 256;
   const dim3 grid(static_cast<unsigned>((args.rows + threads - 1) / threads));
-  if (stat == DType::kFloat64) {
-    bwd_coefs_kernel<double><<<grid, threads, 0, stream>>>(args);
-  } else {
-    bwd_coefs_kernel<float><<<grid, threads, 0, stream>>>(args);
-  }
+  for_stat(stat, [&](auto t) {
+    bwd_coefs_kernel<decltype(t)><<<grid, threads, 0, stream>>>(args);
+  });
   return cudaGetLastError();
 }
 
