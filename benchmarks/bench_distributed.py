@@ -3,7 +3,11 @@
 Every rank runs the symmetric CLIP loss (:func:`fastcl.clip_loss`, fp32, unit-norm features,
 logit scale 1/0.07 as a leaf that requires grad) forward + backward on its shard of a global
 batch, for world sizes ``W`` in ``--world`` (gloo CPU processes, or NCCL GPU processes under
-``torchrun``). Reported per strategy and world size, as the maximum over ranks:
+``torchrun``). Each strategy runs twice in the same processes: as fastcl computes the loss (both
+directions from one pass over the keys, the second from the column statistics merged across
+ranks) and, as the baseline, as two one-direction losses (``info_nce(x, y) / 2 +
+info_nce(y, x) / 2``: one pass per direction, the schedule of the usual gathered losses).
+Reported per strategy, schedule and world size, as the maximum over ranks:
 
 - ``time``: median wall time of ``--reps`` forward + backward passes (after one warm-up),
   synchronized across ranks (a barrier before each pass, the slowest rank counts);
@@ -29,6 +33,7 @@ Writes a Markdown table and JSON to ``benchmarks/results/distributed_<device>.{m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -49,6 +54,8 @@ from benchmarks._common import RssPeak, environment, sync
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 STRATEGIES = ("all_gather", "ring")
+#: the two schedules of the symmetric loss: fastcl's one pass, and one pass per direction
+SCHEDULES = ("one pass", "per direction")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -100,21 +107,26 @@ def run_rank(n: int, d: int, reps: int, device) -> dict:
     y.requires_grad_(True)
     scale = torch.tensor(1.0 / 0.07, device=device, requires_grad=True)
 
-    def step(gather):
-        loss = fastcl.clip_loss(x, y, scale, gather=gather)
+    def step_of(gather, schedule):
+        if schedule == "one pass":
+            loss = fastcl.clip_loss(x, y, scale, gather=gather)
+        else:
+            loss = (fastcl.info_nce(x, y, logit_scale=scale, gather=gather)
+                    + fastcl.info_nce(y, x, logit_scale=scale, gather=gather)) / 2
         loss.backward()
         x.grad = y.grad = scale.grad = None
         return loss
 
     out = {}
-    for gather in STRATEGIES:
-        step(gather)  # warm-up (kernel loading, communicator setup)
+    for gather, schedule in ((g, s) for g in STRATEGIES for s in SCHEDULES):
+        step = functools.partial(step_of, gather, schedule)
+        step()  # warm-up (kernel loading, communicator setup)
         times = []
         for _ in range(reps):
             dist.barrier()
             sync(device)
             t0 = time.perf_counter()
-            step(gather)
+            step()
             sync(device)
             times.append(time.perf_counter() - t0)
         dist.barrier()
@@ -122,13 +134,13 @@ def run_rank(n: int, d: int, reps: int, device) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         with RssPeak() as rss, LiveBytes() as mem:
-            step(gather)
+            step()
             sync(device)
         if device.type == "cuda":
             process_peak = torch.cuda.max_memory_allocated(device) - base
         else:
             process_peak = rss.extra or 0
-        out[gather] = {"time_s": statistics.median(times), "tensor_peak_bytes": mem.peak,
+        out[f"{gather}, {schedule}"] = {"time_s": statistics.median(times), "tensor_peak_bytes": mem.peak,
                        "process_peak_bytes": max(process_peak, 0)}
     return out
 
@@ -158,10 +170,11 @@ def _worker_main(args) -> None:
             summary = {s: {"time_s": max(r[s]["time_s"] for r in gathered),
                            "tensor_peak_bytes": max(r[s]["tensor_peak_bytes"] for r in gathered),
                            "process_peak_bytes": max(r[s]["process_peak_bytes"] for r in gathered)}
-                       for s in STRATEGIES}
+                       for s in res}
             with open(args.out, "w") as f:
                 json.dump({"world": world, "n_per_rank": n, **summary,
                            "environment": environment(device)}, f)
+        dist.barrier()  # no rank tears down its connections while another still uses them
     finally:
         dist.destroy_process_group()
 
@@ -200,17 +213,21 @@ def _mib(b: int) -> str:
 def table(rows: list[dict], args) -> str:
     batch = "per-rank" if args.per_rank else "global"
     lines = [f"CLIP loss forward + backward, {batch} batch {args.batch}, D = {args.dim}, fp32, "
-             f"{args.backend} ({args.device_name}); maximum over ranks.", "",
-             "| W | rows/rank | all_gather time (ms) | ring time (ms) | all_gather tensor peak "
-             "(MiB) | ring tensor peak (MiB) | all_gather process peak (MiB) | ring process "
-             "peak (MiB) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{args.backend} ({args.device_name}); maximum over ranks. One pass: fastcl's "
+             "`clip_loss`; per direction: two one-direction `info_nce` losses (the baseline).",
+             "",
+             "| W | rows/rank | strategy | time, one pass (ms) | time, per direction (ms) | "
+             "one pass / per direction | tensor peak, one pass (MiB) | tensor peak, per "
+             "direction (MiB) | process peak, one pass (MiB) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ag, ring = r["all_gather"], r["ring"]
-        lines.append(f"| {r['world']} | {r['n_per_rank']} | {1e3 * ag['time_s']:.1f} | "
-                     f"{1e3 * ring['time_s']:.1f} | {_mib(ag['tensor_peak_bytes'])} | "
-                     f"{_mib(ring['tensor_peak_bytes'])} | {_mib(ag['process_peak_bytes'])} | "
-                     f"{_mib(ring['process_peak_bytes'])} |")
+        for gather in STRATEGIES:
+            one, two = r[f"{gather}, one pass"], r[f"{gather}, per direction"]
+            lines.append(f"| {r['world']} | {r['n_per_rank']} | {gather} | "
+                         f"{1e3 * one['time_s']:.1f} | {1e3 * two['time_s']:.1f} | "
+                         f"{one['time_s'] / two['time_s']:.2f}x | "
+                         f"{_mib(one['tensor_peak_bytes'])} | {_mib(two['tensor_peak_bytes'])} | "
+                         f"{_mib(one['process_peak_bytes'])} |")
     lines += ["", "Tensor peak: bytes of the tensors created during one pass and alive at the same "
               "time (LiveBytes, exact; the kernels' bounded scratch slabs excluded). Process peak: "
               "growth of the peak resident set on CPU (allocator caching and communication "
