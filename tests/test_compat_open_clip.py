@@ -225,6 +225,8 @@ _WORKER = textwrap.dedent(r'''
         for gather_with_grad in (False, True):
             kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
                       world_size=world)
+            # the usual setting runs as fastcl's all_gather strategy (one pass for both directions)
+            assert ClipLoss(**kw)._fastcl_gather() == (local_loss and gather_with_grad)
             results = []
             for fn in (ClipLoss(**kw), oc_loss.ClipLoss(**kw)):
                 img = img0.clone().requires_grad_(True)
@@ -232,7 +234,12 @@ _WORKER = textwrap.dedent(r'''
                 scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
                 loss = fn(img, txt, scale)
                 loss.backward()
-                results.append((loss.detach(), img.grad, txt.grad, scale.grad))
+                ds = scale.grad
+                if local_loss and gather_with_grad:
+                    # gather="all_gather" splits the replicated scale's gradient between the
+                    # ranks differently; its sum over ranks (what DDP's averaging uses) is the same
+                    dist.all_reduce(ds)
+                results.append((loss.detach(), img.grad, txt.grad, ds))
             for a, b in zip(*results):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     dist.destroy_process_group()

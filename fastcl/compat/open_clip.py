@@ -15,8 +15,13 @@ scale the model returns; it and ``logit_bias`` receive gradients. The CLIP loss 
 Multi-process training: ``ClipLoss`` with ``world_size > 1`` gathers the features with
 open_clip's own ``gather_features`` (``torch.distributed`` all-gather, with or without gradient,
 or Horovod, exactly as open_clip does; open_clip is imported only then) and computes the same
-global or local loss as open_clip. ``SigLipLoss`` with ``world_size > 1`` raises
-``NotImplementedError``.
+global or local loss as open_clip. The setting of most trainings, ``local_loss=True,
+gather_with_grad=True`` on ``torch.distributed``, runs as :func:`fastcl.clip_loss` with
+``gather="all_gather"`` instead: both directions from one pass over the gathered features
+(open_clip's arithmetic takes one per direction), the same loss and feature gradients; the
+gradient of ``logit_scale`` (and ``logit_bias``) is split differently between the ranks, with
+the same sum over ranks, so DDP's averaging gives the same update.
+``SigLipLoss`` with ``world_size > 1`` raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, image_features, text_features, logit_scale, logit_bias):
+        if self._fastcl_gather():
+            return _F.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                                gather="all_gather")
         from open_clip.loss import gather_features
 
         all_image, all_text = gather_features(
@@ -104,6 +112,14 @@ class ClipLoss(nn.Module):
         per_text = _F.info_nce(text_features, all_image, logit_scale=logit_scale,
                                logit_bias=logit_bias, targets=targets)
         return (per_image + per_text) / 2
+
+    def _fastcl_gather(self) -> bool:
+        """Whether the settings are those of ``gather="all_gather"`` on the default group: local
+        loss, gradients through the gathered features, this process's rank and world size."""
+        dist = torch.distributed
+        return (self.local_loss and self.gather_with_grad and not self.use_horovod
+                and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() == self.world_size and dist.get_rank() == self.rank)
 
     def extra_repr(self) -> str:
         """The distributed settings, for ``repr``."""
