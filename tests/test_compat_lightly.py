@@ -5,6 +5,7 @@ contents step by step, the errors, and two Lightning training steps with the ada
 
 from __future__ import annotations
 
+import textwrap
 from functools import partial
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 lightly_loss = pytest.importorskip("lightly.loss")
 
+from _processes import run_ranks  # noqa: E402
 from fastcl.compat import lightly as compat  # noqa: E402
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -99,16 +101,56 @@ def test_temperature_errors():
         compat.DCLLoss(temperature=-0.5)
 
 
-@pytest.mark.parametrize("cls,kw", [(compat.NTXentLoss, {}), (compat.DCLLoss, {}),
-                                    (compat.DCLWLoss, {}),
-                                    (compat.NTXentLoss, dict(memory_bank_size=(8, 3)))])
-def test_gather_distributed_multi_process_raises(cls, kw, monkeypatch):
-    loss = cls(gather_distributed=True, **kw)
-    monkeypatch.setattr(compat, "world_size", lambda: 2)
-    with pytest.raises(NotImplementedError, match="gather_distributed=True"):
-        loss(randn(4, 3, seed=5), randn(4, 3, seed=6))
-    # without gather_distributed, several processes compute the local loss, as lightly does
-    cls(**kw)(randn(4, 3, seed=5), randn(4, 3, seed=6))
+# world_size = 2: two gloo processes, lightly's losses with gather_distributed=True
+_WORKER = textwrap.dedent(r'''
+    import sys
+    from functools import partial
+    import torch, torch.distributed as dist
+    import lightly.loss as lightly_loss
+    from fastcl.compat import lightly as compat
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert compat._gather(True) == "all_gather" and compat._gather(False) is None
+    g = torch.Generator().manual_seed(200 + rank)
+    x0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    weight = lambda a, b: 1.0 + (a * b).sum(-1)  # a weight_fn fastcl has no fused form of
+    cases = [("NTXentLoss", dict(temperature=0.25)), ("DCLLoss", dict(temperature=0.5)),
+             ("DCLWLoss", dict(temperature=0.5, sigma=0.75)),
+             ("DCLLoss", dict(temperature=0.5, weight_fn=weight)),
+             ("NTXentLoss", dict(temperature=0.25, memory_bank_size=(12, 4)))]
+    for name, kw in cases:
+        results = []
+        for module in (compat, lightly_loss):
+            torch.manual_seed(7)  # the memory bank's initial contents
+            fn = getattr(module, name)(gather_distributed=True, **kw)
+            if "memory_bank_size" in kw:
+                fn = fn.double()
+            per_step = []
+            for step in range(3):  # the bank is updated with every rank's batch
+                x = (x0 + step).requires_grad_(True)
+                y = (y0 - step).requires_grad_(True)
+                loss = fn(x, y)
+                loss.backward()
+                per_step.append((loss.detach(), x.grad, y.grad))
+            results.append(per_step)
+        for ours, theirs in zip(*results):
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-7, atol=1e-9,
+                                           msg=lambda m: f"{name} {kw}: {m}")
+    dist.barrier()
+    dist.destroy_process_group()
+    print("ok", rank)
+''')
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_gather_distributed_two_processes(tmp_path):
+    """With two processes, gather_distributed=True gives lightly's loss and gradients on each
+    rank (its features gathered with gradient; the memory bank filled with every rank's
+    batch)."""
+    run_ranks(_WORKER, tmp_path)
 
 
 @pytest.mark.parametrize("dtype,kw", DCL_CASES)

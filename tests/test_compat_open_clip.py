@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,6 +18,7 @@ import torch.nn.functional as F
 oc_loss = pytest.importorskip("open_clip.loss")
 open_clip = pytest.importorskip("open_clip")
 
+from _processes import run_ranks  # noqa: E402
 from fastcl.compat import open_clip as compat  # noqa: E402
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -247,23 +245,7 @@ _WORKER = textwrap.dedent(r'''
 ''')
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_clip_loss_two_processes(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE="2", FASTCL_BACKEND=os.environ.get("FASTCL_BACKEND", "auto"))
-    env.pop("TRITON_INTERPRET", None)
-    procs = [subprocess.Popen([sys.executable, str(script), oc_loss.__file__],
-                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out
-        assert f"ok {r}" in out
+    run_ranks(_WORKER, tmp_path, args=[oc_loss.__file__],
+              env_extra=dict(FASTCL_BACKEND=os.environ.get("FASTCL_BACKEND", "auto")))

@@ -12,9 +12,11 @@ Same constructor arguments, attributes and results as lightly (which L2-normaliz
 on :func:`fastcl.info_nce` against the bank; ``DCLLoss`` / ``DCLWLoss`` run on
 :func:`fastcl.dcl`. lightly itself is not imported.
 
-Single process only: ``gather_distributed=True`` while ``torch.distributed`` runs more than one
-process raises ``NotImplementedError`` (multi-process support is planned as a separate
-distributed layer); with one process it changes nothing, as in lightly.
+Several processes: ``gather_distributed=True`` while ``torch.distributed`` runs more than one
+process contrasts each process's samples with those of every process, as lightly does with its
+gathered features (gradients through the gathering), on fastcl's ``gather="all_gather"``
+strategy (:mod:`fastcl.distributed`): the same loss and gradients on every rank. With one
+process, or with the memory bank (whose negatives lightly does not gather), it changes nothing.
 """
 
 from __future__ import annotations
@@ -33,13 +35,10 @@ __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "MemoryBank", "negative_mises_fi
            "CompatFallbackWarning"]
 
 
-def _check_single_process(name: str, gather_distributed: bool) -> None:
-    if gather_distributed and world_size() > 1:
-        raise NotImplementedError(
-            f"fastcl.compat.lightly.{name}(gather_distributed=True) with {world_size()} "
-            f"processes is not supported in this release (multi-process support is planned as "
-            f"a separate distributed layer). Use lightly.loss.{name} for multi-process training, "
-            f"or gather_distributed=False.")
+def _gather(gather_distributed: bool) -> Optional[str]:
+    """fastcl's ``gather`` for lightly's ``gather_distributed``: ``"all_gather"`` when it is set
+    and ``torch.distributed`` runs more than one process, else None."""
+    return "all_gather" if gather_distributed and world_size() > 1 else None
 
 
 def _check_temperature(temperature) -> None:
@@ -90,7 +89,12 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def dequeue_and_enqueue(self, batch: Tensor) -> None:
         """Write ``batch`` (detached) into the queue at its pointer, wrapping around at
-        the end as lightly does."""
+        the end as lightly does; with ``gather_distributed`` and several processes, the batches
+        of every process (in rank order)."""
+        if self.gather_distributed and world_size() > 1:
+            parts = [torch.empty_like(batch) for _ in range(world_size())]
+            torch.distributed.all_gather(parts, batch.detach().contiguous())
+            batch = torch.cat(parts, dim=0)
         batch_size = batch.shape[0]
         ptr = int(self.bank_ptr)
         if ptr + batch_size >= self.size[0]:
@@ -130,9 +134,9 @@ class NTXentLoss(nn.Module):
         """The loss of the two views ``out0``, ``out1`` (``[N, D]``, normalized here), with
         the memory bank's entries as extra negatives if it is enabled (the bank is then
         updated with ``out1`` when gradients are wanted)."""
-        _check_single_process("NTXentLoss", self.gather_distributed)
         if not self.memory_bank.enabled:
-            return _F.nt_xent(out0, out1, temperature=self.temperature, normalize=True)
+            return _F.nt_xent(out0, out1, temperature=self.temperature, normalize=True,
+                              gather=_gather(self.gather_distributed))
         out0 = F.normalize(out0, dim=1)
         out1 = F.normalize(out1, dim=1)
         negatives = self.memory_bank.bank.clone().detach().to(device=out0.device,
@@ -193,19 +197,21 @@ class DCLLoss(nn.Module):
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """The decoupled loss of the two views ``out0``, ``out1`` (``[N, D]``, normalized
         here), weighted by ``weight_fn`` if set."""
-        _check_single_process(type(self).__name__, self.gather_distributed)
+        gather = _gather(self.gather_distributed)
         fn = self.weight_fn
         if not fn:
-            return _F.dcl(out0, out1, temperature=self.temperature, normalize=True)
-        if isinstance(fn, partial) and fn.func is negative_mises_fisher_weights and not fn.args \
-                and set(fn.keywords) <= {"sigma"}:
+            return _F.dcl(out0, out1, temperature=self.temperature, normalize=True, gather=gather)
+        # lightly's weights are a softmax over this process's samples: fastcl's weighted loss
+        # takes it over the global batch, so with a gather the weights are applied here
+        if gather is None and isinstance(fn, partial) and fn.func is negative_mises_fisher_weights \
+                and not fn.args and set(fn.keywords) <= {"sigma"}:
             sigma = fn.keywords.get("sigma", 0.5)
             return _F.dcl(out0, out1, temperature=self.temperature, weighted=True, sigma=sigma,
-                          normalize=True)
+                          normalize=True, gather=gather)
         u0 = F.normalize(out0, dim=1)
         u1 = F.normalize(out1, dim=1)
         n = u0.shape[0]
-        per = _F.dcl(u0, u1, temperature=self.temperature, reduction="none")
+        per = _F.dcl(u0, u1, temperature=self.temperature, reduction="none", gather=gather)
         dt = per.dtype
         s_pos = (u0.to(dt) * u1.to(dt)).sum(-1) / self.temperature
         w0 = fn(u0, u1)
