@@ -128,12 +128,10 @@ def test_siglip_without_bias():
     check(ours, theirs, [x, y, scale], torch.float32)
 
 
-def test_siglip_multi_process_raises():
-    with pytest.raises(NotImplementedError, match="world_size=2"):
-        compat.SigLipLoss(rank=0, world_size=2)
-    loss = compat.SigLipLoss()
-    loss.world_size = 4
-    with pytest.raises(NotImplementedError, match="world_size=4"):
+def test_siglip_world_size_needs_its_process_group():
+    """world_size > 1 without torch.distributed initialized is refused when the loss runs."""
+    loss = compat.SigLipLoss(rank=0, world_size=2)
+    with pytest.raises(RuntimeError, match="needs torch.distributed to be initialized"):
         loss(randn(3, 2, seed=1), randn(3, 2, seed=2), 10.0, -10.0)
     with pytest.raises(ValueError, match="dist_impl"):
         compat.SigLipLoss(dist_impl="ring")
@@ -212,7 +210,7 @@ _WORKER = textwrap.dedent(r'''
     spec = importlib.util.spec_from_file_location("open_clip.loss", path)
     oc_loss = importlib.util.module_from_spec(spec); sys.modules["open_clip.loss"] = oc_loss
     spec.loader.exec_module(oc_loss)
-    from fastcl.compat.open_clip import ClipLoss
+    from fastcl.compat.open_clip import ClipLoss, SigLipLoss
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -240,6 +238,21 @@ _WORKER = textwrap.dedent(r'''
                 results.append((loss.detach(), img.grad, txt.grad, ds))
             for a, b in zip(*results):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    # SigLIP: this rank's images against every rank's texts, for each of open_clip's exchanges
+    for dist_impl in ("bidir", "shift", "reduce", "gather"):
+        kw = dict(rank=rank, world_size=world, dist_impl=dist_impl)
+        results = []
+        for fn in (SigLipLoss(**kw), oc_loss.SigLipLoss(**kw)):
+            img = img0.clone().requires_grad_(True)
+            txt = txt0.clone().requires_grad_(True)
+            scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+            bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+            loss = fn(img, txt, scale, bias)
+            loss.backward()
+            results.append((loss.detach(), img.grad, txt.grad, scale.grad, bias.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: dist_impl + m)
+    dist.barrier()
     dist.destroy_process_group()
     print("ok", rank)
 ''')

@@ -21,7 +21,10 @@ gather_with_grad=True`` on ``torch.distributed``, runs as :func:`fastcl.clip_los
 (open_clip's arithmetic takes one per direction), the same loss and feature gradients; the
 gradient of ``logit_scale`` (and ``logit_bias``) is split differently between the ranks, with
 the same sum over ranks, so DDP's averaging gives the same update.
-``SigLipLoss`` with ``world_size > 1`` raises ``NotImplementedError``.
+``SigLipLoss`` with ``world_size > 1`` contrasts each rank's images with the texts of every
+rank on fastcl's ``gather="ring"`` (open_clip's neighbour exchanges, ``dist_impl="bidir"`` or
+``"shift"``) or ``gather="all_gather"`` (``"reduce"``, ``"gather"``): the same loss and
+gradients as open_clip on every rank.
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ from .. import functional as _F
 from ._util import CompatFallbackWarning
 
 __all__ = ["ClipLoss", "SigLipLoss", "CompatFallbackWarning"]
+
+
+def _check_process_group(name: str, rank: int, world_size: int) -> None:
+    """Refuse ``rank`` / ``world_size`` that are not those of the default process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"fastcl.compat.open_clip.{name}(world_size={world_size}) needs "
+                           "torch.distributed to be initialized (init_process_group)")
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise ValueError(f"fastcl.compat.open_clip.{name}: rank={rank}, world_size={world_size} "
+                         f"differ from the default process group's rank {dist.get_rank()} and "
+                         f"world size {dist.get_world_size()}")
 
 
 class ClipLoss(nn.Module):
@@ -132,8 +147,14 @@ class SigLipLoss(nn.Module):
     logit_bias))`` with ``z`` = +1 on the diagonal, -1 elsewhere.
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``;
-    ``logit_bias=None`` means no bias. Single process only: ``world_size > 1`` raises
-    ``NotImplementedError``.
+    ``logit_bias=None`` means no bias.
+
+    ``world_size > 1`` (on ``torch.distributed``, with this process's rank and world size):
+    this rank's images against the texts of every rank, as open_clip's exchanges of text
+    features compute it, divided by the number of this rank's images; the same loss and
+    gradients (``logit_scale`` and ``logit_bias`` included) on every rank. ``dist_impl``
+    ``"bidir"`` / ``"shift"`` (neighbour exchanges) run on fastcl's ``gather="ring"``,
+    ``"reduce"`` / ``"gather"`` on ``gather="all_gather"``.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
@@ -146,12 +167,6 @@ class SigLipLoss(nn.Module):
         if self.dist_impl not in ("bidir", "shift", "reduce", "gather"):
             raise ValueError(f"dist_impl must be one of 'bidir', 'shift', 'reduce', 'gather' or "
                              f"None, got {dist_impl!r}")
-        if world_size > 1:
-            raise NotImplementedError(
-                f"fastcl.compat.open_clip.SigLipLoss runs in a single process; world_size="
-                f"{world_size} is not supported in this release (multi-process support is "
-                f"planned as a separate distributed layer). Use open_clip.loss.SigLipLoss for "
-                f"multi-process SigLIP training.")
         self.prev_num_logits = 0
         self.labels = {}
 
@@ -159,12 +174,12 @@ class SigLipLoss(nn.Module):
                 logit_bias=None, output_dict: bool = False):
         """The loss (a dict ``{"contrastive_loss": loss}`` with ``output_dict=True``), as
         open_clip's ``SigLipLoss.forward`` returns it."""
-        if self.world_size > 1:  # the attribute may have been changed after construction
-            raise NotImplementedError(
-                f"fastcl.compat.open_clip.SigLipLoss runs in a single process; world_size="
-                f"{self.world_size} is not supported in this release.")
+        gather = None
+        if self.world_size > 1:
+            _check_process_group("SigLipLoss", self.rank, self.world_size)
+            gather = "ring" if self.dist_impl in ("bidir", "shift") else "all_gather"
         bias = 0.0 if logit_bias is None else logit_bias
-        loss = _F.siglip_loss(image_features, text_features, logit_scale, bias)
+        loss = _F.siglip_loss(image_features, text_features, logit_scale, bias, gather=gather)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
