@@ -27,6 +27,7 @@ __all__ = [
     "HardNegativeNCELoss",
     "DCLLoss",
     "SigLipLoss",
+    "AlignUniformLoss",
 ]
 
 
@@ -304,5 +305,48 @@ class SigLipLoss(nn.Module):
     def extra_repr(self) -> str:
         """The settings shown by ``repr(module)``."""
         return (f"normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}"
+                + ("" if self.gather is None else f", gather={self.gather!r}"))
+
+
+class AlignUniformLoss(nn.Module):
+    """Alignment and uniformity (Wang & Isola 2020) as one objective:
+    ``align_weight * alignment(x, y, alpha) + unif_weight * (uniformity(x, t) +
+    uniformity(y, t)) / 2``; see :func:`fastcl.alignment` and :func:`fastcl.uniformity`.
+    ``forward(x, y)`` on two ``[N, D]`` views (paired rows).
+
+    ``normalize`` (default True) puts the features on the unit sphere first, where the paper
+    defines both terms. With ``gather``, the uniformity terms run over the features of every
+    rank and the alignment over this rank's pairs (the mean over ranks is the global one).
+    """
+
+    def __init__(self, align_weight: float = 1.0, unif_weight: float = 1.0, *, alpha: float = 2,
+                 t: float = 2, normalize: bool = True, backend: str = "auto",
+                 gather: Optional[str] = None, group=None):
+        super().__init__()
+        for name, w in (("align_weight", align_weight), ("unif_weight", unif_weight)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (
+                    math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+        self.gather, self.group = _gather(gather), group
+        self.align_weight, self.unif_weight = float(align_weight), float(unif_weight)
+        self.alpha, self.t = alpha, t
+        self.normalize = normalize
+        self.backend = backend
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """The weighted sum of the alignment of the pairs ``(x_i, y_i)`` and the mean
+        uniformity of ``x`` and ``y``."""
+        if self.normalize:
+            x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+        unif = [F.uniformity(z, self.t, backend=self.backend, gather=self.gather,
+                             group=self.group) for z in (x, y)]
+        return (self.align_weight * F.alignment(x, y, self.alpha)
+                + self.unif_weight * (unif[0] + unif[1]) / 2)
+
+    def extra_repr(self) -> str:
+        """The settings shown by ``repr(module)``."""
+        return (f"align_weight={self.align_weight:g}, unif_weight={self.unif_weight:g}, "
+                f"alpha={self.alpha:g}, t={self.t:g}, normalize={self.normalize}, "
                 f"backend={self.backend!r}"
                 + ("" if self.gather is None else f", gather={self.gather!r}"))

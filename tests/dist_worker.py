@@ -88,6 +88,8 @@ def cases():
         "cmc": (lambda I, s, g: fastcl.multiview_loss(sl(I["views"], s, 1), temperature=0.5,
                                                       method="cmc", gather=g), ("views",)),
         "uniformity": (lambda I, s, g: fastcl.uniformity(sl(I["x"], s), gather=g), ("x",)),
+        "align_uniform_module": (lambda I, s, g: fastcl.nn.AlignUniformLoss(
+            0.5, 2.0, gather=g)(sl(I["x"], s), sl(I["y"], s)), ("x", "y")),
         "siglip": (lambda I, s, g: fastcl.siglip_loss(sl(I["x"], s), sl(I["y"], s), I["scale"],
                                                        I["bias"], gather=g),
                    ("x", "y", "scale", "bias")),

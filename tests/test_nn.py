@@ -105,6 +105,37 @@ def test_dcl(kw):
     same(fnn.DCLLoss(**kw)(z1, z2), fastcl.dcl(z1, z2, **fkw), [z1, z2])
 
 
+@pytest.mark.parametrize("kw", [{}, dict(align_weight=0.5, unif_weight=2.0, alpha=1.5, t=3,
+                                normalize=False)])
+def test_align_uniform(kw):
+    x, y = randn(6, 4, seed=30), randn(6, 4, seed=31)
+    module = fnn.AlignUniformLoss(**kw)
+    w_a, w_u = kw.get("align_weight", 1.0), kw.get("unif_weight", 1.0)
+    alpha, t = kw.get("alpha", 2), kw.get("t", 2)
+
+    def functional(x, y):
+        if kw.get("normalize", True):
+            x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+        return (w_a * fastcl.alignment(x, y, alpha)
+                + w_u * (fastcl.uniformity(x, t) + fastcl.uniformity(y, t)) / 2)
+
+    same(module(x, y), functional(x, y), [x, y])
+    # and the definitions themselves, materialized
+    xs, ys = (x, y) if not kw.get("normalize", True) else (
+        torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1))
+
+    def unif(z):
+        d2 = torch.cdist(z.double(), z.double()).pow(2)
+        off = ~torch.eye(z.shape[0], dtype=torch.bool)
+        return torch.log(torch.exp(-t * d2[off]).mean())
+
+    want = (w_a * (xs - ys).double().norm(dim=1).pow(alpha).mean()
+            + w_u * (unif(xs) + unif(ys)) / 2)
+    torch.testing.assert_close(module(x, y).double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unif_weight"):
+        fnn.AlignUniformLoss(unif_weight=-1.0)
+
+
 def test_siglip():
     x, y = randn(5, 4, seed=16), randn(5, 4, seed=17)
     module = fnn.SigLipLoss()
@@ -123,6 +154,9 @@ def test_siglip():
 
 
 def test_extra_repr():
+    assert repr(fnn.AlignUniformLoss(unif_weight=0.5, gather="ring")) == (
+        "AlignUniformLoss(align_weight=1, unif_weight=0.5, alpha=2, t=2, normalize=True, "
+        "backend='auto', gather='ring')")
     assert "temperature=0.07, symmetric=False" in repr(fnn.InfoNCELoss())
     assert "symmetric=True" in repr(fnn.ClipLoss())
     assert repr(fnn.NTXentLoss()) == (
