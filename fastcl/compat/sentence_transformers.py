@@ -16,7 +16,13 @@ embeddings: with columns ``(anchor, positive, negative_1, ..., negative_k)`` the
 rows, ``logit_scale=scale``, cosine similarity (``similarity_fct=cos_sim``, normalized) or the
 dot product (``dot_score``). ``directions=("query_to_doc", "doc_to_query")`` with
 ``partition_mode="per_direction"`` (the symmetric variant) adds the document-to-query InfoNCE,
-``0.5 (info_nce(q, [d; negatives]) + info_nce(d, q))``.
+``0.5 (info_nce(q, [d; negatives]) + info_nce(d, q))``, from the same pass over the logits
+(``info_nce(symmetric=True)``).
+
+``gather_across_devices=True`` with several processes (``torch.distributed``): each process's
+anchors against the positives and hard negatives of every process, as sentence-transformers
+gathers them (with gradient), on fastcl's ``gather="all_gather"``; the hard negatives are
+gathered by the adapter and passed as extra columns.
 
 The cached variant keeps sentence-transformers' GradCache mechanism (``CachedLossMixin``:
 mini-batches embedded without gradient, RNG states recorded, each mini-batch re-embedded with
@@ -26,7 +32,7 @@ replaces its chunked loss by one fused loss and its gradient with respect to the
 What is not fused runs the original sentence-transformers code, with a one-time
 :class:`CompatFallbackWarning` per loss object and reason: other similarity functions, the
 ``query_to_query`` / ``doc_to_doc`` directions, ``doc_to_query`` in the joint partition,
-hardness weighting, and ``gather_across_devices=True`` with more than one process.
+and hardness weighting.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as _F
+from ..distributed import Shard
 from ._util import CompatFallbackWarning, warn_once, world_size
 
 try:
@@ -78,22 +85,19 @@ def _unfused_reason(loss) -> Optional[str]:
                 f"{loss.partition_mode!r}")
     if loss.hardness_mode is not None and loss.hardness_strength > 0.0:
         return f"hardness_mode={loss.hardness_mode!r}"
-    if loss.gather_across_devices and world_size() > 1:
-        return "gather_across_devices=True with several processes"
     return None
 
 
 def _fused_loss(loss, queries: Tensor, docs: list) -> Tensor:
-    normalize = loss.similarity_fct is cos_sim
-    positives = docs[0]
-    negatives = torch.cat(docs[1:], dim=0) if len(docs) > 1 else None
-    forward = _F.info_nce(queries, positives, logit_scale=loss.scale, negatives=negatives,
-                          normalize=normalize)
-    if set(loss.directions) == {"query_to_doc"}:
-        return forward
-    backward = _F.info_nce(positives, queries, logit_scale=loss.scale,
-                           normalize=normalize)
-    return 0.5 * (forward + backward)
+    gather = "all_gather" if loss.gather_across_devices and world_size() > 1 else None
+    negatives = docs[1:]
+    if gather is not None and negatives:  # every process's hard negatives, with gradient
+        shard = Shard(gather)
+        negatives = [shard.columns(d) for d in negatives]
+    return _F.info_nce(queries, docs[0], logit_scale=loss.scale,
+                       negatives=torch.cat(negatives, dim=0) if negatives else None,
+                       normalize=loss.similarity_fct is cos_sim,
+                       symmetric=set(loss.directions) != {"query_to_doc"}, gather=gather)
 
 
 def _warn(loss, reason: str) -> None:
