@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from _processes import run_ranks  # noqa: E402
 from fastcl.compat import huggingface as compat  # noqa: E402
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -107,10 +109,6 @@ def test_return_outputs_and_wrappers():
     torch.testing.assert_close(outputs["image_embeds"].norm(dim=-1), torch.ones(4))
     # nn.DataParallel is unwrapped
     torch.testing.assert_close(compat.clip_loss_func(torch.nn.DataParallel(model), inputs), loss)
-    ddp = torch.nn.parallel.DistributedDataParallel.__new__(
-        torch.nn.parallel.DistributedDataParallel)
-    with pytest.raises(NotImplementedError, match="single process"):
-        compat.clip_loss_func(ddp, inputs)
     with pytest.raises(TypeError, match="get_image_features"):
         compat.clip_loss_func(torch.nn.Linear(2, 2), inputs)
 
@@ -160,3 +158,52 @@ def test_mixin_in_a_custom_trainer(tmp_path, monkeypatch):
     trainer.train()
     metrics = trainer.evaluate()
     assert math.isfinite(metrics["eval_loss"])
+
+
+# ============================================================================================
+# DistributedDataParallel on two gloo processes
+# ============================================================================================
+
+_WORKER = textwrap.dedent(r'''
+    import sys
+    import torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    from test_compat_huggingface import batch, tiny_model
+    from fastcl.compat import huggingface as compat
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for kind in ("clip", "siglip"):
+        inputs = batch(n=4, dtype=torch.float64, seed=10 + rank, pad=(kind == "clip"))
+        # the model's own loss on this rank's batch, gradients averaged over the ranks
+        ref = tiny_model(kind, torch.float64)
+        ref(**inputs, return_loss=True).loss.backward()
+        want = {}
+        for name, p in ref.named_parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                want[name] = p.grad / world
+        model = tiny_model(kind, torch.float64)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        calls = []
+        model.register_forward_hook(lambda *a: calls.append(1))
+        loss = compat.clip_loss_func(ddp, inputs)
+        loss.backward()
+        assert calls == [1], calls  # the towers ran once, through DDP's forward
+        assert "forward" not in model.__dict__  # the module's own forward is back
+        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert got.keys() == want.keys(), (sorted(got), sorted(want))
+        for name in got:  # DDP averaged every gradient, the logit scale's included
+            torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11,
+                                       msg=lambda m: f"{kind} {name}: {m}")
+    dist.barrier()
+    dist.destroy_process_group()
+    print("ok", rank)
+''')
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_ddp_two_processes(tmp_path):
+    """A DDP-wrapped CLIP / SigLIP model: the towers run through DDP's forward, and after the
+    backward every parameter has the gradient of the model's own loss averaged over the ranks."""
+    run_ranks(_WORKER, tmp_path, args=[os.path.dirname(os.path.abspath(__file__))])

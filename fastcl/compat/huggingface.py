@@ -22,9 +22,12 @@ is not a way in: the Trainer calls it with the outputs of ``model(**inputs)``, t
 that has already built the logits; ``clip_loss_func`` therefore takes the model and the inputs,
 as ``Trainer.compute_loss`` does.
 
-Single process only: a ``DistributedDataParallel``-wrapped model raises ``NotImplementedError``
-(multi-process support is planned as a separate distributed layer); an ``nn.DataParallel``
-wrapper is unwrapped.
+Several processes: a ``DistributedDataParallel``-wrapped model (as the Trainer wraps it under
+``torchrun``) runs the two towers through DDP's own forward, so that its gradient
+synchronization is prepared as for any forward: for that one call, the wrapped model's
+``forward`` is the pair of ``get_*_features`` calls. Each process's loss is that of its own
+batch, as with the model's own forward under DDP. An ``nn.DataParallel`` wrapper is unwrapped
+(one device computes).
 """
 
 from __future__ import annotations
@@ -46,12 +49,7 @@ _IGNORED = ("return_loss", "labels", "return_dict", "output_attentions", "output
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise NotImplementedError(
-            "fastcl.compat.huggingface runs in a single process; multi-process (DDP) training is "
-            "not supported in this release (multi-process support is planned as a separate "
-            "distributed layer).")
-    if isinstance(model, nn.DataParallel):
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
     for name in ("get_image_features", "get_text_features", "logit_scale"):
         if not hasattr(model, name):
@@ -73,6 +71,31 @@ def _embeddings(out: Any, what: str) -> Tensor:
                     f"output with pooler_output")
 
 
+def _towers(m: nn.Module, image_kwargs: dict, text_kwargs: dict) -> tuple[Tensor, Tensor]:
+    """The image and text embeddings of the batch."""
+    return (_embeddings(m.get_image_features(**image_kwargs), "image"),
+            _embeddings(m.get_text_features(**text_kwargs), "text"))
+
+
+_NO_FORWARD = object()
+
+
+def _through_ddp(ddp: nn.Module, m: nn.Module, image_kwargs: dict,
+                 text_kwargs: dict) -> tuple[Tensor, Tensor]:
+    """:func:`_towers` called by DDP's forward (which moves the inputs and prepares the
+    backward's gradient reduction): the wrapped module's ``forward`` is replaced for the call
+    and put back after it."""
+    own = m.__dict__.get("forward", _NO_FORWARD)  # an instance-level forward (e.g. autocast)
+    m.forward = lambda image_kwargs, text_kwargs: _towers(m, image_kwargs, text_kwargs)
+    try:
+        return ddp(image_kwargs=image_kwargs, text_kwargs=text_kwargs)
+    finally:
+        if own is _NO_FORWARD:
+            del m.forward
+        else:
+            m.forward = own
+
+
 def clip_loss_func(model: nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
                    num_items_in_batch=None):
     """The contrastive loss of a CLIP-style model on a batch, without its logits matrix.
@@ -87,8 +110,10 @@ def clip_loss_func(model: nn.Module, inputs: Mapping[str, Any], return_outputs: 
     text_kwargs = {k: v for k, v in inputs.items() if k in _TEXT_KEYS}
     image_kwargs = {k: v for k, v in inputs.items()
                     if k not in _TEXT_KEYS and k not in _IGNORED}
-    image = _embeddings(m.get_image_features(**image_kwargs), "image")
-    text = _embeddings(m.get_text_features(**text_kwargs), "text")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        image, text = _through_ddp(model, m, image_kwargs, text_kwargs)
+    else:
+        image, text = _towers(m, image_kwargs, text_kwargs)
     text = text.to(image.device)
     scale = m.logit_scale.exp()
     bias = getattr(m, "logit_bias", None)
