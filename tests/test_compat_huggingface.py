@@ -196,6 +196,27 @@ _WORKER = textwrap.dedent(r'''
         for name in got:  # DDP averaged every gradient, the logit scale's included
             torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11,
                                        msg=lambda m: f"{kind} {name}: {m}")
+        # global negatives: the mean of the ranks' losses and DDP's gradients are those of the
+        # model's own loss on the global batch
+        parts = [batch(n=4, dtype=torch.float64, seed=10 + r, pad=(kind == "clip"))
+                 for r in range(world)]
+        whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        ref = tiny_model(kind, torch.float64)
+        ref_loss = ref(**whole, return_loss=True).loss
+        ref_loss.backward()
+        for gather in ("all_gather", "ring"):
+            model = tiny_model(kind, torch.float64)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            loss = compat.clip_loss_func(ddp, inputs, gather=gather)
+            loss.backward()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            torch.testing.assert_close(mean / world, ref_loss.detach(), rtol=1e-9, atol=1e-11)
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad,
+                                               rtol=1e-8, atol=1e-11,
+                                               msg=lambda m: f"{kind} {gather} {name}: {m}")
     dist.barrier()
     dist.destroy_process_group()
     print("ok", rank)
@@ -205,5 +226,16 @@ _WORKER = textwrap.dedent(r'''
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_ddp_two_processes(tmp_path):
     """A DDP-wrapped CLIP / SigLIP model: the towers run through DDP's forward, and after the
-    backward every parameter has the gradient of the model's own loss averaged over the ranks."""
+    backward every parameter has the gradient of the model's own loss averaged over the ranks;
+    with gather="all_gather" / "ring", the mean of the ranks' losses and the averaged
+    gradients are those of the model's own loss on the global batch."""
     run_ranks(_WORKER, tmp_path, args=[os.path.dirname(os.path.abspath(__file__))])
+
+
+def test_trainer_gather_only_with_several_processes():
+    """ClipTrainerMixin.fastcl_gather applies where torch.distributed runs several processes."""
+    class Mixed(compat.ClipTrainerMixin):
+        fastcl_gather = "ring"
+
+    assert compat.ClipTrainerMixin.fastcl_gather is None
+    assert Mixed()._fastcl_gather() is None  # no process group here

@@ -32,7 +32,7 @@ batch, as with the model's own forward under DDP. An ``nn.DataParallel`` wrapper
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +97,7 @@ def _through_ddp(ddp: nn.Module, m: nn.Module, image_kwargs: dict,
 
 
 def clip_loss_func(model: nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
-                   num_items_in_batch=None):
+                   num_items_in_batch=None, *, gather: Optional[str] = None, group=None):
     """The contrastive loss of a CLIP-style model on a batch, without its logits matrix.
 
     Same signature as ``Trainer.compute_loss`` (less ``self``): ``inputs`` holds the text inputs
@@ -105,6 +105,13 @@ def clip_loss_func(model: nn.Module, inputs: Mapping[str, Any], return_outputs: 
     Returns the loss, or ``(loss, {"loss", "image_embeds", "text_embeds"})`` with
     ``return_outputs=True`` (normalized embeddings). ``num_items_in_batch`` is accepted and not
     used: the loss is a per-batch mean, as the model's own.
+
+    ``gather="all_gather"`` or ``"ring"`` (several processes, ``group``): each process's images
+    and texts against those of every process (global negatives, as open_clip's
+    ``local_loss=True, gather_with_grad=True``), under :mod:`fastcl.distributed`'s convention:
+    the mean over processes of the returned losses is the loss of the global batch, and DDP's
+    averaged gradients are its gradients. Default None: the loss of this process's batch, as the
+    model's own forward computes it.
     """
     m = _unwrap(model)
     text_kwargs = {k: v for k, v in inputs.items() if k in _TEXT_KEYS}
@@ -118,9 +125,10 @@ def clip_loss_func(model: nn.Module, inputs: Mapping[str, Any], return_outputs: 
     scale = m.logit_scale.exp()
     bias = getattr(m, "logit_bias", None)
     if bias is not None:
-        loss = _F.siglip_loss(image, text, scale, bias, normalize=True)
+        loss = _F.siglip_loss(image, text, scale, bias, normalize=True, gather=gather,
+                              group=group)
     else:
-        loss = _F.clip_loss(image, text, scale, normalize=True)
+        loss = _F.clip_loss(image, text, scale, normalize=True, gather=gather, group=group)
     if not return_outputs:
         return loss
     outputs = {"loss": loss,
@@ -131,19 +139,34 @@ def clip_loss_func(model: nn.Module, inputs: Mapping[str, Any], return_outputs: 
 
 class ClipTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass to compute the CLIP / SigLIP loss with
-    :func:`clip_loss_func`: ``class MyTrainer(ClipTrainerMixin, Trainer)``."""
+    :func:`clip_loss_func`: ``class MyTrainer(ClipTrainerMixin, Trainer)``.
+
+    ``fastcl_gather`` (class or instance attribute, default None) is passed to
+    :func:`clip_loss_func` as ``gather``: set it to ``"all_gather"`` or ``"ring"`` for global
+    negatives across the processes of a distributed run.
+    """
+
+    fastcl_gather: Optional[str] = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``Trainer.compute_loss`` through :func:`clip_loss_func`."""
         return clip_loss_func(model, inputs, return_outputs=return_outputs,
-                              num_items_in_batch=num_items_in_batch)
+                              num_items_in_batch=num_items_in_batch,
+                              gather=self._fastcl_gather())
+
+    def _fastcl_gather(self) -> Optional[str]:
+        """``fastcl_gather`` where ``torch.distributed`` runs several processes, else None."""
+        dist = torch.distributed
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return self.fastcl_gather if several else None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation through :func:`clip_loss_func` as well (the Trainer's default would call
         the full forward): returns ``(loss, (image_embeds, text_embeds), None)``."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, outputs = clip_loss_func(model, inputs, return_outputs=True)
+            loss, outputs = clip_loss_func(model, inputs, return_outputs=True,
+                                           gather=self._fastcl_gather())
         loss = loss.detach().mean()
         if prediction_loss_only:
             return loss, None, None
