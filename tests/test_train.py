@@ -87,6 +87,7 @@ CASES = [
     ("dcl", "views", 2, {"weighted": True}, False),
     ("hard_negative_nce", "views", 2, {"beta": 0.5, "tau_plus": 0.1}, False),
     ("siglip", "pairs", 2, {}, False),
+    ("align_uniform", "views", 2, {"unif_weight": 0.5}, False),
 ]
 
 
@@ -525,6 +526,7 @@ DIST_CASES = [
     ("clip-pairs", "pairs", dict(loss="clip")),
     ("clip-pairs-ring", "pairs", dict(loss="clip", gather="ring")),
     ("siglip-pairs", "pairs", dict(loss="siglip", learnable_temperature=False)),
+    ("align-uniform-pairs", "pairs", dict(loss="align_uniform", learnable_temperature=False)),
     ("supcon-digits", "digits", dict(loss="supcon")),
     ("multiview-digits-3v", "digits", dict(loss="multiview", views=3, learnable_temperature=False,
                                            loss_options={"method": "mv_infonce"})),

@@ -37,7 +37,7 @@ class TrainConfig:
         pairs_latent_dim, pairs_dims, pairs_noise, eval_size: the synthetic paired task.
     Loss:
         loss: a name of :data:`fastcl.train.LOSSES` (``clip``, ``info_nce``, ``nt_xent``,
-            ``supcon``, ``dcl``, ``multiview``, ``siglip``, ``hard_negative_nce``).
+            ``supcon``, ``dcl``, ``multiview``, ``siglip``, ``hard_negative_nce``, ``align_uniform``).
         loss_options: keyword options of that loss (``{"variant": "in"}``, ``{"method": "cmc"}``).
         temperature: initial temperature (the logit scale is ``1 / temperature``); ``None``
             takes the loss's own default.

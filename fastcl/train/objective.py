@@ -15,6 +15,7 @@ name                   call                             slots
 ``siglip``             ``siglip_loss(E0, E1, a, b)``    2
 ``supcon``             ``supcon([N, V, D], labels)``    any (labels if given)
 ``multiview``          ``multiview_loss([V, N, D])``    >= 2
+``align_uniform``      ``AlignUniformLoss(E0, E1)``     2
 =====================  ===============================  ==========================
 
 On several processes the trainer calls :meth:`Objective.set_gather` (``"all_gather"`` by
@@ -57,6 +58,7 @@ LOSSES = {
     "siglip": LossSpec(fnn.SigLipLoss, "siglip_loss", 2, temperature=False),
     "supcon": LossSpec(fnn.SupConLoss, "supcon", None, min_slots=1, uses_labels=True),
     "multiview": LossSpec(fnn.MultiViewLoss, "multiview_loss", None, min_slots=2),
+    "align_uniform": LossSpec(fnn.AlignUniformLoss, "uniformity", 2, temperature=False),
 }
 
 # Options the trainer sets itself (through TrainConfig), not through loss_options.
@@ -160,5 +162,6 @@ def build_objective(name: str, *, options: Optional[dict] = None, temperature: O
             kwargs["max_logit_scale"] = float(max_logit_scale)
     elif temperature is not None or learnable_temperature:
         raise ValueError(f"loss {name!r} has no temperature (SigLIP learns its own logit scale "
-                         f"and bias); drop temperature / learnable_temperature")
+                         f"and bias; alignment / uniformity use distances); drop temperature / "
+                         f"learnable_temperature")
     return Objective(name, spec.module(**kwargs), use_labels=use_labels)
