@@ -305,6 +305,8 @@ _WORKER = textwrap.dedent(r'''
                                                    static_model)
     from fastcl.compat import sentence_transformers as compat
 
+    import warnings
+    warnings.simplefilter("error", compat.CompatFallbackWarning)  # the fused path, no fallback
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     models = {"plain": static_model(), "cached": encoder_model()}  # the cached one splits
