@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as _F
+from ._util import world_size
 
 __all__ = ["clip_loss_func", "ClipTrainerMixin", "ClipTrainer"]
 
@@ -156,9 +157,7 @@ class ClipTrainerMixin:
 
     def _fastcl_gather(self) -> Optional[str]:
         """``fastcl_gather`` where ``torch.distributed`` runs several processes, else None."""
-        dist = torch.distributed
-        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return self.fastcl_gather if several else None
+        return self.fastcl_gather if world_size() > 1 else None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation through :func:`clip_loss_func` as well (the Trainer's default would call

@@ -207,7 +207,7 @@ class DCLLoss(nn.Module):
                 and not fn.args and set(fn.keywords) <= {"sigma"}:
             sigma = fn.keywords.get("sigma", 0.5)
             return _F.dcl(out0, out1, temperature=self.temperature, weighted=True, sigma=sigma,
-                          normalize=True, gather=gather)
+                          normalize=True)
         u0 = F.normalize(out0, dim=1)
         u1 = F.normalize(out1, dim=1)
         n = u0.shape[0]

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as _F
-from ._util import CompatFallbackWarning
+from ._util import CompatFallbackWarning, rank, world_size
 
 __all__ = ["ClipLoss", "SigLipLoss", "CompatFallbackWarning"]
 
@@ -131,10 +131,8 @@ class ClipLoss(nn.Module):
     def _fastcl_gather(self) -> bool:
         """Whether the settings are those of ``gather="all_gather"`` on the default group: local
         loss, gradients through the gathered features, this process's rank and world size."""
-        dist = torch.distributed
         return (self.local_loss and self.gather_with_grad and not self.use_horovod
-                and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() == self.world_size and dist.get_rank() == self.rank)
+                and (rank(), world_size()) == (self.rank, self.world_size))
 
     def extra_repr(self) -> str:
         """The distributed settings, for ``repr``."""
