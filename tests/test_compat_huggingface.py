@@ -165,61 +165,56 @@ def test_mixin_in_a_custom_trainer(tmp_path, monkeypatch):
 # ============================================================================================
 
 _WORKER = textwrap.dedent(r'''
-    import sys
     import torch, torch.distributed as dist
-    sys.path.insert(0, sys.argv[1])
+    from _processes import process_group
     from test_compat_huggingface import batch, tiny_model
     from fastcl.compat import huggingface as compat
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    for kind in ("clip", "siglip"):
-        inputs = batch(n=4, dtype=torch.float64, seed=10 + rank, pad=(kind == "clip"))
-        # the model's own loss on this rank's batch, gradients averaged over the ranks
-        ref = tiny_model(kind, torch.float64)
-        ref(**inputs, return_loss=True).loss.backward()
-        want = {}
-        for name, p in ref.named_parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                want[name] = p.grad / world
-        model = tiny_model(kind, torch.float64)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        calls = []
-        model.register_forward_hook(lambda *a: calls.append(1))
-        loss = compat.clip_loss_func(ddp, inputs)
-        loss.backward()
-        assert calls == [1], calls  # the towers ran once, through DDP's forward
-        assert "forward" not in model.__dict__  # the module's own forward is back
-        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert got.keys() == want.keys(), (sorted(got), sorted(want))
-        for name in got:  # DDP averaged every gradient, the logit scale's included
-            torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11,
-                                       msg=lambda m: f"{kind} {name}: {m}")
-        # global negatives: the mean of the ranks' losses and DDP's gradients are those of the
-        # model's own loss on the global batch
-        parts = [batch(n=4, dtype=torch.float64, seed=10 + r, pad=(kind == "clip"))
-                 for r in range(world)]
-        whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        ref = tiny_model(kind, torch.float64)
-        ref_loss = ref(**whole, return_loss=True).loss
-        ref_loss.backward()
-        for gather in ("all_gather", "ring"):
+    with process_group() as (rank, world):
+        for kind in ("clip", "siglip"):
+            inputs = batch(n=4, dtype=torch.float64, seed=10 + rank, pad=(kind == "clip"))
+            # the model's own loss on this rank's batch, gradients averaged over the ranks
+            ref = tiny_model(kind, torch.float64)
+            ref(**inputs, return_loss=True).loss.backward()
+            want = {}
+            for name, p in ref.named_parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    want[name] = p.grad / world
             model = tiny_model(kind, torch.float64)
             ddp = torch.nn.parallel.DistributedDataParallel(model)
-            loss = compat.clip_loss_func(ddp, inputs, gather=gather)
+            calls = []
+            model.register_forward_hook(lambda *a: calls.append(1))
+            loss = compat.clip_loss_func(ddp, inputs)
             loss.backward()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            torch.testing.assert_close(mean / world, ref_loss.detach(), rtol=1e-9, atol=1e-11)
-            for name, p in model.named_parameters():
-                if p.grad is not None:
-                    torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad,
-                                               rtol=1e-8, atol=1e-11,
-                                               msg=lambda m: f"{kind} {gather} {name}: {m}")
-    dist.barrier()
-    dist.destroy_process_group()
-    print("ok", rank)
+            assert calls == [1], calls  # the towers ran once, through DDP's forward
+            assert "forward" not in model.__dict__  # the module's own forward is back
+            got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            assert got.keys() == want.keys(), (sorted(got), sorted(want))
+            for name in got:  # DDP averaged every gradient, the logit scale's included
+                torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11,
+                                           msg=lambda m: f"{kind} {name}: {m}")
+            # global negatives: the mean of the ranks' losses and DDP's gradients are those of the
+            # model's own loss on the global batch
+            parts = [batch(n=4, dtype=torch.float64, seed=10 + r, pad=(kind == "clip"))
+                     for r in range(world)]
+            whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            ref = tiny_model(kind, torch.float64)
+            ref_loss = ref(**whole, return_loss=True).loss
+            ref_loss.backward()
+            for gather in ("all_gather", "ring"):
+                model = tiny_model(kind, torch.float64)
+                ddp = torch.nn.parallel.DistributedDataParallel(model)
+                loss = compat.clip_loss_func(ddp, inputs, gather=gather)
+                loss.backward()
+                mean = loss.detach().clone()
+                dist.all_reduce(mean)
+                torch.testing.assert_close(mean / world, ref_loss.detach(), rtol=1e-9, atol=1e-11)
+                for name, p in model.named_parameters():
+                    if p.grad is not None:
+                        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad,
+                                                   rtol=1e-8, atol=1e-11,
+                                                   msg=lambda m: f"{kind} {gather} {name}: {m}")
 ''')
 
 
@@ -229,7 +224,7 @@ def test_ddp_two_processes(tmp_path):
     backward every parameter has the gradient of the model's own loss averaged over the ranks;
     with gather="all_gather" / "ring", the mean of the ranks' losses and the averaged
     gradients are those of the model's own loss on the global batch."""
-    run_ranks(_WORKER, tmp_path, args=[os.path.dirname(os.path.abspath(__file__))])
+    run_ranks(_WORKER, tmp_path)
 
 
 def test_trainer_gather_only_with_several_processes():

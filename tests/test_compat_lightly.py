@@ -103,45 +103,40 @@ def test_temperature_errors():
 
 # world_size = 2: two gloo processes, lightly's losses with gather_distributed=True
 _WORKER = textwrap.dedent(r'''
-    import sys
-    from functools import partial
-    import torch, torch.distributed as dist
+    import torch
     import lightly.loss as lightly_loss
+    from _processes import process_group
     from fastcl.compat import lightly as compat
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert compat._gather(True) == "all_gather" and compat._gather(False) is None
-    g = torch.Generator().manual_seed(200 + rank)
-    x0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    y0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    weight = lambda a, b: 1.0 + (a * b).sum(-1)  # a weight_fn fastcl has no fused form of
-    cases = [("NTXentLoss", dict(temperature=0.25)), ("DCLLoss", dict(temperature=0.5)),
-             ("DCLWLoss", dict(temperature=0.5, sigma=0.75)),
-             ("DCLLoss", dict(temperature=0.5, weight_fn=weight)),
-             ("NTXentLoss", dict(temperature=0.25, memory_bank_size=(12, 4)))]
-    for name, kw in cases:
-        results = []
-        for module in (compat, lightly_loss):
-            torch.manual_seed(7)  # the memory bank's initial contents
-            fn = getattr(module, name)(gather_distributed=True, **kw)
-            if "memory_bank_size" in kw:
-                fn = fn.double()
-            per_step = []
-            for step in range(3):  # the bank is updated with every rank's batch
-                x = (x0 + step).requires_grad_(True)
-                y = (y0 - step).requires_grad_(True)
-                loss = fn(x, y)
-                loss.backward()
-                per_step.append((loss.detach(), x.grad, y.grad))
-            results.append(per_step)
-        for ours, theirs in zip(*results):
-            for a, b in zip(ours, theirs):
-                torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-7, atol=1e-9,
-                                           msg=lambda m: f"{name} {kw}: {m}")
-    dist.barrier()
-    dist.destroy_process_group()
-    print("ok", rank)
+    with process_group() as (rank, world):
+        assert compat._gather(True) == "all_gather" and compat._gather(False) is None
+        g = torch.Generator().manual_seed(200 + rank)
+        x0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        y0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        weight = lambda a, b: 1.0 + (a * b).sum(-1)  # a weight_fn fastcl has no fused form of
+        cases = [("NTXentLoss", dict(temperature=0.25)), ("DCLLoss", dict(temperature=0.5)),
+                 ("DCLWLoss", dict(temperature=0.5, sigma=0.75)),
+                 ("DCLLoss", dict(temperature=0.5, weight_fn=weight)),
+                 ("NTXentLoss", dict(temperature=0.25, memory_bank_size=(12, 4)))]
+        for name, kw in cases:
+            results = []
+            for module in (compat, lightly_loss):
+                torch.manual_seed(7)  # the memory bank's initial contents
+                fn = getattr(module, name)(gather_distributed=True, **kw)
+                if "memory_bank_size" in kw:
+                    fn = fn.double()
+                per_step = []
+                for step in range(3):  # the bank is updated with every rank's batch
+                    x = (x0 + step).requires_grad_(True)
+                    y = (y0 - step).requires_grad_(True)
+                    loss = fn(x, y)
+                    loss.backward()
+                    per_step.append((loss.detach(), x.grad, y.grad))
+                results.append(per_step)
+            for ours, theirs in zip(*results):
+                for a, b in zip(ours, theirs):
+                    torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-7, atol=1e-9,
+                                               msg=lambda m: f"{name} {kw}: {m}")
 ''')
 
 

@@ -211,50 +211,48 @@ _WORKER = textwrap.dedent(r'''
     oc_loss = importlib.util.module_from_spec(spec); sys.modules["open_clip.loss"] = oc_loss
     spec.loader.exec_module(oc_loss)
     from fastcl.compat.open_clip import ClipLoss, SigLipLoss
+    from _processes import process_group
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    g = torch.Generator().manual_seed(100 + rank)
-    img0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    txt0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    for local_loss in (False, True):
-        for gather_with_grad in (False, True):
-            kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
-                      world_size=world)
-            # the usual setting runs as fastcl's all_gather strategy (one pass for both directions)
-            assert ClipLoss(**kw)._fastcl_gather() == (local_loss and gather_with_grad)
+    with process_group() as (rank, world):
+        g = torch.Generator().manual_seed(100 + rank)
+        img0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        txt0 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        for local_loss in (False, True):
+            for gather_with_grad in (False, True):
+                kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                          world_size=world)
+                # the usual setting runs as fastcl's all_gather (one pass, both directions)
+                assert ClipLoss(**kw)._fastcl_gather() == (local_loss and gather_with_grad)
+                results = []
+                for fn in (ClipLoss(**kw), oc_loss.ClipLoss(**kw)):
+                    img = img0.clone().requires_grad_(True)
+                    txt = txt0.clone().requires_grad_(True)
+                    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+                    loss = fn(img, txt, scale)
+                    loss.backward()
+                    ds = scale.grad
+                    if local_loss and gather_with_grad:
+                        # gather="all_gather" splits the replicated scale's gradient between
+                        # the ranks differently; its sum over ranks (what DDP's averaging
+                        # uses) is the same
+                        dist.all_reduce(ds)
+                    results.append((loss.detach(), img.grad, txt.grad, ds))
+                for a, b in zip(*results):
+                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        # SigLIP: this rank's images against every rank's texts, for each of open_clip's exchanges
+        for dist_impl in ("bidir", "shift", "reduce", "gather"):
+            kw = dict(rank=rank, world_size=world, dist_impl=dist_impl)
             results = []
-            for fn in (ClipLoss(**kw), oc_loss.ClipLoss(**kw)):
+            for fn in (SigLipLoss(**kw), oc_loss.SigLipLoss(**kw)):
                 img = img0.clone().requires_grad_(True)
                 txt = txt0.clone().requires_grad_(True)
                 scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-                loss = fn(img, txt, scale)
+                bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+                loss = fn(img, txt, scale, bias)
                 loss.backward()
-                ds = scale.grad
-                if local_loss and gather_with_grad:
-                    # gather="all_gather" splits the replicated scale's gradient between the
-                    # ranks differently; its sum over ranks (what DDP's averaging uses) is the same
-                    dist.all_reduce(ds)
-                results.append((loss.detach(), img.grad, txt.grad, ds))
+                results.append((loss.detach(), img.grad, txt.grad, scale.grad, bias.grad))
             for a, b in zip(*results):
-                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    # SigLIP: this rank's images against every rank's texts, for each of open_clip's exchanges
-    for dist_impl in ("bidir", "shift", "reduce", "gather"):
-        kw = dict(rank=rank, world_size=world, dist_impl=dist_impl)
-        results = []
-        for fn in (SigLipLoss(**kw), oc_loss.SigLipLoss(**kw)):
-            img = img0.clone().requires_grad_(True)
-            txt = txt0.clone().requires_grad_(True)
-            scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-            bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
-            loss = fn(img, txt, scale, bias)
-            loss.backward()
-            results.append((loss.detach(), img.grad, txt.grad, scale.grad, bias.grad))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: dist_impl + m)
-    dist.barrier()
-    dist.destroy_process_group()
-    print("ok", rank)
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: dist_impl + m)
 ''')
 
 

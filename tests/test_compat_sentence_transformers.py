@@ -298,46 +298,42 @@ def test_trainer_cached_mnrl(tmp_path):
 # ============================================================================================
 
 _WORKER = textwrap.dedent(r'''
-    import sys
-    import torch, torch.distributed as dist
-    sys.path.insert(0, sys.argv[1])
+    import torch
+    from _processes import process_group
     from test_compat_sentence_transformers import (dot_score, encoder_model, st_losses,
                                                    static_model)
     from fastcl.compat import sentence_transformers as compat
 
     import warnings
     warnings.simplefilter("error", compat.CompatFallbackWarning)  # the fused path, no fallback
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    models = {"plain": static_model(), "cached": encoder_model()}  # the cached one splits
-    g = torch.Generator().manual_seed(300 + rank)
-    n, d = 4, 6
-    cases = [({}, 0), ({}, 2), (dict(scale=1.0, similarity_fct=dot_score), 1),
-             (dict(scale=10.0, directions=("query_to_doc", "doc_to_query"),
-                   partition_mode="per_direction"), 1)]
-    for kw, n_neg in cases:
-        cols = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2 + n_neg)]
-        for ours_cls, theirs_cls in ((compat.MultipleNegativesRankingLoss,
-                                      st_losses.MultipleNegativesRankingLoss),
-                                     (compat.CachedMultipleNegativesRankingLoss,
-                                      st_losses.CachedMultipleNegativesRankingLoss)):
-            results = []
-            for cls in (ours_cls, theirs_cls):
-                emb = [c.clone().requires_grad_(True) for c in cols]
-                cached = hasattr(cls, "calculate_loss")
-                loss_fn = cls(models["cached" if cached else "plain"], gather_across_devices=True,
-                              **kw)
-                if cached:  # the cached form: lists of mini-batches
-                    loss = loss_fn.calculate_loss([[e[:2], e[2:]] for e in emb])
-                else:
-                    loss = loss_fn.compute_loss_from_embeddings(emb, None)
-                results.append((loss.detach(), *torch.autograd.grad(loss, emb)))
-            for a, b in zip(*results):
-                torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-9, atol=1e-10,
-                                           msg=lambda m: f"{ours_cls.__name__} {kw} {n_neg}: {m}")
-    dist.barrier()
-    dist.destroy_process_group()
-    print("ok", rank)
+    with process_group() as (rank, world):
+        models = {"plain": static_model(), "cached": encoder_model()}  # the cached one splits
+        g = torch.Generator().manual_seed(300 + rank)
+        n, d = 4, 6
+        cases = [({}, 0), ({}, 2), (dict(scale=1.0, similarity_fct=dot_score), 1),
+                 (dict(scale=10.0, directions=("query_to_doc", "doc_to_query"),
+                       partition_mode="per_direction"), 1)]
+        for kw, n_neg in cases:
+            cols = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2 + n_neg)]
+            for ours_cls, theirs_cls in ((compat.MultipleNegativesRankingLoss,
+                                          st_losses.MultipleNegativesRankingLoss),
+                                         (compat.CachedMultipleNegativesRankingLoss,
+                                          st_losses.CachedMultipleNegativesRankingLoss)):
+                results = []
+                for cls in (ours_cls, theirs_cls):
+                    emb = [c.clone().requires_grad_(True) for c in cols]
+                    cached = hasattr(cls, "calculate_loss")
+                    loss_fn = cls(models["cached" if cached else "plain"],
+                                  gather_across_devices=True, **kw)
+                    if cached:  # the cached form: lists of mini-batches
+                        loss = loss_fn.calculate_loss([[e[:2], e[2:]] for e in emb])
+                    else:
+                        loss = loss_fn.compute_loss_from_embeddings(emb, None)
+                    results.append((loss.detach(), *torch.autograd.grad(loss, emb)))
+                for a, b in zip(*results):
+                    torch.testing.assert_close(
+                        a.to(b.dtype), b, rtol=1e-9, atol=1e-10,
+                        msg=lambda m: f"{ours_cls.__name__} {kw} {n_neg}: {m}")
 ''')
 
 
@@ -345,4 +341,4 @@ _WORKER = textwrap.dedent(r'''
 def test_gather_across_devices_two_processes(tmp_path):
     """Each process's anchors against every process's positives and hard negatives: the loss
     and the gradients of sentence-transformers' gathered loss, on each rank, both classes."""
-    run_ranks(_WORKER, tmp_path, args=[os.path.dirname(os.path.abspath(__file__))])
+    run_ranks(_WORKER, tmp_path)
