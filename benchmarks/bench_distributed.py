@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -118,7 +119,7 @@ def run_rank(n: int, d: int, reps: int, device) -> dict:
         return loss
 
     out = {}
-    for gather, schedule in ((g, s) for g in STRATEGIES for s in SCHEDULES):
+    for gather, schedule in itertools.product(STRATEGIES, SCHEDULES):
         step = functools.partial(step_of, gather, schedule)
         step()  # warm-up (kernel loading, communicator setup)
         times = []
@@ -140,8 +141,9 @@ def run_rank(n: int, d: int, reps: int, device) -> dict:
             process_peak = torch.cuda.max_memory_allocated(device) - base
         else:
             process_peak = rss.extra or 0
-        out[f"{gather}, {schedule}"] = {"time_s": statistics.median(times), "tensor_peak_bytes": mem.peak,
-                       "process_peak_bytes": max(process_peak, 0)}
+        out[f"{gather}, {schedule}"] = {"time_s": statistics.median(times),
+                                        "tensor_peak_bytes": mem.peak,
+                                        "process_peak_bytes": max(process_peak, 0)}
     return out
 
 

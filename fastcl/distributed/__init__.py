@@ -23,9 +23,10 @@ same values and gradients:
   loss (CLIP) takes both directions from the same ring: the column statistics of a key block
   follow it like its gradient accumulator, merged by every rank, and in the backward the
   block's column gradients and global column log-sum-exp travel with it. The sigmoid loss
-  (SigLIP) adds up per-block row sums (positives on the diagonal of the own block only). The ring is not traced by
-  ``torch.compile``: the compiled function breaks the graph there and runs the loss eagerly,
-  and ``fullgraph=True`` refuses it (use ``"all_gather"``, which compiles).
+  (SigLIP) adds up per-block row sums (positives on the diagonal of the own block only). The
+  ring is not traced by ``torch.compile``: the compiled function breaks the graph there and
+  runs the loss eagerly, and ``fullgraph=True`` refuses it (use ``"all_gather"``, which
+  compiles).
 
 Gradient convention (the one under which DDP's gradient averaging gives every parameter exactly
 the gradient of one process training on the global batch), for both strategies:
