@@ -136,9 +136,10 @@ class Shard:
             n = cols.shape[0]
             own = slice(self.rank * n, (self.rank + 1) * n)
             order = torch.argsort(self.block_ids(n, cols.device))  # gathered -> global order
-            col_lse = _LseAllReduce.apply(col_lse[:self.world * n][order], self.group)[own]
-            col_mean = _SumAllReduce.apply(col_mean[:self.world * n][order],
-                                           self.group)[own] / self.world
+            col_lse, col_sum = _ColumnsAllReduce.apply(col_lse[:self.world * n][order],
+                                                       col_mean[:self.world * n][order],
+                                                       self.group)
+            col_lse, col_mean = col_lse[own], col_sum[own] / self.world
         return lse, pos, npos, mean, col_lse, col_mean, lse2
 
     def siglip_rows(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, backend: str) -> Tensor:
@@ -207,46 +208,31 @@ class _AllGather(torch.autograd.Function):
         return total[ctx.rank], None, None, None
 
 
-class _SumAllReduce(torch.autograd.Function):
-    """The sum over ranks of ``x``; the backward sums every rank's gradient (all_reduce)."""
+class _ColumnsAllReduce(torch.autograd.Function):
+    """Column statistics of disjoint row sets merged over the ranks: ``log sum_ranks exp(x)``
+    (log-sum-exps) and ``sum_ranks u`` (sums), elementwise, in two all-reduces (the maximum, then
+    both sums at once). The backward all-reduces both gradients at once and gives each rank
+    ``g_x exp(x - y)`` and ``g_u``."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        y = x.detach().clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.detach().clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
-class _LseAllReduce(torch.autograd.Function):
-    """``log sum_ranks exp(x)`` elementwise (log-sum-exps of disjoint sets merged); the backward
-    gives each rank the summed gradient times its share ``exp(x - y)``."""
-
-    @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, u, group):
         ctx.group = group
         m = x.detach().clone(memory_format=torch.contiguous_format)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        total = torch.exp(x.detach() - m)
-        dist.all_reduce(total, group=group)
-        y = m + torch.log(total)
+        sums = torch.stack([torch.exp(x.detach() - m), u.detach()])
+        dist.all_reduce(sums, group=group)
+        y = m + torch.log(sums[0])
         ctx.save_for_backward(x, y)
-        return y
+        return y, sums[1]
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g_y, g_sum):
         x, y = ctx.saved_tensors
-        g = g.detach().clone(memory_format=torch.contiguous_format)
+        g = torch.stack([g_y, g_sum])
         dist.all_reduce(g, group=ctx.group)
         share = torch.where(x > float("-inf"), torch.exp(x - y), torch.zeros_like(x))
-        return g * share, None
+        return g[0] * share, g[1], None
 
 
 def check_gather(gather: Optional[str]) -> Optional[str]:
