@@ -9,6 +9,7 @@ iterations with the adapters.
 from __future__ import annotations
 
 import contextlib
+import textwrap
 import warnings
 
 import pytest
@@ -18,6 +19,7 @@ pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 from pytorch_metric_learning import distances, miners, reducers, regularizers  # noqa: E402
 
 import fastcl.functional  # noqa: E402
+from _processes import run_ranks  # noqa: E402
 from fastcl.compat import pytorch_metric_learning as compat  # noqa: E402
 from fastcl.compat.pytorch_metric_learning import CompatFallbackWarning  # noqa: E402
 
@@ -320,3 +322,84 @@ def test_fp64_temperature_precision():
     ours = compat.NTXentLoss()(z, labels)
     theirs = pml_losses.NTXentLoss()(z, labels)
     torch.testing.assert_close(ours, theirs, **TOL[torch.float64])
+
+
+# ============================================================================================
+# DistributedLossWrapper on two processes
+# ============================================================================================
+
+_DIST_WORKER = textwrap.dedent(r'''
+    import warnings
+    import torch
+    from pytorch_metric_learning import distances, losses as pml_losses, reducers
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper as PmlWrapper
+    from _processes import process_group
+    import fastcl.functional
+    from fastcl.compat import pytorch_metric_learning as compat
+
+    calls = []
+    original = fastcl.functional.supcon
+    def spy(features, *args, **kwargs):
+        calls.append((tuple(features.shape), kwargs.get("gather")))
+        return original(features, *args, **kwargs)
+    fastcl.functional.supcon = spy
+
+    with process_group() as (rank, world):
+        n, d = 6, 5
+        def labels_for(layout, seed):
+            g = torch.Generator().manual_seed(seed)
+            if layout == "two_view":  # [z1; z2] per rank, ids unique across ranks
+                ids = torch.arange(n // 2) + rank * (n // 2)
+                return torch.cat([ids, ids])
+            if layout == "pairs_across_ranks":  # each label once here, once on the other rank
+                return torch.randperm(n, generator=torch.Generator().manual_seed(seed)) * 10
+            labels = torch.randint(0, 3, (world * n,), generator=g)[rank * n:(rank + 1) * n]
+            if layout == "singletons":  # anchors without a positive: a zero loss each
+                labels[1] = 100 + rank
+            return labels
+        cases = [
+            ("NTXentLoss", dict(temperature=0.5), "two_view", {}),
+            ("NTXentLoss", dict(temperature=0.25), "pairs_across_ranks", {}),
+            ("NTXentLoss", dict(temperature=0.5, reducer=reducers.SumReducer()), "two_view", {}),
+            ("NTXentLoss", dict(temperature=0.5, reducer=reducers.AvgNonZeroReducer(),
+                                distance=distances.DotProductSimilarity()), "two_view", {}),
+            ("SupConLoss", dict(temperature=0.5), "classes", {}),
+            ("SupConLoss", dict(temperature=0.25, reducer=reducers.SumReducer()), "classes", {}),
+            ("SupConLoss", dict(temperature=0.5, reducer=reducers.AvgNonZeroReducer(),
+                                distance=distances.DotProductSimilarity()), "singletons", {}),
+            ("SupConLoss", dict(temperature=0.5), "singletons", {}),
+            ("SupConLoss", dict(temperature=0.5), "classes", dict(efficient=True)),  # pml's
+            ("NTXentLoss", dict(temperature=0.5), "classes", {}),  # 3+ per label: pml's
+        ]
+        for i, (name, kw, layout, wrap) in enumerate(cases):
+            g = torch.Generator().manual_seed(100 * i + rank)
+            x0 = torch.randn(n, d, generator=g, dtype=torch.float64)
+            labels = labels_for(layout, 50 + i)
+            results = []
+            for module, wrapper in ((compat, compat.DistributedLossWrapper),
+                                    (pml_losses, PmlWrapper), (compat, PmlWrapper)):
+                fn = wrapper(getattr(module, name)(**kw), **wrap)
+                x = x0.clone().requires_grad_(True)
+                del calls[:]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    loss = fn(x, labels)
+                loss.backward()
+                results.append((loss.detach(), x.grad))
+                if module is compat and wrapper is compat.DistributedLossWrapper:
+                    fused = layout not in ("classes", "singletons") or name == "SupConLoss"
+                    fused = fused and not wrap
+                    assert (calls == [((n, d), "all_gather")]) == fused, (name, layout, calls)
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11,
+                                               msg=lambda m: f"{name} {kw} {layout}: {m}")
+''')
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_distributed_loss_wrapper_two_processes(tmp_path):
+    """pml's DistributedLossWrapper around NTXentLoss / SupConLoss on two processes: fastcl's
+    wrapper (each rank's anchors against the gathered batch, fused) gives pml's loss and
+    gradients on each rank, and hands pml the calls it does not fuse."""
+    run_ranks(_DIST_WORKER, tmp_path)

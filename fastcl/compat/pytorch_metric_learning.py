@@ -1,5 +1,5 @@
-"""Drop-in replacements for pytorch-metric-learning's ``NTXentLoss``, ``SupConLoss`` and
-``SelfSupervisedLoss``.
+"""Drop-in replacements for pytorch-metric-learning's ``NTXentLoss``, ``SupConLoss``,
+``SelfSupervisedLoss`` and ``DistributedLossWrapper``.
 
 Swap the import and keep the training loop as it is::
 
@@ -35,6 +35,10 @@ What is fused (pml's distance is ``CosineSimilarity``, the default, or ``DotProd
 
 The reducers are applied to the same per-pair (NT-Xent) or per-anchor (SupCon) losses pml hands
 them. The loss comes back in fp32 (fp64 for fp64 embeddings).
+
+``DistributedLossWrapper(loss)`` around either loss, on several processes, computes each
+process's anchors against every process's embeddings (``gather="all_gather"``) instead of the
+whole gathered batch on every process, with pml's value and gradients.
 """
 
 from __future__ import annotations
@@ -45,17 +49,20 @@ import torch
 from torch import Tensor
 
 from .. import functional as _F
-from ._util import CompatFallbackWarning, warn_once
+from ..distributed import shard as _shard
+from ._util import CompatFallbackWarning, warn_once, world_size
 
 try:
     from pytorch_metric_learning import losses as _pml_losses
+    from pytorch_metric_learning.utils import distributed as _pml_distributed
     from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
     from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 except ImportError as exc:  # pragma: no cover - exercised only without the library
     raise ImportError("fastcl.compat.pytorch_metric_learning needs pytorch-metric-learning "
                       "(pip install pytorch-metric-learning)") from exc
 
-__all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss", "CompatFallbackWarning"]
+__all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss", "DistributedLossWrapper",
+           "CompatFallbackWarning"]
 
 _PML_NTXENT = _pml_losses.NTXentLoss
 _PML_SUPCON = _pml_losses.SupConLoss
@@ -124,6 +131,20 @@ def _reduce(per: Tensor, reducer, embeddings: Tensor) -> Tensor:
     return torch.sum(embeddings * 0)
 
 
+def _labels_reason(counts: Tensor, kind: str) -> Optional[str]:
+    """Why a batch whose labels occur ``counts`` times each has no fused equivalent."""
+    if counts.numel() < 2:
+        return "a batch with a single label (no negative pair)"
+    most = int(counts.max())
+    if most < 2:
+        return "a batch without a positive pair"
+    if kind == "ntxent" and most > 2:
+        return ("a label held by more than two embeddings: pml's NTXentLoss then makes one term "
+                "per positive pair with the other positives out of the denominator, which is not "
+                "SupCon")
+    return None
+
+
 def _ntxent(loss, embeddings, labels, ref_emb, ref_labels):
     """(loss, None) when fused, (None, reason) otherwise."""
     labels = labels.to(embeddings.device)
@@ -131,15 +152,9 @@ def _ntxent(loss, embeddings, labels, ref_emb, ref_labels):
     t = loss.temperature
     if ref_emb is None:
         _, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        if counts.numel() < 2:
-            return None, "a batch with a single label (no negative pair)"
-        most = int(counts.max())
-        if most < 2:
-            return None, "a batch without a positive pair"
-        if most > 2:
-            return None, ("a label held by more than two embeddings: pml's NTXentLoss then makes "
-                          "one term per positive pair with the other positives out of the "
-                          "denominator, which is not SupCon")
+        reason = _labels_reason(counts, "ntxent")
+        if reason is not None:
+            return None, reason
         n = embeddings.shape[0] // 2
         if 2 * n == embeddings.shape[0] and bool((counts == 2).all()) \
                 and torch.equal(inv[:n], inv[n:]):
@@ -184,10 +199,9 @@ def _supcon(loss, embeddings, labels, ref_emb, ref_labels):
                       "no fused equivalent")
     labels = labels.to(embeddings.device)
     _, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    if counts.numel() < 2:
-        return None, "a batch with a single label (no negative pair)"
-    if int(counts.max()) < 2:
-        return None, "a batch without a positive pair"
+    reason = _labels_reason(counts, "supcon")
+    if reason is not None:
+        return None, reason
     per = _F.supcon(embeddings, inv, temperature=loss.temperature,
                     normalize=bool(loss.distance.normalize_embeddings), reduction="none")
     return _reduce(per, loss.reducer, embeddings), None
@@ -269,3 +283,72 @@ class SelfSupervisedLoss(_pml_losses.SelfSupervisedLoss):
                   f"the wrapped {type(inner).__name__} has no fused fastcl equivalent; it runs "
                   f"as it is.")
         return inner(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# several processes
+# --------------------------------------------------------------------------------------------
+
+def _distributed(loss, kind: str, sh, embeddings, labels):
+    """pml's ``DistributedLossWrapper(loss)`` value (``world_size`` times the loss of the
+    gathered batch) from this rank's anchors against every rank's embeddings, or
+    ``(None, reason)`` where the gathered batch has no fused equivalent."""
+    labels = labels.to(embeddings.device)
+    everyone = sh.columns_nograd(labels)
+    _, inv, counts = torch.unique(everyone, return_inverse=True, return_counts=True)
+    reason = _labels_reason(counts, kind)
+    if reason is not None:
+        return None, reason
+    own = inv[:embeddings.shape[0]]  # the gathered labels put this rank's block first
+    per = _F.supcon(embeddings, own, temperature=loss.temperature,
+                    normalize=bool(loss.distance.normalize_embeddings), reduction="none",
+                    gather="all_gather")
+    kept = (counts[own] == 2) if kind == "ntxent" else torch.ones_like(own, dtype=torch.bool)
+    reducer = type(loss.reducer)
+    if reducer is AvgNonZeroReducer:
+        kept = kept & (per.detach() > 0)
+    local = torch.where(kept, per, torch.zeros_like(per)).sum()
+    if reducer is not SumReducer:
+        count = sh.total(kept.sum().to(per.dtype))
+        if not bool(count > 0):  # AvgNonZeroReducer without a positive term: pml's zero
+            return torch.sum(embeddings * 0), None
+        local = local / count
+    # this rank's share carries the gradient (world * d loss / d shard, DDP averages it); the
+    # value is the sum over ranks: pml's world_size times the loss of the gathered batch
+    local = sh.world * local
+    return local + (sh.total(local) - local.detach()), None
+
+
+class DistributedLossWrapper(_pml_distributed.DistributedLossWrapper):
+    """pml's ``DistributedLossWrapper(loss, efficient=False)`` that runs a wrapped
+    ``NTXentLoss`` / ``SupConLoss`` (fastcl's or pml's) on ``gather="all_gather"``.
+
+    pml gathers every process's embeddings and computes the whole gathered batch's loss on every
+    process (``world_size`` times the work, an ``N x N`` matrix of the global batch in pml's
+    own loss). Here each process computes only its own anchors against the gathered embeddings
+    through the fused kernels, with the same value (``world_size`` times the loss of the gathered
+    batch) and the same gradients on every process. Calls that have no fused equivalent on the
+    gathered batch (``indices_tuple``, ``ref_emb``, label layouts the adapters refuse, other
+    losses, ``CrossBatchMemory``) and ``efficient=True`` (whose gradients leave out the other
+    processes' anchors) run pml's own wrapper, which hands the inner loss the gathered batch.
+    """
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
+                ref_labels=None, enqueue_mask=None):
+        """pml's ``forward``; fused across processes where the arguments allow."""
+        inner = self.loss
+        kinds = {NTXentLoss: "ntxent", _PML_NTXENT: "ntxent", SupConLoss: "supcon",
+                 _PML_SUPCON: "supcon"}
+        kind = kinds.get(type(inner))
+        if kind is not None and not self.efficient and enqueue_mask is None \
+                and world_size() > 1:
+            reason = _settings_reason(inner) or _call_reason(embeddings, labels, indices_tuple,
+                                                             ref_emb, ref_labels)
+            if reason is None:
+                value, reason = _distributed(inner, kind, _shard("all_gather"), embeddings,
+                                             labels)
+                if reason is None:
+                    inner.reset_stats()
+                    return value
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                               enqueue_mask)
