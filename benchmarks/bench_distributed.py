@@ -1,12 +1,20 @@
 """Global negatives over several processes: ``gather="all_gather"`` against ``gather="ring"``.
 
-Every rank runs the symmetric CLIP loss (:func:`fastcl.clip_loss`, fp32, unit-norm features,
-logit scale 1/0.07 as a leaf that requires grad) forward + backward on its shard of a global
-batch, for world sizes ``W`` in ``--world`` (gloo CPU processes, or NCCL GPU processes under
-``torchrun``). Each strategy runs twice in the same processes: as fastcl computes the loss (both
-directions from one pass over the keys, the second from the column statistics merged across
-ranks) and, as the baseline, as two one-direction losses (``info_nce(x, y) / 2 +
-info_nce(y, x) / 2``: one pass per direction, the schedule of the usual gathered losses).
+Every rank runs a loss (``--loss``; fp32, unit-norm features) forward + backward on its shard of
+a global batch, for world sizes ``W`` in ``--world`` (gloo CPU processes, or NCCL GPU processes
+under ``torchrun``). Each strategy runs two schedules in the same processes, fastcl's and a
+baseline:
+
+- ``clip``: the symmetric CLIP loss (:func:`fastcl.clip_loss`, logit scale 1/0.07 as a leaf that
+  requires grad) as fastcl computes it (both directions from one pass over the keys, the second
+  from the column statistics merged across ranks) and as two one-direction losses
+  (``info_nce(x, y) / 2 + info_nce(y, x) / 2``: one pass per direction, the schedule of the
+  usual gathered losses);
+- ``nt_xent``: NT-Xent over two views (:func:`fastcl.nt_xent`, temperature 0.1) as fastcl
+  computes it (with all_gather, each rank half of the symmetric global square; the ring takes
+  the whole rectangle) and the same loss as SupCon over the two views with the sample index as
+  label (:func:`fastcl.supcon`: every rank's rows against all columns, the rectangle).
+
 Reported per strategy, schedule and world size, as the maximum over ranks:
 
 - ``time``: median wall time of ``--reps`` forward + backward passes (after one warm-up),
@@ -55,8 +63,17 @@ from benchmarks._common import RssPeak, environment, sync
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 STRATEGIES = ("all_gather", "ring")
-#: the two schedules of the symmetric loss: fastcl's one pass, and one pass per direction
-SCHEDULES = ("one pass", "per direction")
+#: loss -> (fastcl's schedule, the baseline's), and the sentence that says what they are
+SCHEDULES = {
+    "clip": (("one pass", "per direction"),
+             "CLIP loss. One pass: fastcl's `clip_loss`; per direction: two one-direction "
+             "`info_nce` losses (the baseline)."),
+    "nt_xent": (("half square", "rectangle"),
+                "NT-Xent over two views (2 x rows/rank anchors per rank). Half square: fastcl's "
+                "`nt_xent` (with all_gather, half of the symmetric global square per rank; the "
+                "ring computes the rectangle); rectangle: the same loss as `supcon` over the two "
+                "views (every rank's rows against all columns, the baseline)."),
+}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -96,8 +113,9 @@ class LiveBytes(TorchDispatchMode):
 # One rank
 
 
-def run_rank(n: int, d: int, reps: int, device) -> dict:
-    """Time and memory of both strategies on this rank's shard of ``n`` rows."""
+def run_rank(loss_name: str, n: int, d: int, reps: int, device) -> dict:
+    """Time and memory of both strategies and schedules of ``loss_name`` on this rank's shard
+    of ``n`` rows."""
     import fastcl
 
     rank = dist.get_rank()
@@ -111,15 +129,19 @@ def run_rank(n: int, d: int, reps: int, device) -> dict:
     def step_of(gather, schedule):
         if schedule == "one pass":
             loss = fastcl.clip_loss(x, y, scale, gather=gather)
-        else:
+        elif schedule == "per direction":
             loss = (fastcl.info_nce(x, y, logit_scale=scale, gather=gather)
                     + fastcl.info_nce(y, x, logit_scale=scale, gather=gather)) / 2
+        elif schedule == "half square":
+            loss = fastcl.nt_xent(x, y, temperature=0.1, gather=gather)
+        else:
+            loss = fastcl.supcon(torch.stack([x, y], 1), temperature=0.1, gather=gather)
         loss.backward()
         x.grad = y.grad = scale.grad = None
         return loss
 
     out = {}
-    for gather, schedule in itertools.product(STRATEGIES, SCHEDULES):
+    for gather, schedule in itertools.product(STRATEGIES, SCHEDULES[loss_name][0]):
         step = functools.partial(step_of, gather, schedule)
         step()  # warm-up (kernel loading, communicator setup)
         times = []
@@ -165,7 +187,7 @@ def _worker_main(args) -> None:
         torch.set_num_threads(max(1, args.threads))
     n = args.batch if args.per_rank else args.batch // world
     try:
-        res = run_rank(n, args.dim, args.reps, device)
+        res = run_rank(args.loss, n, args.dim, args.reps, device)
         gathered = [None] * world
         dist.all_gather_object(gathered, res)
         if rank == 0:
@@ -186,8 +208,9 @@ def _worker_main(args) -> None:
 
 
 def _launch(args, world: int, out: str) -> None:
-    common = ["--batch", str(args.batch), "--dim", str(args.dim), "--reps", str(args.reps),
-              "--backend", args.backend, "--threads", str(args.threads), "--out", out]
+    common = ["--loss", args.loss, "--batch", str(args.batch), "--dim", str(args.dim),
+              "--reps", str(args.reps), "--backend", args.backend, "--threads", str(args.threads),
+              "--out", out]
     if args.per_rank:
         common.append("--per-rank")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -214,17 +237,17 @@ def _mib(b: int) -> str:
 
 def table(rows: list[dict], args) -> str:
     batch = "per-rank" if args.per_rank else "global"
-    lines = [f"CLIP loss forward + backward, {batch} batch {args.batch}, D = {args.dim}, fp32, "
-             f"{args.backend} ({args.device_name}); maximum over ranks. One pass: fastcl's "
-             "`clip_loss`; per direction: two one-direction `info_nce` losses (the baseline).",
+    (ours, base), what = SCHEDULES[args.loss]
+    lines = [f"Forward + backward, {batch} batch {args.batch}, D = {args.dim}, fp32, "
+             f"{args.backend} ({args.device_name}); maximum over ranks. {what}",
              "",
-             "| W | rows/rank | strategy | time, one pass (ms) | time, per direction (ms) | "
-             "one pass / per direction | tensor peak, one pass (MiB) | tensor peak, per "
-             "direction (MiB) | process peak, one pass (MiB) |",
+             f"| W | rows/rank | strategy | time, {ours} (ms) | time, {base} (ms) | "
+             f"{ours} / {base} | tensor peak, {ours} (MiB) | tensor peak, {base} (MiB) | "
+             f"process peak, {ours} (MiB) |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for gather in STRATEGIES:
-            one, two = r[f"{gather}, one pass"], r[f"{gather}, per direction"]
+            one, two = r[f"{gather}, {ours}"], r[f"{gather}, {base}"]
             lines.append(f"| {r['world']} | {r['n_per_rank']} | {gather} | "
                          f"{1e3 * one['time_s']:.1f} | {1e3 * two['time_s']:.1f} | "
                          f"{one['time_s'] / two['time_s']:.2f}x | "
@@ -240,6 +263,7 @@ def table(rows: list[dict], args) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--loss", choices=tuple(SCHEDULES), default="clip")
     p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--batch", type=int, default=16384, help="global batch (or per rank)")
     p.add_argument("--per-rank", action="store_true", help="--batch is the per-rank batch")
@@ -280,10 +304,12 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     md = table(rows, args)
     print(md)
-    base = args.out or os.path.join(RESULTS, f"distributed_{tag}")
+    suffix = "" if args.loss == "clip" else f"_{args.loss}"
+    base = args.out or os.path.join(RESULTS, f"distributed_{tag}{suffix}")
     os.makedirs(os.path.dirname(base), exist_ok=True)
     with open(base + ".json", "w") as f:
-        json.dump({"device": args.device_name, "backend": args.backend, "batch": args.batch,
+        json.dump({"loss": args.loss, "device": args.device_name, "backend": args.backend,
+                   "batch": args.batch,
                    "per_rank": args.per_rank, "dim": args.dim, "dtype": "float32",
                    "torch": torch.__version__, "rows": rows}, f, indent=1)
     with open(base + ".md", "w") as f:

@@ -106,14 +106,14 @@ def _stats(sh: Optional[Shard], rows: Tensor, cols: Optional[Tensor], a: Tensor,
     On one process (``sh`` None) the fused op on the given columns; with a shard, against the
     ``cols`` of every rank by the shard's strategy (:meth:`fastcl.distributed.Shard.stats`).
     ``cols=None``: the columns are the rows themselves (symmetric logits; on one process the op
-    then takes ``k=None``, whose backward exploits the symmetry).
+    then takes ``k=None``, whose backward exploits the symmetry; with ``"all_gather"`` each rank
+    computes half of the global square).
     """
-    if sh is not None or extra is not None:  # the columns are not the rows alone
-        cols = rows if cols is None else cols
     if sh is not None:
-        return sh.stats(rows, cols, a, b, targets, row_labels, col_labels, extra, **flags)
-    if extra is not None:
-        cols = torch.cat([cols, extra], dim=0)
+        return sh.stats(rows, rows if cols is None else cols, a, b, targets, row_labels,
+                        col_labels, extra, symmetric=cols is None, **flags)
+    if extra is not None:  # the columns are not the rows alone
+        cols = torch.cat([rows if cols is None else cols, extra], dim=0)
     return contrastive_stats(rows, cols, a, b, targets, row_labels, col_labels, **flags)
 
 

@@ -178,6 +178,62 @@ def kernel_calls(name, gather):
     return counts["fwd"], counts["bwd"]
 
 
+# cases over the logits of one feature set with itself (the global square is symmetric)
+SELF_SQUARE = ("nt_xent", "dcl_w", "mv_dhel")
+
+
+def logit_work(name, gather):
+    """Logit entries this rank's forward computes for case ``name``: ``R * C`` per call of the
+    statistics op, ``R * R / 2`` for a call on one feature set with itself (``k=None``)."""
+    from fastcl.distributed import ring
+    from fastcl.ops import contrastive
+
+    real, work = contrastive.contrastive_fwd, []
+
+    def call(q, k, *args, **kw):
+        work.append(q.shape[0] * q.shape[0] / 2 if k is None else q.shape[0] * k.shape[0])
+        return real(q, k, *args, **kw)
+    for module in (ring, contrastive):
+        module.contrastive_fwd = call
+    try:
+        world = dist.get_world_size()
+        shard = slice(dist.get_rank() * N_PER_RANK, (dist.get_rank() + 1) * N_PER_RANK)
+        run_case(name, world, shard, gather)
+    finally:
+        for module in (ring, contrastive):
+            module.contrastive_fwd = real
+    return sum(work)
+
+
+def half_square_stats(world):
+    """``Shard.stats`` of this rank's rows against every rank's, from the half square
+    (``symmetric=True``) and from the whole rectangle, for several masks: a list of
+    ``((lse, pos, npos, mean), gradients)`` pairs, the gradients those of a random weighting of
+    every statistic with respect to the rows, the scale and the bias."""
+    from fastcl.distributed import Shard
+
+    sh, rank, m = Shard("all_gather"), dist.get_rank(), 2 * N_PER_RANK
+    g = torch.Generator().manual_seed(99)
+    x_all = torch.randn(world * m, D, generator=g, dtype=torch.float64)
+    weights = torch.randn(4, world * m, generator=g, dtype=torch.float64)
+    own = slice(rank * m, (rank + 1) * m)
+    two_view = torch.arange(m).roll(m // 2)
+    out = []
+    for targets, exclude_diag, decoupled in ((two_view, True, False), (two_view, True, True),
+                                             (None, True, False), (two_view, False, True)):
+        pair = []
+        for symmetric in (True, False):
+            x = x_all[own].clone().requires_grad_(True)
+            a = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+            b = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
+            stats = sh.stats(x, x, a, b, targets, exclude_diag=exclude_diag,
+                             decoupled=decoupled, symmetric=symmetric, backend="cpu")[:4]
+            total = sum((w[own] * t).sum() for w, t in zip(weights, stats) if t.requires_grad)
+            pair.append(([t.detach() for t in stats], torch.autograd.grad(total, [x, a, b])))
+        out.append(pair)
+    return out
+
+
 def unequal_shards(rank, gather):
     """The error of a loss called with shards of different sizes (None if none was raised)."""
     x = torch.randn(N_PER_RANK + rank, D, dtype=torch.float64)
@@ -207,7 +263,8 @@ def compile_ring():
 
 
 def compile_all_gather(world):
-    """torch.compile(fullgraph=True) around the all_gather CLIP loss on this rank's shard:
+    """torch.compile(fullgraph=True) around the all_gather CLIP and NT-Xent losses on this
+    rank's shard:
     ``(eager loss, compiled loss, eager gradients, compiled gradients)``."""
     inputs = global_inputs(world)
     rank = dist.get_rank()
@@ -215,8 +272,9 @@ def compile_all_gather(world):
     x = inputs["x"][shard].clone().requires_grad_(True)
     y = inputs["y"][shard].clone().requires_grad_(True)
 
-    def f(a, b):
-        return fastcl.clip_loss(a, b, 3.0, label_smoothing=0.1, gather="all_gather")
+    def f(a, b):  # column statistics merged across ranks; NT-Xent's half square
+        return (fastcl.clip_loss(a, b, 3.0, label_smoothing=0.1, gather="all_gather")
+                + fastcl.nt_xent(a, b, temperature=0.5, gather="all_gather"))
 
     eager = f(x, y)
     eager_grads = torch.autograd.grad(eager, [x, y])
@@ -237,6 +295,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[gather]["peak_bytes"] = peak_bytes(rank, gather)
             results[gather]["unequal"] = unequal_shards(rank, gather)
             results[gather]["calls"] = {name: kernel_calls(name, gather) for name in ONE_PASS}
+            results[gather]["work"] = {name: logit_work(name, gather) for name in SELF_SQUARE}
+        results["half_square"] = half_square_stats(world)
         if world == 1:
             results["compile"] = compile_ring()
         if world <= 2:

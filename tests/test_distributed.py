@@ -36,7 +36,7 @@ def _spawn(world: int) -> list:
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
-@pytest.fixture(scope="module", params=[1, 2, 4])
+@pytest.fixture(scope="module", params=[1, 2, 3, 4])
 def ranks(request):
     return request.param, _spawn(request.param)
 
@@ -116,10 +116,47 @@ def test_one_kernel_call_per_key_block(ranks, gather, name):
         assert res[gather]["calls"][name] == want, (rank, res[gather]["calls"][name])
 
 
+@pytest.mark.parametrize("name", W.SELF_SQUARE)
+def test_all_gather_computes_half_of_a_symmetric_square(ranks, name):
+    """NT-Xent, DCL and DHEL contrast one feature set with itself: with all_gather each rank's
+    forward computes half of its rows-by-all-columns rectangle (``world * m * m / 2`` logits for
+    ``m`` rows per rank; odd ``m``: within ``m`` of it), and the ranks together half of the global
+    square; the ring computes the whole rectangle."""
+    world, results = ranks
+    m = {"nt_xent": 2, "dcl_w": 2, "mv_dhel": 1}[name] * W.N_PER_RANK
+    per = W.V if name == "mv_dhel" else 1  # one call per view for DHEL
+    half = per * world * m * m / 2
+    work = [res["all_gather"]["work"][name] for res in results]
+    assert sum(work) == world * half, work
+    assert all(abs(w - half) <= per * m / 2 for w in work), (work, half)
+    if m % 2 == 0:
+        assert work == [half] * world, work
+    if world > 1:
+        assert [res["ring"]["work"][name] for res in results] == [2 * half] * world
+
+
+def test_half_square_statistics_equal_the_whole_rectangle(ranks):
+    """Every statistic of the half-square path (log-sum-exp, positive term and count, mean) and
+    the gradients through them equal those of the rows-by-all-columns path, for the masks of
+    NT-Xent, DCL and DHEL. The scale's and bias's gradients (replicated inputs) are compared
+    summed over the ranks: the two paths split them between the ranks differently."""
+    world, results = ranks
+    for case in range(len(results[0]["half_square"])):
+        sums = [0, 0]
+        for res in results:
+            (half, g_half), (full, g_full) = res["half_square"][case]
+            for got, want in zip(half, full):
+                torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"case {case}: {m}")
+            torch.testing.assert_close(g_half[0], g_full[0], **TOL)
+            sums = [sums[0] + torch.stack(g_half[1:]), sums[1] + torch.stack(g_full[1:])]
+        torch.testing.assert_close(sums[0], sums[1], **TOL)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_all_gather_compiles_with_fullgraph(world):
-    """gather="all_gather" (the gathered keys and the column statistics merged by all_reduce)
-    traces whole under torch.compile(fullgraph=True) and gives the eager loss and gradients."""
+    """gather="all_gather" (the gathered keys and the column statistics merged by all_reduce,
+    NT-Xent's half square) traces whole under torch.compile(fullgraph=True) and gives the eager
+    loss and gradients."""
     for res in _spawn(world):
         eager, compiled, eager_grads, compiled_grads = res["compile_all_gather"]
         torch.testing.assert_close(compiled, eager, **TOL)

@@ -9,7 +9,11 @@ same values and gradients:
   tensor, this rank's block first, so the kernels see the layout of one process. Memory per rank:
   O(world * n * D) for the gathered keys and their gradient. The other direction of a symmetric
   loss (CLIP) comes from the same pass: the column statistics of the gathered keys against this
-  rank's rows are merged across ranks by ``all_reduce`` (``[world * n]`` vectors).
+  rank's rows are merged across ranks by ``all_reduce`` (``[world * n]`` vectors). A loss over
+  the logits of one feature set with itself (NT-Xent, DCL, DHEL), whose global square is
+  symmetric, is computed by halves: each pair of ranks' entries on one of the two, which passes
+  the other its column statistics the same way; every rank does half the work of its
+  rows-by-all-columns rectangle.
 - ``"ring"`` never gathers: the key blocks travel around the ring of ranks with
   ``torch.distributed.batch_isend_irecv``; while block ``t`` is contrasted with the local rows,
   block ``t + 1`` is already in transfer. Each block gives per-row statistics (log-sum-exp,
@@ -46,6 +50,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import siglip as siglip_ops
@@ -100,6 +105,7 @@ class Shard:
         pos_lse: bool = False,
         col_stats: bool = False,
         lse2_mult: float = 0.0,
+        symmetric: bool = False,
         backend: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Statistics ``(lse, pos, npos, mean, col_lse, col_mean, lse2)`` of this rank's
@@ -114,6 +120,10 @@ class Shard:
         ``col_stats``: ``col_lse`` and ``col_mean`` of this rank's ``cols`` (``[n]``) against
         the rows of every rank (the other direction of a symmetric loss, from the same pass);
         only without masks (``exclude_diag``, labels) and ``pos_lse``. Else they are empty.
+
+        ``symmetric``: ``cols`` are ``rows`` (the logits of one feature set with itself, NT-Xent,
+        DCL). With ``"all_gather"``, no labels, ``pos_lse``, ``lse2`` or ``extra``, each rank
+        then computes half of the global square (:meth:`_half_square`).
         """
         if extra is not None and col_labels is not None:
             raise ValueError("extra columns cannot be combined with column labels")
@@ -121,6 +131,11 @@ class Shard:
                           or col_labels is not None):
             raise ValueError("col_stats across ranks needs unmasked logits (no exclude_diag, "
                              "decoupled, pos_lse or labels)")
+        if symmetric and self.strategy == "all_gather" and row_labels is None \
+                and col_labels is None and extra is None and not (pos_lse or col_stats) \
+                and lse2_mult == 0:
+            return self._half_square(rows, a, b, targets, exclude_diag=exclude_diag,
+                                     decoupled=decoupled, backend=backend)
         flags = dict(exclude_diag=exclude_diag, decoupled=decoupled, pos_lse=pos_lse,
                      col_stats=col_stats, lse2_mult=lse2_mult, backend=backend)
         if self.strategy == "ring":
@@ -141,6 +156,62 @@ class Shard:
                                                        self.group)
             col_lse, col_mean = col_lse[own], col_sum[own] / self.world
         return lse, pos, npos, mean, col_lse, col_mean, lse2
+
+    def _half_square(self, x: Tensor, a: Tensor, b: Tensor, targets: Optional[Tensor], *,
+                     exclude_diag: bool, decoupled: bool, backend: str):
+        """:meth:`stats` of this rank's ``x`` against every rank's ``x`` from half of the global
+        logit square, which is symmetric: the entries of ranks ``r`` and ``s`` are computed once,
+        on one of the two, which gets the row statistics of its rows and the column statistics
+        (its rows' contribution to the other rank's row statistics) from one pass.
+
+        Rank ``r`` computes its own block (the op's self path, itself half a square, with the
+        masks: ``targets`` and the diagonal are in the own block) and its rows against the
+        ranks ``r + 1 .. r + (world - 1) // 2``; for an even world, the pair of ranks
+        ``world / 2`` apart shares its block: the lower rank takes its rows against the first
+        half of the upper rank's, the upper rank its second half of rows against the lower
+        rank's. The column statistics are put in global order and merged over the ranks
+        (:class:`_ColumnsAllReduce`); every rank's work is half of the rows-by-all rectangle.
+        """
+        W, r, m = self.world, self.rank, x.shape[0]
+        lse, pos, npos, mean, *_ = contrastive_stats(
+            x, None, a, b, targets, exclude_diag=exclude_diag, decoupled=decoupled,
+            backend=backend)
+        if W == 1:
+            return lse, pos, npos, mean, lse[:0], mean[:0], lse[:0]
+        parts = _AllGather.apply(x, self.group, W, r)
+        h = m // 2
+        # (row slice of x, [(rank, column slice)]) of the off-diagonal work of this rank
+        cols = [(s, slice(0, m)) for s in ((r + d) % W for d in range(1, (W + 1) // 2))]
+        calls = [(slice(0, m), cols)]
+        if W % 2 == 0:
+            s = (r + W // 2) % W
+            if r < s:
+                cols.append((s, slice(0, h)))
+            else:
+                calls.append((slice(h, m), [(s, slice(0, m))]))
+        neg_inf = torch.full((W * m,), float("-inf"), dtype=lse.dtype, device=x.device)
+        col_lse, col_sum = neg_inf, torch.zeros_like(neg_inf)
+        row_lse, row_sum = [lse], [mean * _den_count(m, npos, exclude_diag, decoupled)]
+        for rows, blocks in calls:
+            if not blocks:
+                continue
+            keys = torch.cat([parts[s][c] for s, c in blocks])
+            b_lse, _, _, b_mean, c_lse, c_mean, _ = contrastive_stats(
+                x[rows], keys, a, b, col_stats=True, backend=backend)
+            count = rows.stop - rows.start
+            pad = (rows.start, m - rows.stop)
+            row_lse.append(F.pad(b_lse, pad, value=float("-inf")))
+            row_sum.append(F.pad(b_mean * keys.shape[0], pad))
+            at = torch.cat([torch.arange(s * m + c.start, s * m + c.stop, device=x.device)
+                            for s, c in blocks])
+            col_lse = col_lse.index_put((at,), c_lse)
+            col_sum = col_sum.index_put((at,), c_mean * count)
+        col_lse, col_sum = _ColumnsAllReduce.apply(col_lse, col_sum, self.group)
+        own = slice(r * m, (r + 1) * m)
+        lse = torch.logsumexp(torch.stack(row_lse + [col_lse[own]]), dim=0)
+        count = _den_count(m, npos, exclude_diag, decoupled) + (W - 1) * m
+        mean = (torch.stack(row_sum).sum(0) + col_sum[own]) / count
+        return lse, pos, npos, mean, lse[:0], mean[:0], lse[:0]
 
     def siglip_rows(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, backend: str) -> Tensor:
         """Per-row sums ``[n]`` of the sigmoid pair losses of this rank's ``x`` against every
@@ -188,6 +259,12 @@ class Shard:
         count = (per_anchor.new_tensor(per_anchor.numel()) if weight is None
                  else weight.sum().to(per_anchor.dtype))
         return self.world * local / self.total(count).clamp_min(1)
+
+
+def _den_count(m: int, npos: Tensor, exclude_diag: bool, decoupled: bool) -> Tensor:
+    """Size of each row's denominator set within a symmetric block of ``m`` rows."""
+    count = torch.full_like(npos, m - int(exclude_diag))
+    return count - npos if decoupled else count
 
 
 class _AllGather(torch.autograd.Function):
