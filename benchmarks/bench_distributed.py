@@ -12,8 +12,10 @@ baseline:
   usual gathered losses);
 - ``nt_xent``: NT-Xent over two views (:func:`fastcl.nt_xent`, temperature 0.1) as fastcl
   computes it (with all_gather, each rank half of the symmetric global square; the ring takes
-  the whole rectangle) and the same loss as SupCon over the two views with the sample index as
-  label (:func:`fastcl.supcon`: every rank's rows against all columns, the rectangle).
+  the whole rectangle) and the same loss as SupCon's ``L_in`` over the two views with the sample
+  index as label (:func:`fastcl.supcon` with ``variant="in"``, equal to NT-Xent with one
+  positive per anchor; its log-sum-exp of the positives takes every rank's rows against all
+  columns, the rectangle).
 
 Reported per strategy, schedule and world size, as the maximum over ranks:
 
@@ -71,8 +73,9 @@ SCHEDULES = {
     "nt_xent": (("half square", "rectangle"),
                 "NT-Xent over two views (2 x rows/rank anchors per rank). Half square: fastcl's "
                 "`nt_xent` (with all_gather, half of the symmetric global square per rank; the "
-                "ring computes the rectangle); rectangle: the same loss as `supcon` over the two "
-                "views (every rank's rows against all columns, the baseline)."),
+                "ring computes the rectangle); rectangle: the same loss as "
+                "`supcon(variant=\"in\")` over the two views (every rank's rows against all "
+                "columns, the baseline)."),
 }
 
 
@@ -135,7 +138,8 @@ def run_rank(loss_name: str, n: int, d: int, reps: int, device) -> dict:
         elif schedule == "half square":
             loss = fastcl.nt_xent(x, y, temperature=0.1, gather=gather)
         else:
-            loss = fastcl.supcon(torch.stack([x, y], 1), temperature=0.1, gather=gather)
+            loss = fastcl.supcon(torch.stack([x, y], 1), temperature=0.1, variant="in",
+                                 gather=gather)
         loss.backward()
         x.grad = y.grad = scale.grad = None
         return loss

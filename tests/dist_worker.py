@@ -179,7 +179,7 @@ def kernel_calls(name, gather):
 
 
 # cases over the logits of one feature set with itself (the global square is symmetric)
-SELF_SQUARE = ("nt_xent", "dcl_w", "mv_dhel")
+SELF_SQUARE = ("nt_xent", "dcl_w", "mv_dhel", "supcon")
 
 
 def logit_work(name, gather):
@@ -218,15 +218,18 @@ def half_square_stats(world):
     weights = torch.randn(4, world * m, generator=g, dtype=torch.float64)
     own = slice(rank * m, (rank + 1) * m)
     two_view = torch.arange(m).roll(m // 2)
+    labels = torch.randint(0, 3, (world * m,), generator=g)[own]
     out = []
-    for targets, exclude_diag, decoupled in ((two_view, True, False), (two_view, True, True),
-                                             (None, True, False), (two_view, False, True)):
+    for targets, lab, exclude_diag, decoupled in (
+            (two_view, None, True, False), (two_view, None, True, True),
+            (None, None, True, False), (two_view, None, False, True),
+            (None, labels, True, False), (None, labels, False, False)):
         pair = []
         for symmetric in (True, False):
             x = x_all[own].clone().requires_grad_(True)
             a = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
             b = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
-            stats = sh.stats(x, x, a, b, targets, exclude_diag=exclude_diag,
+            stats = sh.stats(x, x, a, b, targets, lab, lab, exclude_diag=exclude_diag,
                              decoupled=decoupled, symmetric=symmetric, backend="cpu")[:4]
             total = sum((w[own] * t).sum() for w, t in zip(weights, stats) if t.requires_grad)
             pair.append(([t.detach() for t in stats], torch.autograd.grad(total, [x, a, b])))

@@ -118,12 +118,12 @@ def test_one_kernel_call_per_key_block(ranks, gather, name):
 
 @pytest.mark.parametrize("name", W.SELF_SQUARE)
 def test_all_gather_computes_half_of_a_symmetric_square(ranks, name):
-    """NT-Xent, DCL and DHEL contrast one feature set with itself: with all_gather each rank's
-    forward computes half of its rows-by-all-columns rectangle (``world * m * m / 2`` logits for
-    ``m`` rows per rank; odd ``m``: within ``m`` of it), and the ranks together half of the global
-    square; the ring computes the whole rectangle."""
+    """NT-Xent, DCL, DHEL and SupCon contrast one feature set with itself: with all_gather each
+    rank's forward computes half of its rows-by-all-columns rectangle (``world * m * m / 2``
+    logits for ``m`` rows per rank; odd ``m``: within ``m`` of it), and the ranks together half
+    of the global square; the ring computes the whole rectangle."""
     world, results = ranks
-    m = {"nt_xent": 2, "dcl_w": 2, "mv_dhel": 1}[name] * W.N_PER_RANK
+    m = {"nt_xent": 2, "dcl_w": 2, "mv_dhel": 1, "supcon": 2}[name] * W.N_PER_RANK
     per = W.V if name == "mv_dhel" else 1  # one call per view for DHEL
     half = per * world * m * m / 2
     work = [res["all_gather"]["work"][name] for res in results]
@@ -138,8 +138,8 @@ def test_all_gather_computes_half_of_a_symmetric_square(ranks, name):
 def test_half_square_statistics_equal_the_whole_rectangle(ranks):
     """Every statistic of the half-square path (log-sum-exp, positive term and count, mean) and
     the gradients through them equal those of the rows-by-all-columns path, for the masks of
-    NT-Xent, DCL and DHEL. The scale's and bias's gradients (replicated inputs) are compared
-    summed over the ranks: the two paths split them between the ranks differently."""
+    NT-Xent, DCL, DHEL and labels (SupCon). The scale's and bias's gradients (replicated inputs)
+    are compared summed over the ranks: the two paths split them between the ranks differently."""
     world, results = ranks
     for case in range(len(results[0]["half_square"])):
         sums = [0, 0]

@@ -10,10 +10,11 @@ same values and gradients:
   O(world * n * D) for the gathered keys and their gradient. The other direction of a symmetric
   loss (CLIP) comes from the same pass: the column statistics of the gathered keys against this
   rank's rows are merged across ranks by ``all_reduce`` (``[world * n]`` vectors). A loss over
-  the logits of one feature set with itself (NT-Xent, DCL, DHEL), whose global square is
-  symmetric, is computed by halves: each pair of ranks' entries on one of the two, which passes
-  the other its column statistics the same way; every rank does half the work of its
-  rows-by-all-columns rectangle.
+  the logits of one feature set with itself (NT-Xent, DCL, DHEL, SupCon), whose global square
+  is symmetric, is computed by halves: each pair of ranks' entries on one of the two, which
+  passes the other its column statistics the same way; every rank does half the work of its
+  rows-by-all-columns rectangle. SupCon's positive terms (means of logits, linear in them) come
+  from per-label sums of the gathered features.
 - ``"ring"`` never gathers: the key blocks travel around the ring of ranks with
   ``torch.distributed.batch_isend_irecv``; while block ``t`` is contrasted with the local rows,
   block ``t + 1`` is already in transfer. Each block gives per-row statistics (log-sum-exp,
@@ -122,8 +123,11 @@ class Shard:
         only without masks (``exclude_diag``, labels) and ``pos_lse``. Else they are empty.
 
         ``symmetric``: ``cols`` are ``rows`` (the logits of one feature set with itself, NT-Xent,
-        DCL). With ``"all_gather"``, no labels, ``pos_lse``, ``lse2`` or ``extra``, each rank
-        then computes half of the global square (:meth:`_half_square`).
+        DCL, SupCon), and ``col_labels`` are ``row_labels``. With ``"all_gather"``, without
+        ``pos_lse``, ``lse2`` or ``extra`` (and with labels, without ``decoupled``), each rank
+        then computes half of the global square (:meth:`_half_square`); the positive terms of
+        labels, linear in the logits, come from per-label feature sums
+        (:meth:`_label_positives`).
         """
         if extra is not None and col_labels is not None:
             raise ValueError("extra columns cannot be combined with column labels")
@@ -131,11 +135,16 @@ class Shard:
                           or col_labels is not None):
             raise ValueError("col_stats across ranks needs unmasked logits (no exclude_diag, "
                              "decoupled, pos_lse or labels)")
-        if symmetric and self.strategy == "all_gather" and row_labels is None \
-                and col_labels is None and extra is None and not (pos_lse or col_stats) \
-                and lse2_mult == 0:
-            return self._half_square(rows, a, b, targets, exclude_diag=exclude_diag,
-                                     decoupled=decoupled, backend=backend)
+        labelled = row_labels is not None
+        if symmetric and self.strategy == "all_gather" and extra is None \
+                and not (pos_lse or col_stats) and lse2_mult == 0 \
+                and (not labelled or (targets is None and not decoupled)):
+            lse, pos, npos, mean, *empty = self._half_square(
+                rows, a, b, targets, exclude_diag=exclude_diag, decoupled=decoupled,
+                backend=backend)
+            if labelled:  # the denominator does not depend on the labels: only the positives
+                pos, npos = self._label_positives(rows, row_labels, a, b, exclude_diag)
+            return (lse, pos, npos, mean, *empty)
         flags = dict(exclude_diag=exclude_diag, decoupled=decoupled, pos_lse=pos_lse,
                      col_stats=col_stats, lse2_mult=lse2_mult, backend=backend)
         if self.strategy == "ring":
@@ -212,6 +221,25 @@ class Shard:
         count = _den_count(m, npos, exclude_diag, decoupled) + (W - 1) * m
         mean = (torch.stack(row_sum).sum(0) + col_sum[own]) / count
         return lse, pos, npos, mean, lse[:0], mean[:0], lse[:0]
+
+    def _label_positives(self, x: Tensor, labels: Tensor, a: Tensor, b: Tensor,
+                         exclude_diag: bool) -> tuple[Tensor, Tensor]:
+        """``(pos, npos)`` of :meth:`stats` for this rank's ``x`` against every rank's ``x``
+        with labels (positives: the same label; the anchor itself too unless ``exclude_diag``),
+        without the logits: their mean is ``a <x_i, sum of the positives> / npos + b``, from
+        per-label sums of the gathered features (``O(world * n * D)``, differentiable)."""
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        keys = self.columns(x).to(dt)
+        _, inv = torch.unique(self.columns_nograd(labels), return_inverse=True)
+        sums = keys.new_zeros((int(inv.max()) + 1, keys.shape[1])).index_add(0, inv, keys)
+        counts = torch.bincount(inv).to(dt)
+        own, xs = inv[:x.shape[0]], x.to(dt)
+        partners, npos = sums[own], counts[own]
+        if exclude_diag:
+            partners, npos = partners - xs, npos - 1
+        has = npos > 0
+        pos = a.to(dt) * (xs * partners).sum(-1) / npos.clamp_min(1) + b.to(dt)
+        return torch.where(has, pos, torch.zeros_like(pos)), npos
 
     def siglip_rows(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, *, backend: str) -> Tensor:
         """Per-row sums ``[n]`` of the sigmoid pair losses of this rank's ``x`` against every
