@@ -266,18 +266,19 @@ def compile_ring():
 
 
 def compile_all_gather(world):
-    """torch.compile(fullgraph=True) around the all_gather CLIP and NT-Xent losses on this
-    rank's shard:
-    ``(eager loss, compiled loss, eager gradients, compiled gradients)``."""
+    """torch.compile(fullgraph=True) around the all_gather CLIP, NT-Xent and SupCon losses on
+    this rank's shard: ``(eager loss, compiled loss, eager gradients, compiled gradients)``."""
     inputs = global_inputs(world)
     rank = dist.get_rank()
     shard = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
     x = inputs["x"][shard].clone().requires_grad_(True)
     y = inputs["y"][shard].clone().requires_grad_(True)
 
-    def f(a, b):  # column statistics merged across ranks; NT-Xent's half square
+    def f(a, b):  # column statistics merged across ranks; the half squares, SupCon's labels
         return (fastcl.clip_loss(a, b, 3.0, label_smoothing=0.1, gather="all_gather")
-                + fastcl.nt_xent(a, b, temperature=0.5, gather="all_gather"))
+                + fastcl.nt_xent(a, b, temperature=0.5, gather="all_gather")
+                + fastcl.supcon(torch.stack([a, b], 1), inputs["labels"][shard],
+                                temperature=0.5, gather="all_gather"))
 
     eager = f(x, y)
     eager_grads = torch.autograd.grad(eager, [x, y])

@@ -230,9 +230,12 @@ class Shard:
         per-label sums of the gathered features (``O(world * n * D)``, differentiable)."""
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         keys = self.columns(x).to(dt)
-        _, inv = torch.unique(self.columns_nograd(labels), return_inverse=True)
-        sums = keys.new_zeros((int(inv.max()) + 1, keys.shape[1])).index_add(0, inv, keys)
-        counts = torch.bincount(inv).to(dt)
+        # dense label ids from a sort (static shapes: no host sync, traceable by torch.compile)
+        ordered, order = torch.sort(self.columns_nograd(labels))
+        starts = torch.cat([ordered.new_zeros(1), (ordered[1:] != ordered[:-1]).long()])
+        inv = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0))
+        sums = keys.new_zeros(keys.shape).index_add(0, inv, keys)
+        counts = keys.new_zeros(keys.shape[0]).index_add(0, inv, torch.ones_like(keys[:, 0]))
         own, xs = inv[:x.shape[0]], x.to(dt)
         partners, npos = sums[own], counts[own]
         if exclude_diag:
