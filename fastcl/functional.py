@@ -86,6 +86,17 @@ def _reduce(per_anchor: Tensor, weight: Optional[Tensor], reduction: str,
     return per_anchor.sum() / weight.sum().clamp_min(1)
 
 
+def _view_logits(views: Tensor, a: Tensor, other: bool = False) -> Tensor:
+    """``[V, V, N]`` logits ``a <views[l, i], views[m, i]>`` between the views of each sample
+    (``O(V^2 N D)``), in the statistics dtype; ``other``: ``-inf`` where ``l == m``."""
+    v = views.to(_stat_dtype(views))
+    s = a * torch.einsum("lnd,mnd->lmn", v, v)
+    if other:
+        eye = torch.eye(views.shape[0], dtype=torch.bool, device=views.device)[:, :, None]
+        s = s.masked_fill(eye, float("-inf"))
+    return s
+
+
 def _two_view_targets(n: int, device: torch.device) -> Tensor:
     """Positive of row ``i`` in ``[z1; z2]``: ``i + n`` for the first view, ``i - n`` for the second."""
     idx = torch.arange(2 * n, device=device)
@@ -412,6 +423,7 @@ def supcon(
         return ref.supcon_ref(features, labels, scale=scale, variant=variant,
                               base_temperature=base_temperature, reduction=reduction)
     anchors = torch.cat(torch.unbind(features, dim=1), dim=0)
+    by_sample = labels is None  # the positives: the other views of the same sample
     if labels is None:
         labels = (torch.arange(n, device=features.device) if sh is None
                   else sh.block_ids(n, features.device)[:n])
@@ -428,9 +440,16 @@ def supcon(
             logs = torch.where(has_pos, torch.log(npos.clamp_min(1)), torch.zeros_like(npos))
             loss = loss + _reduce(logs, has_pos, reduction)
         return loss if factor is None else loss * factor
-    lse, pos, npos, *_ = _stats(
-        sh, anchors, None, a, zero, None, anchor_labels, anchor_labels, exclude_diag=True,
-        pos_lse=(variant == "in"), backend=be)
+    if sh is not None and by_sample and variant == "in":
+        # across processes the log-sum-exp of the positives comes from this rank's own views,
+        # and the op computes the denominator without labels (half the square with all_gather)
+        lse = _stats(sh, anchors, None, a, zero, exclude_diag=True, backend=be)[0]
+        pos = torch.logsumexp(_view_logits(features.transpose(0, 1), a, other=True), 1)
+        pos, npos = pos.reshape(-1), torch.full_like(lse, views - 1)
+    else:
+        lse, pos, npos, *_ = _stats(
+            sh, anchors, None, a, zero, None, anchor_labels, anchor_labels, exclude_diag=True,
+            pos_lse=(variant == "in"), backend=be)
     has_pos = npos > 0
     per = lse - pos
     if variant == "in":
@@ -545,12 +564,16 @@ def multiview_loss(
     sdt = _stat_dtype(views)
     a = _pair_scale(scale, views)
     zero = torch.zeros((), dtype=sdt, device=views.device)
-    if method == "mv_infonce":
+    if method == "mv_infonce" and sh is not None:
+        # across processes the positives come from this rank's own views, and the op computes
+        # the denominator without labels (half the square with all_gather)
+        lse = _stats(sh, views.reshape(nv * n, -1), None, a, zero, exclude_diag=True,
+                     backend=be)[0]
+        pairs = _view_logits(views, a, other=True).flatten(0, 1)
+        per = torch.logsumexp(lse.view(nv, n), 0) - torch.logsumexp(pairs, 0)
+    elif method == "mv_infonce":
         anchors = views.reshape(nv * n, -1)
-        # samples numbered globally: a rank's block of [V * n] anchors holds its n samples
-        ids = (torch.arange(n, device=views.device) if sh is None
-               else sh.block_ids(n, views.device)[:n])
-        sample = ids.repeat(nv)
+        sample = torch.arange(n, device=views.device).repeat(nv)
         lse, pos, *_ = _stats(sh, anchors, None, a, zero, None, sample, sample,
                               exclude_diag=True, pos_lse=True, backend=be)
         per = torch.logsumexp(lse.view(nv, n), 0) - torch.logsumexp(pos.view(nv, n), 0)
@@ -559,10 +582,9 @@ def multiview_loss(
         for v in range(nv):
             lse, *_ = _stats(sh, views[v], None, a, zero, exclude_diag=True, backend=be)
             uniform = uniform + lse
-        pairs = [(l, m) for l in range(nv) for m in range(l + 1, nv)]
-        pair_logits = torch.stack(
-            [a * (views[l].to(sdt) * views[m].to(sdt)).sum(-1) for l, m in pairs], dim=1)
-        per = uniform - torch.logsumexp(pair_logits, dim=1)
+        upper = torch.triu_indices(nv, nv, 1, device=views.device)
+        pair_logits = _view_logits(views, a)[upper[0], upper[1]]  # [pairs l < m, N]
+        per = uniform - torch.logsumexp(pair_logits, dim=0)
     else:
         pairs = [(l, m) for l in range(nv) for m in range(l + 1, nv)
                  if cmc_mode == "full" or l == 0]

@@ -179,7 +179,7 @@ def kernel_calls(name, gather):
 
 
 # cases over the logits of one feature set with itself (the global square is symmetric)
-SELF_SQUARE = ("nt_xent", "dcl_w", "mv_dhel", "supcon")
+SELF_SQUARE = ("nt_xent", "dcl_w", "mv_dhel", "supcon", "supcon_in_selfsup", "mv_infonce")
 
 
 def logit_work(name, gather):

@@ -118,12 +118,15 @@ def test_one_kernel_call_per_key_block(ranks, gather, name):
 
 @pytest.mark.parametrize("name", W.SELF_SQUARE)
 def test_all_gather_computes_half_of_a_symmetric_square(ranks, name):
-    """NT-Xent, DCL, DHEL and SupCon contrast one feature set with itself: with all_gather each
-    rank's forward computes half of its rows-by-all-columns rectangle (``world * m * m / 2``
-    logits for ``m`` rows per rank; odd ``m``: within ``m`` of it), and the ranks together half
-    of the global square; the ring computes the whole rectangle."""
+    """NT-Xent, DCL, SupCon and the multi-view losses contrast one feature set with itself
+    (the positives of SupCon's L_out from label sums, those of L_in without labels and of
+    mv_infonce from each rank's own views): with all_gather each rank's forward computes half
+    of its rows-by-all-columns rectangle (``world * m * m / 2`` logits for ``m`` rows per rank;
+    odd ``m``: within ``m`` of it), and the ranks together half of the global square; the ring
+    computes the whole rectangle."""
     world, results = ranks
-    m = {"nt_xent": 2, "dcl_w": 2, "mv_dhel": 1, "supcon": 2}[name] * W.N_PER_RANK
+    views = {"mv_dhel": 1, "mv_infonce": W.V}.get(name, 2)  # anchors per sample in one call
+    m = views * W.N_PER_RANK
     per = W.V if name == "mv_dhel" else 1  # one call per view for DHEL
     half = per * world * m * m / 2
     work = [res["all_gather"]["work"][name] for res in results]

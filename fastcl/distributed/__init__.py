@@ -10,11 +10,12 @@ same values and gradients:
   O(world * n * D) for the gathered keys and their gradient. The other direction of a symmetric
   loss (CLIP) comes from the same pass: the column statistics of the gathered keys against this
   rank's rows are merged across ranks by ``all_reduce`` (``[world * n]`` vectors). A loss over
-  the logits of one feature set with itself (NT-Xent, DCL, DHEL, SupCon), whose global square
-  is symmetric, is computed by halves: each pair of ranks' entries on one of the two, which
-  passes the other its column statistics the same way; every rank does half the work of its
-  rows-by-all-columns rectangle. SupCon's positive terms (means of logits, linear in them) come
-  from per-label sums of the gathered features.
+  the logits of one feature set with itself (NT-Xent, DCL, SupCon, the multi-view losses), whose
+  global square is symmetric, is computed by halves: each pair of ranks' entries on one of the
+  two, which passes the other its column statistics the same way; every rank does half the work
+  of its rows-by-all-columns rectangle. SupCon's positive terms (means of logits, linear in them)
+  come from per-label sums of the gathered features; positives by sample (the other views) are
+  computed by the loss from the rank's own views.
 - ``"ring"`` never gathers: the key blocks travel around the ring of ranks with
   ``torch.distributed.batch_isend_irecv``; while block ``t`` is contrasted with the local rows,
   block ``t + 1`` is already in transfer. Each block gives per-row statistics (log-sum-exp,
