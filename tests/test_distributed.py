@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import textwrap
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dist_worker as W
+from _processes import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -153,6 +155,44 @@ def test_half_square_statistics_equal_the_whole_rectangle(ranks):
             torch.testing.assert_close(g_half[0], g_full[0], **TOL)
             sums = [sums[0] + torch.stack(g_half[1:]), sums[1] + torch.stack(g_full[1:])]
         torch.testing.assert_close(sums[0], sums[1], **TOL)
+
+
+_ONE_ROW = textwrap.dedent(r'''
+    import torch, torch.distributed as dist
+    from _processes import process_group
+    import fastcl
+    with process_group() as (rank, world):
+        g = torch.Generator().manual_seed(3)
+        views = torch.randn(3, world, 4, generator=g, dtype=torch.float64)
+        feats = torch.randn(world, 2, 4, generator=g, dtype=torch.float64)
+        labels = torch.arange(world) // 2
+        cases = [(views, 1, lambda x, lab, gather: fastcl.multiview_loss(
+                      x, temperature=0.5, method="mv_dhel", gather=gather)),
+                 (feats[:, :1], 0, lambda x, lab, gather: fastcl.supcon(
+                      x, lab, temperature=0.5, gather=gather)),
+                 (feats, 0, lambda x, lab, gather: fastcl.supcon(
+                      x, temperature=0.5, variant="in", gather=gather))]
+        for x_all, dim, fn in cases:
+            x_all = x_all.clone().requires_grad_(True)
+            want = fn(x_all, labels, None)
+            (g_all,) = torch.autograd.grad(want, x_all)
+            x = x_all.detach().narrow(dim, rank, 1).clone().requires_grad_(True)
+            loss = fn(x, labels[rank:rank + 1], "all_gather")
+            (g,) = torch.autograd.grad(loss, x)
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total / world, want, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(g, world * g_all.narrow(dim, rank, 1), rtol=1e-9,
+                                       atol=1e-11)
+''')
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_half_square_with_one_row_per_rank(tmp_path, world):
+    """One row per rank: of the pair of ranks world / 2 apart, the lower one's share is empty
+    (a call on zero columns, which keeps the backward's collectives the same on every rank);
+    losses and gradients equal one process on the global batch."""
+    run_ranks(_ONE_ROW, tmp_path, world=world)
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -195,7 +195,8 @@ class Shard:
         calls = [(slice(0, m), cols)]
         if W % 2 == 0:
             s = (r + W // 2) % W
-            if r < s:
+            if r < s:  # h = 0 for one row: the zero-column call stays, so that every
+                # rank's graph uses the gathered blocks and runs their backward all_reduce
                 cols.append((s, slice(0, h)))
             else:
                 calls.append((slice(h, m), [(s, slice(0, m))]))
