@@ -1,11 +1,15 @@
 """fastcl.nn: every module against the functional call it wraps, extra_repr, the learnable
-temperature (a parameter that gets a gradient, clamped at max_logit_scale), and two Lightning
-training steps with ``fastcl.nn.NTXentLoss``.
+temperature (a parameter that gets a gradient, clamped at max_logit_scale), two Lightning
+training steps with ``fastcl.nn.NTXentLoss``, and Lightning's DDP on two processes with the
+losses' ``gather`` against one process on the global batch.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -267,3 +271,99 @@ def test_lightning_two_steps_with_nt_xent(tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     # every parameter moved, the learnable temperature included
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+_LIGHTNING_DDP = r'''
+import sys
+import torch
+import pytorch_lightning as pl
+import fastcl.nn
+
+N_PER_RANK, D_IN, D = 4, 6, 5
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, D_IN, generator=g)
+        self.y = self.x + 0.3 * torch.randn(n, D_IN, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class Model(pl.LightningModule):
+    """NT-Xent (the half square across ranks) plus CLIP with a learnable temperature (column
+    statistics merged across ranks, a replicated parameter)."""
+
+    def __init__(self, gather):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = torch.nn.Linear(D_IN, D)
+        self.ntxent = fastcl.nn.NTXentLoss(temperature=0.5, gather=gather)
+        self.clip = fastcl.nn.ClipLoss(0.2, learnable_temperature=True, normalize=True,
+                                       gather=gather)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        u, v = self.net(x), self.net(y)
+        return self.ntxent(u, v) + self.clip(u, v)
+
+    def train_dataloader(self):  # the run's global batch, this rank's interleaved share
+        world = self.trainer.world_size
+        data = Pairs(2 * 2 * N_PER_RANK)
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=world,
+                                                      rank=self.global_rank, shuffle=False)
+        return torch.utils.data.DataLoader(data, batch_size=2 * N_PER_RANK // world,
+                                           sampler=sampler)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def on_train_end(self):
+        if self.global_rank == 0:
+            torch.save({k: v.detach().clone() for k, v in self.state_dict().items()},
+                       sys.argv[3])
+
+
+if __name__ == "__main__":
+    world, gather = int(sys.argv[1]), sys.argv[2]
+    trainer = pl.Trainer(accelerator="cpu", devices=world,
+                         strategy="ddp_spawn" if world > 1 else "auto", max_steps=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(Model(None if gather == "none" else gather))
+'''
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_lightning_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    """Two steps of Lightning's DDP on two gloo processes with the losses' gather: the
+    parameters (the learnable temperature included) end where one process training on the
+    global batch puts them; with the negatives of each process only they do not."""
+    pytest.importorskip("pytorch_lightning")
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(_LIGHTNING_DDP)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env.pop("TRITON_INTERPRET", None)
+
+    def fit(world, gather):
+        out = tmp_path / f"{world}-{gather}.pt"
+        run = subprocess.run([sys.executable, str(script), str(world), gather, str(out)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return torch.load(out)
+
+    want = fit(1, "none")
+    for gather in ("all_gather", "ring"):
+        got = fit(2, gather)
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{gather} {name}: {m}")
+    local = fit(2, "none")
+    assert not torch.allclose(local["net.weight"], want["net.weight"], rtol=1e-5, atol=1e-6)
