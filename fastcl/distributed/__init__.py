@@ -140,11 +140,12 @@ class Shard:
         if symmetric and self.strategy == "all_gather" and extra is None \
                 and not (pos_lse or col_stats) and lse2_mult == 0 \
                 and (not labelled or (targets is None and not decoupled)):
+            parts = _AllGather.apply(rows, self.group, self.world, self.rank)
             lse, pos, npos, mean, *empty = self._half_square(
-                rows, a, b, targets, exclude_diag=exclude_diag, decoupled=decoupled,
+                rows, parts, a, b, targets, exclude_diag=exclude_diag, decoupled=decoupled,
                 backend=backend)
             if labelled:  # the denominator does not depend on the labels: only the positives
-                pos, npos = self._label_positives(rows, row_labels, a, b, exclude_diag)
+                pos, npos = self._label_positives(rows, parts, row_labels, a, b, exclude_diag)
             return (lse, pos, npos, mean, *empty)
         flags = dict(exclude_diag=exclude_diag, decoupled=decoupled, pos_lse=pos_lse,
                      col_stats=col_stats, lse2_mult=lse2_mult, backend=backend)
@@ -167,12 +168,14 @@ class Shard:
             col_lse, col_mean = col_lse[own], col_sum[own] / self.world
         return lse, pos, npos, mean, col_lse, col_mean, lse2
 
-    def _half_square(self, x: Tensor, a: Tensor, b: Tensor, targets: Optional[Tensor], *,
-                     exclude_diag: bool, decoupled: bool, backend: str):
-        """:meth:`stats` of this rank's ``x`` against every rank's ``x`` from half of the global
-        logit square, which is symmetric: the entries of ranks ``r`` and ``s`` are computed once,
-        on one of the two, which gets the row statistics of its rows and the column statistics
-        (its rows' contribution to the other rank's row statistics) from one pass.
+    def _half_square(self, x: Tensor, parts: tuple[Tensor, ...], a: Tensor, b: Tensor,
+                     targets: Optional[Tensor], *, exclude_diag: bool, decoupled: bool,
+                     backend: str):
+        """:meth:`stats` of this rank's ``x`` against every rank's ``x`` (``parts``, in rank
+        order, gathered with gradient) from half of the global logit square, which is
+        symmetric: the entries of ranks ``r`` and ``s`` are computed once, on one of the two,
+        which gets the row statistics of its rows and the column statistics (its rows'
+        contribution to the other rank's row statistics) from one pass.
 
         Rank ``r`` computes its own block (the op's self path, itself half a square, with the
         masks: ``targets`` and the diagonal are in the own block) and its rows against the
@@ -188,7 +191,6 @@ class Shard:
             backend=backend)
         if W == 1:
             return lse, pos, npos, mean, lse[:0], mean[:0], lse[:0]
-        parts = _AllGather.apply(x, self.group, W, r)
         h = m // 2
         # (row slice of x, [(rank, column slice)]) of the off-diagonal work of this rank
         cols = [(s, slice(0, m)) for s in ((r + d) % W for d in range(1, (W + 1) // 2))]
@@ -224,21 +226,23 @@ class Shard:
         mean = (torch.stack(row_sum).sum(0) + col_sum[own]) / count
         return lse, pos, npos, mean, lse[:0], mean[:0], lse[:0]
 
-    def _label_positives(self, x: Tensor, labels: Tensor, a: Tensor, b: Tensor,
-                         exclude_diag: bool) -> tuple[Tensor, Tensor]:
+    def _label_positives(self, x: Tensor, parts: tuple[Tensor, ...], labels: Tensor,
+                         a: Tensor, b: Tensor, exclude_diag: bool) -> tuple[Tensor, Tensor]:
         """``(pos, npos)`` of :meth:`stats` for this rank's ``x`` against every rank's ``x``
-        with labels (positives: the same label; the anchor itself too unless ``exclude_diag``),
-        without the logits: their mean is ``a <x_i, sum of the positives> / npos + b``, from
-        per-label sums of the gathered features (``O(world * n * D)``, differentiable)."""
+        (``parts``, in rank order) with labels (positives: the same label; the anchor itself
+        too unless ``exclude_diag``), without the logits: their mean is
+        ``a <x_i, sum of the positives> / npos + b``, from per-label sums of the gathered
+        features (``O(world * n * D)``, differentiable)."""
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        keys = self.columns(x).to(dt)
+        keys = torch.cat(parts).to(dt)
         # dense label ids from a sort (static shapes: no host sync, traceable by torch.compile)
-        ordered, order = torch.sort(self.columns_nograd(labels))
+        ordered, order = torch.sort(torch.cat(self._parts_nograd(labels)))
         starts = torch.cat([ordered.new_zeros(1), (ordered[1:] != ordered[:-1]).long()])
         inv = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0))
         sums = keys.new_zeros(keys.shape).index_add(0, inv, keys)
         counts = keys.new_zeros(keys.shape[0]).index_add(0, inv, torch.ones_like(keys[:, 0]))
-        own, xs = inv[:x.shape[0]], x.to(dt)
+        m = x.shape[0]
+        own, xs = inv[self.rank * m:(self.rank + 1) * m], x.to(dt)
         partners, npos = sums[own], counts[own]
         if exclude_diag:
             partners, npos = partners - xs, npos - 1
@@ -266,10 +270,15 @@ class Shard:
 
     def columns_nograd(self, x: Tensor, dim: int = 0) -> Tensor:
         """Like :meth:`columns` for tensors that carry no gradient (labels, weights)."""
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        parts = self._parts_nograd(x)
         order = [parts[self.rank]] + [p for j, p in enumerate(parts) if j != self.rank]
         return torch.cat(order, dim=dim)
+
+    def _parts_nograd(self, x: Tensor) -> list[Tensor]:
+        """Every rank's ``x`` (no gradient), in rank order."""
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return parts
 
     def block_ids(self, n: int, device) -> Tensor:
         """Global ids ``0..world*n`` in the column order of :meth:`columns` for blocks of ``n``."""
