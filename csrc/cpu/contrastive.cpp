@@ -67,6 +67,9 @@ constexpr int kBwdRowBlock = 64;
 constexpr int64_t kBwdColBlock = 1024;
 // Self-similarity: columns per chunk of the slab's part before the diagonal block.
 constexpr int64_t kSelfChunk = 32;
+// Self-similarity: slabs at least (where the rows allow), so that the sweeps compute about
+// (1 + 1/8) / 2 of the square even where one slab would hold every row.
+constexpr int64_t kSelfSlabs = 8;
 
 // Columns of row gr that are special: the excluded diagonal (dcol), the target (tcol, target
 // mode), the row's label class (rid, label mode); -1 when absent.
@@ -318,10 +321,12 @@ struct Slabs {
   std::vector<I> rid, cid;
   at::Tensor tg, kf, buf;
 
-  // align: a multiple the slab size must be (unless one slab holds every row).
+  // align: a multiple the slab size must be (unless one slab holds every row); min_slabs: at
+  // least that many slabs where the rows allow (the self-similarity sweeps skip the blocks
+  // above the diagonal between slabs only: with n slabs they compute (n + 1) / 2n of the square).
   Slabs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& targets,
         const std::optional<at::Tensor>& row_labels, const std::optional<at::Tensor>& col_labels,
-        int64_t align = 1)
+        int64_t align = 1, int64_t min_slabs = 1)
       : R(q.size(0)), C(k.size(0)), D(q.size(1)), st(scalar_type_of<T>()),
         opt(q.options().dtype(st)),
         labels(row_labels.has_value() && col_labels.has_value()) {
@@ -332,7 +337,8 @@ struct Slabs {
       tg = targets->to(at::kLong).contiguous();
     }
     kf = k.to(st).contiguous();
-    S = slab_rows(R, C, sizeof(T));
+    S = std::min(slab_rows(R, C, sizeof(T)),
+                 std::max<int64_t>(1, (R + min_slabs - 1) / min_slabs));
     if (S < R) S = std::max(align, S / align * align);
     buf = at::empty({R > 0 ? S * C + W : 0}, opt);
     if (buf.numel() > 0) buf.narrow(0, S * C, W).zero_();  // read by the last vector, masked
@@ -837,7 +843,8 @@ FwdStats fwd_impl(
     bool col_stats, double lse2_mult) {
   const bool self = !k_opt.has_value();
   const at::Tensor& k = self ? q : *k_opt;
-  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
+  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1,
+              self ? kSelfSlabs : 1);
   FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, col_stats, self, lse2_mult);
   for (int64_t r0 = 0; r0 < sl.R; r0 += sl.S) {
     const int64_t s = std::min(sl.S, sl.R - r0);
@@ -884,7 +891,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
                    gcm.defined() || gl2.defined();
   if (!any || q.size(0) == 0 || k.size(0) == 0) return zero_grads(q, k, scale_t, bias_t, self);
 
-  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
+  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1,
+              self ? kSelfSlabs : 1);
   const at::ScalarType st = sl.st;
   const at::Tensor lse_a = lse.to(st).contiguous(), pos_a = pos.to(st).contiguous();
   const at::Tensor npos_a = npos.to(st).contiguous();
@@ -914,7 +922,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool exclude_diag, bool decoupled, bool pos_lse, bool mean) {
   const bool self = !k_opt.has_value();
   const at::Tensor& k = self ? q : *k_opt;
-  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1);
+  Slabs<T> sl(q, k, targets, row_labels, col_labels, self ? Lanes<T>::W : 1,
+              self ? kSelfSlabs : 1);
   FwdSweep<T> F(sl, scale, bias, exclude_diag, decoupled, pos_lse, false);
   // The coefficients are masked slab by slab: rows without a positive count for nothing.
   at::Tensor gl = stat_vec<T>(g_lse), gp = stat_vec<T>(g_pos), gm = stat_vec<T>(g_mean);
